@@ -1,0 +1,221 @@
+"""Benchmark: an engine backend against PyTorch eager, same shapes, same process, one run.
+
+For each backend the full sampler loop runs ``warmup`` times untimed and ``runs``
+times timed. Stage times come from the pipeline's own StageClock (CUDA events on
+a GPU); per-step UNet latency is the distribution of every UNet call in the timed
+runs. The loop's own overhead is pipeline time minus time inside engine calls.
+Peak memory is sampled while each backend runs: process RSS on the CPU, and on a
+GPU the device memory in use (all allocators, ONNX Runtime's arena included) plus
+torch's allocator peak. This is a benchmark, not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from .backends import load_engines
+from .manifest import versions
+from .pipeline import Pipeline, check_request
+from .runtime import ExportDir
+from .timing import summarize_ms
+
+
+class PeakMemory:
+    """Samples memory in a background thread; reports the peak above the starting level."""
+
+    def __init__(self, device: str, interval_s: float = 0.005):
+        self.cuda = device.startswith("cuda")
+        self.interval_s = interval_s
+        self.peak_rss = self.base_rss = self._rss()
+        self.peak_dev = self.base_dev = self._dev()
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def _dev(self) -> int:
+        if not self.cuda:
+            return 0
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak_rss = max(self.peak_rss, self._rss())
+            self.peak_dev = max(self.peak_dev, self._dev())
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._rss())
+        self.peak_dev = max(self.peak_dev, self._dev())
+
+    def result(self) -> dict[str, float]:
+        out = {"process_rss_peak_mib": round(self.peak_rss / 2**20, 1),
+               "process_rss_increase_mib": round((self.peak_rss - self.base_rss) / 2**20, 1)}
+        if self.cuda:
+            import torch
+
+            out["device_used_peak_mib"] = round(self.peak_dev / 2**20, 1)
+            out["device_used_increase_mib"] = round((self.peak_dev - self.base_dev) / 2**20, 1)
+            out["torch_allocator_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info["gpu"] = props.name
+            info["compute_capability"] = f"{props.major}.{props.minor}"
+            info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+            info["cuda"] = torch.version.cuda
+            try:
+                import subprocess
+
+                info["driver"] = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True, text=True, timeout=20).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                pass
+    except ImportError:
+        pass
+    return info
+
+
+def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str, Any], runs: int, warmup: int,
+                dtype: str | None, say: Callable[[str], None]) -> dict[str, Any]:
+    label = backend if backend != "torch" else f"torch eager {dtype or 'fp32'}"
+    say(f"{label}: loading engines")
+    t0 = time.perf_counter()
+    engines = load_engines(export.root, backend, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    pipe = Pipeline(engines, export, device=device, warn=lambda msg: None)
+    summaries, unet_calls = [], []
+    with PeakMemory(device) as mem:
+        for i in range(warmup + runs):
+            result = pipe(**settings)
+            if i >= warmup:
+                summaries.append(result.stage_summary())
+                unet_calls.extend(result.timings_ms["unet"])
+            say(f"{label}: run {i + 1}/{warmup + runs}{' (warm-up)' if i < warmup else ''}: "
+                f"{result.stage_summary()['total_ms']:.1f} ms")
+    for engine in engines.values():
+        engine.close()
+    del engines, pipe
+    gc.collect()
+    med = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+    images = settings["batch_size"]
+    return {
+        "backend": backend, "label": label, "load_seconds": round(load_s, 2),
+        "stages_ms": {
+            "text_encoder": round(med["text_encoder_ms"], 3),
+            "unet_total": round(med["unet_total_ms"], 3),
+            "vae_decoder": round(med["vae_decoder_ms"], 3),
+            "pipeline_total": round(med["total_ms"], 3),
+        },
+        "unet_steps": int(med["unet_steps"]),
+        "unet_step_ms": summarize_ms(unet_calls),
+        "images_per_second": round(images / (med["total_ms"] / 1e3), 4),
+        "loop_overhead_ms": round(med["loop_overhead_ms"], 3),
+        "loop_overhead_pct": round(med["loop_overhead_pct"], 3),
+        "memory": mem.result(),
+        "runs": runs, "warmup": warmup,
+    }
+
+
+def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
+          width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
+          runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
+          say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    export = ExportDir.open(export_dir)
+    settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
+                    guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
+                    width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler)
+    check_request(export.ranges, steps, guidance_scale, _geometry(settings))
+    results = [run_backend(export, backend, device, settings, runs, warmup, None, say)]
+    if compare_eager and backend != "torch":
+        results.append(run_backend(export, "torch", device, settings, runs, warmup, eager_dtype, say))
+    if len(results) == 2:
+        engine, eager = results
+        engine["speedup_vs_eager"] = {
+            k: round(eager["stages_ms"][k] / v, 3) if v else None for k, v in engine["stages_ms"].items()}
+        engine["speedup_vs_eager"]["unet_step_median"] = round(
+            eager["unet_step_ms"]["median_ms"] / engine["unet_step_ms"]["median_ms"], 3)
+    return {
+        "export": str(export.root.resolve()), "model": export.manifest.data["model"].get("preset")
+        or export.manifest.data["model"]["path"], "export_dtype": export.dtype, "device": device,
+        "settings": {k: v for k, v in settings.items() if k != "prompt"}, "results": results,
+        "machine": machine(), "versions": versions(), "command": " ".join(["sdexport"] + sys.argv[1:]),
+        "timer": "CUDA events" if device.startswith("cuda") else "time.perf_counter",
+    }
+
+
+def _geometry(settings: dict[str, Any]):
+    from .components import Geometry
+
+    return Geometry(settings["batch_size"], settings["height"], settings["width"],
+                    guidance=settings["guidance_scale"] > 1.0)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The per-stage table TensorRT users know, engine next to eager."""
+    results = report["results"]
+    s = report["settings"]
+    steps = results[0]["unet_steps"]
+    head = (f"{report['model']} ({report['export_dtype']} export) on {report['device']}: "
+            f"{s['height']}x{s['width']}, batch {s['batch_size']}, {s['steps']} steps, "
+            f"guidance {s['guidance_scale']}, median of {results[0]['runs']} runs ({report['timer']})")
+    cols = [r["label"] for r in results] + (["speed-up"] if len(results) == 2 else [])
+    rows = [("CLIP text encoder", "text_encoder"), (f"UNet x {steps}", "unet_total"),
+            ("VAE decode", "vae_decoder"), ("Pipeline total", "pipeline_total")]
+    width = max(22, *(len(c) + 2 for c in cols))
+    lines = [head, "", f"{'stage':<22}" + "".join(f"{c:>{width}}" for c in cols)]
+    for title, key in rows:
+        vals = [f"{r['stages_ms'][key]:.2f} ms" for r in results]
+        if len(results) == 2:
+            vals.append(f"{results[0]['speedup_vs_eager'][key]:.2f}x")
+        lines.append(f"{title:<22}" + "".join(f"{v:>{width}}" for v in vals))
+    vals = [f"{r['images_per_second']:.3f}" for r in results]
+    if len(results) == 2:
+        vals.append(f"{results[0]['images_per_second'] / results[1]['images_per_second']:.2f}x")
+    lines.append(f"{'Images / second':<22}" + "".join(f"{v:>{width}}" for v in vals))
+    lines.append("")
+    for r in results:
+        u = r["unet_step_ms"]
+        mem = r["memory"]
+        mem_text = (f"device peak +{mem['device_used_increase_mib']} MiB, torch peak {mem['torch_allocator_peak_mib']} MiB"
+                    if "device_used_increase_mib" in mem else f"RSS peak {mem['process_rss_peak_mib']} MiB "
+                    f"(+{mem['process_rss_increase_mib']})")
+        lines.append(f"{r['label']}: UNet step median {u['median_ms']:.3f} ms, p90 {u['p90_ms']:.3f} ms (n={u['n']}); "
+                     f"loop overhead {r['loop_overhead_ms']:.2f} ms ({r['loop_overhead_pct']:.2f}%); {mem_text}")
+    if len(results) == 2:
+        lines.append(f"UNet per-step speed-up vs eager: {results[0]['speedup_vs_eager']['unet_step_median']:.2f}x")
+    return "\n".join(lines)

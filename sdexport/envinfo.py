@@ -1,0 +1,76 @@
+"""``sdexport env``: what this host has, and what each backend can do here (and if not, why)."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe() -> dict[str, Any]:
+    from .bench import machine
+
+    report: dict[str, Any] = {"python": platform.python_version(), "machine": machine()}
+    gpu_cc = None
+    try:
+        import torch
+
+        report["torch"] = torch.__version__
+        report["torch_cuda"] = torch.version.cuda
+        report["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            gpu_cc = (major, minor)
+    except ImportError:
+        report["torch"] = None
+    backends: dict[str, dict[str, Any]] = {}
+
+    backends["torch"] = {"can_build": None, "can_run": report.get("torch") is not None,
+                         "why": None if report.get("torch") else "torch is not installed"}
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        report["onnxruntime"] = ort.__version__
+        report["onnxruntime_providers"] = providers
+        gpu_ort = "CUDAExecutionProvider" in providers
+        backends["ort"] = {
+            "can_build": None, "can_run": True, "device": "cuda" if gpu_ort and gpu_cc else "cpu",
+            "why": None if gpu_ort or not gpu_cc else
+            "CPU only: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu==1.31.1)"}
+    except ImportError:
+        backends["ort"] = {"can_build": None, "can_run": False, "why": "pip install onnxruntime==1.31.1"}
+    from .backends.trt import trt_status
+
+    report["tensorrt"] = trt_status(gpu_cc)
+    backends["trt"] = {k: report["tensorrt"][k] for k in ("can_build", "can_run", "why")}
+    report["backends"] = backends
+    report["versions"] = {d: _version(d) for d in ("diffusers", "transformers", "onnx", "polygraphy",
+                                                   "nvidia-modelopt", "tensorrt", "tensorrt-rtx-cu13")}
+    return report
+
+
+def format_env(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"python {report['python']} on {m['platform']} ({m['cpu_count']} CPUs)"]
+    if report.get("torch"):
+        gpu = (f"{m['gpu']} (compute capability {m['compute_capability']}, driver {m.get('driver', '?')}, "
+               f"CUDA {m.get('cuda')})" if m.get("gpu") else "no GPU visible to torch")
+        lines.append(f"torch {report['torch']}: {gpu}")
+    if report.get("onnxruntime"):
+        lines.append(f"onnxruntime {report['onnxruntime']}: providers {', '.join(report['onnxruntime_providers'])}")
+    t = report["tensorrt"]
+    lines.append(f"TensorRT: {t['flavour'] or 'not installed'}{' ' + t['version'] if t.get('version') else ''}")
+    lines.append("")
+    for name, b in report["backends"].items():
+        build = {True: "can build", False: "cannot build", None: "nothing to build"}[b["can_build"]]
+        run = "can run here" if b["can_run"] else "cannot run here"
+        lines.append(f"{name:<6} {build:<17} {run}{': ' + b['why'] if b.get('why') else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The sampler loop: diffusers' schedulers driving Engine objects.
+
+It follows ``diffusers.StableDiffusionPipeline`` step for step (tokenization,
+the order [negative, positive] of the guidance batch, latent noise drawn from a
+CPU ``torch.Generator`` seeded like diffusers, ``init_noise_sigma``,
+``scale_model_input``, guidance, ``scheduler.step`` with the same generator,
+VAE scaling and post-processing), so that with FP32 engines an image matches
+diffusers' own pipeline for the same seed. Classifier-free guidance is one
+batched UNet call. The loop never knows which backend it drives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from .components import Geometry
+from .errors import UsageError
+from .timing import StageClock
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
+
+
+def make_scheduler(name: str | None, config: dict[str, Any]):
+    """A diffusers scheduler of kind ``name`` (None: the model's own), configured from the model's config."""
+    import diffusers
+
+    if name is None:
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    if name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler '{name}' (choose from {', '.join(SCHEDULERS)})")
+    cls_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config({**config, **overrides})
+
+
+def check_request(ranges, steps: int, guidance_scale: float, geo: Geometry) -> None:
+    """Reject a generation request before any work: bad steps/guidance, or a shape outside the export."""
+    if steps < 1:
+        raise UsageError(f"--steps {steps}: must be at least 1")
+    if guidance_scale < 0:
+        raise UsageError(f"--guidance-scale {guidance_scale}: must not be negative")
+    ranges.check(geo)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: np.ndarray  # float32 (B, H, W, 3) in [0, 1], as diffusers' output_type="np"
+    latents: Any
+    timings_ms: dict[str, list[float]]
+    steps: int
+    truncated: bool
+
+    def uint8(self) -> np.ndarray:
+        return (self.images * 255).round().astype("uint8")
+
+    def stage_summary(self) -> dict[str, float]:
+        t = self.timings_ms
+        total = sum(t["total"])
+        engine = sum(sum(t.get(k, [])) for k in ("text_encoder", "unet", "vae_decoder"))
+        return {
+            "text_encoder_ms": sum(t.get("text_encoder", [])),
+            "unet_total_ms": sum(t.get("unet", [])),
+            "unet_steps": len(t.get("unet", [])),
+            "vae_decoder_ms": sum(t.get("vae_decoder", [])),
+            "total_ms": total,
+            "loop_overhead_ms": total - engine,
+            "loop_overhead_pct": 100.0 * (total - engine) / total if total else 0.0,
+        }
+
+
+class Pipeline:
+    def __init__(self, engines: dict[str, Any], export, device: str = "cpu",
+                 warn: Callable[[str], None] | None = None):
+        self.engines = engines
+        self.export = export
+        self.info = export.info
+        self.ranges = export.ranges
+        self.device = device
+        self.tokenizer = self.info.load_tokenizer()
+        self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+
+    # --- stages --------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> tuple[Any, bool]:
+        import torch
+
+        tok = self.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
+        truncated = full.shape[-1] > tok.model_max_length
+        if truncated:
+            dropped = tok.batch_decode(full[:, tok.model_max_length - 1:-1])
+            self.warn(f"prompt longer than {tok.model_max_length} tokens was truncated; dropped: "
+                      f"{next(d for d in dropped if d.strip())!r}")
+        return ids.to(torch.int32), truncated
+
+    def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
+                 seed: int = 0, height: int | None = None, width: int | None = None, batch_size: int = 1,
+                 scheduler: str | None = None, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+        import torch
+
+        height = height or self.ranges.opt_size
+        width = width or self.ranges.opt_size
+        cfg = guidance_scale > 1.0  # diffusers' rule for classifier-free guidance
+        geo = Geometry(batch_size, height, width, guidance=cfg)
+        check_request(self.ranges, steps, guidance_scale, geo)
+        sched = make_scheduler(scheduler, self.info.scheduler_config)
+        clock = StageClock(self.device)
+        dev = self.device
+        generator = torch.Generator("cpu").manual_seed(seed)
+        f = self.info.vae_scale_factor
+
+        with clock.stage("total"):
+            prompts = [prompt] * batch_size
+            negatives = [negative_prompt or ""] * batch_size
+            ids, truncated = self.tokenize((negatives + prompts) if cfg else prompts)
+            with clock.stage("text_encoder"):
+                embeds = self.engines["text_encoder"]({"input_ids": ids.to(dev)})["last_hidden_state"]
+
+            shape = (batch_size, self.info.latent_channels, height // f, width // f)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(dev)
+            sched.set_timesteps(steps, device=dev)
+            latents = latents * sched.init_noise_sigma
+            step_params = inspect.signature(sched.step).parameters
+            extra = {}
+            if "eta" in step_params:
+                extra["eta"] = 0.0
+            if "generator" in step_params:
+                extra["generator"] = generator
+            unet = self.engines["unet"]
+            rows = geo.rows
+            timesteps = sched.timesteps
+            for i, t in enumerate(timesteps):
+                model_in = torch.cat([latents] * 2) if cfg else latents
+                model_in = sched.scale_model_input(model_in, t)
+                t_batch = t.to(device=dev, dtype=torch.float32).expand(rows)
+                with clock.stage("unet"):
+                    noise = unet({"sample": model_in, "timestep": t_batch,
+                                  "encoder_hidden_states": embeds})["out_sample"]
+                if cfg:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + guidance_scale * (text - uncond)
+                latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
+                if progress:
+                    progress(i + 1, len(timesteps))
+
+            with clock.stage("vae_decoder"):
+                image = self.engines["vae_decoder"]({"latent_sample": latents / self.info.vae_scaling_factor})["sample"]
+            images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
+                                truncated=truncated)
+
+
+def save_images(result: GenerationResult, path, metadata: dict[str, Any]) -> list[str]:
+    """Write PNG(s) (``name.png``, or ``name-0.png``... for a batch) and a JSON sidecar, atomically."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .manifest import atomic_path, write_json
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"-o {path}: the output must be a .png file")
+    images = result.uint8()
+    names = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(len(images))]
+    for img, name in zip(images, names):
+        with atomic_path(name, suffix=".png") as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+    write_json(path.with_suffix(".json"), {**metadata, "images": [str(n) for n in names]})
+    return [str(n) for n in names]

@@ -1,0 +1,179 @@
+"""Numerical validation: every exported component against PyTorch eager on the source model.
+
+Execution goes through Polygraphy's ``Comparator`` with one runner per backend
+(Polygraphy's own ``OnnxrtRunner`` for ONNX Runtime, ``TrtRunner`` for TensorRT,
+and ``TorchRunner`` below for the PyTorch reference, since Polygraphy's
+``PytRunner`` always moves inputs to CUDA). Inputs come from the component specs,
+at several shapes across the exported dynamic range (validation_geometries).
+
+A comparison passes when, for every output, there is no NaN/Inf, the relative L2
+error is within ``rel_l2`` and the max absolute error within ``atol + rtol * max|ref|``
+for the export's dtype (THRESHOLDS; documented in the README). Validation never
+only warns: any miss makes ``validate`` exit non-zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .components import Geometry, validation_geometries
+from .errors import UsageError
+from .manifest import versions, write_json
+from .runtime import ExportDir
+
+# Per export dtype, against PyTorch eager FP32 on the same inputs.
+THRESHOLDS = {
+    "fp32": {"rel_l2": 1e-4, "atol": 1e-3, "rtol": 1e-3},
+    "fp16": {"rel_l2": 1e-2, "atol": 5e-2, "rtol": 2e-2},
+    "int8": {"rel_l2": 1.5e-1, "atol": 1.0, "rtol": 2e-1},
+}
+
+
+def _torch_runner_class():
+    from polygraphy.backend.base import BaseRunner
+
+    class TorchRunner(BaseRunner):
+        """A Polygraphy runner over an sdexport Engine (numpy in, numpy out)."""
+
+        def __init__(self, engine, name: str):
+            super().__init__(name=name, prefix="torch-runner")
+            self.engine = engine
+
+        def activate_impl(self):
+            pass
+
+        def deactivate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            from polygraphy.common import TensorMetadata
+
+            meta = TensorMetadata()
+            for t in self.engine.spec.inputs:
+                meta.add(t.name, np.dtype(t.dtype), [d if isinstance(d, int) else -1 for d in t.dims])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            import torch
+
+            feed = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.engine.device) for k, v in feed_dict.items()}
+            t0 = time.perf_counter()
+            outs = self.engine(feed)
+            self.inference_time = time.perf_counter() - t0
+            return OrderedDict((k, v.detach().cpu().numpy()) for k, v in outs.items())
+
+    return TorchRunner
+
+
+def error_metrics(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    out64, ref64 = out.astype(np.float64), ref.astype(np.float64)
+    finite = bool(np.isfinite(out64).all())
+    diff = np.abs(out64 - ref64)
+    denom = float(np.linalg.norm(ref64)) or 1.0
+    return {
+        "max_abs_err": float(diff.max()) if finite else float("inf"),
+        "rel_l2_err": float(np.linalg.norm(out64 - ref64) / denom) if finite else float("inf"),
+        "max_abs_ref": float(np.abs(ref64).max()),
+        "finite": finite,
+    }
+
+
+def passes(metrics: dict[str, float], thresholds: dict[str, float]) -> bool:
+    return (metrics["finite"] and metrics["rel_l2_err"] <= thresholds["rel_l2"]
+            and metrics["max_abs_err"] <= thresholds["atol"] + thresholds["rtol"] * metrics["max_abs_ref"])
+
+
+def _device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_runner(export: ExportDir, component: str, backend: str, device: str):
+    """The Polygraphy runner for the engine under test."""
+    if backend == "ort":
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        path = export.manifest.verified_path(export.manifest.component(component))
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=f"onnxruntime:{component}")
+    if backend == "trt":
+        from .backends.trt import polygraphy_runner
+
+        return polygraphy_runner(export, component)
+    raise UsageError(f"validate --backend {backend}: choose ort or trt")
+
+
+def validate(export_dir: str | Path, backend: str = "ort", device: str | None = None,
+             components: list[str] | None = None, geometries: list[Geometry] | None = None,
+             say: Callable[[str], None] = lambda msg: None, write_report: bool = True) -> dict[str, Any]:
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    from .backends.torch import TorchEngine
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+
+    export = ExportDir.open(export_dir)
+    device = _device(device)
+    components = components or list(export.manifest.components)
+    geometries = geometries or validation_geometries(export.ranges)
+    for geo in geometries:
+        export.ranges.check(geo)
+    reference = TorchEngine.load_all(export, components, device=device, dtype="fp32")
+    TorchRunner = _torch_runner_class()
+    results, all_pass = [], True
+    for name in components:
+        entry = export.manifest.component(name)
+        dtype = entry["precision"]["dtype"]
+        limits = THRESHOLDS[dtype]
+        spec = export.spec(name)
+        runner = backend_runner(export, name, backend, device)
+        ref_runner = TorchRunner(reference[name], name=f"torch:{name}")
+        feeds, geos, seen = [], [], []
+        for i, geo in enumerate(geometries):
+            dims = spec.dims_for(geo)
+            if dims in seen:  # the text encoder only sees the batch: skip repeats
+                continue
+            seen.append(dims)
+            geos.append(geo)
+            feeds.append({k: v.cpu().numpy() for k, v in spec.sample_inputs(dims, seed=100 + i).items()})
+        t0 = time.perf_counter()
+        run = Comparator.run([runner, ref_runner], data_loader=feeds)
+        seconds = time.perf_counter() - t0
+        (_, test_outs), (_, ref_outs) = run.items()
+        for geo, feed, got, want in zip(geos, feeds, test_outs, ref_outs):
+            outputs = {}
+            for out_spec in spec.outputs:
+                m = error_metrics(np.asarray(got[out_spec.name]), np.asarray(want[out_spec.name]))
+                m["pass"] = passes(m, limits)
+                outputs[out_spec.name] = m
+                all_pass &= m["pass"]
+            ok = all(o["pass"] for o in outputs.values())
+            shapes = {k: list(v.shape) for k, v in feed.items()}
+            results.append({"component": name, "dtype": dtype, "geometry": vars(geo), "input_shapes": shapes,
+                            "outputs": outputs, "pass": ok})
+            worst = max(outputs.values(), key=lambda o: o["rel_l2_err"])
+            say(f"{'PASS' if ok else 'FAIL'} {name:<12} {dtype} {_shape_label(shapes)}  "
+                f"max_abs {worst['max_abs_err']:.2e}  rel_l2 {worst['rel_l2_err']:.2e}")
+        say(f"      {name}: {len(feeds)} shapes in {seconds:.1f} s")
+    report = {
+        "export": str(Path(export_dir).resolve()), "backend": backend, "device": device,
+        "reference": "PyTorch eager FP32 on the source model", "thresholds": THRESHOLDS,
+        "passed": all_pass, "results": results, "versions": versions(),
+    }
+    if write_report:
+        write_json(Path(export_dir) / "validation.json", report)
+    return report
+
+
+def _shape_label(shapes: dict[str, list[int]]) -> str:
+    first = next(iter(shapes.values()))
+    return "x".join(map(str, first))

@@ -1,0 +1,79 @@
+"""Fixtures built once per test run: the tiny preset, a model the project did not write, and exports."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sdexport.models import write_preset
+
+    return write_preset("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> Path:
+    """A diffusers SD directory written with diffusers alone, shaped unlike the presets:
+    6 latent channels, 3 UNet levels (latent multiple 4), VAE scale factor 4, cross-attention
+    width 48, native 96 px, v-prediction DDIM scheduler, SD 2.x-style linear projections."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdexport.models import build_tokenizer
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=24, in_channels=6, out_channels=6, layers_per_block=1, block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+        attention_head_dim=(4, 8, 8), norm_num_groups=8, use_linear_projection=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=6, layers_per_block=1,
+                        block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=96,
+                        scaling_factor=0.5)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = tmp_path_factory.mktemp("models") / "other"
+    pipe.save_pretrained(out)
+    return out
+
+
+def _export(src: Path, out: Path, **kw) -> Path:
+    from sdexport.export import export
+
+    export(str(src), out, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_fp32(tiny_model, tmp_path_factory) -> Path:
+    return _export(tiny_model, tmp_path_factory.mktemp("exports") / "tiny-fp32")
+
+
+@pytest.fixture(scope="session")
+def export_fp16(tiny_model, tmp_path_factory) -> Path:
+    return _export(tiny_model, tmp_path_factory.mktemp("exports") / "tiny-fp16", dtype="fp16")
+
+
+@pytest.fixture(scope="session")
+def export_other(other_model, tmp_path_factory) -> Path:
+    return _export(other_model, tmp_path_factory.mktemp("exports") / "other-fp32", max_images=2)
+
+
+def load_manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())

@@ -1,0 +1,141 @@
+"""The command line: the whole job on the tiny preset, and bad input -> one line, an exit code, no artifact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from sdexport.cli import cli
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def assert_one_line_error(result, code, *needles):
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_infer_writes_image_and_sidecar(export_fp32, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    args = [export_fp32, "--prompt", "a teapot", "-o", out, "--steps", 2, "--height", 64, "--width", 96,
+            "--seed", 5, "--scheduler", "dpm++2m"]
+    result = run("infer", *args)
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(out).size == (96, 64)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["seed"] == 5 and meta["scheduler"] == "dpm++2m" and meta["backend"] == "ort"
+    assert meta["timings_ms"]["unet_steps"] == 2 and meta["timings_ms"]["total_ms"] > 0
+    first = out.read_bytes()
+    assert run("infer", *args).exit_code == 0  # re-running into the same place is safe and deterministic
+    assert out.read_bytes() == first
+
+
+def test_batch_writes_one_png_per_image(export_fp32, tmp_path):
+    result = run("infer", export_fp32, "--prompt", "a kite", "-o", tmp_path / "b.png", "--steps", 1,
+                 "--height", 64, "--width", 64, "--batch-size", 2, "--backend", "torch")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "b-0.png").is_file() and (tmp_path / "b-1.png").is_file()
+
+
+@pytest.mark.parametrize("args, code, needles", [
+    (["--steps", 0], 2, ["--steps 0"]),
+    (["--guidance-scale", -2], 2, ["negative"]),
+    (["--scheduler", "lms-ish"], 2, ["lms-ish"]),
+    (["--backend", "tensorflow"], 2, ["tensorflow"]),
+    (["--height", 72], 4, ["multiple of 16"]),
+    (["--height", 1024], 4, ["[64, 256]"]),
+    (["--batch-size", 9], 4, ["[1, 4]"]),
+])
+def test_bad_infer_options(export_fp32, tmp_path, args, code, needles):
+    out = tmp_path / "x.png"
+    result = run("infer", export_fp32, "--prompt", "p", "-o", out, *args)
+    assert_one_line_error(result, code, *needles)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_long_prompt_warns(export_fp32, tmp_path):
+    result = run("infer", export_fp32, "--prompt", "castle " * 100, "-o", tmp_path / "l.png", "--steps", 1,
+                 "--height", 64, "--width", 64)
+    assert result.exit_code == 0
+    assert "truncated" in result.stderr
+    assert json.loads((tmp_path / "l.json").read_text())["prompt_truncated"] is True
+
+
+def test_bad_models(tmp_path, tiny_model):
+    assert_one_line_error(run("export", tmp_path / "missing", "-o", tmp_path / "o1"), 3, "no such directory")
+    (tmp_path / "plain").mkdir()
+    assert_one_line_error(run("export", tmp_path / "plain", "-o", tmp_path / "o2"), 3, "model_index.json")
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(tiny_model, sdxl)
+    index = json.loads((sdxl / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (sdxl / "model_index.json").write_text(json.dumps(index))
+    assert_one_line_error(run("export", sdxl, "-o", tmp_path / "o3"), 3, "text_encoder_2")
+    assert not (tmp_path / "o3" / "unet").exists()
+    assert_one_line_error(run("export", tiny_model, "-o", tmp_path / "o4", "--components", "unet,clip"), 2, "clip")
+    assert_one_line_error(run("preset", "sd99", "-o", tmp_path / "p"), 3, "unknown preset")
+
+
+def test_tampered_onnx_is_refused(export_fp32, tmp_path):
+    bad = tmp_path / "tampered"
+    shutil.copytree(export_fp32, bad)
+    with open(bad / "unet" / "model.onnx", "ab") as f:
+        f.write(b"junk")
+    result = run("infer", bad, "--prompt", "p", "-o", tmp_path / "t.png", "--steps", 1)
+    assert_one_line_error(result, 5, "does not match the manifest")
+    assert_one_line_error(run("validate", tmp_path / "nowhere"), 5, "no such export directory")
+
+
+def test_validate_cli_exit_codes(export_fp32, tmp_path):
+    assert run("validate", export_fp32, "--components", "vae_decoder").exit_code == 0
+    from test_validate import _copy_with_scaled_weight
+
+    _copy_with_scaled_weight(export_fp32, tmp_path / "bad", 1.05)
+    result = run("validate", tmp_path / "bad", "--components", "unet")
+    assert result.exit_code == 6
+    lines = result.stderr.strip().splitlines()  # one FAIL line per shape (progress), then the error
+    assert sum(line.startswith("FAIL unet") for line in lines) >= 3
+    assert lines[-1].startswith("error: unet missed the thresholds") and "Traceback" not in result.stderr
+
+
+def test_bench_json(export_fp32, tmp_path):
+    path = tmp_path / "bench.json"
+    result = run("bench", export_fp32, "--steps", 2, "--runs", 2, "--warmup", 1, "--height", 64, "--width", 64,
+                 "--scheduler", "euler",
+                 "--json", path)
+    assert result.exit_code == 0, result.stderr
+    assert "UNet x 2" in result.stdout and "Images / second" in result.stdout
+    report = json.loads(path.read_text())
+    engine, eager = report["results"]
+    assert engine["backend"] == "ort" and eager["backend"] == "torch"
+    for r in (engine, eager):
+        assert r["unet_step_ms"]["n"] == 4 and r["unet_step_ms"]["median_ms"] > 0
+        assert r["stages_ms"]["pipeline_total"] >= r["stages_ms"]["unet_total"]
+        assert r["memory"]["process_rss_peak_mib"] > 0
+    assert set(engine["speedup_vs_eager"]) >= {"unet_total", "pipeline_total", "unet_step_median"}
+    assert report["machine"]["cpu_count"] and report["versions"]["torch"] and report["command"]
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed entry point itself: exit codes survive outside click's test runner."""
+    proc = subprocess.run([sys.executable, "-m", "sdexport.cli", "export", str(tmp_path / "none"), "-o",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 3 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sdexport.cli", "env"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "onnxruntime" in proc.stdout and "trt" in proc.stdout

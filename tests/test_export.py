@@ -1,0 +1,132 @@
+"""Export: Optimum layout and names, dynamic axes, manifest, checker, up-to-date skip, FP16 graph."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import load_manifest
+from sdexport.components import Geometry, component_specs
+from sdexport.runtime import ExportDir
+
+OPTIMUM_IO = {
+    "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
+    "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
+    "vae_decoder": (["latent_sample"], ["sample"]),
+    "vae_encoder": (["sample"], ["latent_parameters"]),
+}
+
+
+def test_optimum_layout_and_names(export_fp32):
+    for part in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json"):
+        assert (export_fp32 / part).is_file(), part
+    for name, (inputs, outputs) in OPTIMUM_IO.items():
+        model = onnx.load(export_fp32 / name / "model.onnx")
+        assert [i.name for i in model.graph.input] == inputs
+        assert [o.name for o in model.graph.output] == outputs
+        assert (export_fp32 / name / "config.json").is_file()
+        onnx.checker.check_model(str(export_fp32 / name / "model.onnx"), full_check=True)
+
+
+def test_dynamic_axes_are_named(export_fp32):
+    def dims(model, name):
+        value = next(v for v in list(model.graph.input) + list(model.graph.output) if v.name == name)
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    unet = onnx.load(export_fp32 / "unet" / "model.onnx")
+    assert dims(unet, "sample") == ["batch", 4, "latent_height", "latent_width"]
+    assert dims(unet, "timestep") == ["batch"]
+    assert dims(unet, "encoder_hidden_states") == ["batch", 77, 32]
+    vae_enc = onnx.load(export_fp32 / "vae_encoder" / "model.onnx")
+    assert dims(vae_enc, "sample") == ["batch", 3, "image_height", "image_width"]
+    text = onnx.load(export_fp32 / "text_encoder" / "model.onnx")
+    assert dims(text, "input_ids") == ["batch", 77]
+    assert text.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+
+
+def test_manifest_records_hashes_io_ranges_and_provenance(export_fp32, tiny_model):
+    manifest = load_manifest(export_fp32)
+    assert set(manifest["components"]) == set(OPTIMUM_IO)
+    for name, entry in manifest["components"].items():
+        data = (export_fp32 / entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert entry["source"]["path"] == str(tiny_model.resolve())
+        assert len(entry["source"]["weights_sha256"]) == 64
+        for lib in ("torch", "diffusers", "onnx", "sdexport"):
+            assert entry["versions"][lib]
+        assert [i["name"] for i in entry["inputs"]] == OPTIMUM_IO[name][0]
+        assert entry["axes"]["batch"]["min"] == 1
+    unet = manifest["components"]["unet"]
+    assert unet["axes"]["latent_height"] == {"min": 8, "opt": 16, "max": 32, "multiple": 2}
+    assert unet["profile"]["sample"] == [[1, 4, 8, 8], [2, 4, 16, 16], [8, 4, 32, 32]]
+    assert manifest["ranges"] == {"max_images": 4, "min_size": 64, "max_size": 256, "opt_size": 128,
+                                  "pixel_multiple": 16}
+
+
+def test_unchanged_export_is_not_redone(export_fp32, tiny_model):
+    from sdexport.export import export
+
+    before = {p: p.stat().st_mtime_ns for p in export_fp32.rglob("model.onnx")}
+    messages = []
+    export(str(tiny_model), export_fp32, say=messages.append)
+    assert sum("up to date" in m for m in messages) == 4
+    assert {p: p.stat().st_mtime_ns for p in export_fp32.rglob("model.onnx")} == before
+
+
+def test_other_model_exports_with_its_own_shapes(export_other):
+    manifest = load_manifest(export_other)
+    unet = manifest["components"]["unet"]
+    assert unet["inputs"][0]["dims"] == ["batch", 6, "latent_height", "latent_width"]
+    assert unet["inputs"][2]["dims"] == ["batch", 77, 48]
+    assert unet["axes"]["latent_height"]["multiple"] == 4
+    assert manifest["components"]["vae_encoder"]["outputs"][0]["dims"] == ["batch", 12, "image_height / 4",
+                                                                           "image_width / 4"]
+    assert manifest["components"]["vae_decoder"]["outputs"][0]["dims"] == ["batch", 3, "latent_height * 4",
+                                                                           "latent_width * 4"]
+    assert manifest["ranges"]["pixel_multiple"] == 16 and manifest["ranges"]["opt_size"] == 96
+
+
+def _elem_types(model):
+    model = onnx.shape_inference.infer_shapes(model)
+    return {v.name: v.type.tensor_type.elem_type for v in
+            list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
+
+
+def test_fp16_graph_keeps_sensitive_ops_fp32(export_fp16):
+    model = onnx.load(export_fp16 / "unet" / "model.onnx")
+    types = _elem_types(model)
+    by_op = {}
+    for node in model.graph.node:
+        by_op.setdefault(node.op_type, []).append(types.get(node.output[0]))
+    FP16, FP32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert by_op["Conv"].count(FP16) >= 0.9 * len(by_op["Conv"])
+    assert by_op["MatMul"].count(FP16) >= 0.5 * len(by_op["MatMul"])
+    for op in ("Softmax", "InstanceNormalization", "LayerNormalization"):
+        assert set(by_op[op]) == {FP32}, op
+    time_nodes = [n for n in model.graph.node if "time_proj" in n.name and n.op_type in ("Sin", "Cos", "Mul")]
+    assert time_nodes and all(types[n.output[0]] == FP32 for n in time_nodes)
+    assert model.graph.input[0].type.tensor_type.elem_type == FP32  # I/O stays FP32
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_fp16_error_against_fp32_torch(export_fp16, tiny_model, component):
+    """FP16 graph vs the FP32 PyTorch model at shapes chosen here (not the validate command's)."""
+    export = ExportDir.open(export_fp16)
+    spec = export.spec(component)
+    module = spec.wrap(export.source_model().load_torch(spec.source)).eval()
+    session = ort.InferenceSession(str(export_fp16 / component / "model.onnx"), providers=["CPUExecutionProvider"])
+    for seed, geo in enumerate([Geometry(1, 80, 112), Geometry(3, 144, 96), Geometry(2, 240, 64, guidance=False)]):
+        feed = spec.sample_inputs(spec.dims_for(geo), seed=seed)
+        with torch.no_grad():
+            want = module(*feed.values())
+        want = [want] if isinstance(want, torch.Tensor) else list(want)
+        got = session.run(None, {k: v.numpy() for k, v in feed.items()})
+        for w, g in zip(want, got):
+            assert g.shape == tuple(w.shape)
+            rel = np.linalg.norm(g - w.numpy()) / np.linalg.norm(w.numpy())
+            assert rel < 1e-2, (component, geo, rel)

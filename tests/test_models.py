@@ -1,0 +1,94 @@
+"""Presets, tokenizer and reading a model's facts from its own configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from sdexport.errors import ModelError
+from sdexport.models import PRESETS, ModelInfo, build_tokenizer, clip_bpe_path, resolve_model
+
+
+def test_preset_is_an_ordinary_diffusers_directory(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert pipe.tokenizer.model_max_length == 77
+    # SD 1.5's scheduler file keeps clip_sample=false for the schedulers that read it
+    assert json.loads((tiny_model / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is False
+
+
+def test_presets_are_deterministic(tiny_model, tmp_path):
+    from sdexport.models import write_preset
+
+    again = write_preset("tiny", tmp_path / "again")
+    assert ModelInfo.open(again).weights_sha256 == ModelInfo.open(tiny_model).weights_sha256
+
+
+def test_random_weights_preset_says_so():
+    assert "random" in "sd15-random" and "RANDOM" in PRESETS["sd15-random"].description
+    sd15 = PRESETS["sd15-random"]
+    assert sd15.unet["block_out_channels"] == (320, 640, 1280, 1280)
+    assert sd15.unet["cross_attention_dim"] == 768 and sd15.text_encoder["num_hidden_layers"] == 12
+    assert sd15.vae["block_out_channels"] == (128, 256, 512, 512)
+
+
+def test_tokenizer_gives_sd15_ids():
+    tok = build_tokenizer()
+    # Token ids of SD 1.5's tokenizer (openai/clip-vit-large-patch14 vocabulary) for this prompt.
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408
+
+
+def test_tokenizer_matches_open_clip_reference():
+    """open_clip's own SimpleTokenizer (loaded from its file, an independent BPE implementation)."""
+    pytest.importorskip("ftfy")
+    pytest.importorskip("regex")
+    path = clip_bpe_path().parent / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("open_clip_tokenizer_ref", path)
+    ref_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_mod)
+    ref = ref_mod.SimpleTokenizer()
+    ours = build_tokenizer()
+    prompts = ["A watercolor painting of a lighthouse at dusk, soft light",
+               "isometric 3d render of a tiny cafe, pastel colours, 8k",
+               "Portrait photo, 85mm lens, f/1.8, bokeh; dramatic rim-lighting!!"]
+    for prompt in prompts:
+        want = [t for t in ref(prompt)[0].tolist() if t != 0]
+        assert ours(prompt)["input_ids"] == want
+
+
+def test_model_facts_come_from_configs(other_model):
+    info = ModelInfo.open(other_model)
+    assert info.latent_channels == 6
+    assert info.vae_scale_factor == 4
+    assert info.unet_latent_multiple == 4
+    assert info.pixel_multiple == 16
+    assert info.cross_attention_dim == 48 == info.text_hidden_size
+    assert info.image_size == 96
+    assert info.vae_scaling_factor == 0.5
+    assert info.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_bad_model_directories(tmp_path, tiny_model):
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no model_index.json"):
+        ModelInfo.open(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ModelError, match="missing vae/"):
+        ModelInfo.open(broken)
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(tiny_model, sdxl)
+    index = json.loads((sdxl / "model_index.json").read_text())
+    index.update({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+    (sdxl / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="second text encoder"):
+        ModelInfo.open(sdxl)
