@@ -4,6 +4,8 @@ VENV ?= .venv
 OPTIMUM_VENV ?= .venv-optimum
 BIN := $(VENV)/bin
 MODEL ?= tiny
+# `make engines VENV=/some/venv INSTALL=` uses an existing environment as it is (no install step).
+INSTALL ?= install
 OUT ?= engines/$(MODEL)
 PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 4
@@ -14,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,trt]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
@@ -32,6 +34,25 @@ demo: install
 	$(BIN)/sdexport validate $(OUT)
 	$(BIN)/sdexport infer $(OUT) --prompt "$(PROMPT)" --steps $(STEPS) -o $(OUT)/image.png
 	$(BIN)/sdexport bench $(OUT) --steps $(STEPS) --json $(OUT)/bench.json
+
+# TensorRT engines for MODEL: fp16 export -> engines -> validation, all in $(OUT)/ (see README "TensorRT
+# engines"). A second run rebuilds nothing. Where engines cannot run (no GPU, or a GPU the TensorRT flavour
+# refuses) `validate --backend trt` exits 8 with the reason; then the ONNX side is validated with ONNX Runtime
+# and the target ends with a note instead of failing. Any other validation failure fails the target.
+# BUILD_ARGS go to `sdexport build` (e.g. BUILD_ARGS="--compute-capability 7.5,8.6" or "--static 512x512").
+BUILD_ARGS ?=
+engines: $(INSTALL)
+	$(BIN)/sdexport export $(MODEL) -o $(OUT) --dtype fp16
+	$(BIN)/sdexport build $(OUT) --precision fp16 $(BUILD_ARGS)
+	@rc=0; $(BIN)/sdexport validate $(OUT) --backend trt || rc=$$?; \
+	if [ $$rc -eq 8 ]; then \
+	  echo "note: the engines in $(OUT)/engines cannot run on this machine (reason above; exit 8 from"; \
+	  echo "      'sdexport validate $(OUT) --backend trt'): validating the ONNX with ONNX Runtime instead."; \
+	  $(BIN)/sdexport validate $(OUT) --backend ort || exit $$?; \
+	  echo "note: engines built and checked, ONNX validated; TensorRT validation NOT run here:"; \
+	  echo "      run 'sdexport validate $(OUT) --backend trt' on a GPU the engines target."; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+	@echo "$(OUT): ONNX, engines/, manifest.json, validation.json"
 
 test: install optimum-env
 	SDEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -q

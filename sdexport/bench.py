@@ -3,7 +3,8 @@
 For each backend the full sampler loop runs ``warmup`` times untimed and ``runs``
 times timed. Stage times come from the pipeline's own StageClock (CUDA events on
 a GPU); per-step UNet latency is the distribution of every UNet call in the timed
-runs. The loop's own overhead is pipeline time minus time inside engine calls.
+runs. The loop's own overhead is the denoising loop's time minus the time inside
+UNet calls (scheduler, guidance, casts, and any GPU idle gap between steps).
 Peak memory is sampled while each backend runs: process RSS on the CPU, and on a
 GPU the device memory in use (all allocators, ONNX Runtime's arena included) plus
 torch's allocator peak. This is a benchmark, not a test: nothing here asserts a time.
@@ -111,11 +112,12 @@ def machine() -> dict[str, Any]:
 
 
 def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str, Any], runs: int, warmup: int,
-                dtype: str | None, say: Callable[[str], None]) -> dict[str, Any]:
-    label = backend if backend != "torch" else f"torch eager {dtype or 'fp32'}"
+                say: Callable[[str], None], label: str | None = None, **engine_options) -> dict[str, Any]:
+    """Time the full loop on one backend configuration (engine options go to ``load_engines``)."""
+    label = label or (backend if backend != "torch" else f"torch eager {engine_options.get('dtype') or 'fp32'}")
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
-    engines = load_engines(export.root, backend, device=device, dtype=dtype)
+    engines = load_engines(export.root, backend, device=device, **engine_options)
     load_s = time.perf_counter() - t0
     pipe = Pipeline(engines, export, device=device, warn=lambda msg: None)
     summaries, unet_calls = [], []
@@ -134,7 +136,8 @@ def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str
     med = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
     images = settings["batch_size"]
     return {
-        "backend": backend, "label": label, "load_seconds": round(load_s, 2),
+        "backend": backend, "label": label, "options": {k: str(v) for k, v in engine_options.items()},
+        "load_seconds": round(load_s, 2),
         "stages_ms": {
             "text_encoder": round(med["text_encoder_ms"], 3),
             "unet_total": round(med["unet_total_ms"], 3),
@@ -146,6 +149,7 @@ def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str
         "images_per_second": round(images / (med["total_ms"] / 1e3), 4),
         "loop_overhead_ms": round(med["loop_overhead_ms"], 3),
         "loop_overhead_pct": round(med["loop_overhead_pct"], 3),
+        "outside_loop_and_engines_ms": round(med["other_ms"], 3),
         "memory": mem.result(),
         "runs": runs, "warmup": warmup,
     }
@@ -154,15 +158,16 @@ def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str
 def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
           width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
-          say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+          say: Callable[[str], None] = lambda msg: None, unet: str = "default") -> dict[str, Any]:
     export = ExportDir.open(export_dir)
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
                     guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
                     width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler)
     check_request(export.ranges, steps, guidance_scale, _geometry(settings))
-    results = [run_backend(export, backend, device, settings, runs, warmup, None, say)]
+    unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
+    results = [run_backend(export, backend, device, settings, runs, warmup, say, **unet_option)]
     if compare_eager and backend != "torch":
-        results.append(run_backend(export, "torch", device, settings, runs, warmup, eager_dtype, say))
+        results.append(run_backend(export, "torch", device, settings, runs, warmup, say, dtype=eager_dtype))
     if len(results) == 2:
         engine, eager = results
         engine["speedup_vs_eager"] = {

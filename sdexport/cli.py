@@ -112,6 +112,44 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
+@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16", show_default=True,
+              help="Which export to build; must match the graph (fp16: an export made with --dtype fp16; "
+                   "int8: the quantized UNet + fp16 rest).")
+@click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True,
+              help="auto: tensorrt where a GPU is visible, else TensorRT-RTX.")
+@click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
+@click.option("--compute-capability", "ccs", default=None,
+              help="TensorRT-RTX targets, e.g. 8.0,8.6 (default 8.0,8.6,8.9,12.0; T4 needs 7.5).")
+@click.option("--static", default=None, metavar="HxW", help="One static shape (for CUDA graphs and peak speed).")
+@click.option("--batch", type=int, default=None, help="Images per call of a --static engine (default 1).")
+@click.option("--min-size", default=None, metavar="HxW", help="Profile min image size (default: the export's).")
+@click.option("--opt-size", default=None, metavar="HxW", help="Profile opt image size (default: native).")
+@click.option("--max-size", default=None, metavar="HxW", help="Profile max image size (default: the export's).")
+@click.option("--opt-batch", type=int, default=None, help="Profile opt images per call (default 1).")
+@click.option("--max-batch", type=int, default=None, help="Profile max images per call (default: the export's).")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="Builder optimization level, 0-5.")
+@click.option("--workspace", type=int, default=None, help="Workspace limit in MiB (default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file (default OUT/engines/timing.<trt>.cache; not used by TensorRT-RTX).")
+@click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
+@handled
+def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
+          max_batch, opt_level, workspace, timing_cache, force):
+    """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
+    from .build import build as run
+
+    report = run(export_dir, precision=precision, flavour=flavour,
+                 components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
+                 compute_capabilities=ccs, static=static, batch=batch, min_size=min_size, opt_size=opt_size,
+                 max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
+                 workspace_mib=workspace, timing_cache=timing_cache, force=force, say=say)
+    click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} engine(s), {len(report['built'])} built, "
+               f"{len(report['up_to_date'])} up to date ({report['flavour']} {report['version']}, "
+               f"compute capability {', '.join(report['targets'])})")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path())
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
@@ -126,6 +164,8 @@ def validate(export_dir, backend, device, components):
     click.echo(f"{export_dir}/validation.json: {'PASSED' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
         failed = sorted({r["component"] for r in report["results"] if not r["pass"]})
+        if not report.get("int8", {}).get("passed", True):
+            failed.append("unet_int8 (INT8 report)")
         raise ValidationFailed(f"{', '.join(failed)} missed the thresholds; see {export_dir}/validation.json")
 
 
@@ -144,9 +184,11 @@ def validate(export_dir, backend, device, components):
               help="Default: the model's own scheduler.")
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
+              help="int8: run the INT8 UNet written by 'sdexport quantize'.")
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device):
+          scheduler, backend, device, unet):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
     from tqdm import tqdm
 
@@ -156,7 +198,7 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
 
     device = _device(device)
     export = ExportDir.open(export_dir)
-    engines = load_engines(export_dir, backend, device=device)
+    engines = load_engines(export_dir, backend, device=device, **({"unet": unet} if unet != "default" else {}))
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"))
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
@@ -167,7 +209,8 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
     meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
             "scheduler": scheduler or export.info.scheduler_config["_class_name"], "guidance_scale": guidance_scale,
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
-            "backend": backend, "device": device, "export": str(export.root), "prompt_truncated": result.truncated,
+            "backend": backend, "unet": unet, "device": device, "export": str(export.root),
+            "prompt_truncated": result.truncated,
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)
     say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms (text {summary['text_encoder_ms']:.1f}, "
@@ -193,9 +236,11 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
               help="Precision of the PyTorch eager baseline.")
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager comparison.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
+@click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
+              help="int8: time the INT8 UNet written by 'sdexport quantize' (eager stays FP32/--eager-dtype).")
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
-          eager_dtype, no_eager, json_path):
+          eager_dtype, no_eager, json_path, unet):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
@@ -206,11 +251,65 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
     report = run(export_dir, backend=backend, device=_device(device), steps=steps, height=height, width=width,
                  batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
-                 warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say)
+                 warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
+                 **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)
         click.echo(json_path)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="Prompt file, one per line; '#' comments and blank lines skipped "
+                   "(default: calibration/prompts.txt).")
+@click.option("--num-prompts", type=int, default=64, show_default=True, help="Distinct prompts drawn from the file.")
+@click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps per prompt.")
+@click.option("--max-samples", type=int, default=512, show_default=True,
+              help="UNet input rows kept (reservoir sampling; two rows per step with guidance).")
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
+              help="Default: the model's own scheduler.")
+@click.option("--height", type=int, default=None, help="Pixels (default: the model's native size).")
+@click.option("--width", type=int, default=None, help="Pixels (default: the model's native size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Prompt draw and latent noise.")
+@click.option("--negative-prompt", default="", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Calibration file (.npz).")
+@handled
+def calibrate(model, prompts_file, num_prompts, steps, max_samples, guidance_scale, scheduler, height, width, seed,
+              negative_prompt, device, out):
+    """Record the UNet's inputs at every denoising step of the PyTorch pipeline (INT8 calibration)."""
+    from .calibration import DEFAULT_PROMPTS, calibrate as run
+
+    meta = run(model, out, prompts_file=prompts_file or DEFAULT_PROMPTS, num_prompts=num_prompts, steps=steps,
+               max_samples=max_samples, guidance_scale=guidance_scale, scheduler=scheduler, height=height,
+               width=width, seed=seed, negative_prompt=negative_prompt, device=_device(device), say=say)
+    click.echo(f"{out}: {meta['samples']} samples of {meta['rows_seen']} UNet input rows")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--calib", required=True, type=click.Path(dir_okay=False), help="File written by 'sdexport calibrate'.")
+@click.option("--precision", type=click.Choice(["int8"]), default="int8", show_default=True)
+@click.option("--calibration-method", type=click.Choice(["max", "entropy", "percentile"]), default="max",
+              show_default=True, help="percentile runs on ONNX Runtime's quantizer (ModelOpt has max and entropy).")
+@click.option("--quantizer", type=click.Choice(["auto", "modelopt", "ort"]), default="auto", show_default=True,
+              help="auto: NVIDIA ModelOpt, falling back to ONNX Runtime's quantize_static.")
+@click.option("--exclude", multiple=True, metavar="REGEX",
+              help="Keep matching Conv/MatMul/Gemm nodes out of INT8 (repeatable; added to the defaults).")
+@click.option("--no-default-excludes", is_flag=True,
+              help="Drop the default exclusions (time embedding, conv_in/out, shortcuts, attention scores).")
+@click.option("--force", is_flag=True, help="Re-quantize even if nothing changed.")
+@handled
+def quantize(export_dir, calib, precision, calibration_method, quantizer, exclude, no_default_excludes, force):
+    """Write EXPORT_DIR/unet_int8: the FP32 UNet as explicit INT8 Q/DQ ONNX (TensorRT placement), rest FP16."""
+    from .quantize import quantize as run
+
+    entry = run(export_dir, calib, precision=precision, method=calibration_method, quantizer=quantizer,
+                exclude=exclude, default_excludes=not no_default_excludes, force=force, say=say)
+    click.echo(f"{export_dir}/{entry['file']}")
 
 
 @cli.command()

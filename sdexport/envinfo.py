@@ -67,7 +67,8 @@ def format_env(report: dict[str, Any]) -> str:
     if report.get("onnxruntime"):
         lines.append(f"onnxruntime {report['onnxruntime']}: providers {', '.join(report['onnxruntime_providers'])}")
     t = report["tensorrt"]
-    lines.append(f"TensorRT: {t['flavour'] or 'not installed'}{' ' + t['version'] if t.get('version') else ''}")
+    lines.append(f"TensorRT: {t['flavour'] or 'not installed'}{' ' + t['version'] if t.get('version') else ''}"
+                 + (f" (builds for compute capability {', '.join(t['build_targets'])})" if t.get("build_targets") else ""))
     lines.append("")
     for name, b in report["backends"].items():
         build = {True: "can build", False: "cannot build", None: "nothing to build"}[b["can_build"]]

@@ -15,6 +15,7 @@ is not exported again.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def check_io_against_spec(io: dict, spec: ComponentSpec, where: str) -> None:
             raise IntegrityError(f"{where}: {kind} {got} do not match the component spec {exp}")
 
 
-def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: int) -> None:
+def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: int, dynamic: bool = True) -> None:
     import warnings
 
     import torch
@@ -69,7 +70,7 @@ def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: in
         torch.onnx.export(
             wrapper, tuple(feed[n] for n in spec.input_names), str(path), dynamo=False,
             opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+            dynamic_axes=spec.dynamic_axes() if dynamic else None, do_constant_folding=True)
 
 
 def _cleanup(path: Path):
@@ -118,8 +119,10 @@ def export_component(info: ModelInfo, spec: ComponentSpec, module, out: Path, dt
         model = _cleanup(raw)
         fp32_path = tmp / "fp32" / "model.onnx"
         fp32_path.parent.mkdir()
-        _save(model, fp32_path)
+        _save(model, fp32_path)  # note: saving with external data empties the in-memory tensors
+        del model
         shutil.rmtree(raw.parent)
+        final_path = tmp / "model.onnx"
         precision: dict[str, Any] = {"dtype": dtype}
         if dtype == "fp16":
             from .components import FP32_OP_TYPES
@@ -127,11 +130,15 @@ def export_component(info: ModelInfo, spec: ComponentSpec, module, out: Path, dt
 
             say(f"{spec.name}: FP16 mixed precision (ModelOpt AutoCast; FP32 kept for "
                 f"{', '.join(FP32_OP_TYPES)}{' and ' + ', '.join(spec.fp32_node_patterns) if spec.fp32_node_patterns else ''})")
-            model = convert_fp16(fp32_path, spec, feed)
+            model16 = convert_fp16(fp32_path, spec, feed)
             precision.update(converter="modelopt.onnx.autocast", fp32_op_types=list(FP32_OP_TYPES),
-                             fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model))
-        final_path = tmp / "model.onnx"
-        external = _save(model, final_path)
+                             fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model16))
+            external = _save(model16, final_path)
+            del model16
+        else:
+            external = [f.name for f in fp32_path.parent.iterdir() if f.name != fp32_path.name]
+            for f in fp32_path.parent.iterdir():
+                os.replace(f, tmp / f.name)
         shutil.rmtree(fp32_path.parent)
         say(f"{spec.name}: onnx.checker (full)")
         onnx.checker.check_model(str(final_path), full_check=True)

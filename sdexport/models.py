@@ -370,7 +370,7 @@ class ModelInfo:
         tokenizer.model_max_length = self.tokenizer_max_length
         return tokenizer
 
-    def load_torch(self, part: str, dtype=None, device: str = "cpu"):
+    def load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
         """Load one torch module (``unet``, ``vae`` or ``text_encoder``) in eval mode."""
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -380,7 +380,7 @@ class ModelInfo:
         dtype = dtype or torch.float32
         with _quiet_loading():
             try:
-                module = cls.from_pretrained(self.root, subfolder=part, torch_dtype=dtype)
+                module = cls.from_pretrained(self.root, subfolder=part, torch_dtype=dtype, **kwargs)
             except (OSError, ValueError, EnvironmentError) as exc:
                 raise ModelError(f"{self.root / part}: cannot load weights ({str(exc).splitlines()[0]})") from None
         return module.to(device).eval().requires_grad_(False)

@@ -17,6 +17,9 @@ from .errors import IntegrityError, ModelError
 from .manifest import Manifest
 from .models import ModelInfo
 
+# Artifacts made from an exported component that keep its interface: name -> the component.
+VARIANTS = {"unet_int8": "unet"}  # sdexport quantize (quantize.py)
+
 
 @dataclasses.dataclass
 class ExportDir:
@@ -54,11 +57,16 @@ class ExportDir:
 
     def spec(self, name: str) -> ComponentSpec:
         self.manifest.component(name)  # raises if it was not exported
+        if name in VARIANTS:  # same interface as the component it was made from, under its own name
+            base = self.specs[VARIANTS[name]]
+            variant = dataclasses.replace(base, name=name)
+            object.__setattr__(variant, "_extra", base.extra)
+            return variant
         return self.specs[name]
 
     @property
     def dtype(self) -> str:
-        dtypes = {c["precision"]["dtype"] for c in self.manifest.components.values()}
+        dtypes = {c["precision"]["dtype"] for name, c in self.manifest.components.items() if name not in VARIANTS}
         return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
     def source_model(self) -> ModelInfo:

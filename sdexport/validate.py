@@ -107,7 +107,7 @@ def backend_runner(export: ExportDir, component: str, backend: str, device: str)
     if backend == "trt":
         from .backends.trt import polygraphy_runner
 
-        return polygraphy_runner(export, component)
+        return polygraphy_runner(export, component, device)
     raise UsageError(f"validate --backend {backend}: choose ort or trt")
 
 
@@ -123,7 +123,15 @@ def validate(export_dir: str | Path, backend: str = "ort", device: str | None = 
 
     export = ExportDir.open(export_dir)
     device = _device(device)
+    engines: dict[str, Any] = {}
+    if backend == "trt":  # every engine's checks first: exit 8 with the reason where engines cannot run
+        from .backends.trt import engine_components, preflight, profile_geometries
+
+        components = components or engine_components(export)
+        preflight(export, components, device)
+        engines = {c: export.manifest.engines[c] for c in components}
     components = components or list(export.manifest.components)
+    chosen_geometries = geometries is not None
     geometries = geometries or validation_geometries(export.ranges)
     for geo in geometries:
         export.ranges.check(geo)
@@ -132,13 +140,17 @@ def validate(export_dir: str | Path, backend: str = "ort", device: str | None = 
     results, all_pass = [], True
     for name in components:
         entry = export.manifest.component(name)
-        dtype = entry["precision"]["dtype"]
+        dtype = engines[name]["precision"] if name in engines else entry["precision"]["dtype"]
         limits = THRESHOLDS[dtype]
         spec = export.spec(name)
         runner = backend_runner(export, name, backend, device)
-        ref_runner = TorchRunner(reference[name], name=f"torch:{name}")
+        runners = [runner, TorchRunner(reference[name], name=f"torch:{name}")]
+        component_geometries = geometries
+        if name in engines:  # TensorRT: also against ONNX Runtime on the ONNX it was built from, across its profile
+            runners.append(backend_runner(export, engines[name]["onnx"]["component"], "ort", device))
+            component_geometries = geometries if chosen_geometries else profile_geometries(engines[name])
         feeds, geos, seen = [], [], []
-        for i, geo in enumerate(geometries):
+        for i, geo in enumerate(component_geometries):
             dims = spec.dims_for(geo)
             if dims in seen:  # the text encoder only sees the batch: skip repeats
                 continue
@@ -146,14 +158,20 @@ def validate(export_dir: str | Path, backend: str = "ort", device: str | None = 
             geos.append(geo)
             feeds.append({k: v.cpu().numpy() for k, v in spec.sample_inputs(dims, seed=100 + i).items()})
         t0 = time.perf_counter()
-        run = Comparator.run([runner, ref_runner], data_loader=feeds)
+        run = Comparator.run(runners, data_loader=feeds)
         seconds = time.perf_counter() - t0
-        (_, test_outs), (_, ref_outs) = run.items()
-        for geo, feed, got, want in zip(geos, feeds, test_outs, ref_outs):
+        test_outs, ref_outs, *others = [outs for _, outs in run.items()]
+        ort_outs = others[0] if others else [None] * len(feeds)
+        for geo, feed, got, want, ort in zip(geos, feeds, test_outs, ref_outs, ort_outs):
             outputs = {}
             for out_spec in spec.outputs:
                 m = error_metrics(np.asarray(got[out_spec.name]), np.asarray(want[out_spec.name]))
                 m["pass"] = passes(m, limits)
+                if ort is not None:
+                    vs = error_metrics(np.asarray(got[out_spec.name]), np.asarray(ort[out_spec.name]))
+                    vs["pass"] = passes(vs, limits)
+                    m["vs_onnxruntime"] = vs
+                    m["pass"] = m["pass"] and vs["pass"]
                 outputs[out_spec.name] = m
                 all_pass &= m["pass"]
             ok = all(o["pass"] for o in outputs.values())
@@ -164,11 +182,20 @@ def validate(export_dir: str | Path, backend: str = "ort", device: str | None = 
             say(f"{'PASS' if ok else 'FAIL'} {name:<12} {dtype} {_shape_label(shapes)}  "
                 f"max_abs {worst['max_abs_err']:.2e}  rel_l2 {worst['rel_l2_err']:.2e}")
         say(f"      {name}: {len(feeds)} shapes in {seconds:.1f} s")
+    int8 = None
+    if "unet_int8" in components and backend == "ort":  # INT8 UNet: pipeline-level agreement (quantize.py)
+        from .quantize import int8_report
+
+        int8 = int8_report(export, device=device, say=say)
+        all_pass &= int8["passed"]
     report = {
         "export": str(Path(export_dir).resolve()), "backend": backend, "device": device,
-        "reference": "PyTorch eager FP32 on the source model", "thresholds": THRESHOLDS,
+        "reference": "PyTorch eager FP32 on the source model"
+        + ("; and ONNX Runtime on the ONNX each engine was built from" if engines else ""), "thresholds": THRESHOLDS,
         "passed": all_pass, "results": results, "versions": versions(),
     }
+    if int8 is not None:
+        report["int8"] = int8
     if write_report:
         write_json(Path(export_dir) / "validation.json", report)
     return report

@@ -16,6 +16,8 @@ from ..components import ComponentSpec
 from ..errors import UsageError
 
 BACKENDS = ("ort", "torch", "trt")
+# --unet: which artifact runs in the UNet slot (sdexport quantize writes unet_int8).
+UNET_VARIANTS = {"default": None, "int8": "unet_int8"}
 
 
 class Engine(abc.ABC):
@@ -54,6 +56,47 @@ class Engine(abc.ABC):
         pass
 
 
+class CudaGraphed(Engine):
+    """Capture another engine's call once per input shape as a CUDA graph; replay it afterwards.
+
+    Inputs are copied into the graph's static buffers; the returned outputs are the
+    graph's static buffers (valid until the next call of the same shape). Graphs of
+    one engine share a memory pool.
+    """
+
+    def __init__(self, inner: Engine):
+        import torch
+
+        super().__init__(inner.spec, inner.device)
+        self.inner = inner
+        self.backend = f"{inner.backend}+cudagraph"
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        self.dims(feed)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feed.items()))
+        if key not in self.graphs:
+            static_in = {k: v.detach().clone() for k, v in feed.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # warm up (autotuning, lazy init) outside the capture
+                    self.inner(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+                static_out = self.inner(static_in)
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        for k, v in feed.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        return static_out
+
+
 def load_engines(export_dir: str | Path, backend: str, components: list[str] | None = None,
                  device: str = "cpu", dtype: str | None = None, **options) -> dict[str, Engine]:
     """Engines for ``components`` of an export directory, on ``backend``."""
@@ -63,14 +106,40 @@ def load_engines(export_dir: str | Path, backend: str, components: list[str] | N
         raise UsageError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     export = ExportDir.open(export_dir)
     components = components or ["text_encoder", "unet", "vae_decoder"]
+    unet = options.pop("unet", None) or "default"
+    if unet not in UNET_VARIANTS:
+        raise UsageError(f"--unet {unet}: choose {', '.join(UNET_VARIANTS)}")
+    if UNET_VARIANTS[unet] and "unet" in components and backend == "trt":
+        options["unet"] = unet  # TensorRT: the "unet" engine built with --precision int8 (TrtEngine checks)
+    elif UNET_VARIANTS[unet] and "unet" in components:
+        # The UNet slot runs another artifact of the export (e.g. unet_int8), under the name "unet".
+        variant = UNET_VARIANTS[unet]
+        if backend == "torch":
+            raise UsageError(f"--unet {unet} runs the {variant} ONNX graph; the torch backend runs the source "
+                             "model (use --backend ort or trt)")
+        if variant not in export.manifest.components:
+            from ..errors import IntegrityError
+
+            raise IntegrityError(f"{export.root}: no {variant} (--unet {unet}); run 'sdexport calibrate' and "
+                                 f"'sdexport quantize {export.root} --calib FILE' first")
+        if options.get("cuda_graph_components") is not None:
+            options["cuda_graph_components"] = [variant if c == "unet" else c for c in options["cuda_graph_components"]]
+        elif options.get("cuda_graph"):
+            options["cuda_graph_components"] = [variant]
+        names = [variant if c == "unet" else c for c in components]
+        engines = load_engines(export_dir, backend, names, device=device, dtype=dtype, **options)
+        return {("unet" if c == variant else c): engine for c, engine in engines.items()}
     if backend == "ort":
         from .ort import OrtEngine
 
-        return {c: OrtEngine(export, c, device=device, **options) for c in components}
+        graph_parts = set(options.pop("cuda_graph_components", ["unet"] if options.get("cuda_graph") else []))
+        graph = options.pop("cuda_graph", False)
+        return {c: OrtEngine(export, c, device=device, cuda_graph=graph and c in graph_parts, **options)
+                for c in components}
     if backend == "torch":
         from .torch import TorchEngine
 
-        return TorchEngine.load_all(export, components, device=device, dtype=dtype or "fp32")
+        return TorchEngine.load_all(export, components, device=device, dtype=dtype or "fp32", **options)
     from .trt import TrtEngine
 
     return TrtEngine.load_all(export, components, device=device, **options)

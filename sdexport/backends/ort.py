@@ -1,8 +1,15 @@
 """ONNX Runtime engine: CPU (numpy views of the torch tensors) or CUDA (I/O binding on torch buffers).
 
-On CUDA, inputs and outputs stay torch tensors: they are bound by pointer, and
-ONNX Runtime is told to compute on torch's current stream (``user_compute_stream``),
-so no copy and no second stream appear inside a denoising step.
+On CUDA: inputs are copied into buffers the session keeps bound (one set per shape),
+outputs are written into bound torch buffers (returned; valid until the next call of
+the same shape), and ONNX Runtime computes on torch's current stream
+(``user_compute_stream``) without synchronising at the end of a run
+(``disable_synchronize_execution_providers``): a denoising step has no host sync and,
+after the first call of a shape, no allocation. With ``cuda_graph`` ONNX Runtime
+captures the whole run as a CUDA graph (static-shape models only).
+
+On CUDA the engine prefers the ONNX Runtime-fused variant (``OUT/ort_cuda``, see
+ort_cuda.py) when one was prepared; ``variant="plain"`` forces the portable export.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, IntegrityError
+from ..errors import BackendUnavailable, IntegrityError, ShapeError, UsageError
+from ..manifest import sha256_file
 from .base import Engine
 
 NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -21,15 +29,35 @@ class OrtEngine(Engine):
     backend = "ort"
 
     def __init__(self, export, component: str, device: str = "cpu", session_options: Any = None,
-                 providers: list | None = None):
+                 providers: list | None = None, variant: str = "auto", cuda_graph: bool = False,
+                 static=None, tf32: bool | None = None):
         import onnxruntime as ort
 
         super().__init__(export.spec(component), device)
-        path = export.manifest.verified_path(export.manifest.component(component))
-        self.entry = export.manifest.component(component)
-        opts = session_options or ort.SessionOptions()
-        opts.log_severity_level = 3
         self.cuda = device.startswith("cuda")
+        self.variant = "plain"
+        path = export.manifest.verified_path(export.manifest.component(component))
+        if variant == "auto":
+            variant = "ort_cuda" if self.cuda and component in export.manifest.data.get("ort_cuda", {}) else "plain"
+        if variant != "plain":
+            prepared = export.manifest.data.get(variant, {}).get(component)
+            if not prepared:
+                raise IntegrityError(f"{export.root}: no {variant} variant of {component}; run 'sdexport build "
+                                     f"{export.root} --backend ort{' --static HxW' if 'static' in variant else ''}'")
+            path = export.root / prepared["file"]
+            if not path.is_file() or sha256_file(path) != prepared["sha256"]:
+                raise IntegrityError(f"{path}: missing or does not match the manifest; re-run the ort build")
+            self.variant = variant
+        self.static_dims = self.spec.dims_for(static) if static is not None else None
+        if cuda_graph and not self.static_dims:
+            raise UsageError(f"{component}: CUDA graphs need a static shape (pass static=Geometry)")
+        opts = session_options or ort.SessionOptions()
+        for axis, value in (self.static_dims or {}).items():
+            # One geometry: every shape computation folds at session creation (no CPU fallback),
+            # which is what lets ONNX Runtime capture the run as a CUDA graph.
+            opts.add_free_dimension_override_by_name(axis, value)
+        opts.log_severity_level = 3
+        self.run_options = ort.RunOptions()
         if not self.cuda:
             # ONNX Runtime's idle threads spin by default; between engine calls they would steal
             # the cores the sampler loop (and any torch work in the same process) needs.
@@ -42,18 +70,29 @@ class OrtEngine(Engine):
                         "(and uninstall the CPU onnxruntime)")
                 import torch
 
-                stream = torch.cuda.current_stream().cuda_stream
-                providers = [("CUDAExecutionProvider", {"device_id": torch.device(device).index or 0,
-                                                        "user_compute_stream": str(stream)})]
+                if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch already uses
+                    ort.preload_dlls()
+                stream = torch.cuda.current_stream(torch.device(device)).cuda_stream
+                self.device_id = torch.device(device).index or 0
+                options = {"device_id": self.device_id, "user_compute_stream": str(stream),
+                           "arena_extend_strategy": "kSameAsRequested"}
+                if cuda_graph:
+                    options["enable_cuda_graph"] = "1"
+                if tf32 is not None:  # the CUDA EP computes FP32 MatMul/Conv in TF32 unless told not to
+                    options["use_tf32"] = "1" if tf32 else "0"
+                providers = [("CUDAExecutionProvider", options)]
+                self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             else:
                 providers = ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise IntegrityError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        self.path = path
+        self.cuda_graph = cuda_graph
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_dtypes = {o.name: o.dtype for o in self.spec.outputs}
         self.input_dtypes = {i.name: i.dtype for i in self.spec.inputs}
+        self._bound: dict[tuple, tuple] = {}
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -62,19 +101,37 @@ class OrtEngine(Engine):
         if not self.cuda:
             arrays = {k: feed[k].detach().to(getattr(torch, self.input_dtypes[k])).contiguous().numpy()
                       for k in self.input_dtypes}
-            outs = self.session.run(self.output_names, arrays)
+            outs = self.session.run(self.output_names, arrays, self.run_options)
             return {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in zip(self.output_names, outs)}
+        if self.static_dims and dims != {k: v for k, v in self.static_dims.items() if k in dims}:
+            raise ShapeError(f"{self.spec.name}: this engine was opened for the static shape "
+                             f"{self.static_dims}; got {dims}")
+        key = tuple(sorted(dims.items()))
+        slot = self._bound.get(key)
+        if slot is None:
+            slot = self._bind(dims)
+            self._bound[key] = slot
+        binding, inputs, outputs = slot
+        for name, buf in inputs.items():
+            buf.copy_(feed[name])
+        self.session.run_with_iobinding(binding, self.run_options)
+        return outputs
+
+    def _bind(self, dims: dict[str, int]):
+        import torch
+
         binding = self.session.io_binding()
-        device_id = torch.device(self.device).index or 0
-        keep = []
-        for name, dtype in self.input_dtypes.items():
-            t = feed[name].to(getattr(torch, dtype)).contiguous()
-            keep.append(t)
-            binding.bind_input(name, "cuda", device_id, NP[dtype], tuple(t.shape), t.data_ptr())
-        outs = {}
-        for spec in self.spec.outputs:
-            t = torch.empty(spec.shape(dims), dtype=getattr(torch, spec.dtype), device=self.device)
-            outs[spec.name] = t
-            binding.bind_output(spec.name, "cuda", device_id, NP[spec.dtype], tuple(t.shape), t.data_ptr())
-        self.session.run_with_iobinding(binding)
-        return outs
+        inputs, outputs = {}, {}
+        for t in self.spec.inputs:
+            buf = torch.empty(t.shape(dims), dtype=getattr(torch, t.dtype), device=self.device)
+            inputs[t.name] = buf
+            binding.bind_input(t.name, "cuda", self.device_id, NP[t.dtype], tuple(buf.shape), buf.data_ptr())
+        for t in self.spec.outputs:
+            buf = torch.empty(t.shape(dims), dtype=getattr(torch, t.dtype), device=self.device)
+            outputs[t.name] = buf
+            binding.bind_output(t.name, "cuda", self.device_id, NP[t.dtype], tuple(buf.shape), buf.data_ptr())
+        return binding, inputs, outputs
+
+    def close(self) -> None:
+        self._bound.clear()
+        self.session = None

@@ -1,27 +1,38 @@
-"""PyTorch eager engine: the source model's own modules, the reference every export is checked against."""
+"""PyTorch engine: the source model's own modules (eager, optionally torch.compile and CUDA graphs).
+
+Eager FP32 is the reference every export is checked against. FP16 eager uses
+diffusers' default scaled-dot-product attention. ``compile`` wraps the module in
+``torch.compile``; ``cuda_graph`` captures each call shape once and replays it
+(CudaGraphed, base for the strongest PyTorch baseline in the benchmarks).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import UsageError
-from .base import Engine
+from .base import CudaGraphed, Engine
 
 
 class TorchEngine(Engine):
     backend = "torch"
 
-    def __init__(self, spec, module, device: str, dtype: str):
+    def __init__(self, spec, module, device: str, dtype: str, compile: bool = False):
         import torch
 
         super().__init__(spec, device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         self.module = spec.wrap(module).to(device=device, dtype=self.dtype).eval()
+        if compile:
+            self.module = torch.compile(self.module)
 
     @classmethod
-    def load_all(cls, export, components: list[str], device: str = "cpu", dtype: str = "fp32"):
+    def load_all(cls, export, components: list[str], device: str = "cpu", dtype: str = "fp32",
+                 compile: bool = False, cuda_graph: bool = False):
         if dtype not in ("fp32", "fp16", "bf16"):
             raise UsageError(f"torch dtype {dtype}: choose fp32, fp16 or bf16")
+        if cuda_graph and not device.startswith("cuda"):
+            raise UsageError("CUDA graphs need --device cuda")
         info = export.source_model()
         modules: dict[str, Any] = {}
         engines = {}
@@ -29,7 +40,8 @@ class TorchEngine(Engine):
             spec = export.spec(name)
             if spec.source not in modules:
                 modules[spec.source] = info.load_torch(spec.source)
-            engines[name] = cls(spec, modules[spec.source], device, dtype)
+            engine = cls(spec, modules[spec.source], device, dtype, compile=compile)
+            engines[name] = CudaGraphed(engine) if cuda_graph and name == "unet" else engine
         return engines
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:

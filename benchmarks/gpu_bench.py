@@ -1,0 +1,244 @@
+"""The GPU experiment of issue 5, one stage per call (benchmarks/gpu.sh runs them in order).
+
+Stages (each writes OUT/<stage>.json, and can be re-run alone on a warm machine):
+  prepare  sd15-random preset, FP32 + FP16 exports, ONNX Runtime CUDA variants (dynamic, static 512)
+  fourway  SD 1.5 random weights, 512x512, batch 1 with guidance, 50 and 30 steps: FP32 eager, FP16 eager,
+           FP32 engine, FP16 engine (+ the other engine/baseline variants), side by side in one process
+  sweep    images/s at batch 1, 2, 4, 8 (512 px) and latency at 512, 768, 1024 px: eager FP16 vs engine
+  trt      TensorRT-RTX builds of the FP16 engines (build time, size) and the attempt to run them here
+
+usage: python benchmarks/gpu_bench.py STAGE [--work /tmp/sdx] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+COMPONENTS = ["text_encoder", "unet", "vae_decoder"]
+OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False)  # set by main()
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def save(out: Path, name: str, data) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+
+
+def header() -> dict:
+    from sdexport.bench import machine
+    from sdexport.manifest import versions
+
+    commit = os.environ.get("SDEXPORT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
+    return {"machine": machine(), "versions": versions(), "commit": commit,
+            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def stage_prepare(work: Path, out: Path) -> None:
+    from sdexport import ort_cuda
+    from sdexport.components import Geometry
+    from sdexport.export import export
+    from sdexport.models import write_preset
+
+    result = {**header(), "steps": {}}
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        try:
+            fn()
+            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": True}
+        except Exception as exc:  # record and go on: one failure must not lose the rest
+            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": False,
+                                     "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            traceback.print_exc()
+        log(f"{name}: {result['steps'][name]}")
+        save(out, "prepare", result)
+
+    if not (work / "sd15" / "model_index.json").is_file():
+        timed(f"preset {OPTS.model}", lambda: write_preset(OPTS.model, work / "sd15", progress=log))
+    size = 512 if not OPTS.quick else 128
+    timed("export fp32", lambda: export(str(work / "sd15"), work / "e32", components=COMPONENTS, max_images=8, say=log))
+    timed("export fp16", lambda: export(str(work / "sd15"), work / "e16", dtype="fp16", components=COMPONENTS,
+                                        max_images=8, say=log))
+    timed("ort_cuda", lambda: ort_cuda.prepare(work / "e32", say=log))
+    for exp in ("e32", "e16"):
+        manifest = json.loads((work / exp / "manifest.json").read_text())
+        result[f"{exp}_sizes_mib"] = {k: round(v["size_bytes"] / 2**20, 1) for k, v in manifest["components"].items()}
+        result[f"{exp}_export_seconds"] = {k: v["export_seconds"] for k, v in manifest["components"].items()}
+        for key in ("ort_cuda",):
+            if key in manifest:
+                result[f"{exp}_{key}"] = {k: {"fused_ops": v["fused_ops"], "seconds": v["seconds"]}
+                                          for k, v in manifest[key].items()}
+    save(out, "prepare", result)
+
+
+def _static():
+    from sdexport.components import Geometry
+
+    size = 128 if OPTS.quick else 512
+    return Geometry(1, size // 4 if OPTS.quick else size, size // 4 if OPTS.quick else size)
+
+
+def stage_ortprep(work: Path, out: Path) -> None:
+    """Only the ONNX Runtime CUDA variant (when prepare's exports exist already)."""
+    from sdexport import ort_cuda
+
+    t0 = time.perf_counter()
+    result = {**header()}
+    try:
+        variants = ort_cuda.prepare(work / "e32", say=log)
+        result["ort_cuda"] = {k: {"fused_ops": v["fused_ops"], "seconds": v["seconds"]} for k, v in variants.items()}
+    except Exception as exc:
+        traceback.print_exc()
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    save(out, "ortprep", result)
+
+
+def configs(work: Path):
+    """(label, export dir, backend, engine options, torch flags) for the four-way table and the peers."""
+    e32, e16 = work / "e32", work / "e16"
+    return [
+        ("FP32 eager (TF32 off)", e32, "torch", {"dtype": "fp32"}, {"tf32": False}),
+        ("FP32 eager (TF32 on)", e32, "torch", {"dtype": "fp32"}, {"tf32": True}),
+        ("FP16 eager (SDPA)", e32, "torch", {"dtype": "fp16"}, {}),
+        ("FP32 engine: ORT CUDA, plain export (TF32 off)", e32, "ort", {"variant": "plain", "tf32": False}, {}),
+        ("FP32 engine: ORT CUDA, plain export (TF32 on, ORT default)", e32, "ort", {"variant": "plain", "tf32": True},
+         {}),
+        ("FP16 engine: ORT CUDA, AutoCast export", e16, "ort", {"variant": "plain"}, {}),
+        ("FP16 engine: ORT CUDA, fused (dynamic)", e32, "ort", {"variant": "ort_cuda"}, {}),
+        ("FP16 engine: ORT CUDA, fused static + CUDA graph", e32, "ort",
+         {"variant": "ort_cuda", "cuda_graph": True, "static": _static()}, {}),
+        ("FP16 eager + CUDA graph", e32, "torch", {"dtype": "fp16", "cuda_graph": True}, {}),
+        ("FP16 torch.compile + CUDA graph", e32, "torch", {"dtype": "fp16", "compile": True, "cuda_graph": True}, {}),
+    ]
+
+
+def set_tf32(on: bool) -> None:
+    import torch
+
+    if OPTS.device == "cpu":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def run_config(label, export_dir, backend, options, flags, settings, runs, warmup):
+    from sdexport.bench import run_backend
+    from sdexport.runtime import ExportDir
+
+    set_tf32(flags.get("tf32", False))
+    try:
+        if OPTS.quick:
+            settings = {**settings, "steps": 2, "height": settings["height"] // 4, "width": settings["width"] // 4}
+            runs, warmup = 1, 1
+        return run_backend(ExportDir.open(export_dir), backend, OPTS.device, settings, runs, warmup, log,
+                           label=label, **options)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"label": label, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    finally:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        set_tf32(False)
+
+
+def stage_fourway(work: Path, out: Path, only: str | None = None) -> None:
+    result = {**header(), "settings": {}, "results": {}}
+    for steps in (50, 30):
+        settings = dict(prompt=PROMPT, negative_prompt="", steps=steps, guidance_scale=7.5, seed=0, height=512,
+                        width=512, batch_size=1, scheduler="euler")
+        result["settings"][str(steps)] = {k: v for k, v in settings.items() if k != "prompt"}
+        rows = []
+        for label, exp, backend, options, flags in configs(work):
+            if only and only not in label:
+                continue
+            runs = 3 if steps == 50 else 2
+            rows.append(run_config(label, exp, backend, options, flags, settings, runs=runs, warmup=1))
+            result["results"][str(steps)] = rows
+            save(out, "fourway", result)
+    save(out, "fourway", result)
+
+
+def stage_sweep(work: Path, out: Path) -> None:
+    result = {**header(), "batch": [], "resolution": []}
+    engines = [("FP16 eager (SDPA)", work / "e32", "torch", {"dtype": "fp16"}, {}),
+               ("FP16 engine: ORT CUDA, fused (dynamic)", work / "e32", "ort", {"variant": "ort_cuda"}, {})]
+    base = dict(prompt=PROMPT, negative_prompt="", steps=30, guidance_scale=7.5, seed=0, scheduler="euler")
+    for batch in (1, 2, 4, 8):
+        for label, exp, backend, options, flags in engines:
+            r = run_config(label, exp, backend, options, flags, {**base, "height": 512, "width": 512,
+                                                                  "batch_size": batch}, runs=2, warmup=1)
+            result["batch"].append({"batch": batch, **r})
+            save(out, "sweep", result)
+    for size in (512, 768, 1024):
+        for label, exp, backend, options, flags in engines:
+            r = run_config(label, exp, backend, options, flags, {**base, "height": size, "width": size,
+                                                                  "batch_size": 1}, runs=2, warmup=1)
+            result["resolution"].append({"size": size, **r})
+            save(out, "sweep", result)
+
+
+def stage_trt(work: Path, out: Path) -> None:
+    result = {**header()}
+    try:
+        from sdexport.build import build
+
+        t0 = time.perf_counter()
+        manifest = build(work / "e16", precision="fp16", say=log)
+        result["build_seconds_total"] = round(time.perf_counter() - t0, 1)
+        result["engines"] = manifest.engines if hasattr(manifest, "engines") else manifest
+    except Exception as exc:
+        traceback.print_exc()
+        result["build_error"] = f"{type(exc).__name__}: {exc}"[:3000]
+    save(out, "trt", result)
+    try:
+        from sdexport.backends import load_engines
+
+        load_engines(work / "e16", "trt", device=OPTS.device)
+        result["run"] = "engines loaded"
+    except Exception as exc:
+        result["run_refused"] = f"{type(exc).__name__}: {exc}"[:3000]
+    save(out, "trt", result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt"])
+    parser.add_argument("--work", default="/tmp/sdx")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
+    parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains this")
+    parser.add_argument("--model", default="sd15-random")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1/4 size, 1 run")
+    args = parser.parse_args()
+    OPTS.model, OPTS.device, OPTS.quick = args.model, args.device, args.quick
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt}.get(
+        args.stage, lambda w, o: stage_fourway(w, o, args.only))(work, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""TensorRT engines from an export: one engine per component, profiles from the component specs.
+
+The ONNX is built as exported: its precision is in the graph (FP16 mixed precision from
+``export --dtype fp16``, INT8 Q/DQ from ``quantize``), so the network is strongly typed and
+``--precision`` only says which export to build (and refuses one that does not match).
+Optimization profiles come from the specs: ``ComponentSpec.profile()`` by default (dynamic
+batch and resolution over the export's range), narrowed with --min/--opt/--max options, or one
+static shape. Requests are in user terms (images, pixels) and each spec maps them to its axes,
+exactly as the runtime does (two rows per image for the text encoder and the UNet).
+
+Engines go to ``OUT/engines/<component>.<flavour>-<version>.<precision>.<profile>.<targets>.plan``,
+written under a temporary name and renamed into place; ``manifest.engines[component]`` records
+the TensorRT flavour and version, targets, precision, profile, the I/O read from the network, and
+the sha256 of the ONNX it was built from. An engine whose inputs did not change is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .components import COMPONENTS, Geometry
+from .errors import CannotRunHere, IntegrityError, SdexportError, ShapeError, UsageError
+from .manifest import atomic_path, sha256_file, versions
+from .runtime import ExportDir
+
+PRECISIONS = ("fp16", "fp32", "int8")
+ENGINE_DIR = "engines"
+
+
+class BuildFailed(SdexportError):
+    """TensorRT could not build an engine (its first error is quoted)."""
+
+    exit_code = 9
+
+
+# --- requests and profiles ------------------------------------------------------------
+
+def parse_hw(text: str | int | None, what: str) -> tuple[int, int] | None:
+    """'512', '512x768' (height x width) or an int -> (height, width)."""
+    if text is None:
+        return None
+    if isinstance(text, int):
+        return text, text
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise UsageError(f"{what} {text!r}: expected pixels as N or HxW (e.g. 512 or 512x768)")
+    return (values[0], values[-1])
+
+
+def profile_request(ranges, static: str | None = None, batch: int | None = None, opt_size: str | None = None,
+                    opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
+                    max_batch: int | None = None) -> tuple[str, dict[str, Geometry]]:
+    """(kind, {min, opt, max} geometries) of the engines' profile, checked against the export's range."""
+    if static is not None:
+        if any(v is not None for v in (opt_size, opt_batch, min_size, max_size, max_batch)):
+            raise UsageError("--static fixes one shape: leave out --min-size/--opt-size/--max-size/--opt-batch/"
+                             "--max-batch")
+        h, w = parse_hw(static, "--static")
+        geo = Geometry(batch or 1, h, w, guidance=True)
+        ranges.check(geo)
+        return "static", {"min": geo, "opt": geo, "max": geo}
+    if batch is not None:
+        raise UsageError("--batch goes with --static; a dynamic profile takes --opt-batch and --max-batch")
+    lo = parse_hw(min_size, "--min-size") or (ranges.min_size, ranges.min_size)
+    hi = parse_hw(max_size, "--max-size") or (ranges.max_size, ranges.max_size)
+    opt = parse_hw(opt_size, "--opt-size") or (min(max(ranges.opt_size, lo[0]), hi[0]),
+                                               min(max(ranges.opt_size, lo[1]), hi[1]))
+    request = {"min": Geometry(1, *lo, guidance=False),  # one image without guidance: one row
+               "opt": Geometry(opt_batch or 1, *opt, guidance=True),
+               "max": Geometry(max_batch or ranges.max_images, *hi, guidance=True)}
+    for geo in request.values():
+        ranges.check(geo)
+    for field in ("images", "height", "width"):
+        values = [getattr(request[k], field) for k in ("min", "opt", "max")]
+        if values != sorted(values):
+            raise ShapeError(f"profile {field} min/opt/max {values[0]}/{values[1]}/{values[2]}: "
+                             "need min <= opt <= max")
+    defaults = (lo == (ranges.min_size,) * 2 and hi == (ranges.max_size,) * 2 and opt == (ranges.opt_size,) * 2
+                and opt_batch in (None, 1) and max_batch in (None, ranges.max_images))
+    return ("dyn" if defaults else "custom"), request
+
+
+def component_profile(spec, request: dict[str, Geometry]) -> tuple[dict[str, list], dict[str, list]]:
+    """Per input [min, opt, max] shapes and per axis [min, opt, max] values of one component."""
+    dims = {k: spec.dims_for(geo) for k, geo in request.items()}
+    for d in dims.values():
+        spec.check_dims(d)
+    profile = {t.name: [list(t.shape(dims[k])) for k in ("min", "opt", "max")] for t in spec.inputs}
+    axes = {a: [dims[k][a] for k in ("min", "opt", "max")] for a in spec.axes}
+    return profile, axes
+
+
+def profile_tag(kind: str, request: dict[str, Geometry]) -> str:
+    if kind == "static":
+        g = request["opt"]
+        return f"static-b{g.images}-{g.height}x{g.width}"
+    if kind == "dyn":
+        return "dyn"
+    blob = json.dumps({k: vars(v) for k, v in request.items()}, sort_keys=True).encode()
+    return f"dyn-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+# --- targets ------------------------------------------------------------------------------
+
+def parse_ccs(text: str | None) -> list[str] | None:
+    """'8.0,8.6' / '80,86' / 'sm80,sm_86' -> ['8.0', '8.6']."""
+    if text is None:
+        return None
+    out = []
+    for item in str(text).replace(" ", "").split(","):
+        raw = item.lower().removeprefix("sm").removeprefix("_")
+        if "." in raw:
+            major, _, minor = raw.partition(".")
+        else:
+            major, minor = raw[:-1], raw[-1:]
+        if not (major.isdigit() and minor.isdigit()):
+            raise UsageError(f"--compute-capability {item!r}: expected e.g. 8.0,8.6 (A100 is 8.0, T4 7.5)")
+        cc = f"{int(major)}.{int(minor)}"
+        if cc not in out:
+            out.append(cc)
+    if not out:
+        raise UsageError("--compute-capability: give at least one, e.g. 8.6")
+    return out
+
+
+def resolve_targets(trt, flavour: str, requested: list[str] | None, gpu_cc) -> list[str]:
+    from .backends.trt import RTX_DEFAULT_TARGETS, cc_text, rtx_targets, version_of
+
+    if flavour == "tensorrt":
+        if gpu_cc is None:
+            raise CannotRunHere(f"TensorRT {version_of(trt)} builds engines for the GPU it runs on, and no CUDA GPU "
+                                "is visible here; build on the target machine, or ahead of time with TensorRT-RTX "
+                                "(pip install tensorrt-rtx-cu13==1.7.1.116; --trt rtx)")
+        here = cc_text(gpu_cc)
+        if requested and requested != [here]:
+            raise UsageError(f"--compute-capability {','.join(requested)}: TensorRT builds for this GPU ({here}) "
+                             "only; other targets need TensorRT-RTX (--trt rtx)")
+        return [here]
+    supported = rtx_targets(trt)
+    targets = requested or [cc for cc in RTX_DEFAULT_TARGETS if cc in supported]
+    bad = [cc for cc in targets if cc not in supported]
+    if bad:
+        raise UsageError(f"--compute-capability {','.join(bad)}: TensorRT-RTX {version_of(trt)} cannot target it "
+                         f"(it targets {', '.join(supported)})")
+    return sorted(targets, key=lambda cc: tuple(int(x) for x in cc.split(".")))
+
+
+def cc_tag(ccs: list[str]) -> str:
+    return "sm" + "-".join(cc.replace(".", "") for cc in ccs)
+
+
+# --- the TensorRT side ----------------------------------------------------------------------
+
+class _Progress:
+    """TensorRT's IProgressMonitor: once a build has run for a while, prints the builder's main phases;
+    cancels the build when SIGINT arrives (the plan is then never written)."""
+
+    def __init__(self, trt, say: Callable[[str], None], label: str, after_s: float = 3.0):
+        trt.IProgressMonitor.__init__(self)
+        self.say, self.label, self.after_s = say, label, after_s
+        self.t0 = time.perf_counter()
+        self.depth: dict[str, int] = {}
+        self.cancelled = False
+
+    def phase_start(self, phase_name, parent_phase, num_steps):
+        depth = self.depth.get(parent_phase, -1) + 1 if parent_phase else 0
+        self.depth[phase_name] = depth
+        elapsed = time.perf_counter() - self.t0
+        if 1 <= depth <= 2 and elapsed > self.after_s:
+            self.say(f"{self.label}: {phase_name} ({elapsed:.0f} s)")
+
+    def step_complete(self, phase_name, step):
+        return not self.cancelled
+
+    def phase_finish(self, phase_name):
+        pass
+
+
+def _progress_monitor(trt, say, label):
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+    cls = type("Progress", (_Progress, trt.IProgressMonitor), {})
+    return cls(trt, say, label)
+
+
+def _network_io(network, trt) -> dict[str, list[dict[str, Any]]]:
+    from .backends.trt import TRT_DTYPES
+
+    def describe(t):
+        return {"name": t.name, "dtype": TRT_DTYPES.get(t.dtype.name, t.dtype.name), "shape": list(t.shape)}
+
+    return {"inputs": [describe(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def _check_io(io: dict, spec, where: str) -> None:
+    """The network's I/O against the component spec: names, dtypes, ranks and static dims."""
+    for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        got = [(t["name"], t["dtype"], [d if d >= 0 else "?" for d in t["shape"]]) for t in io[kind]]
+        want = [(t.name, t.dtype, [d if isinstance(d, int) else "?" for d in t.dims]) for t in tensors]
+        if [(n, d, len(s)) for n, d, s in got] != [(n, d, len(s)) for n, d, s in want] or any(
+                g != "?" and w != "?" and g != w for (_, _, gs), (_, _, ws) in zip(got, want) for g, w in zip(gs, ws)):
+            raise IntegrityError(f"{where}: TensorRT reads {kind} {got}, the component spec declares {want}")
+
+
+def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, profile: dict[str, list],
+                 targets: list[str], opt_level: int, workspace_mib: int | None, timing_cache: Path | None,
+                 say: Callable[[str], None], label: str) -> dict[str, Any]:
+    """Parse, configure and build one engine; the plan is written atomically to ``plan_path``."""
+    from .backends.trt import capture_logger
+
+    log = capture_logger(trt)
+    log.clear()
+    builder = trt.Builder(log)
+    flags = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    # 10.x: strongly typed on request; 11.x and TensorRT-RTX: always (the flag is accepted and ignored).
+    network = builder.create_network(1 << int(flags) if flags is not None else 0)
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse_from_file(str(onnx_path)) or network.num_inputs == 0:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or [log.summary("no inputs")]
+        raise IntegrityError(f"{onnx_path}: the TensorRT ONNX parser refused it: {' '.join(errors[0].split())[:300]}")
+    io = _network_io(network, trt)
+    _check_io(io, spec, str(onnx_path))
+
+    config = builder.create_builder_config()
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        opt_profile.set_shape(name, lo, opt, hi)
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise ShapeError(f"{spec.name}: TensorRT refused the profile {profile} ({log.summary()})")
+    accepted = {name: [list(s) for s in opt_profile.get_shape(name)] for name in profile}
+    if accepted != profile:
+        raise ShapeError(f"{spec.name}: TensorRT recorded the profile {accepted}, sdexport asked {profile}")
+    if flavour == "rtx":
+        config.num_compute_capabilities = len(targets)
+        for i, cc in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = opt_level
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib * 2**20)
+    cache = None
+    if timing_cache is not None:
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception:  # an unreadable cache (another version, truncated): start a new one
+            cache = None
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            say(f"{label}: timing cache {timing_cache} is unreadable or from another GPU; starting a new one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _progress_monitor(trt, say, label)
+    if monitor is not None:
+        config.progress_monitor = monitor
+
+    previous, installed = None, False
+    if monitor is not None and threading.current_thread() is threading.main_thread():
+        def cancel(signum, frame):
+            monitor.cancelled = True
+        previous, installed = signal.signal(signal.SIGINT, cancel), True
+    t0 = time.perf_counter()
+    try:
+        with atomic_path(plan_path) as tmp:
+            plan = builder.build_serialized_network(network, config)
+            if monitor is not None and monitor.cancelled:
+                raise KeyboardInterrupt
+            if plan is None:
+                raise BuildFailed(f"{spec.name}: TensorRT could not build the engine for {', '.join(targets)}: "
+                                  f"{log.summary()}")
+            with open(tmp, "wb") as f:
+                f.write(memoryview(plan))
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    seconds = time.perf_counter() - t0
+    if cache is not None:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    return {"io": io, "profile": accepted, "seconds": seconds}
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def _onnx_component(export, component: str, precision: str) -> str:
+    """Which exported ONNX an engine of ``precision`` is built from (the rule shared with quantize)."""
+    if precision == "int8" and component == "unet":
+        if "unet_int8" not in export.manifest.components:
+            raise UsageError(f"--precision int8: {export.root} has no quantized UNet (unet_int8); "
+                             f"run sdexport quantize {export.root} first")
+        return "unet_int8"
+    return component
+
+
+def _engine_precision(export, onnx_key: str, precision: str, say: Callable[[str], None]) -> str:
+    """The precision of the engine built from ``onnx_key``: that of its graph, which must match ``precision``.
+    With int8, the UNet comes from ``unet_int8`` and the other components are built as exported
+    (fp16 preferably: quantize starts from an FP32 export, so they may be fp32)."""
+    dtype = export.manifest.components[onnx_key]["precision"]["dtype"]
+    if precision == "int8" and onnx_key != "unet_int8":
+        if dtype not in ("fp16", "fp32"):
+            raise UsageError(f"--precision int8: {onnx_key} in {export.root} is an {dtype} export; re-export it")
+        if dtype == "fp32":
+            say(f"note: {onnx_key} is an fp32 export: its engine is fp32 (export with --dtype fp16 for fp16)")
+        return dtype
+    if dtype != precision:
+        fix = (f"export with --dtype fp16 (sdexport export MODEL -o {export.root} --dtype fp16)" if precision == "fp16"
+               else f"export with --dtype {precision}" if precision == "fp32" else f"run sdexport quantize {export.root}")
+        other = f" or build with --precision {dtype}" if dtype in ("fp16", "fp32") and precision != "int8" else ""
+        raise UsageError(f"--precision {precision}: {onnx_key} in {export.root} is an {dtype} export and an engine "
+                         f"keeps the precision of its graph: {fix}{other}")
+    return precision
+
+
+def _intact(export, entry: dict[str, Any]) -> bool:
+    path = export.root / entry["file"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]
+
+
+def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto", components: list[str] | None = None,
+          static: str | None = None, batch: int | None = None, opt_size: str | None = None,
+          opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
+          max_batch: int | None = None, compute_capabilities: str | list[str] | None = None, opt_level: int = 3,
+          workspace_mib: int | None = None, timing_cache: str | Path | None = None, force: bool = False,
+          say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    from .backends.trt import FLAVOUR_NAMES, gpu_capability, select_flavour, version_of
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
+    if flavour not in ("auto", "tensorrt", "rtx"):
+        raise UsageError(f"--trt {flavour}: choose auto, tensorrt or rtx")
+    if not 0 <= opt_level <= 5:
+        raise UsageError(f"--opt-level {opt_level}: TensorRT's builder optimization levels are 0 to 5")
+    if workspace_mib is not None and workspace_mib <= 0:
+        raise UsageError(f"--workspace {workspace_mib}: give MiB > 0")
+    export = ExportDir.open(export_dir)
+    manifest = export.manifest
+    exported = [c for c in COMPONENTS if c in manifest.components]
+    components = list(dict.fromkeys(components or exported))
+    unknown = [c for c in components if c not in exported]
+    if unknown:
+        raise UsageError(f"unknown or not exported component(s) {', '.join(unknown)} "
+                         f"(exported: {', '.join(exported) or 'none'})")
+    onnx_keys = {c: _onnx_component(export, c, precision) for c in components}
+    precisions = {c: _engine_precision(export, key, precision, say) for c, key in onnx_keys.items()}
+    kind, request = profile_request(export.ranges, static=static, batch=batch, opt_size=opt_size,
+                                    opt_batch=opt_batch, min_size=min_size, max_size=max_size, max_batch=max_batch)
+    gpu_cc = gpu_capability()
+    trt, flavour = select_flavour(flavour, gpu_cc)
+    version = version_of(trt)
+    if isinstance(compute_capabilities, str):
+        compute_capabilities = parse_ccs(compute_capabilities)
+    targets = resolve_targets(trt, flavour, compute_capabilities, gpu_cc)
+    name = FLAVOUR_NAMES[flavour]
+    short = {"tensorrt": "trt", "rtx": "rtx"}[flavour] + "-" + ".".join(version.split(".")[:3])
+    if flavour == "rtx":
+        cache_path, cache_note = None, ("not used: TensorRT-RTX's timing cache is a no-op (kernels are compiled "
+                                        "at build time and on first run)")
+        say(f"{name} {version}: timing cache {cache_note}")
+    else:
+        cache_path = Path(timing_cache) if timing_cache else export.root / ENGINE_DIR / f"timing.{short}.cache"
+        cache_note = str(cache_path)
+        say(f"{name} {version}: timing cache {cache_path} ({'reused' if cache_path.is_file() else 'new'})")
+    if gpu_cc is not None and flavour == "rtx" and f"{gpu_cc[0]}.{gpu_cc[1]}" not in targets:
+        say(f"note: this GPU (compute capability {gpu_cc[0]}.{gpu_cc[1]}) is not among the targets "
+            f"({', '.join(targets)}); add it with --compute-capability to run the engines here")
+
+    built, current = [], []
+    for i, component in enumerate(components, 1):
+        label = f"[{i}/{len(components)}] {component}"
+        spec = export.specs[component]
+        onnx_key = onnx_keys[component]
+        onnx_entry = manifest.components[onnx_key]
+        onnx_path = manifest.verified_path(onnx_entry)
+        profile, axes = component_profile(spec, request)
+        key = {"onnx_sha256": onnx_entry["sha256"], "flavour": flavour, "version": version,
+               "compute_capabilities": targets, "precision": precisions[component], "profile": profile,
+               "opt_level": opt_level, "workspace_mib": workspace_mib}
+        old = manifest.engines.get(component)
+        if not force and old and old.get("key") == key and _intact(export, old):
+            say(f"{label}: up to date ({old['file']}), not rebuilt")
+            current.append(component)
+            continue
+        rel = (f"{ENGINE_DIR}/{component}.{short}.{precisions[component]}.{profile_tag(kind, request)}."
+               f"{cc_tag(targets)}.plan")
+        say(f"{label}: building {name} {version} {precisions[component]} {kind} profile for compute capability "
+            f"{', '.join(targets)} (opt level {opt_level})")
+        result = build_engine(trt, flavour, onnx_path, export.root / rel, spec, profile, targets, opt_level,
+                              workspace_mib, cache_path, say, label)
+        plan = export.root / rel
+        entry = {
+            "file": rel, "sha256": sha256_file(plan), "size_bytes": plan.stat().st_size,
+            "flavour": flavour, "flavour_name": name, "version": version, "compute_capabilities": targets,
+            "precision": precisions[component], "strongly_typed": True,
+            "onnx": {"component": onnx_key, "file": onnx_entry["file"], "sha256": onnx_entry["sha256"]},
+            "profile_kind": kind, "profile": result["profile"], "axes": axes,
+            "request": {k: vars(g) for k, g in request.items()},
+            "opt_level": opt_level, "workspace_mib": workspace_mib, "timing_cache": cache_note,
+            **result["io"],
+            "build_seconds": round(result["seconds"], 2),
+            "built_on": {"host": platform.node(), "gpu_compute_capability":
+                         f"{gpu_cc[0]}.{gpu_cc[1]}" if gpu_cc else None},
+            "key": key, "versions": {**versions(), name: version},
+        }
+        manifest.engines[component] = entry
+        manifest.save()
+        _remove_stale(export, component, keep=rel)
+        built.append(component)
+        say(f"{label}: wrote {rel} ({entry['size_bytes'] / 2**20:.1f} MiB, {entry['build_seconds']} s)")
+    if not built:
+        say(f"nothing to build: {len(current)} engine(s) up to date")
+    return {"built": built, "up_to_date": current, "flavour": name, "version": version, "targets": targets,
+            "engines": {c: manifest.engines[c] for c in components}}
+
+
+def _remove_stale(export, component: str, keep: str) -> None:
+    """Plans of ``component`` that the manifest no longer lists (replaced by the one just built)."""
+    folder = export.root / ENGINE_DIR
+    for path in folder.glob(f"{component}.*.plan"):
+        if f"{ENGINE_DIR}/{path.name}" != keep:
+            path.unlink(missing_ok=True)
+

@@ -1,0 +1,148 @@
+"""The ONNX Runtime CUDA engine variant: ORT's own fusions, FP16, optionally static shapes.
+
+ONNX Runtime's transformer optimizer (``onnxruntime.transformers``, the one its
+Stable Diffusion demo uses) rewrites the graph into ORT contrib ops: fused
+multi-head attention (flash / memory-efficient kernels), NHWC convolution,
+GroupNorm, SkipGroupNorm, BiasSplitGelu, SkipLayerNorm. Those ops exist only in
+ONNX Runtime, so this variant lives beside the portable export (``OUT/ort_cuda/``),
+never in the graphs TensorRT builds from.
+
+Differences from the portable export, and why:
+ - attention is exported with diffusers' classic ``AttnProcessor`` (and CLIP with
+   eager attention): the optimizer recognises that pattern; it does not recognise
+   the decomposed scaled-dot-product pattern (measured: 0 of 32 attentions fused);
+ - opened with free-dimension overrides (one geometry), every shape computation
+   folds to constants at session creation, so no node falls back to the CPU and
+   ONNX Runtime can capture the whole run as a CUDA graph.
+FP16 conversion is the optimizer's own (``convert_float_to_float16`` on the fused
+graph, I/O kept FP32, Resize kept FP32; see FP32_OPS).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import BackendUnavailable, UsageError
+from .manifest import atomic_dir, sha256_file, versions
+from .runtime import ExportDir
+
+MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
+# Only Resize is blocked: ORT's fused normalization kernels (GroupNorm, SkipGroupNorm, LayerNorm,
+# SkipLayerNorm) and its attention kernels accumulate in FP32 internally, and blocking the
+# normalization ops makes the optimizer's converter assign one tensor twice (an invalid model).
+FP32_OPS = ["Resize"]
+
+
+def _fused_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _load_module(info, spec):
+    if spec.source == "text_encoder":
+        return info.load_torch("text_encoder", attn_implementation="eager")
+    from diffusers.models.attention_processor import AttnProcessor
+
+    module = info.load_torch(spec.source)
+    module.set_attn_processor(AttnProcessor())
+    return module
+
+
+def _unique_node_names(path: Path) -> None:
+    """The optimizer's FP16 conversion can emit two Cast nodes with one name (ONNX Runtime then
+    refuses the model as invalid); names are labels only, so make them unique."""
+    import onnx
+
+    from .export import _save
+
+    model = onnx.load(str(path))
+    seen: set[str] = set()
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if node.name in seen:
+            node.name = f"{node.name}__{i}"
+            changed = True
+        seen.add(node.name)
+    if changed:
+        for extra in path.parent.glob("*.onnx_data"):
+            extra.unlink()
+        _save(model, path)
+
+
+def _optimize(fp32_path: Path, out_path: Path, model_type: str) -> None:
+    """ONNX Runtime's optimizer fusions, then its FP16 conversion (what its SD demo's
+    OrtStableDiffusionOptimizer does, minus its size check, which raises on >2 GB protos)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from .export import TWO_GB
+
+    model = optimize_model(str(fp32_path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                           optimization_options=FusionOptions(model_type), use_gpu=True)
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=FP32_OPS)
+    large = sum(len(t.raw_data) for t in model.model.graph.initializer) > TWO_GB - 64 * 2**20
+    model.save_model_to_file(str(out_path), use_external_data_format=large)
+
+
+def prepare(export_dir: str | Path, components=("text_encoder", "unet", "vae_decoder"), opset: int = 17,
+            say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Write the ORT CUDA variant of ``components`` under ``OUT/ort_cuda``.
+
+    The graphs keep the export's named dynamic axes; a static engine (for CUDA graphs) is
+    the same file opened with ONNX Runtime's free-dimension overrides (backends/ort.py).
+    """
+    try:
+        from onnxruntime.transformers.models.stable_diffusion.ort_optimizer import OrtStableDiffusionOptimizer
+    except ImportError as exc:
+        raise BackendUnavailable(f"ONNX Runtime's transformer optimizer is missing ({exc})") from None
+    from .export import _cleanup, _save, _torch_export
+
+    export = ExportDir.open(export_dir)
+    info = export.source_model()
+    vkey = "ort_cuda"
+    variants = export.manifest.data.setdefault(vkey, {})
+    for name in components:
+        if name not in MODEL_TYPES:
+            raise UsageError(f"ort-cuda variant: unsupported component {name} (choose {', '.join(MODEL_TYPES)})")
+        spec = export.spec(name)
+        key = {"weights_sha256": info.weights_sha256, "opset": opset,
+               "ranges": export.ranges.to_json(), "versions": versions()}
+        key = json.loads(json.dumps(key))
+        old = variants.get(name)
+        if old and old.get("key") == key and (export.root / old["file"]).is_file() \
+                and sha256_file(export.root / old["file"]) == old["sha256"]:
+            say(f"{vkey} {name}: up to date")
+            continue
+        t0 = time.perf_counter()
+        feed = spec.sample_inputs(spec.opt_dims())
+        module = _load_module(info, spec)
+        final = export.root / vkey / name
+        with tempfile.TemporaryDirectory() as tmp, atomic_dir(final) as out:
+            raw = Path(tmp) / "raw.onnx"
+            say(f"ort-cuda {name}: export (classic attention)")
+            _torch_export(spec, module, feed, raw, opset)
+            fp32 = Path(tmp) / "fp32" / "model.onnx"
+            fp32.parent.mkdir()
+            _save(_cleanup(raw), fp32)
+            say(f"ort-cuda {name}: ONNX Runtime fusions + FP16")
+            _optimize(fp32, out / "model.onnx", MODEL_TYPES[name])
+            _unique_node_names(out / "model.onnx")
+        entry = {"file": f"{vkey}/{name}/model.onnx", "sha256": sha256_file(final / "model.onnx"),
+                 "fused_ops": _fused_counts(final / "model.onnx"),
+                 "seconds": round(time.perf_counter() - t0, 1), "key": key}
+        variants[name] = entry
+        export.manifest.save()
+        say(f"ort-cuda {name}: {entry['fused_ops']} ({entry['seconds']} s)")
+    export.manifest.save()
+    return variants

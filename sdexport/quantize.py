@@ -1,0 +1,832 @@
+"""INT8 UNet: an explicit Q/DQ ONNX graph for TensorRT's strongly-typed builder.
+
+``sdexport quantize OUT --calib calib.npz --precision int8`` turns the FP32 UNet of an
+export (``OUT/unet/model.onnx``) into ``OUT/unet_int8/model.onnx``:
+
+- symmetric INT8 (every zero-point is 0); weights per output channel (a DequantizeLinear
+  on an INT8 initializer, ``axis`` = the output-channel axis: 0 for Conv and for Gemm with
+  ``transB=1``, 1 for MatMul and Gemm without); activations per tensor (scalar scale);
+- Q/DQ only on the inputs of Conv, MatMul and Gemm, the placement TensorRT fuses into INT8
+  kernels; a DequantizeLinear feeds nothing else (``_confine_qdq`` rewires any other consumer,
+  e.g. a Shape or a skip-connection Concat, back to the unquantized tensor);
+- sensitive layers stay unquantized (``DEFAULT_EXCLUDES``, regexes searched in node names,
+  extended with ``--exclude``, dropped with ``--no-default-excludes``);
+- everything else FP16, with the FP32 islands of the FP16 export (normalizations, Softmax,
+  Resize, the timestep embedding; components.FP32_OP_TYPES and the spec's patterns) and
+  FP32 graph inputs/outputs, so the INT8 UNet has the FP32 UNet's interface; opset 19.
+
+Quantizer: NVIDIA ModelOpt's ONNX PTQ (``modelopt.onnx.quantization.quantize``) first. It
+knows TensorRT's placement rules (it drops Q/DQ where TensorRT would not fuse it: GEMV-shaped
+MatMuls, Convs with channel counts TensorRT has no INT8 kernel for) and it writes INT8
+weights with DQ only (``dq_only``). It is run with ``high_precision_dtype="fp32"``; the FP16
+step is then ModelOpt's AutoCast (precision.convert_fp16), because ModelOpt's own FP16 pass
+blocks op *types* only and would put the timestep embedding's sin/cos(t x freq) in FP16.
+ModelOpt's INT8 calibration offers max and entropy only. ``percentile`` (and any run where
+ModelOpt cannot import or fails here, with ``--quantizer auto``) goes to ONNX Runtime's
+``quantize_static`` with the same contract set explicitly: QDQ format, per-channel
+symmetric INT8 weights, symmetric activations, no output quantization, the same node list.
+Without ModelOpt there is no AutoCast either, and the non-quantized part stays FP32
+(recorded in the manifest; TensorRT builds it as FP32).
+
+Input is the FP32 UNet only. An FP16 export is refused rather than re-exported behind the
+user's back: INT8 scales must be computed on FP32 activations and weights, and the artifact
+the manifest names as the source should be the one quantized (export FP32 with
+``--components unet`` to get one).
+
+``int8_report`` is the accuracy section ``sdexport validate`` adds for an export with an
+INT8 UNet (see README "INT8").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .calibration import UNET_INPUTS, Calibration, load_calibration
+from .errors import BackendUnavailable, IntegrityError, ShapeError, UsageError
+
+COMPONENT = "unet_int8"
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+METHODS = ("max", "entropy", "percentile")
+QUANTIZERS = ("auto", "modelopt", "ort")
+PERCENTILE = 99.999
+# Samples (UNet input rows) a method needs. max tracks extremes; entropy (KL over a histogram)
+# and percentile (a histogram tail) estimate distributions and need many more.
+MIN_SAMPLES = {"max": 4, "entropy": 32, "percentile": 32}
+# Rows per calibration batch fed to the quantizer; a UNet over 2 GB (SD 1.5 and up) gets one guidance
+# pair per batch: the calibrator holds every calibrated activation of a batch at once.
+BATCH_ROWS = 8
+BATCH_ROWS_LARGE = 2
+
+# Layers kept out of INT8 by default: regexes searched (re.search) in ONNX node names.
+DEFAULT_EXCLUDES: tuple[tuple[str, str], ...] = (
+    (r"time_embedding", "timestep MLP: one row per image, carries all of the conditioning on t"),
+    (r"time_emb_proj", "per-resnet projection of the time embedding: GEMV-shaped, nothing to gain"),
+    (r"(^|/)conv_in/", "first conv: raw latents in, 4 channels"),
+    (r"(^|/)conv_out/", "last conv: its output is the noise prediction itself"),
+    (r"conv_shortcut", "1x1 residual-path convs: their error adds straight into the skip path"),
+    (r"/attn\d*/MatMul(_\d+)?$", "attention score matmuls Q.K^T and softmax.V (activation x activation)"),
+)
+
+# INT8 validation (``int8_report``): fixed prompts and seeds, run through the FP32 and INT8 pipelines.
+REPORT_CASES = (("a red fox in fresh snow, morning light, telephoto photograph", 11),
+                ("watercolor of a lighthouse on a cliff above a stormy sea", 22))
+REPORT_STEPS = 20
+REPORT_TIMESTEPS = (950, 500, 50)  # fractions of num_train_timesteps when that is not 1000
+REPORT_GUIDANCE = 7.5
+REPORT_FP16 = True  # also compare an FP16 UNet (the export's, or one AutoCast makes for the report)
+# Pass/fail of the INT8 report; documented in README "INT8".
+INT8_REPORT_THRESHOLDS = {
+    "unet_rel_l2": 0.15,           # maximum, every timestep: INT8 UNet vs FP32 PyTorch UNet
+    "final_latent_rel_l2": 0.20,   # maximum, every prompt/seed, after the whole loop
+    "image_psnr_db": 30.0,         # minimum, every prompt/seed
+    "image_ssim": 0.95,            # minimum, every prompt/seed
+}
+
+
+# --- node selection ---------------------------------------------------------------------
+def exclude_patterns(exclude: tuple[str, ...] | list[str] = (), default_excludes: bool = True) -> list[str]:
+    patterns = [p for p, _ in DEFAULT_EXCLUDES] if default_excludes else []
+    for p in exclude:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise UsageError(f"--exclude {p!r}: not a regular expression ({exc})") from None
+        if p not in patterns:
+            patterns.append(p)
+    return patterns
+
+
+def select_nodes(model, patterns: list[str], user_patterns: tuple[str, ...] | list[str] = ()) -> tuple[
+        list[str], dict[str, str]]:
+    """(compute nodes to quantize, {excluded node: the pattern that excluded it})."""
+    compute = [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS]
+    excluded: dict[str, str] = {}
+    for name in compute:
+        for p in patterns:
+            if re.search(p, name):
+                excluded[name] = p
+                break
+    for p in user_patterns:
+        if not any(re.search(p, name) for name in compute):
+            raise UsageError(f"--exclude {p!r} matches no Conv/MatMul/Gemm node of the UNet graph")
+    return [n for n in compute if n not in excluded], excluded
+
+
+# --- calibration file against the export --------------------------------------------------
+def check_calibration(calib: Calibration, spec, export) -> None:
+    """Refuse a calibration file captured from another model or at shapes the export lacks."""
+    where = calib.path
+    for t in spec.inputs:
+        arr = calib.arrays[t.name]
+        if arr.dtype != np.dtype(t.dtype):
+            raise IntegrityError(f"{where}: '{t.name}' is {arr.dtype}; the UNet takes {t.dtype} "
+                                 "(re-run 'sdexport calibrate')")
+        if arr.ndim != len(t.dims):
+            raise ShapeError(f"{where}: '{t.name}' has rank {arr.ndim - 1} per sample (shape {tuple(arr.shape)}); "
+                             f"the UNet takes {t.dims}")
+        dims: dict[str, int] = {}
+        for axis, (size, dim) in enumerate(zip(arr.shape[1:], t.dims[1:]), 1):
+            if isinstance(dim, int) and size != dim:
+                what = f"{size} channels" if t.name == "sample" and axis == 1 else f"size {size} in dimension {axis}"
+                raise ShapeError(f"{where}: '{t.name}' has {what} (per-sample shape {tuple(arr.shape[1:])}); "
+                                 f"the UNet of {export.root} takes {dim} ({list(t.dims)})")
+            if isinstance(dim, str):
+                dims[dim] = size
+        for name, size in dims.items():
+            spec.axes[name].check(size, f"{where}: '{t.name}'")
+    if len(calib.arrays["sample"]) == 0:
+        raise UsageError(f"{where}: holds no samples")
+    want = export.manifest.data["model"]["weights_sha256"]
+    got = calib.meta["model"]["weights_sha256"]
+    if got != want:
+        raise IntegrityError(
+            f"{where} was captured from {calib.meta['model'].get('path')} (weights {got[:12]}…), not from the "
+            f"model of {export.root} (weights {want[:12]}…); run 'sdexport calibrate' on that model")
+
+
+# --- graph edits and checks ---------------------------------------------------------------
+def _confine_qdq(model, excluded: set[str]) -> int:
+    """Leave activation Q/DQ only where a quantized Conv/MatMul/Gemm reads it.
+
+    Quantizers share one Q/DQ pair among all readers of a tensor, so a Shape, a Concat or an
+    excluded Conv reading the same tensor would read the quantized value. Those readers are
+    pointed back at the unquantized tensor; Q/DQ nodes left without readers are removed.
+    Returns the number of rewired inputs.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    rewired = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        for node in graph.node:
+            if node.op_type in QUANTIZABLE_OPS and node.name not in excluded:
+                continue
+            for i, name in enumerate(node.input):
+                if name == dq.output[0]:
+                    node.input[i] = q.input[0]
+                    rewired += 1
+    while True:  # drop Q/DQ nodes nobody reads
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return rewired
+
+
+def _weight_axis(node) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1  # MatMul: B is [K, N]
+
+
+def qdq_summary(model, excluded: set[str] | dict[str, str] = ()) -> dict[str, Any]:
+    """Counts of the Q/DQ structure, and every violation of the INT8 contract (module docstring)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    problems: list[str] = []
+    FP16, INT8 = onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8
+
+    def const(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "weight_dq": 0, "activation_dq": 0}
+    quantized = {op: 0 for op in QUANTIZABLE_OPS}
+    for n in graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        counts[n.op_type] += 1
+        scale = inits.get(n.input[1])
+        zp = const(n.input[2]) if len(n.input) > 2 else None
+        if scale is None:
+            problems.append(f"{n.name}: scale is not an initializer")
+            continue
+        if scale.data_type != FP16:
+            problems.append(f"{n.name}: scale is not FP16")
+        if zp is None or inits[n.input[2]].data_type != INT8 or np.any(zp != 0):
+            problems.append(f"{n.name}: zero-point is not an INT8 zero")
+        if n.op_type == "QuantizeLinear":
+            if len(scale.dims) != 0:
+                problems.append(f"{n.name}: activation scale is not a scalar")
+            continue
+        users = readers.get(n.output[0], [])
+        for u in users:
+            if u.op_type not in QUANTIZABLE_OPS or u.name in excluded:
+                problems.append(f"{n.name}: feeds {u.op_type} {u.name}")
+        if n.input[0] in inits:
+            counts["weight_dq"] += 1
+            w = inits[n.input[0]]
+            if w.data_type != INT8:
+                problems.append(f"{n.name}: weight is not INT8")
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            for u in users:
+                want = _weight_axis(u)
+                if axis != want or list(scale.dims) != [w.dims[want]]:
+                    problems.append(f"{n.name}: weight scale {list(scale.dims)} on axis {axis}; "
+                                    f"{u.op_type} needs per-channel scales on axis {want} ({w.dims[want]})")
+        else:
+            counts["activation_dq"] += 1
+            src = producer.get(n.input[0])
+            if src is None or src.op_type != "QuantizeLinear":
+                problems.append(f"{n.name}: activation DQ not fed by a QuantizeLinear")
+            if len(scale.dims) != 0:
+                problems.append(f"{n.name}: activation scale is not a scalar")
+    for n in graph.node:
+        if n.op_type not in QUANTIZABLE_OPS:
+            continue
+        fed = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]]
+        if any(fed):
+            quantized[n.op_type] += 1
+            if not all(fed):
+                problems.append(f"{n.name}: only some of its inputs are quantized")
+            if n.name in excluded:
+                problems.append(f"{n.name}: excluded but quantized")
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 19:
+        problems.append(f"opset {opset} < 19")
+    return {"qdq_nodes": {"QuantizeLinear": counts["QuantizeLinear"], "DequantizeLinear": counts["DequantizeLinear"]},
+            "weight_dq": counts["weight_dq"], "activation_dq": counts["activation_dq"],
+            "quantized_nodes": quantized, "opset": opset, "problems": problems}
+
+
+# --- quantizer backends ---------------------------------------------------------------------
+class _Reader:
+    """A calibration data reader over in-memory batches (ONNX Runtime's and ModelOpt's protocol)."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self.batches = batches
+        self.it = iter(batches)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def get_first(self):
+        return self.batches[0]
+
+    def rewind(self):
+        self.it = iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ModelOpt and ONNX Runtime's quantizer log through the root logger and print; keep the CLI output ours."""
+    import io
+    import warnings
+
+    names = ("", "modelopt", "modelopt.onnx")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # their tqdm bars and prints
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _modelopt():
+    try:
+        from modelopt.onnx.quantization import quantize as mo_quantize
+    except Exception as exc:  # ImportError, or a dependency that fails at import
+        raise BackendUnavailable(f"NVIDIA ModelOpt's ONNX quantizer cannot be imported ({str(exc)[:160]}); "
+                                 "pip install --no-deps nvidia-modelopt==0.47.0 (see README, Install)") from None
+    return mo_quantize
+
+
+@contextlib.contextmanager
+def _contain_ort_patches():
+    """ModelOpt monkey-patches ONNX Runtime's calibrators and quantizer classes when it runs (ort_patching.py)
+    and leaves them patched; afterwards ORT's own quantize_static no longer calibrates anything in this
+    process. Snapshot those classes and put them back when ModelOpt returns."""
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer
+
+    owners = [calibrate.CalibraterBase, calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater,
+              calibrate.HistogramCollector, qdq_quantizer.QDQQuantizer, base_quantizer.BaseQuantizer]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    create_calibrator = calibrate.create_calibrator
+    try:
+        yield
+    finally:
+        for owner, attrs in saved:
+            for name in set(vars(owner)) - set(attrs):
+                delattr(owner, name)
+            for name, value in attrs.items():
+                if vars(owner).get(name) is not value and name not in ("__dict__", "__weakref__", "__doc__"):
+                    setattr(owner, name, value)
+        calibrate.create_calibrator = create_calibrator
+
+
+def _run_modelopt(src: Path, out: Path, batches, method: str, excluded: dict[str, str], large: bool) -> None:
+    mo_quantize = _modelopt()
+    with _quiet(), _contain_ort_patches():
+        mo_quantize(
+            onnx_path=str(src), quantize_mode="int8", calibration_method=method,
+            calibration_data_reader=_Reader(batches), calibration_eps=["cpu"],
+            op_types_to_quantize=list(QUANTIZABLE_OPS),
+            nodes_to_exclude=[re.escape(n) + "$" for n in excluded],
+            high_precision_dtype="fp32", dq_only=True, use_external_data_format=large,
+            output_path=str(out), log_level="CRITICAL")
+
+
+def _histogram_ranges(src: Path, work: Path, batches, method, large: bool) -> dict[str, tuple[float, float]]:
+    """Entropy/percentile activation ranges from ONNX Runtime's calibrator, one batch at a time.
+
+    ``quantize_static`` hands its calibrator the whole reader, and ORT's histogram calibrators keep every
+    calibrated activation of every batch in memory before building histograms (13.8 GB peak for the tiny
+    UNet and 512 samples). Called once per batch, ``collect_data`` folds the batch into the histograms and
+    drops it, so memory stays at one batch."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(
+        str(src), op_types_to_calibrate=list(QUANTIZABLE_OPS), augmented_model_path=str(work / "augmented.onnx"),
+        calibrate_method=method, use_external_data_format=large, providers=["CPUExecutionProvider"],
+        extra_options={"symmetric": True, "percentile": PERCENTILE})
+    for batch in batches:
+        calibrator.collect_data(_Reader([batch]))
+    ranges = calibrator.compute_data()
+    return {name: (float(np.asarray(r.range_value[0]).min()), float(np.asarray(r.range_value[1]).max()))
+            for name, r in ranges.items()}
+
+
+def _run_ort(src: Path, out: Path, batches, method: str, to_quantize: list[str], excluded: dict[str, str],
+             large: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra = {
+        "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+        "DedicatedQDQPair": False, "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS),
+        "CalibTensorRangeSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
+        "CalibMaxIntermediateOutputs": 4,  # MinMax: fold ranges every few batches, bounded memory
+    }
+    reader = _Reader(batches)
+    with _quiet():
+        if method != "max":
+            # Histogram ranges computed batch by batch, handed to quantize_static as per-tensor overrides;
+            # its own MinMax pass then runs on one batch only.
+            histogram = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+            ranges = _histogram_ranges(src, out.parent, batches, histogram, large)
+            import onnx
+
+            graph = onnx.load(str(src), load_external_data=False).graph
+            weights = {i.name for i in graph.initializer}
+            wanted = {i for n in graph.node if n.name in set(to_quantize) for i in n.input[:2] if i not in weights}
+            extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                             for name, (lo, hi) in ranges.items()
+                                             if name in wanted}
+            reader = _Reader(batches[:1])
+        quantize_static(
+            str(src), str(out), reader, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=to_quantize,
+            nodes_to_exclude=list(excluded), per_channel=True, activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=large, extra_options=extra)
+
+
+def _quantizer_name(which: str) -> str:
+    from importlib import metadata
+
+    if which == "modelopt":
+        return f"modelopt.onnx.quantization {metadata.version('nvidia-modelopt')}"
+    return f"onnxruntime.quantization.quantize_static {metadata.version('onnxruntime')}"
+
+
+# --- the command ----------------------------------------------------------------------------
+def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8", method: str = "max",
+             quantizer: str = "auto", exclude: tuple[str, ...] | list[str] = (), default_excludes: bool = True,
+             force: bool = False, say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Write ``OUT/unet_int8`` from the export's FP32 UNet and a calibration file; returns its manifest entry."""
+    import onnx
+
+    from . import __version__
+    from .export import _save, check_io_against_spec, onnx_io
+    from .manifest import atomic_dir, sha256_file, versions
+    from .runtime import ExportDir
+
+    if precision != "int8":
+        raise UsageError(f"--precision {precision}: only int8 is supported")
+    if method not in METHODS:
+        raise UsageError(f"--calibration-method {method}: choose {', '.join(METHODS)}")
+    if quantizer not in QUANTIZERS:
+        raise UsageError(f"--quantizer {quantizer}: choose {', '.join(QUANTIZERS)}")
+    if quantizer == "modelopt" and method == "percentile":
+        raise UsageError("--calibration-method percentile: ModelOpt's INT8 calibration has max and entropy only; "
+                         "use --quantizer ort (or auto) for percentile")
+    export = ExportDir.open(export_dir)
+    out = export.root
+    source = export.manifest.component("unet")
+    dtype = source["precision"]["dtype"]
+    if dtype != "fp32":
+        raise UsageError(f"{out}/unet is a {dtype} export; INT8 quantization starts from the FP32 UNet: export it "
+                         f"with --dtype fp32 (e.g. 'sdexport export MODEL -o OUT32 --components unet') and quantize that")
+    src = export.manifest.verified_path(source)
+    spec = export.spec("unet")
+    calibration = load_calibration(calib)
+    check_calibration(calibration, spec, export)
+    need = MIN_SAMPLES[method]
+    if calibration.samples < need:
+        raise UsageError(f"--calibration-method {method} needs at least {need} samples; {calibration.path} has "
+                         f"{calibration.samples} (re-run calibrate with more prompts or steps, or use "
+                         f"{'max' if method != 'max' else 'more prompts'})")
+    header = onnx.load(str(src), load_external_data=False)
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in header.graph.node)
+    if qdq:
+        raise IntegrityError(f"{src}: already quantized ({qdq} QuantizeLinear/DequantizeLinear nodes); quantize "
+                             "takes the FP32 UNet of an FP32 export")
+    patterns = exclude_patterns(exclude, default_excludes)
+    to_quantize, excluded = select_nodes(header, patterns, exclude)
+    if not to_quantize:
+        raise UsageError("the exclude patterns leave no Conv/MatMul/Gemm node to quantize")
+
+    key = {"source_sha256": source["sha256"], "calib_sha256": calibration.sha256, "method": method,
+           "quantizer": quantizer, "excludes": patterns, "sdexport": __version__}
+    old = export.manifest.components.get(COMPONENT)
+    if not force and old and old.get("key") == key:
+        with contextlib.suppress(IntegrityError):
+            export.manifest.verified_path(old)
+            say(f"{COMPONENT}: up to date ({old['file']}), not re-quantized")
+            return old
+
+    large = bool(source.get("external_data"))
+    batches = calibration.batches(BATCH_ROWS_LARGE if large else BATCH_ROWS)
+    t0 = time.perf_counter()
+    final_dir = out / COMPONENT
+    with atomic_dir(final_dir) as tmp, tempfile.TemporaryDirectory(prefix=".int8-work-", dir=out) as work_dir:
+        work = Path(work_dir)
+        # The quantizers write intermediate files beside their input: give them a copy, not the export.
+        # A copy, not a link: onnx refuses external data behind a symbolic link or with several hard links.
+        linked = work / "unet.onnx"
+        shutil.copyfile(src, linked)
+        for extra in source.get("external_data", []):
+            shutil.copyfile(out / extra["file"], work / Path(extra["file"]).name)
+        raw = work / "qdq_fp32.onnx"
+        used, fallback_reason = quantizer, None
+        if quantizer == "auto":
+            used = "ort" if method == "percentile" else "modelopt"
+            if method == "percentile":
+                fallback_reason = "ModelOpt's INT8 calibration has no percentile method"
+        if used == "modelopt":
+            say(f"{COMPONENT}: ModelOpt INT8 PTQ ({method} calibration, {calibration.samples} samples, "
+                f"{len(to_quantize)} Conv/MatMul/Gemm candidates, {len(excluded)} excluded)")
+            try:
+                _run_modelopt(linked, raw, batches, method, excluded, large)
+            except Exception as exc:
+                if quantizer != "auto" and isinstance(exc, BackendUnavailable):
+                    raise
+                if quantizer != "auto":
+                    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    raise BackendUnavailable(f"ModelOpt's INT8 quantizer failed here ({reason}); try --quantizer ort")\
+                        from None
+                fallback_reason = f"ModelOpt failed here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})" \
+                    if str(exc) else f"ModelOpt failed here ({type(exc).__name__})"
+                say(f"warning: {fallback_reason}; falling back to ONNX Runtime's quantize_static")
+                used = "ort"
+        if used == "ort":
+            say(f"{COMPONENT}: ONNX Runtime quantize_static ({method} calibration, {calibration.samples} samples, "
+                f"{len(to_quantize)} Conv/MatMul/Gemm nodes, {len(excluded)} excluded)")
+            _run_ort(linked, raw, batches, method, to_quantize, excluded, large)
+        model = onnx.load(str(raw))
+        rewired = _confine_qdq(model, set(excluded))
+        confined = work / "qdq_confined.onnx"
+        onnx.save_model(model, str(confined))
+        high = "fp16"
+        try:
+            from .precision import convert_fp16
+
+            import torch
+
+            say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export)")
+            feed = {k: torch.from_numpy(v) for k, v in batches[0].items()}
+            model = convert_fp16(confined, spec, feed)
+        except BackendUnavailable as exc:
+            high = "fp32"
+            say(f"warning: {exc}; the non-quantized part of the INT8 UNet stays FP32")
+            model = _upgrade_opset(model)
+        final_path = tmp / "model.onnx"
+        external = _save(model, final_path)
+        onnx.checker.check_model(str(final_path), full_check=True)
+        model = onnx.load(str(final_path))
+        summary = qdq_summary(model, excluded)
+        if high == "fp32":
+            summary["problems"] = [p for p in summary["problems"] if "not FP16" not in p]
+        if summary["problems"]:
+            raise IntegrityError(f"{COMPONENT}: the quantized graph breaks the Q/DQ contract: "
+                                 f"{'; '.join(summary['problems'][:3])}")
+        io = onnx_io(model)
+        check_io_against_spec(io, spec, str(final_dir / "model.onnx"))
+        _smoke_run(final_path, batches[0])
+        shutil.copy(out / "unet" / "config.json", tmp / "config.json")
+        from .precision import precision_summary
+
+        dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        quantized_names = {n.name for n in model.graph.node
+                           if n.op_type in QUANTIZABLE_OPS and any(i in dq_outputs for i in n.input[:2])}
+        left_out = [n for n in to_quantize if n not in quantized_names]
+        entry = {
+            "file": f"{COMPONENT}/model.onnx",
+            "sha256": sha256_file(final_path),
+            "external_data": [{"file": f"{COMPONENT}/{n}", "sha256": sha256_file(tmp / n)} for n in external],
+            "size_bytes": final_path.stat().st_size + sum((tmp / n).stat().st_size for n in external),
+            "opset": summary["opset"],
+            "nodes": len(model.graph.node),
+            "precision": {
+                "dtype": "int8", "quantizer": _quantizer_name(used), "requested_quantizer": quantizer,
+                **({"fallback_reason": fallback_reason} if fallback_reason else {}),
+                "calibration_method": method, **({"percentile": PERCENTILE} if method == "percentile" else {}),
+                "weights": "int8 symmetric, per output channel", "activations": "int8 symmetric, per tensor",
+                "qdq_on_inputs_of": list(QUANTIZABLE_OPS), "high_precision_dtype": high,
+                "excluded_patterns": patterns, "excluded_nodes": sorted(excluded),
+                "left_out_by_quantizer": left_out, "quantized_nodes": summary["quantized_nodes"],
+                "qdq_nodes": summary["qdq_nodes"], "weight_dq": summary["weight_dq"],
+                "activation_dq": summary["activation_dq"], "rewired_non_compute_readers": rewired,
+                **({k: v for k, v in precision_summary(model).items()} if high == "fp16" else {}),
+            },
+            **io,
+            **{k: v for k, v in spec.to_json().items() if k not in ("inputs", "outputs")},
+            "variant_of": "unet",
+            "calibration": {"file": str(calibration.path.resolve()), "sha256": calibration.sha256,
+                            "samples": calibration.samples, "rows_seen": calibration.meta.get("rows_seen"),
+                            "settings": calibration.meta.get("settings", {})},
+        }
+    entry["key"] = key
+    entry["source"] = {"component": "unet", "file": source["file"], "sha256": source["sha256"],
+                       **{k: v for k, v in source.get("source", {}).items()}}
+    entry["versions"] = versions()
+    entry["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    export.manifest.components[COMPONENT] = entry
+    export.manifest.engines.pop(COMPONENT, None)
+    export.manifest.save()
+    q = summary["quantized_nodes"]
+    say(f"{COMPONENT}: wrote {entry['file']} ({entry['size_bytes'] / 2**20:.1f} MiB, {entry['quantize_seconds']} s): "
+        f"INT8 Conv {q['Conv']}, MatMul {q['MatMul']}, Gemm {q['Gemm']}; {len(excluded)} excluded, "
+        f"{len(left_out)} left out by {used}")
+    return entry
+
+
+def _upgrade_opset(model):
+    """Without AutoCast (which sets opset 19), bring the Q/DQ graph to opset 19 ourselves."""
+    from onnx import version_converter
+
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 19:
+        return model
+    try:
+        return version_converter.convert_version(model, 19)
+    except Exception as exc:  # the converter raises plain RuntimeErrors
+        raise BackendUnavailable(f"cannot bring the Q/DQ graph to opset 19 without ModelOpt ({exc}); "
+                                 "pip install --no-deps nvidia-modelopt==0.47.0") from None
+
+
+def _smoke_run(path: Path, feed: dict[str, np.ndarray]) -> None:
+    """Run the written graph once in ONNX Runtime (CPU) on calibration inputs: it must load and be finite."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        out = session.run(None, {k: v[:2] for k, v in feed.items()})[0]
+    except Exception as exc:
+        raise IntegrityError(f"{path}: ONNX Runtime cannot run the INT8 UNet ({str(exc).splitlines()[0][:200]})") \
+            from None
+    if not np.isfinite(out).all():
+        raise IntegrityError(f"{path}: the INT8 UNet produces NaN/Inf on calibration inputs")
+
+
+# --- accuracy report (sdexport validate) ------------------------------------------------------
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
+
+
+def _gaussian_filter_valid(x: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Separable 'valid' filtering of the first two axes of ``x`` with the 1-D ``window``."""
+    k = len(window)
+    h, w = x.shape[:2]
+    rows = sum(window[i] * x[i:h - k + 1 + i] for i in range(k))
+    return sum(window[i] * rows[:, i:w - k + 1 + i] for i in range(k))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, sigma: float = 1.5, radius: int = 5,
+         k1: float = 0.01, k2: float = 0.03) -> float:
+    """Structural similarity (Wang et al. 2004): Gaussian window (sigma 1.5, 11 x 11), K1 0.01, K2 0.03,
+    population statistics, mean of the SSIM map over the valid region and over channels.
+
+    ``a``, ``b``: (H, W) or (H, W, C) images with values spanning ``data_range``.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ {a.shape} vs {b.shape}")
+    if min(a.shape[:2]) < 2 * radius + 1:
+        raise ValueError(f"ssim: images must be at least {2 * radius + 1} px on each side")
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    window = np.exp(-(x ** 2) / (2 * sigma ** 2))
+    window /= window.sum()
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu_a, mu_b = _gaussian_filter_valid(a, window), _gaussian_filter_valid(b, window)
+    var_a = _gaussian_filter_valid(a * a, window) - mu_a ** 2
+    var_b = _gaussian_filter_valid(b * b, window) - mu_b ** 2
+    cov = _gaussian_filter_valid(a * b, window) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map.mean())
+
+
+def _onnx_unet(spec, path: Path, device: str = "cpu"):
+    """An Engine over an ONNX UNet that is not in the manifest (the FP16 reference made for the report)."""
+    import onnxruntime as ort
+    import torch
+
+    from .backends.base import Engine
+
+    class OnnxUNet(Engine):
+        backend = "ort"
+
+        def __init__(self):
+            super().__init__(spec, device)
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            providers = ["CPUExecutionProvider"]
+            if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+
+        def __call__(self, feed):
+            self.dims(feed)
+            arrays = {t.name: feed[t.name].detach().float().cpu().contiguous().numpy() for t in spec.inputs}
+            out = self.session.run(None, arrays)[0]
+            return {spec.outputs[0].name: torch.from_numpy(out).to(device)}
+
+    return OnnxUNet()
+
+
+def _unet_metrics(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    from .validate import error_metrics
+
+    m = error_metrics(got, want)
+    return {"rel_l2_err": m["rel_l2_err"], "max_abs_err": m["max_abs_err"], "max_abs_ref": m["max_abs_ref"],
+            "finite": m["finite"]}
+
+
+def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Callable[[str], None] = lambda msg: None,
+                cases: tuple[tuple[str, int], ...] | None = None, steps: int | None = None) -> dict[str, Any]:
+    """INT8 UNet against FP32 (and FP16): UNet outputs at early/middle/late timesteps on inputs the
+    FP32 pipeline produced, and whole-pipeline agreement (final latents, image PSNR/SSIM)."""
+    import torch
+
+    fp16 = REPORT_FP16 if fp16 is None else fp16
+    cases = cases or REPORT_CASES
+    steps = steps or REPORT_STEPS
+
+    from .backends import load_engines
+    from .backends.ort import OrtEngine
+    from .pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    spec = export.spec("unet")
+    entry = export.manifest.component(COMPONENT)
+    height = width = export.ranges.opt_size
+    reference = load_engines(export.root, "torch", components=["text_encoder", "unet", "vae_decoder"],
+                             device=device)
+    variants: dict[str, Any] = {"int8": OrtEngine(export, COMPONENT, device=device)}
+    fp16_how = None
+    if fp16:
+        unet_entry = export.manifest.component("unet")
+        if unet_entry["precision"]["dtype"] == "fp16":
+            variants["fp16"] = OrtEngine(export, "unet", device=device)
+            fp16_how = "the export's FP16 UNet"
+        else:
+            variants["fp16"] = _fp16_unet(export, spec, device, say)
+            fp16_how = "AutoCast FP16 of the export's FP32 UNet, made for this report"
+
+    # FP32 pipeline runs; record what the UNet sees at every step (the calibration distribution).
+    recorded: list[list[tuple[float, dict[str, np.ndarray]]]] = []
+    ref_unet = reference["unet"]
+
+    class Recorder:
+        spec = ref_unet.spec
+
+        def __call__(self, feed):
+            recorded[-1].append((float(feed["timestep"].reshape(-1)[0]),
+                                 {k: v.detach().cpu().numpy().copy() for k, v in feed.items()}))
+            return ref_unet(feed)
+
+    settings = dict(steps=steps, guidance_scale=REPORT_GUIDANCE, height=height, width=width, batch_size=1)
+    ref_pipe = Pipeline({**reference, "unet": Recorder()}, export, device=device, warn=lambda m: None)
+    ref_results = []
+    for prompt, seed in cases:
+        recorded.append([])
+        ref_results.append(ref_pipe(prompt, seed=seed, **settings))
+
+    train_steps = int(export.info.scheduler_config.get("num_train_timesteps", 1000))
+    targets = [round(t * train_steps / 1000) for t in REPORT_TIMESTEPS]
+    unet_rows = []
+    for target in targets:
+        picks = [min(calls, key=lambda c: abs(c[0] - target)) for calls in recorded]
+        feed = {k: np.concatenate([p[1][k] for p in picks]) for k in UNET_INPUTS}
+        tensors = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
+        with torch.inference_mode():
+            want = ref_unet(tensors)["out_sample"].float().cpu().numpy()
+        row = {"target_timestep": target, "timesteps": sorted({p[0] for p in picks}),
+               "input_shapes": {k: list(v.shape) for k, v in feed.items()}}
+        for name, engine in variants.items():
+            got = engine(tensors)["out_sample"].float().cpu().numpy()
+            row[name] = _unet_metrics(got, want)
+        row["pass"] = bool(row["int8"]["finite"] and row["int8"]["rel_l2_err"] <= INT8_REPORT_THRESHOLDS["unet_rel_l2"])
+        unet_rows.append(row)
+        extra = f", fp16 rel_l2 {row['fp16']['rel_l2_err']:.2e}" if "fp16" in row else ""
+        say(f"{'PASS' if row['pass'] else 'FAIL'} int8 unet   t~{target:<4} rel_l2 {row['int8']['rel_l2_err']:.2e}  "
+            f"max_abs {row['int8']['max_abs_err']:.2e}{extra}")
+
+    pipe_rows = []
+    for (prompt, seed), ref in zip(cases, ref_results):
+        row = {"prompt": prompt, "seed": seed}
+        for name, engine in variants.items():
+            pipe = Pipeline({**reference, "unet": engine}, export, device=device, warn=lambda m: None)
+            res = pipe(prompt, seed=seed, **settings)
+            lat = _unet_metrics(res.latents.float().cpu().numpy(), ref.latents.float().cpu().numpy())
+            row[name] = {"final_latent": lat, "image_psnr_db": psnr(res.images[0], ref.images[0]),
+                         "image_ssim": ssim(res.images[0], ref.images[0])}
+        m = row["int8"]
+        th = INT8_REPORT_THRESHOLDS
+        row["pass"] = bool(m["final_latent"]["finite"] and m["final_latent"]["rel_l2_err"] <= th["final_latent_rel_l2"]
+                           and m["image_psnr_db"] >= th["image_psnr_db"] and m["image_ssim"] >= th["image_ssim"])
+        pipe_rows.append(row)
+        extra = (f"; fp16 latent rel_l2 {row['fp16']['final_latent']['rel_l2_err']:.2e}, "
+                 f"PSNR {row['fp16']['image_psnr_db']:.1f} dB") if "fp16" in row else ""
+        say(f"{'PASS' if row['pass'] else 'FAIL'} int8 image  seed {seed:<4} latent rel_l2 "
+            f"{m['final_latent']['rel_l2_err']:.2e}  PSNR {m['image_psnr_db']:.1f} dB  SSIM {m['image_ssim']:.3f}{extra}")
+    for engine in list(variants.values()) + list(reference.values()):
+        engine.close()
+    model = export.manifest.data["model"]
+    from .models import PRESETS
+
+    # Presets have seeded random weights; write_preset marks its directories with SDEXPORT_PRESET.txt.
+    random_weights = model.get("preset") in PRESETS or (Path(model["path"]) / "SDEXPORT_PRESET.txt").is_file()
+    measures = ("agreement between INT8 and FP32 pipelines on random-weight models; not image quality"
+                if random_weights else
+                "agreement between the INT8 and FP32 pipelines (same prompts, seeds, scheduler); PSNR/SSIM of the "
+                "INT8 image against the FP32 image, not image quality on its own")
+    passed = all(r["pass"] for r in unet_rows + pipe_rows)
+    say(f"      int8: {'PASSED' if passed else 'FAILED'} ({measures}) in {time.perf_counter() - t0:.1f} s")
+    return {
+        "measures": measures, "random_weights": random_weights, "component": COMPONENT,
+        "reference": "PyTorch eager FP32 on the source model (text encoder and VAE are the same FP32 modules in "
+                     "every pipeline, so only the UNet differs)",
+        "fp16_reference": fp16_how, "quantizer": entry["precision"].get("quantizer"),
+        "calibration_method": entry["precision"].get("calibration_method"),
+        "settings": {**settings, "scheduler": export.info.scheduler_config.get("_class_name"),
+                     "cases": [{"prompt": p, "seed": s} for p, s in cases]},
+        "thresholds": INT8_REPORT_THRESHOLDS, "unet": unet_rows, "pipeline": pipe_rows, "passed": passed,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _fp16_unet(export, spec, device: str, say):
+    """An FP16 UNet made from the export's FP32 UNet with the FP16 export's own converter (temp file)."""
+    import onnx
+
+    from .precision import convert_fp16
+
+    path = export.manifest.verified_path(export.manifest.component("unet"))
+    say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
+    model = convert_fp16(path, spec, spec.sample_inputs(spec.opt_dims(), seed=0))
+    tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
+    try:
+        onnx.save_model(model, str(tmp / "model.onnx"))
+        return _onnx_unet(spec, tmp / "model.onnx", device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,479 @@
+"""TensorRT engines: real TensorRT-RTX builds of the tiny fp16 export (no GPU needed), what the manifest
+records about them, skipping unchanged engines, and every bad input (wrong export, corrupt or foreign
+plans, interrupted builds, engines that cannot run here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from sdexport.components import COMPONENTS
+from sdexport.errors import BackendUnavailable, CannotRunHere, IntegrityError, ShapeError, UsageError
+from sdexport.manifest import sha256_file
+from sdexport.runtime import ExportDir
+
+RTX_TARGETS = ["8.0", "8.6", "8.9", "12.0"]
+
+
+@pytest.fixture(scope="module")
+def trt():
+    """tensorrt_rtx, which builds without a GPU. In CI (CI=true) its absence fails the tests."""
+    try:
+        import tensorrt_rtx
+    except ImportError:
+        msg = "tensorrt_rtx is not installed: pip install tensorrt-rtx-cu13==1.7.1.116 (make install does)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI: {msg}")
+        pytest.skip(msg)
+    return tensorrt_rtx
+
+
+def _copy(src, dst, with_engines=True):
+    shutil.copytree(src, dst, ignore=None if with_engines else shutil.ignore_patterns("engines"))
+    if not with_engines:
+        data = json.loads((dst / "manifest.json").read_text())
+        data["engines"] = {}
+        (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def built(trt, export_fp16, tmp_path_factory):
+    """The tiny fp16 export with all four engines, built once for this module (read-only: copy to change)."""
+    from sdexport.build import build
+
+    out = _copy(export_fp16, tmp_path_factory.mktemp("engines") / "tiny-fp16", with_engines=False)
+    messages: list[str] = []
+    report = build(out, precision="fp16", say=messages.append)
+    return out, report, messages
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _run(*args):
+    from click.testing import CliRunner
+
+    from sdexport.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def _one_line(result, code, *needles):
+    err = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert err.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in err, err
+
+
+# --- what a build makes -----------------------------------------------------------------------
+
+def test_engines_and_manifest_entries(built, trt):
+    from sdexport.backends.trt import read_rtx_header
+
+    out, report, messages = built
+    manifest = _manifest(out)
+    specs = ExportDir.open(out).specs
+    version = trt.__version__
+    assert report["built"] == list(COMPONENTS) and report["up_to_date"] == []
+    assert set(manifest["engines"]) == set(COMPONENTS)
+    for name in COMPONENTS:
+        entry, onnx, spec = manifest["engines"][name], manifest["components"][name], specs[name]
+        short = ".".join(version.split(".")[:3])
+        assert entry["file"] == f"engines/{name}.rtx-{short}.fp16.dyn.sm80-86-89-120.plan"
+        plan = out / entry["file"]
+        assert plan.is_file() and sha256_file(plan) == entry["sha256"] and plan.stat().st_size == entry["size_bytes"]
+        assert (entry["flavour"], entry["version"], entry["precision"]) == ("rtx", version, "fp16")
+        assert entry["compute_capabilities"] == RTX_TARGETS
+        # the profile TensorRT accepted (read back from it) is the spec's min/opt/max
+        assert entry["profile"] == spec.to_json()["profile"] == onnx["profile"]
+        assert entry["profile_kind"] == "dyn"
+        assert entry["axes"] == {a: [ax.min, ax.opt, ax.max] for a, ax in spec.axes.items()}
+        assert entry["onnx"] == {"component": name, "file": onnx["file"], "sha256": onnx["sha256"]}
+        # I/O as TensorRT parsed the network: the spec's names, dtypes, ranks; -1 exactly on named axes
+        for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+            assert [(t["name"], t["dtype"]) for t in entry[kind]] == [(t.name, t.dtype) for t in tensors]
+            assert [t["shape"] for t in entry[kind]] == [[d if isinstance(d, int) else -1 for d in t.dims]
+                                                          for t in tensors]
+        assert entry["timing_cache"].startswith("not used") and entry["opt_level"] == 3
+        header = read_rtx_header(plan.read_bytes()[:64])
+        assert header["size"] == plan.stat().st_size
+        assert header["version"] == tuple(int(x) for x in version.split(".")[:3])
+        assert header["targets"] == RTX_TARGETS
+    assert any("timing cache not used" in m for m in messages)
+    assert sum(" s)" in m and "wrote engines/" in m for m in messages) == 4, messages  # build time per engine
+
+
+def test_second_build_rebuilds_nothing(built):
+    from sdexport.build import build
+
+    out, _, _ = built
+    before = {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in (out / "engines").glob("*.plan")}
+    messages: list[str] = []
+    report = build(out, precision="fp16", say=messages.append)
+    assert report["built"] == [] and report["up_to_date"] == list(COMPONENTS)
+    assert sum(m.endswith("not rebuilt") for m in messages) == 4 and "nothing to build" in messages[-1]
+    assert {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in (out / "engines").glob("*.plan")} == before
+    result = _run("build", out)  # the command says so too
+    assert result.exit_code == 0, result.stderr
+    assert "0 built, 4 up to date" in result.stdout and "nothing to build" in result.stderr
+
+
+def test_changed_inputs_rebuild_only_that_engine(built, tmp_path):
+    from sdexport.build import build
+
+    out = _copy(built[0], tmp_path / "copy")
+    old = _manifest(out)["engines"]
+    report = build(out, components=["vae_encoder"], opt_level=2)
+    assert report["built"] == ["vae_encoder"]
+    new = _manifest(out)["engines"]
+    assert new["vae_encoder"]["opt_level"] == 2 and new["vae_encoder"]["key"] != old["vae_encoder"]["key"]
+    assert {k: v for k, v in new.items() if k != "vae_encoder"} == {k: v for k, v in old.items() if k != "vae_encoder"}
+
+
+def test_static_profile(trt, export_fp16, tmp_path):
+    from sdexport.build import build
+
+    out = _copy(export_fp16, tmp_path / "static", with_engines=False)
+    build(out, components=["unet", "vae_decoder"], static="128x64", batch=1)
+    engines = _manifest(out)["engines"]
+    unet, vae = engines["unet"], engines["vae_decoder"]
+    assert unet["profile_kind"] == "static" and "static-b1-128x64" in unet["file"]
+    # one image with guidance: two UNet rows; the VAE decodes one image; latent = pixels / 8
+    assert unet["profile"]["sample"] == [[2, 4, 16, 8]] * 3
+    assert unet["profile"]["encoder_hidden_states"] == [[2, 77, 32]] * 3
+    assert vae["profile"]["latent_sample"] == [[1, 4, 16, 8]] * 3
+    assert all(lo == opt == hi for lo, opt, hi in unet["axes"].values())
+    # and validation would use exactly that shape
+    from sdexport.backends.trt import profile_geometries
+
+    assert [(g.images, g.height, g.width, g.guidance) for g in profile_geometries(unet)] == [(1, 128, 64, True)]
+    with pytest.raises(ShapeError, match=r"\[64, 256\]"):
+        build(out, static="512x512")
+
+
+def test_profile_requests_in_user_terms(export_fp16):
+    from sdexport.build import component_profile, profile_request
+
+    export = ExportDir.open(export_fp16)
+    kind, req = profile_request(export.ranges)
+    assert kind == "dyn"
+    for name, spec in export.specs.items():
+        profile, _ = component_profile(spec, req)
+        assert profile == spec.to_json()["profile"], name
+    kind, req = profile_request(export.ranges, opt_size="192x128", opt_batch=2, max_batch=2, min_size="96")
+    profile, axes = component_profile(export.specs["unet"], req)
+    assert kind == "custom"
+    assert profile["sample"] == [[1, 4, 12, 12], [4, 4, 24, 16], [4, 4, 32, 32]]
+    assert axes == {"batch": [1, 4, 4], "latent_height": [12, 24, 32], "latent_width": [12, 16, 32]}
+    assert component_profile(export.specs["vae_decoder"], req)[1]["batch"] == [1, 2, 2]
+    with pytest.raises(ShapeError, match="min <= opt <= max"):
+        profile_request(export.ranges, min_size="192", opt_size="128")
+    with pytest.raises(ShapeError, match="multiple of 16"):
+        profile_request(export.ranges, opt_size="100")
+    with pytest.raises(UsageError, match="--batch goes with --static"):
+        profile_request(export.ranges, batch=2)
+    with pytest.raises(UsageError, match="HxW"):
+        profile_request(export.ranges, static="big")
+
+
+# --- bad input at build time ------------------------------------------------------------------
+
+def test_precision_must_match_the_export(trt, export_fp32, export_fp16, tmp_path):
+    from sdexport.build import build
+
+    before = _manifest(export_fp32)
+    with pytest.raises(UsageError, match="is an fp32 export.*--dtype fp16"):
+        build(export_fp32, precision="fp16")
+    assert _manifest(export_fp32) == before and not (export_fp32 / "engines").exists()
+    _one_line(_run("build", export_fp32, "--precision", "fp16"), 2, "--dtype fp16")
+    with pytest.raises(UsageError, match="is an fp16 export"):
+        build(export_fp16, precision="fp32")
+    with pytest.raises(UsageError, match="run sdexport quantize"):
+        build(export_fp16, precision="int8")
+    out = _copy(export_fp32, tmp_path / "fp32", with_engines=False)  # --precision fp32 builds an FP32 export
+    build(out, precision="fp32", components=["vae_decoder"])
+    entry = _manifest(out)["engines"]["vae_decoder"]
+    assert entry["precision"] == "fp32" and ".fp32.dyn." in entry["file"] and (out / entry["file"]).is_file()
+
+
+def test_int8_builds_the_quantized_unet(trt, export_fp32, tmp_path):
+    """--precision int8: the UNet engine comes from manifest.components['unet_int8'] (what quantize writes),
+    the other components are built as exported. A copy of the FP32 UNet stands in for the quantized one."""
+    from sdexport.build import build
+
+    out = _copy(export_fp32, tmp_path / "int8", with_engines=False)
+    shutil.copytree(out / "unet", out / "unet_int8")
+    data = _manifest(out)
+    data["components"]["unet_int8"] = dict(data["components"]["unet"], file="unet_int8/model.onnx",
+                                           precision={"dtype": "int8"})
+    (out / "manifest.json").write_text(json.dumps(data))
+    messages: list[str] = []
+    build(out, precision="int8", components=["unet", "vae_decoder"], say=messages.append)
+    engines = _manifest(out)["engines"]
+    assert engines["unet"]["onnx"]["component"] == "unet_int8" and engines["unet"]["precision"] == "int8"
+    assert engines["unet"]["onnx"]["sha256"] == data["components"]["unet_int8"]["sha256"]
+    assert ".int8.dyn." in engines["unet"]["file"]
+    assert engines["vae_decoder"]["precision"] == "fp32" and engines["vae_decoder"]["onnx"]["component"] == "vae_decoder"
+    assert any("vae_decoder is an fp32 export" in m for m in messages)
+    assert build(out, precision="int8", components=["unet", "vae_decoder"])["built"] == []
+
+
+def test_bad_targets_and_flavours(trt, export_fp16):
+    from sdexport.build import parse_ccs
+
+    assert parse_ccs("8.0, 86,sm_89,sm120") == ["8.0", "8.6", "8.9", "12.0"]
+    _one_line(_run("build", export_fp16, "--compute-capability", "9.0"), 2, "cannot target", "8.0, 8.6")
+    _one_line(_run("build", export_fp16, "--compute-capability", "eight"), 2, "8.0,8.6")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        _one_line(_run("build", export_fp16, "--trt", "tensorrt"), 7, "pip install tensorrt-rtx-cu13==1.7.1.116")
+
+
+def test_failed_build_leaves_nothing(trt, export_fp16, tmp_path):
+    """TensorRT-RTX cannot compile FP32 GEMMs for Turing (7.5); the UNet's FP32 time embedding has one."""
+    from sdexport.build import BuildFailed, build
+
+    out = _copy(export_fp16, tmp_path / "sm75", with_engines=False)
+    with pytest.raises(BuildFailed, match="could not build the engine for 7.5: .*(Turing|SM75)"):
+        build(out, components=["unet"], compute_capabilities="7.5")
+    assert list((out / "engines").glob("*")) == [] and _manifest(out)["engines"] == {}
+
+
+def test_parser_errors_are_reported(trt, export_fp16, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sdexport.build import build
+
+    out = _copy(export_fp16, tmp_path / "badop", with_engines=False)
+    path = out / "vae_decoder" / "model.onnx"
+    x = helper.make_tensor_value_info("latent_sample", TensorProto.FLOAT, ["batch", 4, "latent_height", "latent_width"])
+    y = helper.make_tensor_value_info("sample", TensorProto.FLOAT,
+                                      ["batch", 3, "latent_height * 8", "latent_width * 8"])
+    graph = helper.make_graph([helper.make_node("FooBarOp", ["latent_sample"], ["sample"])], "bad", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = _manifest(out)
+    data["components"]["vae_decoder"]["sha256"] = sha256_file(path)
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="ONNX parser refused it.*FooBarOp"):
+        build(out, components=["vae_decoder"])
+    assert not list((out / "engines").glob("*.plan"))
+
+
+def test_interrupted_build_keeps_the_previous_engine(built, trt, tmp_path, monkeypatch):
+    from sdexport.build import build
+
+    out = _copy(built[0], tmp_path / "interrupt")
+    entry = _manifest(out)["engines"]["vae_decoder"]
+    plan = out / entry["file"]
+    before = plan.read_bytes()
+
+    def interrupted(self, network, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trt.Builder, "build_serialized_network", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(out, components=["vae_decoder"], force=True)  # same file name: must not be replaced
+    with pytest.raises(KeyboardInterrupt):
+        build(out, components=["vae_decoder"], static="64x64")  # a new file name: must not appear
+    assert plan.read_bytes() == before
+    assert _manifest(out)["engines"]["vae_decoder"] == entry
+    assert sorted(p.name for p in (out / "engines").iterdir()) == sorted(
+        p.name for p in (built[0] / "engines").iterdir()), "no temporary or partial plan left"
+
+
+def test_ctrl_c_cancels_a_running_build(trt, export_fp16, tmp_path, monkeypatch):
+    """A real SIGINT while TensorRT builds: the build is cancelled through its progress monitor."""
+    import signal
+
+    from sdexport import build as build_module
+
+    out = _copy(export_fp16, tmp_path / "sigint", with_engines=False)
+    phase_start = build_module._Progress.phase_start
+
+    def interrupt_once(self, phase_name, parent_phase, num_steps):
+        if not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return phase_start(self, phase_name, parent_phase, num_steps)
+
+    monkeypatch.setattr(build_module._Progress, "phase_start", interrupt_once)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        build_module.build(out, components=["unet"])
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not list((out / "engines").glob("*")) and _manifest(out)["engines"] == {}
+
+
+# --- bad input at load time -------------------------------------------------------------------
+
+def _load(out, device="cuda"):
+    from sdexport.backends import load_engines
+
+    return load_engines(out, "trt", device=device)
+
+
+def test_corrupt_or_truncated_plans(built, trt, tmp_path):
+    out = _copy(built[0], tmp_path / "corrupt")
+    data = _manifest(out)
+    plan = out / data["engines"]["unet"]["file"]
+    blob = plan.read_bytes()
+    plan.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(IntegrityError, match="does not match the manifest.*truncated or corrupt"):
+        _load(out)
+    _one_line(_run("infer", out, "--prompt", "p", "-o", tmp_path / "x.png", "--backend", "trt"), 5, "sha256")
+    # the same file with its sha256 re-recorded: the TensorRT-RTX header still gives it away
+    data["engines"]["unet"]["sha256"] = sha256_file(plan)
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match=rf"header says {len(blob)} bytes, the file has {len(blob) // 2}"):
+        _load(out)
+    plan.write_bytes(b"XXXX" + blob[4:])
+    data["engines"]["unet"]["sha256"] = sha256_file(plan)
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="not a TensorRT-RTX plan"):
+        _load(out)
+    other = bytearray(blob)
+    other[32:36] = struct.pack("<I", 1 << 1)  # header claims SM80 only
+    plan.write_bytes(bytes(other))
+    data["engines"]["unet"]["sha256"] = sha256_file(plan)
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="header targets 8.0, the manifest 8.0, 8.6, 8.9, 12.0"):
+        _load(out)
+
+
+def test_truncated_plan_is_named_by_tensorrt(built, trt, tmp_path):
+    """What TensorRT-RTX itself says when deserializing a truncated plan (before it needs CUDA)."""
+    from sdexport.backends.trt import capture_logger, deserialize
+
+    src = built[0] / _manifest(built[0])["engines"]["vae_decoder"]["file"]
+    path = tmp_path / "engines" / "short.plan"
+    path.parent.mkdir()
+    path.write_bytes(src.read_bytes()[:-1000])
+    with pytest.raises(IntegrityError, match="could not deserialize.*Serialization"):
+        deserialize(trt, trt.Runtime(capture_logger(trt)), path, "vae_decoder")
+
+
+def test_engine_of_another_tensorrt(built, trt, tmp_path):
+    out = _copy(built[0], tmp_path / "foreign")
+    data = _manifest(out)
+    data["engines"]["unet"]["version"] = "1.6.0.50"
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError) as exc:
+        _load(out)
+    msg = str(exc.value)
+    assert "TensorRT-RTX 1.6.0.50" in msg and f"TensorRT-RTX {trt.__version__} is installed" in msg
+    assert "rebuild" in msg and "\n" not in msg
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        data["engines"]["unet"].update(flavour="tensorrt", flavour_name="TensorRT", version="10.13.3.9")
+        (out / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(BackendUnavailable, match=rf"built with TensorRT 10.13.3.9.*TensorRT-RTX {trt.__version__}"):
+            _load(out)
+    # an engine built from an ONNX that has since changed
+    data = _manifest(built[0])
+    data["components"]["unet"]["sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="built from an ONNX that is no longer in the export"):
+        _load(out)
+
+
+@pytest.mark.parametrize("cc, gpu, needles", [
+    ((9, 0), "NVIDIA H100 80GB HBM3", ["cannot run on this GPU", "compute capability 9.0", "--trt tensorrt"]),
+    ((7, 5), "Tesla T4", ["built for compute capability 8.0, 8.6, 8.9, 12.0", "(Tesla T4) is 7.5",
+                          "--compute-capability 7.5"]),
+])
+def test_engine_for_another_gpu(built, cc, gpu, needles, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    with pytest.raises(CannotRunHere) as exc:
+        _load(built[0], device="cuda")
+    for needle in needles:
+        assert needle in str(exc.value), str(exc.value)
+
+
+def test_shape_outside_the_engine_profile(built):
+    from sdexport.backends.trt import TrtEngine
+
+    engine = TrtEngine.__new__(TrtEngine)  # the profile check needs no GPU
+    entry = dict(_manifest(built[0])["engines"]["unet"], axes={"batch": [2, 2, 2], "latent_height": [16, 16, 16],
+                                                                "latent_width": [16, 16, 16]})
+    engine.spec, engine.entry = ExportDir.open(built[0]).specs["unet"], entry
+    engine.axes = {a: tuple(v) for a, v in entry["axes"].items()}
+    engine.check_profile({"batch": 2, "latent_height": 16, "latent_width": 16})
+    with pytest.raises(ShapeError, match=r"latent_height=8 is outside the engine's profile \[16, 16\]"):
+        engine.check_profile({"batch": 2, "latent_height": 8, "latent_width": 16})
+
+
+# --- validate / infer / bench where engines cannot run -----------------------------------------
+
+def test_validate_trt_says_why_it_cannot_run_here(built):
+    import torch
+
+    from sdexport.validate import validate
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this test is about hosts without one")
+    out = built[0]
+    with pytest.raises(CannotRunHere, match="no CUDA GPU visible"):
+        validate(out, backend="trt")
+    assert not (out / "validation.json").exists(), "never a silent pass"
+    _one_line(_run("validate", out, "--backend", "trt"), 8, "cannot run TensorRT engines here", "12.0")
+    _one_line(_run("infer", out, "--backend", "trt", "--prompt", "p", "-o", out / "x.png"), 8, "no CUDA GPU")
+    _one_line(_run("bench", out, "--backend", "trt", "--steps", 1), 8, "no CUDA GPU")
+
+
+def test_validate_trt_compares_with_onnxruntime_and_torch(built, monkeypatch):
+    """The validation path itself, with ONNX Runtime standing in for the engine runner: TensorRT's
+    outputs are compared with PyTorch and with ONNX Runtime, at shapes across the engine's profile."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    import sdexport.backends.trt as trt_backend
+    from sdexport.validate import validate
+
+    def stand_in(export, component, device):
+        path = export.manifest.verified_path(export.manifest.component(component))
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=f"stand-in:{component}")
+
+    monkeypatch.setattr(trt_backend, "preflight", lambda export, components, device: None)
+    monkeypatch.setattr(trt_backend, "polygraphy_runner", stand_in)
+    report = validate(built[0], backend="trt", device="cpu", components=["unet"], write_report=False)
+    assert report["passed"] and "ONNX Runtime" in report["reference"]
+    shapes = sorted(tuple(r["input_shapes"]["sample"]) for r in report["results"])
+    assert shapes == [(1, 4, 8, 8), (2, 4, 8, 32), (2, 4, 16, 16), (8, 4, 32, 32)]  # min, non-square, opt, max
+    for r in report["results"]:
+        vs = r["outputs"]["out_sample"]["vs_onnxruntime"]
+        assert vs["pass"] and vs["max_abs_err"] <= 1e-6  # the stand-in runs the same ONNX
+
+
+def test_polygraphy_runner_uses_tensorrt_rtx(built, monkeypatch):
+    import polygraphy.config
+
+    import sdexport.backends.trt as trt_backend
+
+    monkeypatch.setattr(trt_backend, "check_gpu", lambda *a: None)
+    monkeypatch.setattr(polygraphy.config, "USE_TENSORRT_RTX", polygraphy.config.USE_TENSORRT_RTX)
+    monkeypatch.delenv("POLYGRAPHY_USE_TENSORRT_RTX", raising=False)
+    runner = trt_backend.polygraphy_runner(ExportDir.open(built[0]), "vae_decoder", "cuda")
+    assert os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] == "1" and polygraphy.config.USE_TENSORRT_RTX
+    assert type(runner).__name__ == "TrtRunner" and runner.name == "tensorrt:vae_decoder"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="deserialize"):  # TensorRT-RTX itself, not "No module named tensorrt"
+            runner.activate()
+

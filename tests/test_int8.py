@@ -1,0 +1,570 @@
+"""INT8: calibration capture, the Q/DQ graph's structure, its error against FP32 PyTorch, the manifest
+entry, --unet int8 in infer/bench, the INT8 validation report, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, numpy_helper
+
+from sdexport.calibration import Reservoir, load_calibration, load_prompts, select_prompts
+from sdexport.cli import cli
+from sdexport.components import Geometry
+from sdexport.errors import UsageError
+from sdexport.manifest import sha256_file
+from sdexport.quantize import DEFAULT_EXCLUDES, INT8_REPORT_THRESHOLDS, psnr, ssim
+from sdexport.runtime import ExportDir
+
+# The documented bound (README "INT8") for the INT8 UNet against the FP32 PyTorch UNet on the tiny preset.
+INT8_REL_L2 = 0.15
+COMPUTE = ("Conv", "MatMul", "Gemm")
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def assert_one_line_error(result, code, *needles):
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    err = result.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in err, err
+
+
+def save_calib(path, arrays, meta):
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def raw_calib(path):
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    return arrays, json.loads(str(arrays.pop("meta")))
+
+
+# --- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calib(tiny_model, tmp_path_factory):
+    """4 prompts x 4 PNDM steps (5 UNet calls each, PLMS repeats one) x 2 guidance rows = 40 samples."""
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    result = run("calibrate", tiny_model, "--num-prompts", 4, "--steps", 4, "--seed", 3, "-o", path)
+    assert result.exit_code == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_export(export_fp32, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "tiny"
+    shutil.copytree(export_fp32, out)
+    result = run("quantize", out, "--calib", calib, "--precision", "int8")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def graph_facts(path):
+    """Everything the structure tests look at, derived here from the ONNX file (not from sdexport)."""
+    model = onnx.load(path)
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return model, types, inits, producer, readers
+
+
+# --- prompts and the bounded sample -----------------------------------------------------------
+def test_prompt_file_comments_blank_lines_and_selection(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# a comment\n\n  a red kite  \n   \n#another\nblue sky\n# last\n")
+    assert load_prompts(path) == ["a red kite", "blue sky"]
+    shipped = load_prompts(os.path.join(os.path.dirname(__file__), "..", "calibration", "prompts.txt"))
+    assert len(shipped) == 362 and len(set(shipped)) == 362
+    picked = select_prompts(shipped, 20, seed=0)
+    assert len(set(picked)) == 20 and picked == select_prompts(shipped, 20, seed=0)
+    assert picked != shipped[:20]  # drawn over the whole file, not its first (portrait) lines
+    with pytest.raises(UsageError, match="only 362 prompts"):
+        select_prompts(shipped, 363, seed=0)
+    (tmp_path / "empty.txt").write_text("# nothing here\n\n")
+    with pytest.raises(UsageError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+
+
+def test_reservoir_is_bounded_and_uniform():
+    res = Reservoir(capacity=7, seed=0)
+    for start in range(0, 1000, 10):
+        res.add({"x": np.arange(start, start + 10, dtype=np.int64)[:, None] * np.ones((1, 3), np.int64)})
+    kept = res.arrays()["x"]
+    assert res.seen == 1000 and kept.shape == (7, 3) and res.store["x"].shape == (7, 3)
+    assert len(set(kept[:, 0])) == 7 and (kept[:, 0] == kept[:, 1]).all()  # rows stay whole
+    hits = np.zeros(20)
+    for trial in range(3000):
+        r = Reservoir(5, seed=trial)
+        r.add({"x": np.arange(20)})
+        hits[r.arrays()["x"]] += 1
+    assert np.allclose(hits / 3000, 5 / 20, atol=0.04), hits / 3000  # every row kept with p = 5/20
+
+
+# --- capture -------------------------------------------------------------------------------------
+def test_calibration_capture(calib, tiny_model):
+    c = load_calibration(calib)
+    a, meta = c.arrays, c.meta
+    assert a["sample"].shape == (40, 4, 16, 16) and a["timestep"].shape == (40,)
+    assert a["encoder_hidden_states"].shape == (40, 77, 32)
+    assert {a[k].dtype for k in ("sample", "timestep", "encoder_hidden_states")} == {np.dtype("float32")}
+    assert meta["rows_seen"] == 40 and meta["samples"] == 40 and meta["unet_calls"] == 20
+    from sdexport.models import ModelInfo
+
+    assert meta["model"]["weights_sha256"] == ModelInfo.open(tiny_model).weights_sha256
+    assert meta["unet"] == {"in_channels": 4, "cross_attention_dim": 32, "sequence_length": 77,
+                            "latent_height": 16, "latent_width": 16}
+    # PNDM (the model's scheduler), 4 steps: PLMS runs 5 UNet calls at these timesteps.
+    assert sorted(set(a["timestep"].tolist())) == [1.0, 251.0, 501.0, 751.0]
+    assert np.bincount(a["step"]).tolist() == [8] * 5 and a["cond"].sum() == 20
+    # Step 0 of prompt i sees diffusers' initial noise for seed 3 + i (init_noise_sigma 1, PNDM scaling 1).
+    for i in range(4):
+        rows = (a["prompt"] == i) & (a["step"] == 0)
+        noise = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(3 + i)).numpy()
+        assert rows.sum() == 2 and np.array_equal(a["sample"][rows], np.concatenate([noise, noise]))
+    # Negative rows carry the empty prompt's embedding (same for every prompt); positive rows differ.
+    neg = a["encoder_hidden_states"][a["cond"] == 0]
+    pos = a["encoder_hidden_states"][a["cond"] == 1]
+    assert np.allclose(neg, neg[:1]) and not np.allclose(pos, pos[:1])
+
+
+def test_calibrate_keeps_at_most_max_samples(tiny_model, tmp_path):
+    path = tmp_path / "small.npz"
+    result = run("calibrate", tiny_model, "--num-prompts", 2, "--steps", 2, "--max-samples", 5, "--scheduler",
+                 "euler", "--height", 64, "--width", 96, "-o", path)
+    assert result.exit_code == 0, result.stderr
+    c = load_calibration(path)
+    assert c.meta["rows_seen"] == 8 and c.samples == 5  # 2 prompts x 2 Euler steps x 2 rows, 5 kept
+    assert c.arrays["sample"].shape == (5, 4, 8, 12) and c.meta["settings"]["scheduler"] == "EulerDiscreteScheduler"
+    assert "5 samples of 8" in result.stdout
+
+
+# --- the Q/DQ graph --------------------------------------------------------------------------------
+def test_qdq_structure(int8_export):
+    model, types, inits, producer, readers = graph_facts(int8_export / "unet_int8" / "model.onnx")
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    onnx.checker.check_model(str(int8_export / "unet_int8" / "model.onnx"), full_check=True)
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(qs) >= 40 and len(dqs) >= 100
+    for n in qs + dqs:
+        zp = inits[n.input[2]]
+        assert zp.data_type == TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
+        assert inits[n.input[1]].data_type == TensorProto.FLOAT16, n.name  # FP16 scales (opset 19)
+    for q in qs:
+        assert list(inits[q.input[1]].dims) == [], q.name  # per-tensor activation scale
+        assert types[q.input[0]] == TensorProto.FLOAT16 and types[q.output[0]] == TensorProto.INT8
+        assert {r.op_type for r in readers[q.output[0]]} == {"DequantizeLinear"}
+    excluded_re = [p for p, _ in DEFAULT_EXCLUDES]
+    weights = {"Conv": 0, "MatMul": 0}
+    for dq in dqs:
+        users = readers[dq.output[0]]
+        assert users and all(u.op_type in COMPUTE for u in users), (dq.name, [u.op_type for u in users])
+        assert types[dq.output[0]] == TensorProto.FLOAT16
+        for u in users:
+            assert not any(re.search(p, u.name) for p in excluded_re), u.name
+        if dq.input[0] in inits:  # weight: INT8 initializer, per output channel
+            w = inits[dq.input[0]]
+            axis = next(a.i for a in dq.attribute if a.name == "axis")
+            assert w.data_type == TensorProto.INT8
+            (user,) = users
+            want_axis = {"Conv": 0, "MatMul": 1}[user.op_type]  # Conv [Cout, Cin, k, k]; MatMul B [K, N]
+            assert axis == want_axis and list(inits[dq.input[1]].dims) == [w.dims[want_axis]], dq.name
+            weights[user.op_type] += 1
+        else:  # activation: scalar scale, fed by a QuantizeLinear
+            assert producer[dq.input[0]].op_type == "QuantizeLinear"
+            assert list(inits[dq.input[1]].dims) == []
+    assert weights["Conv"] == 26 and weights["MatMul"] == 40
+    by_name = {n.name: n for n in model.graph.node}
+    for name, node in by_name.items():
+        if node.op_type not in COMPUTE:
+            continue
+        fed = [i in producer and producer[i].op_type == "DequantizeLinear" for i in node.input[:2]]
+        excluded = any(re.search(p, name) for p in excluded_re)
+        assert not any(fed) if excluded else all(fed), name
+    for name in ("/unet/conv_in/Conv", "/unet/conv_out/Conv", "/unet/time_embedding/linear_1/Gemm",
+                 "/unet/up_blocks.0/resnets.0/conv_shortcut/Conv",
+                 "/unet/mid_block/attentions.0/transformer_blocks.0/attn1/MatMul",
+                 "/unet/mid_block/attentions.0/transformer_blocks.0/attn2/MatMul_1"):
+        assert name in by_name and not any(producer.get(i, by_name[name]).op_type == "DequantizeLinear"
+                                           for i in by_name[name].input), name
+    # Non-quantized compute in FP16, except the FP32 islands the FP16 export keeps (time embedding, norms, softmax).
+    for node in model.graph.node:
+        out = types.get(node.output[0])
+        if node.op_type in COMPUTE:
+            want = TensorProto.FLOAT if "time_embedding" in node.name else TensorProto.FLOAT16
+            assert out == want, (node.name, out)
+        if node.op_type in ("Softmax", "InstanceNormalization", "LayerNormalization") or node.op_type in ("Sin", "Cos"):
+            assert out == TensorProto.FLOAT, node.name
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [TensorProto.FLOAT] * 3
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def _torch_unet(export_dir):
+    export = ExportDir.open(export_dir)
+    spec = export.spec("unet")
+    return export, spec, spec.wrap(export.source_model().load_torch("unet")).eval()
+
+
+def rel_errors(export_dir, onnx_path, feeds=None):
+    """rel. L2 of an ONNX UNet (ONNX Runtime, CPU) against the FP32 PyTorch UNet, per feed."""
+    export, spec, module = _torch_unet(export_dir)
+    feeds = feeds or [spec.sample_inputs(spec.dims_for(Geometry(1, 128, 128)), seed=77)]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    errors = []
+    for feed in feeds:
+        with torch.no_grad():
+            want = module(*feed.values()).numpy()
+        got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        assert got.shape == want.shape and np.isfinite(got).all()
+        errors.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    return errors
+
+
+def test_int8_unet_in_onnxruntime_against_fp32_torch(int8_export, calib):
+    """Inputs made here: the spec's random inputs at three shapes, and held-out pipeline-like inputs."""
+    spec = ExportDir.open(int8_export).spec("unet")
+    feeds = [spec.sample_inputs(spec.dims_for(geo), seed=50 + i)
+             for i, geo in enumerate([Geometry(1, 128, 128), Geometry(2, 64, 192), Geometry(1, 96, 96, guidance=False)])]
+    c = load_calibration(calib).arrays
+    rng = np.random.default_rng(0)  # pipeline-like: calibration rows, re-noised so they are not the calibration set
+    rows = rng.choice(40, 4, replace=False)
+    feeds.append({"sample": torch.from_numpy(c["sample"][rows] + rng.normal(0, 0.1, (4, 4, 16, 16)).astype(np.float32)),
+                  "timestep": torch.tensor([900.0, 600.0, 300.0, 20.0]),
+                  "encoder_hidden_states": torch.from_numpy(c["encoder_hidden_states"][rows])})
+    errors = rel_errors(int8_export, int8_export / "unet_int8" / "model.onnx", feeds)
+    assert max(errors) < INT8_REL_L2, errors
+    assert min(errors) > 1e-3, errors  # it is quantized: FP32 would agree to ~1e-6
+
+
+def test_manifest_entry_and_runtime(int8_export, calib, export_fp32):
+    data = json.loads((int8_export / "manifest.json").read_text())
+    entry, unet = data["components"]["unet_int8"], data["components"]["unet"]
+    path = int8_export / entry["file"]
+    assert entry["file"] == "unet_int8/model.onnx" and entry["sha256"] == sha256_file(path)
+    assert (int8_export / "unet_int8" / "config.json").read_text() == (int8_export / "unet" / "config.json").read_text()
+    for field in ("inputs", "outputs", "dynamic_axes", "axes", "profile"):
+        assert entry[field] == unet[field], field
+    p = entry["precision"]
+    assert p["dtype"] == "int8" and p["quantizer"].startswith("modelopt.onnx.quantization")
+    assert p["calibration_method"] == "max" and p["excluded_patterns"] == [pat for pat, _ in DEFAULT_EXCLUDES]
+    model = onnx.load(path)
+    count = {op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    assert p["qdq_nodes"] == count and p["quantized_nodes"] == {"Conv": 26, "MatMul": 40, "Gemm": 0}
+    assert len(p["excluded_nodes"]) == 33 and entry["opset"] >= 19
+    assert entry["calibration"]["sha256"] == sha256_file(calib) and entry["calibration"]["samples"] == 40
+    assert entry["source"]["sha256"] == unet["sha256"] and entry["versions"]["nvidia-modelopt"]
+    export = ExportDir.open(int8_export)
+    spec = export.spec("unet_int8")
+    assert spec.name == "unet_int8" and spec.inputs == export.spec("unet").inputs and spec.source == "unet"
+    assert export.dtype == "fp32"  # the INT8 variant does not make the export "mixed"
+    again = run("quantize", int8_export, "--calib", calib)
+    assert again.exit_code == 0 and "up to date" in again.stderr
+    assert json.loads((int8_export / "manifest.json").read_text())["components"]["unet_int8"] == entry
+    assert "unet_int8" not in json.loads((export_fp32 / "manifest.json").read_text())["components"]
+
+
+def test_infer_and_bench_with_the_int8_unet(int8_export, tmp_path):
+    from PIL import Image
+
+    args = ["--prompt", "a teapot", "--steps", 3, "--height", 64, "--width", 64, "--seed", 2]
+    assert run("infer", int8_export, *args, "-o", tmp_path / "fp32.png").exit_code == 0
+    result = run("infer", int8_export, *args, "-o", tmp_path / "int8.png", "--unet", "int8")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "int8.json").read_text())["unet"] == "int8"
+    a = np.asarray(Image.open(tmp_path / "fp32.png"), np.float64) / 255
+    b = np.asarray(Image.open(tmp_path / "int8.png"), np.float64) / 255
+    assert 30.0 < psnr(a, b) < 100.0  # close to, but not, the FP32 image
+    result = run("bench", int8_export, "--steps", 1, "--runs", 1, "--warmup", 0, "--height", 64, "--width", 64,
+                 "--no-eager", "--unet", "int8", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["options"]["unet"] == "int8"
+    assert_one_line_error(run("infer", int8_export, *args, "-o", tmp_path / "t.png", "--unet", "int8",
+                              "--backend", "torch"), 2, "torch backend")
+
+
+def activation_scales(path):
+    """{(compute node, input index): activation scale} of a Q/DQ graph."""
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    scales = {}
+    for n in model.graph.node:
+        for k, name in enumerate(n.input[:2]):
+            dq = producer.get(name)
+            if n.op_type in COMPUTE and dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits:
+                scales[(n.name, k)] = float(inits[dq.input[1]])
+    return scales
+
+
+def assert_tighter_than_max(scales, max_scales):
+    common = set(scales) & set(max_scales)
+    assert len(common) >= 60
+    assert all(scales[k] <= max_scales[k] * 1.002 for k in common)  # a clipped range never exceeds the max
+    assert sum(scales[k] for k in common) < 0.98 * sum(max_scales[k] for k in common)
+
+
+def test_entropy_with_modelopt(int8_export, calib, tmp_path):
+    out = tmp_path / "entropy"
+    shutil.copytree(int8_export, out)
+    result = run("quantize", out, "--calib", calib, "--calibration-method", "entropy", "--quantizer", "modelopt")
+    assert result.exit_code == 0, result.stderr
+    entropy = json.loads((out / "manifest.json").read_text())["components"]["unet_int8"]
+    assert entropy["precision"]["calibration_method"] == "entropy"
+    assert entropy["precision"]["quantizer"].startswith("modelopt")
+    assert_tighter_than_max(activation_scales(out / "unet_int8" / "model.onnx"),
+                            activation_scales(int8_export / "unet_int8" / "model.onnx"))
+    assert 1e-3 < rel_errors(out, out / "unet_int8" / "model.onnx")[0] < INT8_REL_L2
+
+
+def test_percentile_with_onnxruntime_and_gemm_axis(int8_export, calib, tmp_path):
+    """percentile runs on ONNX Runtime's quantizer; without the time_emb_proj default the Gemms are quantized."""
+    out = tmp_path / "percentile"
+    shutil.copytree(int8_export, out)
+    keep = [p for p, _ in DEFAULT_EXCLUDES if p != "time_emb_proj"]
+    args = [a for p in keep for a in ("--exclude", p)]
+    result = run("quantize", out, "--calib", calib, "--calibration-method", "percentile", "--no-default-excludes",
+                 *args)
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads((out / "manifest.json").read_text())["components"]["unet_int8"]
+    assert entry["precision"]["quantizer"].startswith("onnxruntime.quantization.quantize_static")
+    assert "percentile" in entry["precision"]["fallback_reason"]
+    assert entry["precision"]["quantized_nodes"] == {"Conv": 26, "MatMul": 40, "Gemm": 8}
+    model, types, inits, producer, readers = graph_facts(out / "unet_int8" / "model.onnx")
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm" and "time_emb_proj" in n.name]
+    assert len(gemms) == 8
+    for g in gemms:
+        trans_b = next((a.i for a in g.attribute if a.name == "transB"), 0)
+        dq = producer[g.input[1]]
+        w = inits[dq.input[0]]
+        axis = next(a.i for a in dq.attribute if a.name == "axis")
+        assert dq.op_type == "DequantizeLinear" and w.data_type == TensorProto.INT8
+        assert axis == (0 if trans_b else 1) and list(inits[dq.input[1]].dims) == [w.dims[axis]]
+        assert producer[g.input[0]].op_type == "DequantizeLinear"
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        assert all(u.op_type in COMPUTE for u in readers[dq.output[0]])
+        assert not numpy_helper.to_array(inits[dq.input[2]]).any()
+    assert 1e-3 < rel_errors(out, out / "unet_int8" / "model.onnx")[0] < INT8_REL_L2
+    assert_tighter_than_max(activation_scales(out / "unet_int8" / "model.onnx"),
+                            activation_scales(int8_export / "unet_int8" / "model.onnx"))
+
+
+def test_without_modelopt_falls_back_to_onnxruntime(int8_export, calib, tmp_path, monkeypatch):
+    import sdexport.precision
+    import sdexport.quantize
+    from sdexport.errors import BackendUnavailable
+
+    def missing():
+        raise BackendUnavailable("ModelOpt is not installed (test)")
+
+    monkeypatch.setattr(sdexport.quantize, "_modelopt", missing)
+    monkeypatch.setattr(sdexport.precision, "_autocast", missing)
+    out = tmp_path / "noopt"
+    shutil.copytree(int8_export, out)
+    result = run("quantize", out, "--calib", calib, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert "falling back to ONNX Runtime" in result.stderr
+    p = json.loads((out / "manifest.json").read_text())["components"]["unet_int8"]["precision"]
+    assert p["quantizer"].startswith("onnxruntime") and p["high_precision_dtype"] == "fp32"
+    assert p["quantized_nodes"] == {"Conv": 26, "MatMul": 40, "Gemm": 0}
+    model, types, inits, producer, readers = graph_facts(out / "unet_int8" / "model.onnx")
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        assert all(u.op_type in COMPUTE for u in readers[dq.output[0]])
+    assert {types[n.output[0]] for n in model.graph.node if n.op_type in COMPUTE} == {TensorProto.FLOAT}
+    assert 1e-3 < rel_errors(out, out / "unet_int8" / "model.onnx")[0] < INT8_REL_L2
+    assert_one_line_error(run("quantize", out, "--calib", calib, "--quantizer", "modelopt", "--force"), 7,
+                          "ModelOpt is not installed")
+
+
+# --- the INT8 validation report -----------------------------------------------------------------
+def test_ssim_and_psnr():
+    rng = np.random.default_rng(0)
+    img = rng.random((32, 40, 3))
+    assert ssim(img, img) == pytest.approx(1.0) and psnr(img, img) == float("inf")
+    # Constant images: variances vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1) exactly.
+    c1 = (0.01 * 1.0) ** 2
+    assert ssim(np.full((16, 16), 0.2), np.full((16, 16), 0.6)) == pytest.approx((2 * .12 + c1) / (.04 + .36 + c1))
+    noisy = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
+    very = np.clip(img + rng.normal(0, 0.2, img.shape), 0, 1)
+    assert 1 > ssim(img, noisy) > ssim(img, very) > 0 and ssim(img, noisy) == pytest.approx(ssim(noisy, img))
+    # Against a direct (non-separable) evaluation of the same definition at one window position.
+    a, b = img[:11, :11, 0], noisy[:11, :11, 0]
+    x = np.arange(-5, 6)
+    w = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * 1.5 ** 2))
+    w /= w.sum()
+    ma, mb = (w * a).sum(), (w * b).sum()
+    va, vb, cov = (w * a * a).sum() - ma ** 2, (w * b * b).sum() - mb ** 2, (w * a * b).sum() - ma * mb
+    c2 = (0.03) ** 2
+    direct = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    assert ssim(a, b) == pytest.approx(direct, rel=1e-9)
+    assert psnr(np.zeros(4), np.full(4, 0.1)) == pytest.approx(20.0)
+
+
+def test_validate_reports_int8(int8_export):
+    result = run("validate", int8_export, "--components", "unet_int8")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((int8_export / "validation.json").read_text())
+    int8 = report["int8"]
+    assert report["passed"] and int8["passed"]
+    assert int8["measures"] == "agreement between INT8 and FP32 pipelines on random-weight models; not image quality"
+    assert int8["thresholds"] == INT8_REPORT_THRESHOLDS
+    assert [r["target_timestep"] for r in int8["unet"]] == [950, 500, 50]
+    for row in int8["unet"]:
+        assert min(abs(t - row["target_timestep"]) for t in row["timesteps"]) <= 50
+        assert 1e-3 < row["int8"]["rel_l2_err"] <= INT8_REPORT_THRESHOLDS["unet_rel_l2"]
+        assert row["fp16"]["rel_l2_err"] < row["int8"]["rel_l2_err"]  # FP16 sits between INT8 and FP32
+    assert len(int8["pipeline"]) == 2
+    for row in int8["pipeline"]:
+        m = row["int8"]
+        assert m["final_latent"]["rel_l2_err"] <= INT8_REPORT_THRESHOLDS["final_latent_rel_l2"]
+        assert INT8_REPORT_THRESHOLDS["image_psnr_db"] <= m["image_psnr_db"] < row["fp16"]["image_psnr_db"]
+        assert INT8_REPORT_THRESHOLDS["image_ssim"] <= m["image_ssim"] <= 1.0
+    assert sum(line.startswith("PASS int8 unet") for line in result.stderr.splitlines()) == 3
+    assert "not image quality" in result.stderr
+
+
+def test_validate_fails_on_a_bad_int8_unet(int8_export, tmp_path, monkeypatch):
+    """Scale the weight scales of the INT8 convs: a valid graph, wrong numbers -> exit 6."""
+    import sdexport.quantize
+
+    monkeypatch.setattr(sdexport.quantize, "REPORT_STEPS", 6)  # a shorter run; the thresholds are the same
+    monkeypatch.setattr(sdexport.quantize, "REPORT_FP16", False)
+    bad = tmp_path / "bad"
+    shutil.copytree(int8_export, bad)
+    path = bad / "unet_int8" / "model.onnx"
+    model = onnx.load(path)
+    inits = {i.name: i for i in model.graph.initializer}
+    readers = {i: n for n in model.graph.node for i in n.input}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and readers[n.output[0]].op_type == "Conv":
+            scale = inits[n.input[1]]
+            scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(3.0), scale.name))
+    onnx.save(model, path)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["components"]["unet_int8"]["sha256"] = sha256_file(path)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    result = run("validate", bad, "--components", "unet_int8")
+    assert_one_line_error(result, 6, "unet_int8 (INT8 report)")
+    report = json.loads((bad / "validation.json").read_text())
+    assert not report["passed"] and not report["int8"]["passed"]
+    assert not any(r["pass"] for r in report["int8"]["unet"])
+
+
+def test_tensorrt_rtx_builds_the_int8_unet(int8_export):
+    """TensorRT-RTX (builds without a GPU) parses the Q/DQ graph and builds it for compute capability 8.0."""
+    try:
+        import tensorrt_rtx as trt
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail("CI: tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13==1.7.1.116)")
+        pytest.skip("tensorrt_rtx is not installed")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(int8_export / "unet_int8" / "model.onnx")), \
+        [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM80, 0)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in ExportDir.open(int8_export).spec("unet_int8").profile().items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > 0
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def test_calibration_from_another_model_is_refused(other_model, int8_export, tmp_path):
+    path = tmp_path / "other.npz"
+    assert run("calibrate", other_model, "--num-prompts", 1, "--steps", 1, "-o", path).exit_code == 0
+    out = tmp_path / "x"
+    shutil.copytree(int8_export, out, ignore=shutil.ignore_patterns("unet_int8"))
+    assert_one_line_error(run("quantize", out, "--calib", path), 4, "6 channels", "takes 4")
+
+
+@pytest.mark.parametrize("change, code, needle", [
+    ("float64", 5, "is float64; the UNet takes float32"),
+    ("hidden", 4, "has size 48 in dimension 2"),
+    ("size", 4, "latent_height=40 is outside the exported range [8, 32]"),
+    ("weights", 5, "not from the model of"),
+    ("few", 2, "needs at least 32 samples"),
+    ("corrupt", 5, "not a calibration file"),
+    ("missing", 2, "no such file"),
+])
+def test_bad_calibration_files(int8_export, calib, tmp_path, change, code, needle):
+    arrays, meta = raw_calib(calib)
+    path = tmp_path / "bad.npz"
+    if change == "float64":
+        arrays["sample"] = arrays["sample"].astype(np.float64)
+    elif change == "hidden":
+        arrays["encoder_hidden_states"] = np.zeros((40, 77, 48), np.float32)
+    elif change == "size":
+        arrays["sample"] = np.zeros((40, 4, 40, 40), np.float32)
+    elif change == "weights":
+        meta["model"]["weights_sha256"] = "0" * 64
+    elif change == "few":
+        arrays = {k: v[:31] for k, v in arrays.items()}
+    if change == "corrupt":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    elif change != "missing":
+        save_calib(path, arrays, meta)
+    out = tmp_path / "x"
+    shutil.copytree(int8_export, out, ignore=shutil.ignore_patterns("unet_int8"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["components"].pop("unet_int8")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    method = ["--calibration-method", "entropy"] if change == "few" else []
+    assert_one_line_error(run("quantize", out, "--calib", path, *method), code, needle)
+    assert not (out / "unet_int8").exists()
+    assert "unet_int8" not in json.loads((out / "manifest.json").read_text())["components"]
+
+
+def test_bad_quantize_and_calibrate_input(int8_export, export_fp16, calib, tiny_model, tmp_path):
+    assert_one_line_error(run("quantize", export_fp16, "--calib", calib), 2, "fp16 export", "--dtype fp32")
+    assert not (export_fp16 / "unet_int8").exists()
+    # An export whose UNet already is a Q/DQ graph (manifest updated to match the bytes).
+    done = tmp_path / "done"
+    shutil.copytree(int8_export, done)
+    shutil.copy(done / "unet_int8" / "model.onnx", done / "unet" / "model.onnx")
+    manifest = json.loads((done / "manifest.json").read_text())
+    manifest["components"]["unet"]["sha256"] = sha256_file(done / "unet" / "model.onnx")
+    (done / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run("quantize", done, "--calib", calib, "--force"), 5, "already quantized")
+    assert_one_line_error(run("quantize", int8_export, "--calib", calib, "--calibration-method", "percentile",
+                              "--quantizer", "modelopt"), 2, "max and entropy only")
+    assert_one_line_error(run("quantize", int8_export, "--calib", calib, "--exclude", "no_such_layer"), 2,
+                          "matches no Conv/MatMul/Gemm")
+    assert_one_line_error(run("quantize", int8_export, "--calib", calib, "--exclude", "(unclosed"), 2,
+                          "not a regular expression")
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    assert_one_line_error(run("calibrate", tiny_model, "--prompts", empty, "-o", tmp_path / "c.npz"), 2, "no prompts")
+    assert_one_line_error(run("calibrate", tiny_model, "--num-prompts", 400, "-o", tmp_path / "c.npz"), 2,
+                          "only 362 prompts")
+    assert_one_line_error(run("calibrate", tiny_model, "--steps", 0, "-o", tmp_path / "c.npz"), 2, "--steps 0")
+    assert_one_line_error(run("calibrate", tiny_model, "--num-prompts", 1, "--height", 72, "-o", tmp_path / "c.npz"),
+                          4, "multiple of 16")
+    assert not (tmp_path / "c.npz").exists()
