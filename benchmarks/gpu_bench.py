@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder"]
-OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False)  # set by main()
+OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False)  # set by main()
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -53,7 +53,6 @@ def header() -> dict:
 
 def stage_prepare(work: Path, out: Path) -> None:
     from sdexport import ort_cuda
-    from sdexport.components import Geometry
     from sdexport.export import export
     from sdexport.models import write_preset
 
@@ -72,12 +71,14 @@ def stage_prepare(work: Path, out: Path) -> None:
 
     if not (work / "sd15" / "model_index.json").is_file():
         timed(f"preset {OPTS.model}", lambda: write_preset(OPTS.model, work / "sd15", progress=log))
-    size = 512 if not OPTS.quick else 128
     timed("export fp32", lambda: export(str(work / "sd15"), work / "e32", components=COMPONENTS, max_images=8, say=log))
-    timed("export fp16", lambda: export(str(work / "sd15"), work / "e16", dtype="fp16", components=COMPONENTS,
-                                        max_images=8, say=log))
+    if not OPTS.skip_fp16:
+        timed("export fp16", lambda: export(str(work / "sd15"), work / "e16", dtype="fp16", components=COMPONENTS,
+                                            max_images=8, say=log))
     timed("ort_cuda", lambda: ort_cuda.prepare(work / "e32", say=log))
     for exp in ("e32", "e16"):
+        if not (work / exp / "manifest.json").is_file():
+            continue
         manifest = json.loads((work / exp / "manifest.json").read_text())
         result[f"{exp}_sizes_mib"] = {k: round(v["size_bytes"] / 2**20, 1) for k, v in manifest["components"].items()}
         result[f"{exp}_export_seconds"] = {k: v["export_seconds"] for k, v in manifest["components"].items()}
@@ -174,6 +175,9 @@ def stage_fourway(work: Path, out: Path, only: str | None = None) -> None:
         for label, exp, backend, options, flags in configs(work):
             if only and only not in label:
                 continue
+            if not (exp / "manifest.json").is_file():
+                log(f"{label}: skipped, {exp} was not prepared")
+                continue
             runs = 3 if steps == 50 else 2
             rows.append(run_config(label, exp, backend, options, flags, settings, runs=runs, warmup=1))
             result["results"][str(steps)] = rows
@@ -223,20 +227,62 @@ def stage_trt(work: Path, out: Path) -> None:
     save(out, "trt", result)
 
 
+def stage_profile(work: Path, out: Path) -> None:
+    """Top GPU kernels of one UNet step (batch 2, 64x64 latent) for the fastest engine and for
+    torch.compile, from torch.profiler (CUPTI sees ONNX Runtime's kernels in the same process)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sdexport.backends import load_engines
+    from sdexport.components import Geometry
+
+    result = {**header(), "note": "kernel time summed over 5 UNet calls, after warm-up; no CUDA graph "
+              "(graph replays hide kernels from the profiler), so launch gaps are not included"}
+    geo = Geometry(1, 512, 512) if not OPTS.quick else Geometry(1, 32, 32)
+    for label, backend, options in (("ORT CUDA fused FP16", "ort", {"variant": "ort_cuda"}),
+                                    ("torch.compile FP16", "torch", {"dtype": "fp16", "compile": True})):
+        try:
+            engine = load_engines(work / "e32", backend, components=["unet"], device=OPTS.device, **options)["unet"]
+            feed = engine.spec.sample_inputs(engine.spec.dims_for(geo), device=OPTS.device)
+            for _ in range(3):
+                engine(feed)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    engine(feed)
+                torch.cuda.synchronize()
+            rows = []
+            for evt in prof.key_averages():
+                dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+                if dev_us > 0:
+                    rows.append((evt.key, dev_us / 5 / 1e3, evt.count // 5))
+            rows.sort(key=lambda r: -r[1])
+            total = sum(r[1] for r in rows)
+            result[label] = {"kernel_ms_per_step": round(total, 3),
+                             "top": [{"kernel": k[:160], "ms_per_step": round(ms, 3), "share_pct": round(100 * ms / total, 1),
+                                      "calls_per_step": n} for k, ms, n in rows[:15]]}
+        except Exception as exc:
+            traceback.print_exc()
+            result[label] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        save(out, "profile", result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt"])
+    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains this")
     parser.add_argument("--model", default="sd15-random")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1/4 size, 1 run")
+    parser.add_argument("--skip-fp16", action="store_true", help="prepare: no AutoCast FP16 export (saves ~5 min)")
     args = parser.parse_args()
-    OPTS.model, OPTS.device, OPTS.quick = args.model, args.device, args.quick
+    OPTS.model, OPTS.device, OPTS.quick, OPTS.skip_fp16 = args.model, args.device, args.quick, args.skip_fp16
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt}.get(
+    {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
+     "profile": stage_profile}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only))(work, out)
 
 

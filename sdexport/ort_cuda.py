@@ -21,7 +21,6 @@ graph, I/O kept FP32, Resize kept FP32; see FP32_OPS).
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -103,7 +102,7 @@ def prepare(export_dir: str | Path, components=("text_encoder", "unet", "vae_dec
     the same file opened with ONNX Runtime's free-dimension overrides (backends/ort.py).
     """
     try:
-        from onnxruntime.transformers.models.stable_diffusion.ort_optimizer import OrtStableDiffusionOptimizer
+        import onnxruntime.transformers.optimizer  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailable(f"ONNX Runtime's transformer optimizer is missing ({exc})") from None
     from .export import _cleanup, _save, _torch_export

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import load_manifest
-from sdexport.components import Geometry, component_specs
+from sdexport.components import Geometry
 from sdexport.runtime import ExportDir
 
 OPTIMUM_IO = {

@@ -397,6 +397,27 @@ def test_without_modelopt_falls_back_to_onnxruntime(int8_export, calib, tmp_path
                           "ModelOpt is not installed")
 
 
+def test_unet_with_external_data(int8_export, calib, tmp_path):
+    """The path models over 2 GB take (SD 1.5: model.onnx + model.onnx_data), on the tiny UNet."""
+    out = tmp_path / "external"
+    shutil.copytree(int8_export, out, ignore=shutil.ignore_patterns("unet_int8"))
+    unet = out / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(unet), str(unet), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["components"].pop("unet_int8")
+    manifest["components"]["unet"].update(sha256=sha256_file(unet), external_data=[
+        {"file": "unet/model.onnx_data", "sha256": sha256_file(out / "unet" / "model.onnx_data")}])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run("quantize", out, "--calib", calib)
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads((out / "manifest.json").read_text())["components"]["unet_int8"]
+    assert entry["precision"]["quantizer"].startswith("modelopt") and "fallback_reason" not in entry["precision"]
+    assert entry["precision"]["quantized_nodes"] == {"Conv": 26, "MatMul": 40, "Gemm": 0}
+    assert 1e-3 < rel_errors(out, out / "unet_int8" / "model.onnx")[0] < INT8_REL_L2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no work files left in OUT
+
+
 # --- the INT8 validation report -----------------------------------------------------------------
 def test_ssim_and_psnr():
     rng = np.random.default_rng(0)

@@ -1,0 +1,175 @@
+"""Turn the JSON of benchmarks/gpu.sh into the committed Markdown report and chart.
+
+usage: python benchmarks/report.py RESULTS_DIR      (writes RESULTS_DIR/README.md and fourway.png;
+                                                     the chart needs matplotlib: pip install matplotlib)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TARGET_VS_EAGER = 3.5
+TARGET_E2E_S = 0.40
+
+
+def load(d: Path, name: str):
+    p = d / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def fmt(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def fourway_table(rows, steps):
+    ok = [r for r in rows if "error" not in r]
+    base = next((r for r in ok if r["label"].startswith("FP32 eager (TF32 off)")), None)
+    eager16 = next((r for r in ok if r["label"].startswith("FP16 eager (SDPA)")), None)
+    lines = [f"### {steps} steps, 512x512, batch 1, guidance 7.5 (UNet batch 2), Euler",
+             "",
+             "| configuration | UNet ms/step (median / p90) | CLIP ms | UNet x N ms | VAE ms | image s | "
+             "vs FP32 eager | UNet step vs FP16 eager | loop overhead | device mem +MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | | | | | |")
+            continue
+        st, u = r["stages_ms"], r["unet_step_ms"]
+        e2e = st["pipeline_total"] / 1e3
+        vs32 = base["stages_ms"]["pipeline_total"] / st["pipeline_total"] if base else None
+        vs16 = eager16["unet_step_ms"]["median_ms"] / u["median_ms"] if eager16 else None
+        lines.append(f"| {r['label']} | {u['median_ms']:.2f} / {u['p90_ms']:.2f} | {st['text_encoder']:.2f} | "
+                     f"{st['unet_total']:.1f} | {st['vae_decoder']:.2f} | {e2e:.3f} | {fmt(vs32)}x | {fmt(vs16)}x | "
+                     f"{r['loop_overhead_pct']:.2f}% | {r['memory'].get('device_used_increase_mib', '-')} |")
+    return lines, ok, eager16
+
+
+def targets(ok, eager16):
+    engines = [r for r in ok if "engine" in r["label"]]
+    compiled = next((r for r in ok if "torch.compile" in r["label"]), None)
+    if not engines or not eager16:
+        return []
+    best = min(engines, key=lambda r: r["unet_step_ms"]["median_ms"])
+    step = best["unet_step_ms"]["median_ms"]
+    vs_eager = eager16["unet_step_ms"]["median_ms"] / step
+    out = [f"Fastest sdexport engine path: **{best['label']}**, {step:.2f} ms/step.", ""]
+    out.append(f"- at least {TARGET_VS_EAGER}x faster than eager FP16 per step: **{vs_eager:.2f}x** -> "
+               + ("met" if vs_eager >= TARGET_VS_EAGER else
+                  f"missed by {100 * (1 - vs_eager / TARGET_VS_EAGER):.1f}% "
+                  f"(needs {eager16['unet_step_ms']['median_ms'] / TARGET_VS_EAGER:.2f} ms/step)"))
+    if compiled:
+        c = compiled["unet_step_ms"]["median_ms"]
+        out.append(f"- no slower than torch.compile + CUDA graph ({c:.2f} ms/step): "
+                   + ("met" if step <= c else f"missed: {step / c:.3f}x its time ({step - c:+.2f} ms/step)"))
+    e2e = best["stages_ms"]["pipeline_total"] / 1e3
+    out.append(f"- 50-step 512x512 image under {TARGET_E2E_S:.2f} s: **{e2e:.3f} s** -> "
+               + ("met" if e2e < TARGET_E2E_S else f"missed by {e2e - TARGET_E2E_S:.3f} s"))
+    out.append(f"- sampler loop's own time at most 1% of pipeline time: **{best['loop_overhead_pct']:.2f}%** -> "
+               + ("met" if best["loop_overhead_pct"] <= 1.0 else "missed"))
+    return out
+
+
+def chart(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if "error" not in r]
+    labels = [r["label"] for r in ok]
+    unet = [r["stages_ms"]["unet_total"] / 1e3 for r in ok]
+    rest = [(r["stages_ms"]["pipeline_total"] - r["stages_ms"]["unet_total"]) / 1e3 for r in ok]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(ok) + 1.5))
+    ax.barh(labels, unet, label="UNet x 50")
+    ax.barh(labels, rest, left=unet, label="CLIP + VAE + loop")
+    ax.axvline(TARGET_E2E_S, color="k", linestyle="--", linewidth=1, label=f"target {TARGET_E2E_S} s")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per 512x512 image, 50 steps (SD 1.5 architecture, random weights)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(d: Path) -> None:
+    prep, four, sweep, trt, prof = (load(d, n) for n in ("prepare", "fourway", "sweep", "trt", "profile"))
+    head = four or prep
+    m, v = head["machine"], head["versions"]
+    md = [f"# GPU results: {m.get('gpu')} ({d.name})", "",
+          f"- device: {m.get('gpu')}, compute capability {m.get('compute_capability')}, driver {m.get('driver')}, "
+          f"CUDA {m.get('cuda')}, {m.get('cpu_count')} CPUs",
+          "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+          f"- commit: {head.get('commit')}; date {head.get('date')}",
+          "- command: `benchmarks/gpu.sh` stages (see each JSON's `command`); model: `sd15-random` "
+          "(exact SD 1.5 architecture, random weights: timings are real, images are noise)",
+          "- timing: CUDA events on torch's stream; median of the timed runs after one warm-up; "
+          "UNet ms/step = median and p90 over every UNet call of the timed runs", ""]
+    if four:
+        md += ["## The four-way table and the peers", "",
+               "Rows 1-4 of the write-ups' table map to: FP32 eager (TF32 off), FP16 eager, FP32 engine, "
+               "FP16 engine. TensorRT cannot run on this GPU (TensorRT-RTX refuses compute capability 9.0 and "
+               "NVIDIA's `tensorrt` cannot be installed here), so the engines are ONNX Runtime's CUDA EP.", ""]
+        for steps in ("50", "30"):
+            if steps in four["results"]:
+                lines, ok, eager16 = fourway_table(four["results"][steps], steps)
+                md += lines + [""]
+                if steps == "50":
+                    md += ["### Targets (issue 5), 50 steps", ""] + targets(ok, eager16) + [""]
+        if chart(four["results"].get("50", []), d / "fourway.png"):
+            md += ["![50-step seconds per image](fourway.png)", ""]
+    if prof:
+        md += ["## Where the time goes (one UNet step, batch 2, 64x64 latent)", "", prof.get("note", ""), ""]
+        for label, p in prof.items():
+            if isinstance(p, dict) and "top" in p:
+                md += [f"**{label}**: {p['kernel_ms_per_step']:.2f} ms of kernels per step", "",
+                       "| kernel | ms/step | share | calls |", "|---|---|---|---|"]
+                md += [f"| `{t['kernel'][:90]}` | {t['ms_per_step']:.3f} | {t['share_pct']}% | {t['calls_per_step']} |"
+                       for t in p["top"][:10]] + [""]
+    if sweep:
+        md += ["## Batch and resolution sweep (30 steps, Euler, guidance 7.5)", "",
+               "| images per call | configuration | image s (batch) | images/s | UNet ms/step |", "|---|---|---|---|---|"]
+        for r in sweep.get("batch", []):
+            if "error" in r:
+                md.append(f"| {r['batch']} | {r['label']} | failed | | |")
+                continue
+            md.append(f"| {r['batch']} | {r['label']} | {r['stages_ms']['pipeline_total'] / 1e3:.3f} | "
+                      f"{r['images_per_second']:.2f} | {r['unet_step_ms']['median_ms']:.2f} |")
+        md += ["", "| side px | configuration | image s | UNet ms/step |", "|---|---|---|---|"]
+        for r in sweep.get("resolution", []):
+            if "error" in r:
+                md.append(f"| {r['size']} | {r['label']} | failed | |")
+                continue
+            md.append(f"| {r['size']} | {r['label']} | {r['stages_ms']['pipeline_total'] / 1e3:.3f} | "
+                      f"{r['unet_step_ms']['median_ms']:.2f} |")
+        md.append("")
+    if trt:
+        md += ["## TensorRT-RTX engines built on this machine (FP16 export, dynamic profiles)", ""]
+        engines = (trt.get("engines") or {}).get("engines", {})
+        if engines:
+            md += ["| component | file | MiB | build s | targets |", "|---|---|---|---|---|"]
+            for name, e in engines.items():
+                md.append(f"| {name} | `{e.get('file')}` | {e.get('size_bytes', 0) / 2**20:.0f} | "
+                          f"{e.get('build_seconds')} | {', '.join(map(str, e.get('compute_capabilities', [])))} |")
+        if trt.get("build_error"):
+            md.append(f"Build failed: {trt['build_error']}")
+        if trt.get("run_refused"):
+            md += ["", f"Running them here was refused, as expected: `{trt['run_refused']}`"]
+        md.append("")
+    if prep:
+        md += ["## Preparation (export) times", "", "| step | seconds | ok |", "|---|---|---|"]
+        md += [f"| {k} | {s['seconds']} | {s['ok']}{' ' + s.get('error', '')[:100] if not s['ok'] else ''} |"
+               for k, s in prep["steps"].items()] + [""]
+        for key in ("e32_sizes_mib", "e16_sizes_mib", "e32_ort_cuda"):
+            if key in prep:
+                md.append(f"- {key}: {prep[key]}")
+        md.append("")
+    (d / "README.md").write_text("\n".join(md) + "\n")
+    print(d / "README.md")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
