@@ -158,14 +158,20 @@ def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str
 def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
           width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
-          say: Callable[[str], None] = lambda msg: None, unet: str = "default") -> dict[str, Any]:
+          say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
+          torch_compile: bool = False) -> dict[str, Any]:
     export = ExportDir.open(export_dir)
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
                     guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
                     width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler)
     check_request(export.ranges, steps, guidance_scale, _geometry(settings))
     unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
-    results = [run_backend(export, backend, device, settings, runs, warmup, say, **unet_option)]
+    options: dict[str, Any] = dict(unet_option)
+    if cuda_graph:  # ONNX Runtime: static shapes for this request + its own graph capture; torch: CudaGraphed
+        options.update(cuda_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
+    if backend == "torch":
+        options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
+    results = [run_backend(export, backend, device, settings, runs, warmup, say, **options)]
     if compare_eager and backend != "torch":
         results.append(run_backend(export, "torch", device, settings, runs, warmup, say, dtype=eager_dtype))
     if len(results) == 2:

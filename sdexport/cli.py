@@ -131,12 +131,22 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
 @click.option("--workspace", type=int, default=None, help="Workspace limit in MiB (default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file (default OUT/engines/timing.<trt>.cache; not used by TensorRT-RTX).")
+@click.option("--backend", "engine_backend", type=click.Choice(["trt", "ort"]), default="trt", show_default=True,
+              help="ort: prepare the ONNX Runtime CUDA variant (fusions + FP16) instead of TensorRT engines.")
 @click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
-          max_batch, opt_level, workspace, timing_cache, force):
+          max_batch, opt_level, workspace, timing_cache, engine_backend, force):
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
+
+    if engine_backend == "ort":
+        from .ort_cuda import prepare
+
+        parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
+        variants = prepare(export_dir, **({"components": parts} if parts else {}), say=say)
+        click.echo(f"{export_dir}/manifest.json: ort_cuda variant of {', '.join(variants)}")
+        return
 
     report = run(export_dir, precision=precision, flavour=flavour,
                  components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
@@ -235,12 +245,14 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
 @click.option("--eager-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision of the PyTorch eager baseline.")
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager comparison.")
+@click.option("--cuda-graph", is_flag=True, help="Capture the UNet call as a CUDA graph (static shape; GPU only).")
+@click.option("--torch-compile", is_flag=True, help="--backend torch: wrap the modules in torch.compile.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: time the INT8 UNet written by 'sdexport quantize' (eager stays FP32/--eager-dtype).")
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
-          eager_dtype, no_eager, json_path, unet):
+          eager_dtype, no_eager, cuda_graph, torch_compile, json_path, unet):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
@@ -249,9 +261,13 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
 
     if runs < 1 or warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
-    report = run(export_dir, backend=backend, device=_device(device), steps=steps, height=height, width=width,
+    device = _device(device)
+    if cuda_graph and not device.startswith("cuda"):
+        raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+    report = run(export_dir, backend=backend, device=device, steps=steps, height=height, width=width,
                  batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                  warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
+                 cuda_graph=cuda_graph, torch_compile=torch_compile,
                  **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:

@@ -19,8 +19,9 @@ Quantizer: NVIDIA ModelOpt's ONNX PTQ (``modelopt.onnx.quantization.quantize``) 
 knows TensorRT's placement rules (it drops Q/DQ where TensorRT would not fuse it: GEMV-shaped
 MatMuls, Convs with channel counts TensorRT has no INT8 kernel for) and it writes INT8
 weights with DQ only (``dq_only``). It is run with ``high_precision_dtype="fp32"``; the FP16
-step is then ModelOpt's AutoCast (precision.convert_fp16), because ModelOpt's own FP16 pass
-blocks op *types* only and would put the timestep embedding's sin/cos(t x freq) in FP16.
+step is then ModelOpt's AutoCast with the FP16 export's settings (``_fp16``), because ModelOpt's
+own FP16 pass blocks op *types* only and would put the timestep embedding's sin/cos(t x freq) in
+FP16.
 ModelOpt's INT8 calibration offers max and entropy only. ``percentile`` (and any run where
 ModelOpt cannot import or fails here, with ``--quantizer auto``) goes to ONNX Runtime's
 ``quantize_static`` with the same contract set explicitly: QDQ format, per-channel
@@ -40,6 +41,7 @@ INT8 UNet (see README "INT8").
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import re
 import shutil
@@ -522,19 +524,17 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
         rewired = _confine_qdq(model, set(excluded))
         confined = work / "qdq_confined.onnx"
         onnx.save_model(model, str(confined))
+        del model
+        gc.collect()  # the quantizer's sessions and the FP32 graph: give the memory back before AutoCast
         high = "fp16"
         try:
-            from .precision import convert_fp16
-
-            import torch
-
-            say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export)")
-            feed = {k: torch.from_numpy(v) for k, v in batches[0].items()}
-            model = convert_fp16(confined, spec, feed)
+            say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export"
+                f"{'' if not large else '; no reference-run range check for a UNet over 2 GB'})")
+            model = _fp16(confined, spec, batches[0], range_check=not large)
         except BackendUnavailable as exc:
             high = "fp32"
             say(f"warning: {exc}; the non-quantized part of the INT8 UNet stays FP32")
-            model = _upgrade_opset(model)
+            model = _upgrade_opset(onnx.load(str(confined)))
         final_path = tmp / "model.onnx"
         external = _save(model, final_path)
         onnx.checker.check_model(str(final_path), full_check=True)
@@ -594,6 +594,27 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
         f"INT8 Conv {q['Conv']}, MatMul {q['MatMul']}, Gemm {q['Gemm']}; {len(excluded)} excluded, "
         f"{len(left_out)} left out by {used}")
     return entry
+
+
+def _fp16(path: Path, spec, feed: dict[str, np.ndarray], range_check: bool = True):
+    """The FP16 export's conversion (precision.py: AutoCast, the same FP32 op types and node patterns, FP32 I/O)
+    applied to the Q/DQ graph. ``range_check`` runs AutoCast's reference run on ``feed`` and keeps nodes whose
+    activations leave the FP16-safe range in FP32, as the FP16 export does. For a UNet over 2 GB it is off:
+    the reference run materializes every dequantized weight and activation in FP32 (more than 23 GB for
+    SD 1.5); ``sdexport validate`` then checks the result."""
+    from . import precision
+    from .components import FP32_OP_TYPES
+
+    convert = precision._autocast()
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
+        options: dict[str, Any] = {"data_max": np.inf}
+        if range_check:
+            calib = Path(tmp) / "feed.npz"
+            np.savez(calib, **feed)
+            options = {"calibration_data": str(calib)}
+        return convert(onnx_path=str(path), low_precision_type="fp16", keep_io_types=True,
+                       op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
+                       providers=["cpu"], **options)
 
 
 def _upgrade_opset(model):
@@ -819,11 +840,11 @@ def _fp16_unet(export, spec, device: str, say):
     """An FP16 UNet made from the export's FP32 UNet with the FP16 export's own converter (temp file)."""
     import onnx
 
-    from .precision import convert_fp16
-
-    path = export.manifest.verified_path(export.manifest.component("unet"))
+    entry = export.manifest.component("unet")
+    path = export.manifest.verified_path(entry)
     say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
-    model = convert_fp16(path, spec, spec.sample_inputs(spec.opt_dims(), seed=0))
+    feed = {k: v.numpy() for k, v in spec.sample_inputs(spec.opt_dims(), seed=0).items()}
+    model = _fp16(path, spec, feed, range_check=not entry.get("external_data"))
     tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
     try:
         onnx.save_model(model, str(tmp / "model.onnx"))

@@ -1,0 +1,55 @@
+"""The ONNX Runtime CUDA variant: ORT's fusions are applied (checked on the graph; its contrib kernels
+run on CUDA only) and it stays out of the portable export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from sdexport.backends import load_engines
+from sdexport.cli import cli
+from sdexport.ort_cuda import prepare
+
+
+@pytest.fixture(scope="module")
+def prepared(export_fp32, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ortcuda") / "exp"
+    shutil.copytree(export_fp32, out)
+    prepare(out)
+    return out
+
+
+def test_fusions_are_applied(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    unet = manifest["ort_cuda"]["unet"]
+    # every attention of the tiny UNet (2 transformer blocks x self/cross) becomes one fused op
+    assert unet["fused_ops"]["MultiHeadAttention"] >= 4
+    assert unet["fused_ops"]["NhwcConv"] >= 10 and unet["fused_ops"].get("GroupNorm", 0) + unet["fused_ops"].get(
+        "SkipGroupNorm", 0) >= 10
+    model = onnx.load(prepared / unet["file"])
+    assert [i.name for i in model.graph.input] == ["sample", "timestep", "encoder_hidden_states"]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O stays FP32
+    assert len({n.name for n in model.graph.node}) == len(model.graph.node)  # unique names (ORT refuses dups)
+    # the portable export is untouched: no contrib ops there
+    plain = onnx.load(prepared / "unet" / "model.onnx")
+    assert not [n for n in plain.graph.node if n.domain == "com.microsoft"]
+
+
+def test_second_prepare_is_up_to_date(prepared):
+    messages = []
+    prepare(prepared, say=messages.append)
+    assert sum("up to date" in m for m in messages) == 3
+
+
+def test_cpu_engines_keep_the_portable_graph(prepared):
+    engine = load_engines(prepared, "ort", components=["unet"])["unet"]
+    assert engine.variant == "plain"
+
+
+def test_cuda_graph_needs_a_gpu(prepared):
+    result = CliRunner().invoke(cli, ["bench", str(prepared), "--cuda-graph", "--device", "cpu"])
+    assert result.exit_code == 2 and "CUDA device" in result.stderr
