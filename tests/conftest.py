@@ -77,3 +77,29 @@ def export_other(other_model, tmp_path_factory) -> Path:
 
 def load_manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
+
+
+def run_cli(*args):
+    """Invoke the sdexport CLI in-process; our SystemExit codes come back as result.exit_code."""
+    from click.testing import CliRunner
+
+    from sdexport.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def assert_error(result, code, *needles, only_line=False):
+    """Exit ``code``, no traceback, and a last stderr line ``error: ...`` naming every needle.
+    ``only_line``: the error is all of stderr (commands that print no progress first)."""
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    err = result.stderr.strip()
+    assert "Traceback" not in err, err
+    if only_line:
+        assert err.count("\n") == 0, err
+    last = err.splitlines()[-1] if err else ""
+    assert last.startswith("error: "), err
+    for needle in needles:
+        assert needle in last, last

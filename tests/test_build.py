@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from conftest import assert_error, run_cli
 from sdexport.components import COMPONENTS
 from sdexport.errors import BackendUnavailable, CannotRunHere, IntegrityError, ShapeError, UsageError
 from sdexport.manifest import sha256_file
@@ -56,23 +57,8 @@ def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
 
-def _run(*args):
-    from click.testing import CliRunner
-
-    from sdexport.cli import cli
-
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def _one_line(result, code, *needles):
-    err = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-    assert result.exit_code == code, (result.exit_code, result.stderr)
-    assert err.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in err, err
+_run = run_cli
+_one_line = assert_error
 
 
 # --- what a build makes -----------------------------------------------------------------------

@@ -8,24 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
-
-from sdexport.cli import cli
+from conftest import assert_error, run_cli
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+run = run_cli
 
 
 def assert_one_line_error(result, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.stderr)
-    err = result.stderr.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
+    assert_error(result, code, *needles, only_line=True)
 
 
 def test_infer_writes_image_and_sidecar(export_fp32, tmp_path):

@@ -13,11 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 
+from conftest import assert_error, run_cli
 from sdexport.calibration import Reservoir, load_calibration, load_prompts, select_prompts
-from sdexport.cli import cli
 from sdexport.components import Geometry
 from sdexport.errors import UsageError
 from sdexport.manifest import sha256_file
@@ -29,19 +28,8 @@ INT8_REL_L2 = 0.15
 COMPUTE = ("Conv", "MatMul", "Gemm")
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def assert_one_line_error(result, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.stderr)
-    err = result.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in err, err
+run = run_cli
+assert_one_line_error = assert_error
 
 
 def save_calib(path, arrays, meta):
