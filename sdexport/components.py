@@ -148,6 +148,8 @@ class ComponentSpec:
     wrap: Callable[[Any], Any]  # torch module of ``source`` -> nn.Module taking ``inputs`` in order
     fp32_node_patterns: tuple[str, ...] = ()
     config_source: str = ""
+    # text encoder only: (vocab size, bos id, eos id), so sample token ids look like tokenizer output
+    token_ids: tuple[int, int, int] | None = None
 
     # --- derived views -------------------------------------------------------------
     @property
@@ -187,11 +189,12 @@ class ComponentSpec:
         for t in self.inputs:
             shape = t.shape(dims)
             if t.name == "input_ids":
-                ids = torch.randint(1, self.extra["vocab_size"] - 2, shape, generator=gen)
-                ids[:, 0] = self.extra["bos_id"]
+                vocab, bos, eos = self.token_ids
+                ids = torch.randint(1, vocab - 2, shape, generator=gen)
+                ids[:, 0] = bos
                 ends = torch.randint(2, shape[1], (shape[0],), generator=gen)
                 for row, end in enumerate(ends.tolist()):
-                    ids[row, end:] = self.extra["eos_id"]
+                    ids[row, end:] = eos
                 value = ids
             elif t.name == "timestep":
                 value = torch.randint(1, 1000, shape, generator=gen).float()
@@ -201,10 +204,6 @@ class ComponentSpec:
                 value = torch.randn(shape, generator=gen)
             feed[t.name] = value.to(getattr(torch, t.dtype)).to(device)
         return feed
-
-    @property
-    def extra(self) -> dict[str, int]:
-        return self._extra  # type: ignore[attr-defined]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -304,6 +303,8 @@ def component_specs(info: ModelInfo, ranges: ShapeRanges) -> dict[str, Component
             outputs=(TensorSpec("last_hidden_state", "float32", ("batch", seq, info.text_hidden_size)),
                      TensorSpec("pooler_output", "float32", ("batch", info.text_hidden_size))),
             axes={"batch": rows}, dims_for=lambda g: {"batch": g.rows}, wrap=_text_encoder_wrapper,
+            # CLIP's vocabulary ends with <|startoftext|>, <|endoftext|>
+            token_ids=(info.vocab_size, info.vocab_size - 2, info.vocab_size - 1),
         ),
         ComponentSpec(
             name="unet", source="unet", config_source="unet",
@@ -337,9 +338,6 @@ def component_specs(info: ModelInfo, ranges: ShapeRanges) -> dict[str, Component
             wrap=_vae_encoder_wrapper,
         ),
     ]
-    extra = {"vocab_size": info.vocab_size, "bos_id": info.vocab_size - 2, "eos_id": info.vocab_size - 1}
-    for spec in specs:
-        object.__setattr__(spec, "_extra", extra)
     return {s.name: s for s in specs}
 
 

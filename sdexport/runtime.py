@@ -58,10 +58,7 @@ class ExportDir:
     def spec(self, name: str) -> ComponentSpec:
         self.manifest.component(name)  # raises if it was not exported
         if name in VARIANTS:  # same interface as the component it was made from, under its own name
-            base = self.specs[VARIANTS[name]]
-            variant = dataclasses.replace(base, name=name)
-            object.__setattr__(variant, "_extra", base.extra)
-            return variant
+            return dataclasses.replace(self.specs[VARIANTS[name]], name=name)
         return self.specs[name]
 
     @property
