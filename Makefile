@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 MODEL ?= tiny
 # `make engines VENV=/some/venv INSTALL=` uses an existing environment as it is (no install step).
 INSTALL ?= install
-OUT ?= engines/$(MODEL)
+OUT ?= engines/$(notdir $(abspath $(MODEL)))
+DEMO_OUT ?= $(OUT)-demo
 PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 4
 
@@ -30,10 +31,10 @@ $(OPTIMUM_VENV)/.installed: tests/optimum/requirements.txt
 
 # The main job on MODEL (a preset name or a diffusers directory): export -> validate -> infer -> bench.
 demo: install
-	$(BIN)/sdexport export $(MODEL) -o $(OUT)
-	$(BIN)/sdexport validate $(OUT)
-	$(BIN)/sdexport infer $(OUT) --prompt "$(PROMPT)" --steps $(STEPS) -o $(OUT)/image.png
-	$(BIN)/sdexport bench $(OUT) --steps $(STEPS) --json $(OUT)/bench.json
+	$(BIN)/sdexport export $(MODEL) -o $(DEMO_OUT)
+	$(BIN)/sdexport validate $(DEMO_OUT)
+	$(BIN)/sdexport infer $(DEMO_OUT) --prompt "$(PROMPT)" --steps $(STEPS) -o $(DEMO_OUT)/image.png
+	$(BIN)/sdexport bench $(DEMO_OUT) --steps $(STEPS) --json $(DEMO_OUT)/bench.json
 
 # TensorRT engines for MODEL: fp16 export -> engines -> validation, all in $(OUT)/ (see README "TensorRT
 # engines"). A second run rebuilds nothing. Where engines cannot run (no GPU, or a GPU the TensorRT flavour
