@@ -159,22 +159,20 @@ class Pipeline:
             unet = self.engines["unet"]
             rows = geo.rows
             timesteps = sched.timesteps
-            denoise = clock.stage("denoise")
-            denoise.__enter__()
-            for i, t in enumerate(timesteps):
-                model_in = torch.cat([latents] * 2) if cfg else latents
-                model_in = sched.scale_model_input(model_in, t)
-                t_batch = unet_timesteps[i].expand(rows)
-                with clock.stage("unet"):
-                    noise = unet({"sample": model_in, "timestep": t_batch,
-                                  "encoder_hidden_states": embeds})["out_sample"]
-                if cfg:
-                    uncond, text = noise.chunk(2)
-                    noise = uncond + guidance_scale * (text - uncond)
-                latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
-                if progress:
-                    progress(i + 1, len(timesteps))
-            denoise.__exit__(None, None, None)
+            with clock.stage("denoise"):
+                for i, t in enumerate(timesteps):
+                    model_in = torch.cat([latents] * 2) if cfg else latents
+                    model_in = sched.scale_model_input(model_in, t)
+                    t_batch = unet_timesteps[i].expand(rows)
+                    with clock.stage("unet"):
+                        noise = unet({"sample": model_in, "timestep": t_batch,
+                                      "encoder_hidden_states": embeds})["out_sample"]
+                    if cfg:
+                        uncond, text = noise.chunk(2)
+                        noise = uncond + guidance_scale * (text - uncond)
+                    latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
+                    if progress:
+                        progress(i + 1, len(timesteps))
 
             with clock.stage("vae_decoder"):
                 image = self.engines["vae_decoder"]({"latent_sample": latents / self.info.vae_scaling_factor})["sample"]
