@@ -71,6 +71,18 @@ def targets(ok, eager16):
     return out
 
 
+def sweep_rows(rows, key: str, per_second: bool) -> list[str]:
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r[key]} | {r['label']} | failed | |" + (" |" if per_second else ""))
+            continue
+        ips = f" {r['images_per_second']:.2f} |" if per_second else ""
+        out.append(f"| {r[key]} | {r['label']} | {r['stages_ms']['pipeline_total'] / 1e3:.3f} |{ips} "
+                   f"{r['unet_step_ms']['median_ms']:.2f} |")
+    return out
+
+
 def chart(rows, path: Path) -> bool:
     try:
         import matplotlib
@@ -132,19 +144,9 @@ def main(d: Path) -> None:
     if sweep:
         md += ["## Batch and resolution sweep (30 steps, Euler, guidance 7.5)", "",
                "| images per call | configuration | image s (batch) | images/s | UNet ms/step |", "|---|---|---|---|---|"]
-        for r in sweep.get("batch", []):
-            if "error" in r:
-                md.append(f"| {r['batch']} | {r['label']} | failed | | |")
-                continue
-            md.append(f"| {r['batch']} | {r['label']} | {r['stages_ms']['pipeline_total'] / 1e3:.3f} | "
-                      f"{r['images_per_second']:.2f} | {r['unet_step_ms']['median_ms']:.2f} |")
+        md += sweep_rows(sweep.get("batch", []), "batch", per_second=True)
         md += ["", "| side px | configuration | image s | UNet ms/step |", "|---|---|---|---|"]
-        for r in sweep.get("resolution", []):
-            if "error" in r:
-                md.append(f"| {r['size']} | {r['label']} | failed | |")
-                continue
-            md.append(f"| {r['size']} | {r['label']} | {r['stages_ms']['pipeline_total'] / 1e3:.3f} | "
-                      f"{r['unet_step_ms']['median_ms']:.2f} |")
+        md += sweep_rows(sweep.get("resolution", []), "size", per_second=False)
         md.append("")
     if trt:
         md += ["## TensorRT-RTX engines built on this machine (FP16 export, dynamic profiles)", ""]
