@@ -196,9 +196,11 @@ def validate(export_dir, backend, device, components):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: run the INT8 UNet written by 'sdexport quantize'.")
+@click.option("--cuda-graph", is_flag=True,
+              help="Capture the UNet call as a CUDA graph for this request's shape (GPU only; fastest path).")
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet):
+          scheduler, backend, device, unet, cuda_graph):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
     from tqdm import tqdm
 
@@ -208,7 +210,19 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
 
     device = _device(device)
     export = ExportDir.open(export_dir)
-    engines = load_engines(export_dir, backend, device=device, **({"unet": unet} if unet != "default" else {}))
+    options: dict = {"unet": unet} if unet != "default" else {}
+    if cuda_graph:
+        from .components import Geometry
+        from .errors import UsageError
+        from .pipeline import check_request
+
+        if not device.startswith("cuda"):
+            raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+        geo = Geometry(batch_size, height or export.ranges.opt_size, width or export.ranges.opt_size,
+                       guidance=guidance_scale > 1.0)
+        check_request(export.ranges, steps, guidance_scale, geo)
+        options.update(cuda_graph=True, **({"static": geo} if backend == "ort" else {}))
+    engines = load_engines(export_dir, backend, device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"))
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,

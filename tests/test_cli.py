@@ -50,6 +50,7 @@ def test_batch_writes_one_png_per_image(export_fp32, tmp_path):
     (["--height", 72], 4, ["multiple of 16"]),
     (["--height", 1024], 4, ["[64, 256]"]),
     (["--batch-size", 9], 4, ["[1, 4]"]),
+    (["--cuda-graph", "--device", "cpu"], 2, ["CUDA device"]),
 ])
 def test_bad_infer_options(export_fp32, tmp_path, args, code, needles):
     out = tmp_path / "x.png"
