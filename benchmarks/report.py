@@ -120,6 +120,9 @@ def main(d: Path) -> None:
           "(exact SD 1.5 architecture, random weights: timings are real, images are noise)",
           "- timing: CUDA events on torch's stream; median of the timed runs after one warm-up; "
           "UNet ms/step = median and p90 over every UNet call of the timed runs", ""]
+    notes = d / "NOTES.md"
+    if notes.is_file():  # findings about this run written after it (kept beside the raw JSON)
+        md += [notes.read_text().strip(), ""]
     if four:
         md += ["## The four-way table and the peers", "",
                "Rows 1-4 of the write-ups' table map to: FP32 eager (TF32 off), FP16 eager, FP32 engine, "

@@ -2,11 +2,17 @@
 
 On CUDA: inputs are copied into buffers the session keeps bound (one set per shape),
 outputs are written into bound torch buffers (returned; valid until the next call of
-the same shape), and ONNX Runtime computes on torch's current stream
+the same shape), and ONNX Runtime computes on a torch stream of the engine's own
 (``user_compute_stream``) without synchronising at the end of a run
-(``disable_synchronize_execution_providers``): a denoising step has no host sync and,
-after the first call of a shape, no allocation. With ``cuda_graph`` ONNX Runtime
-captures the whole run as a CUDA graph (static-shape models only).
+(``disable_synchronize_execution_providers``). That stream is ordered with the
+caller's by events (``wait_stream`` both ways), never by a host sync: a denoising step
+has no host sync and, after the first call of a shape, no allocation. With
+``cuda_graph`` ONNX Runtime captures the whole run as a CUDA graph (static shapes only).
+
+Why a stream of its own: ONNX Runtime treats a ``user_compute_stream`` of 0 (torch's
+legacy default stream) as "none" and computes on a non-blocking stream of its own; with
+its end-of-run sync disabled, torch then read the outputs before they were written
+(measured on an H200: 10 of 10 calls, benchmarks/results/2026-11-22-h200-ort-stream-probe).
 
 On CUDA the engine prefers the ONNX Runtime-fused variant (``OUT/ort_cuda``, see
 ort_cuda.py) when one was prepared; ``variant="plain"`` forces the portable export.
@@ -72,9 +78,9 @@ class OrtEngine(Engine):
 
                 if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch already uses
                     ort.preload_dlls()
-                stream = torch.cuda.current_stream(torch.device(device)).cuda_stream
                 self.device_id = torch.device(device).index or 0
-                options = {"device_id": self.device_id, "user_compute_stream": str(stream),
+                self.stream = torch.cuda.Stream(device=self.device_id)  # never 0: see the module docstring
+                options = {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream),
                            "arena_extend_strategy": "kSameAsRequested"}
                 if cuda_graph:
                     options["enable_cuda_graph"] = "1"
@@ -112,9 +118,16 @@ class OrtEngine(Engine):
             slot = self._bind(dims)
             self._bound[key] = slot
         binding, inputs, outputs = slot
-        for name, buf in inputs.items():
-            buf.copy_(feed[name])
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # inputs written, previous outputs consumed
+        with torch.cuda.stream(self.stream):
+            for name, buf in inputs.items():
+                src = feed[name]
+                buf.copy_(src)
+                if src.is_cuda:  # made on the caller's stream, read on ours: keep it alive until then
+                    src.record_stream(self.stream)
         self.session.run_with_iobinding(binding, self.run_options)
+        caller.wait_stream(self.stream)  # the caller sees the outputs only after ONNX Runtime wrote them
         return outputs
 
     def _bind(self, dims: dict[str, int]):
