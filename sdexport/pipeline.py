@@ -11,6 +11,7 @@ batched UNet call. The loop never knows which backend it drives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -103,6 +104,25 @@ class Pipeline:
         self.device = device
         self.tokenizer = self.info.load_tokenizer()
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+        self._stream = None
+
+    @contextlib.contextmanager
+    def _on_own_stream(self):
+        """On CUDA, run the whole generation on a torch stream of the pipeline's own: engines get a real
+        stream handle (TensorRT synchronises extra on the legacy default stream, ONNX Runtime ignores
+        handle 0), and the caller's stream waits for the result by event, not by a host sync."""
+        if not self.device.startswith("cuda"):
+            yield
+            return
+        import torch
+
+        caller = torch.cuda.current_stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
 
     # --- stages --------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> tuple[Any, bool]:
@@ -135,48 +155,49 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         f = self.info.vae_scale_factor
 
-        with clock.stage("total"):
-            prompts = [prompt] * batch_size
-            negatives = [negative_prompt or ""] * batch_size
-            ids, truncated = self.tokenize((negatives + prompts) if cfg else prompts)
-            with clock.stage("text_encoder"):
-                embeds = self.engines["text_encoder"]({"input_ids": ids.to(dev)})["last_hidden_state"]
+        with self._on_own_stream():
+            with clock.stage("total"):
+                prompts = [prompt] * batch_size
+                negatives = [negative_prompt or ""] * batch_size
+                ids, truncated = self.tokenize((negatives + prompts) if cfg else prompts)
+                with clock.stage("text_encoder"):
+                    embeds = self.engines["text_encoder"]({"input_ids": ids.to(dev)})["last_hidden_state"]
 
-            shape = (batch_size, self.info.latent_channels, height // f, width // f)
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(dev)
-            # The scheduler keeps its tables on the CPU: its per-step scalars then enter GPU ops as
-            # host scalars, and no step indexes a CPU table with a GPU tensor (a hidden host sync).
-            # The timesteps the UNet sees are copied to the device once, before the loop.
-            sched.set_timesteps(steps, device="cpu")
-            latents = latents * sched.init_noise_sigma
-            unet_timesteps = sched.timesteps.to(dtype=torch.float32).to(dev)
-            step_params = inspect.signature(sched.step).parameters
-            extra = {}
-            if "eta" in step_params:
-                extra["eta"] = 0.0
-            if "generator" in step_params and not _noise_unused(sched):
-                extra["generator"] = generator
-            unet = self.engines["unet"]
-            rows = geo.rows
-            timesteps = sched.timesteps
-            with clock.stage("denoise"):
-                for i, t in enumerate(timesteps):
-                    model_in = torch.cat([latents] * 2) if cfg else latents
-                    model_in = sched.scale_model_input(model_in, t)
-                    t_batch = unet_timesteps[i].expand(rows)
-                    with clock.stage("unet"):
-                        noise = unet({"sample": model_in, "timestep": t_batch,
-                                      "encoder_hidden_states": embeds})["out_sample"]
-                    if cfg:
-                        uncond, text = noise.chunk(2)
-                        noise = uncond + guidance_scale * (text - uncond)
-                    latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
-                    if progress:
-                        progress(i + 1, len(timesteps))
+                shape = (batch_size, self.info.latent_channels, height // f, width // f)
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(dev)
+                # The scheduler keeps its tables on the CPU: its per-step scalars then enter GPU ops as
+                # host scalars, and no step indexes a CPU table with a GPU tensor (a hidden host sync).
+                # The timesteps the UNet sees are copied to the device once, before the loop.
+                sched.set_timesteps(steps, device="cpu")
+                latents = latents * sched.init_noise_sigma
+                unet_timesteps = sched.timesteps.to(dtype=torch.float32).to(dev)
+                step_params = inspect.signature(sched.step).parameters
+                extra = {}
+                if "eta" in step_params:
+                    extra["eta"] = 0.0
+                if "generator" in step_params and not _noise_unused(sched):
+                    extra["generator"] = generator
+                unet = self.engines["unet"]
+                rows = geo.rows
+                timesteps = sched.timesteps
+                with clock.stage("denoise"):
+                    for i, t in enumerate(timesteps):
+                        model_in = torch.cat([latents] * 2) if cfg else latents
+                        model_in = sched.scale_model_input(model_in, t)
+                        t_batch = unet_timesteps[i].expand(rows)
+                        with clock.stage("unet"):
+                            noise = unet({"sample": model_in, "timestep": t_batch,
+                                          "encoder_hidden_states": embeds})["out_sample"]
+                        if cfg:
+                            uncond, text = noise.chunk(2)
+                            noise = uncond + guidance_scale * (text - uncond)
+                        latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
+                        if progress:
+                            progress(i + 1, len(timesteps))
 
-            with clock.stage("vae_decoder"):
-                image = self.engines["vae_decoder"]({"latent_sample": latents / self.info.vae_scaling_factor})["sample"]
-            images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+                with clock.stage("vae_decoder"):
+                    image = self.engines["vae_decoder"]({"latent_sample": latents / self.info.vae_scaling_factor})["sample"]
+                images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
                                 truncated=truncated)
 
