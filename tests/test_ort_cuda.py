@@ -53,3 +53,39 @@ def test_cpu_engines_keep_the_portable_graph(prepared):
 def test_cuda_graph_needs_a_gpu(prepared):
     result = CliRunner().invoke(cli, ["bench", str(prepared), "--cuda-graph", "--device", "cpu"])
     assert result.exit_code == 2 and "CUDA device" in result.stderr
+
+
+def test_cuda_session_gets_a_real_stream_and_no_end_of_run_sync(export_fp32, monkeypatch):
+    """Guards the H200 finding (benchmarks/results/2026-11-22-h200-ort-stream-probe): ONNX Runtime ignores
+    stream handle 0 and then races torch. The CUDA engine must hand ORT a stream of its own (never 0) and
+    disable ORT's end-of-run sync (ordering is by events). Checked here with ORT and CUDA stubbed out."""
+    import onnxruntime as ort
+    import torch
+
+    from sdexport.backends.ort import OrtEngine
+    from sdexport.runtime import ExportDir
+
+    seen = {}
+
+    class FakeStream:
+        cuda_stream = 0x5eed
+
+        def __init__(self, device=None):
+            seen["stream_device"] = device
+
+    class FakeSession:
+        def __init__(self, path, opts, providers):
+            seen["providers"] = providers
+
+        def get_outputs(self):
+            return []
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    engine = OrtEngine(ExportDir.open(export_fp32), "unet", device="cuda:0")
+    name, options = seen["providers"][0]
+    assert name == "CUDAExecutionProvider"
+    assert options["user_compute_stream"] == str(0x5eed) != "0"
+    assert engine.run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
