@@ -49,7 +49,7 @@ class OrtEngine(Engine):
             prepared = export.manifest.data.get(variant, {}).get(component)
             if not prepared:
                 raise IntegrityError(f"{export.root}: no {variant} variant of {component}; run 'sdexport build "
-                                     f"{export.root} --backend ort{' --static HxW' if 'static' in variant else ''}'")
+                                     f"{export.root} --backend ort'")
             path = export.root / prepared["file"]
             if not path.is_file() or sha256_file(path) != prepared["sha256"]:
                 raise IntegrityError(f"{path}: missing or does not match the manifest; re-run the ort build")
