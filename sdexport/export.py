@@ -59,7 +59,7 @@ def check_io_against_spec(io: dict, spec: ComponentSpec, where: str) -> None:
             raise IntegrityError(f"{where}: {kind} {got} do not match the component spec {exp}")
 
 
-def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: int, dynamic: bool = True) -> None:
+def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: int) -> None:
     import warnings
 
     import torch
@@ -70,7 +70,7 @@ def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: in
         torch.onnx.export(
             wrapper, tuple(feed[n] for n in spec.input_names), str(path), dynamo=False,
             opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes() if dynamic else None, do_constant_folding=True)
+            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
 
 
 def _cleanup(path: Path):

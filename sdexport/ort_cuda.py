@@ -20,6 +20,7 @@ graph, I/O kept FP32, Resize kept FP32; see FP32_OPS).
 
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 import time
@@ -102,10 +103,10 @@ def prepare(export_dir: str | Path, components=("text_encoder", "unet", "vae_dec
     the same file opened with ONNX Runtime's free-dimension overrides (backends/ort.py).
     """
     try:
-        import onnxruntime.transformers.optimizer  # noqa: F401
+        importlib.import_module("onnxruntime.transformers.optimizer")
     except ImportError as exc:
         raise BackendUnavailable(f"ONNX Runtime's transformer optimizer is missing ({exc})") from None
-    from .export import _cleanup, _save, _torch_export
+    from .export import _cleanup, _intact, _save, _torch_export
 
     export = ExportDir.open(export_dir)
     info = export.source_model()
@@ -119,8 +120,7 @@ def prepare(export_dir: str | Path, components=("text_encoder", "unet", "vae_dec
                "ranges": export.ranges.to_json(), "versions": versions()}
         key = json.loads(json.dumps(key))
         old = variants.get(name)
-        if old and old.get("key") == key and (export.root / old["file"]).is_file() \
-                and sha256_file(export.root / old["file"]) == old["sha256"]:
+        if old and old.get("key") == key and _intact(export.manifest, old):
             say(f"{vkey} {name}: up to date")
             continue
         t0 = time.perf_counter()

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, IntegrityError, ShapeError, UsageError
-from ..manifest import sha256_file
 from .base import Engine
 
 NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -50,9 +49,7 @@ class OrtEngine(Engine):
             if not prepared:
                 raise IntegrityError(f"{export.root}: no {variant} variant of {component}; run 'sdexport build "
                                      f"{export.root} --backend ort'")
-            path = export.root / prepared["file"]
-            if not path.is_file() or sha256_file(path) != prepared["sha256"]:
-                raise IntegrityError(f"{path}: missing or does not match the manifest; re-run the ort build")
+            path = export.manifest.verified_path(prepared)
             self.variant = variant
         self.static_dims = self.spec.dims_for(static) if static is not None else None
         if cuda_graph and not self.static_dims:
