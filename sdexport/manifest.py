@@ -148,18 +148,21 @@ class Manifest:
             raise IntegrityError(f"{self.root}: component '{name}' was not exported (have: {have})")
         return self.components[name]
 
-    def verified_path(self, entry: dict[str, Any]) -> Path:
-        """The artifact's path, after checking that its bytes match the recorded sha256."""
+    def verified_path(self, entry: dict[str, Any], remedy: str = "re-export it") -> Path:
+        """The artifact's path, after checking that its bytes match the recorded sha256.
+
+        ``remedy`` ends the error message: what the user runs to get a good file again.
+        """
         path = self.root / entry["file"]
         if not path.is_file():
-            raise IntegrityError(f"{path}: listed in {MANIFEST_NAME} but missing; re-run the step that writes it")
+            raise IntegrityError(f"{path}: listed in {MANIFEST_NAME} but missing; {remedy}")
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise IntegrityError(
-                f"{path}: sha256 {actual[:12]}… does not match the manifest ({entry['sha256'][:12]}…); "
-                "the file was changed after export: re-export it")
+                f"{path}: sha256 {actual[:12]}… does not match the manifest ({entry['sha256'][:12]}…): "
+                f"changed, truncated or corrupt; {remedy}")
         for extra in entry.get("external_data", []):
             data_path = self.root / extra["file"]
             if not data_path.is_file() or sha256_file(data_path) != extra["sha256"]:
-                raise IntegrityError(f"{data_path}: external data missing or does not match the manifest; re-export")
+                raise IntegrityError(f"{data_path}: external data missing or does not match the manifest; {remedy}")
         return path

@@ -216,8 +216,6 @@ def check_rtx_header(path: Path, entry: dict[str, Any]) -> None:
 
 def verify_plan(export, component: str) -> tuple[Path, dict[str, Any]]:
     """The engine file of ``component`` after checking it against the manifest and its ONNX."""
-    from ..manifest import sha256_file
-
     entry = engine_entry(export, component)
     onnx = entry["onnx"]
     current = export.manifest.components.get(onnx["component"])
@@ -225,13 +223,7 @@ def verify_plan(export, component: str) -> tuple[Path, dict[str, Any]]:
         raise IntegrityError(f"{export.root}/{entry['file']}: built from an ONNX that is no longer in the export "
                              f"({onnx['file']} sha256 {onnx['sha256'][:12]}… changed); rebuild: "
                              f"sdexport build {export.root}")
-    path = export.root / entry["file"]
-    if not path.is_file():
-        raise IntegrityError(f"{path}: listed in manifest.json but missing; rebuild: sdexport build {export.root}")
-    actual = sha256_file(path)
-    if actual != entry["sha256"]:
-        raise IntegrityError(f"{path}: sha256 {actual[:12]}… does not match the manifest ({entry['sha256'][:12]}…): "
-                             f"truncated or corrupt; rebuild: sdexport build {export.root} --force")
+    path = export.manifest.verified_path(entry, remedy=f"rebuild: sdexport build {export.root} --force")
     if entry["flavour"] == "rtx":
         check_rtx_header(path, entry)
     return path, entry
