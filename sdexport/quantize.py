@@ -54,6 +54,7 @@ import numpy as np
 
 from .calibration import UNET_INPUTS, Calibration, load_calibration
 from .errors import BackendUnavailable, IntegrityError, ShapeError, UsageError
+from .export import _save, check_io_against_spec, onnx_io
 
 COMPONENT = "unet_int8"
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
@@ -434,7 +435,6 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
     import onnx
 
     from . import __version__
-    from .export import _save, check_io_against_spec, onnx_io
     from .manifest import atomic_dir, sha256_file, versions
     from .runtime import ExportDir
 
@@ -523,7 +523,7 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
         model = onnx.load(str(raw))
         rewired = _confine_qdq(model, set(excluded))
         confined = work / "qdq_confined.onnx"
-        onnx.save_model(model, str(confined))
+        _save(model, confined)  # external data past 2 GB, like every other artifact
         del model
         gc.collect()  # the quantizer's sessions and the FP32 graph: give the memory back before AutoCast
         high = "fp16"
@@ -838,8 +838,6 @@ def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Call
 
 def _fp16_unet(export, spec, device: str, say):
     """An FP16 UNet made from the export's FP32 UNet with the FP16 export's own converter (temp file)."""
-    import onnx
-
     entry = export.manifest.component("unet")
     path = export.manifest.verified_path(entry)
     say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
@@ -847,7 +845,7 @@ def _fp16_unet(export, spec, device: str, say):
     model = _fp16(path, spec, feed, range_check=not entry.get("external_data"))
     tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
     try:
-        onnx.save_model(model, str(tmp / "model.onnx"))
+        _save(model, tmp / "model.onnx")
         return _onnx_unet(spec, tmp / "model.onnx", device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
