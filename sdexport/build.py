@@ -323,11 +323,6 @@ def _engine_precision(export, onnx_key: str, precision: str, say: Callable[[str]
     return precision
 
 
-def _intact(export, entry: dict[str, Any]) -> bool:
-    path = export.root / entry["file"]
-    return path.is_file() and sha256_file(path) == entry["sha256"]
-
-
 def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto", components: list[str] | None = None,
           static: str | None = None, batch: int | None = None, opt_size: str | None = None,
           opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
@@ -388,7 +383,7 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
                "compute_capabilities": targets, "precision": precisions[component], "profile": profile,
                "opt_level": opt_level, "workspace_mib": workspace_mib}
         old = manifest.engines.get(component)
-        if not force and old and old.get("key") == key and _intact(export, old):
+        if not force and old and old.get("key") == key and export.manifest.intact(old):
             say(f"{label}: up to date ({old['file']}), not rebuilt")
             current.append(component)
             continue

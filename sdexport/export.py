@@ -210,7 +210,7 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         spec = specs[name]
         key = _export_key(info, dtype, opset, ranges, spec)
         old = manifest.components.get(name)
-        if not force and old and old.get("key") == key and _intact(manifest, old):
+        if not force and old and old.get("key") == key and manifest.intact(old):
             say(f"[{i}/{len(components)}] {name}: up to date ({old['file']}), not re-exported")
             continue
         say(f"[{i}/{len(components)}] {name}: exporting {dtype}")
@@ -230,10 +230,3 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
     manifest.save()
     return manifest
 
-
-def _intact(manifest: Manifest, entry: dict) -> bool:
-    try:
-        manifest.verified_path(entry)
-        return True
-    except IntegrityError:
-        return False

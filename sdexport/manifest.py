@@ -166,3 +166,11 @@ class Manifest:
             if not data_path.is_file() or sha256_file(data_path) != extra["sha256"]:
                 raise IntegrityError(f"{data_path}: external data missing or does not match the manifest; {remedy}")
         return path
+
+    def intact(self, entry: dict[str, Any]) -> bool:
+        """Whether the artifact of ``entry`` is present and matches its recorded sha256 (for up-to-date skips)."""
+        try:
+            self.verified_path(entry)
+            return True
+        except IntegrityError:
+            return False

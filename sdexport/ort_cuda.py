@@ -106,7 +106,7 @@ def prepare(export_dir: str | Path, components=("text_encoder", "unet", "vae_dec
         importlib.import_module("onnxruntime.transformers.optimizer")
     except ImportError as exc:
         raise BackendUnavailable(f"ONNX Runtime's transformer optimizer is missing ({exc})") from None
-    from .export import _cleanup, _intact, _save, _torch_export
+    from .export import _cleanup, _save, _torch_export
 
     export = ExportDir.open(export_dir)
     info = export.source_model()
@@ -120,7 +120,7 @@ def prepare(export_dir: str | Path, components=("text_encoder", "unet", "vae_dec
                "ranges": export.ranges.to_json(), "versions": versions()}
         key = json.loads(json.dumps(key))
         old = variants.get(name)
-        if old and old.get("key") == key and _intact(export.manifest, old):
+        if old and old.get("key") == key and export.manifest.intact(old):
             say(f"{vkey} {name}: up to date")
             continue
         t0 = time.perf_counter()
