@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 5: sd15-random exports, the four-way table with the peers, the batch and
-# resolution sweep, and the TensorRT-RTX builds. Writes JSON per stage to $OUT (default
+# The GPU measurement of issues 4 and 5: sd15-random exports, the GPU tests (step graphs), the four-way
+# table with the peers, the kernel profile, the batch and resolution sweep, the INT8 accuracy report and
+# (optionally) the TensorRT-RTX builds. Writes JSON per stage to $OUT (default
 # benchmarks/results/raw); benchmarks/report.py turns them into the committed Markdown table and chart.
 #
-# usage: benchmarks/gpu.sh [STAGE ...]      stages: prepare fourway sweep trt (default: all, in order)
+# usage: benchmarks/gpu.sh [STAGE ...]   stages: prepare gputests fourway profile sweep int8 trt
+#                                        (default: all but trt, in that order)
 # Needs a CUDA GPU, torch with CUDA, onnxruntime-gpu==1.31.1 and the packages of pyproject.toml.
 # Each stage takes 2 to 8 minutes on an H100; stages after `prepare` reuse its files in $WORK.
 set -uo pipefail
@@ -12,8 +14,14 @@ export OUT=${OUT:-benchmarks/results/raw} WORK=${WORK:-/tmp/sdx} PYTHONUNBUFFERE
 export SDEXPORT_COMMIT=${SDEXPORT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
-for stage in ${@:-prepare fourway sweep trt}; do
+for stage in ${@:-prepare gputests fourway profile sweep int8}; do
   echo "=== $stage ($(date +%T))"
+  if [ "$stage" = gputests ]; then  # the tests that need CUDA (skipped in CPU-only CI), on the tiny preset
+    mkdir -p "$OUT"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gputests.txt" | tail -5
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "stage gputests failed"; status=1; }
+    continue
+  fi
   python3 benchmarks/gpu_bench.py "$stage" --work "$WORK" --out "$OUT" || { echo "stage $stage failed"; status=1; }
 done
 exit $status

@@ -4,7 +4,9 @@ Stages (each writes OUT/<stage>.json, and can be re-run alone on a warm machine)
   prepare  sd15-random preset, FP32 + FP16 exports, ONNX Runtime CUDA variants (dynamic, static 512)
   fourway  SD 1.5 random weights, 512x512, batch 1 with guidance, 50 and 30 steps: FP32 eager, FP16 eager,
            FP32 engine, FP16 engine (+ the other engine/baseline variants), side by side in one process
-  sweep    images/s at batch 1, 2, 4, 8 (512 px) and latency at 512, 768, 1024 px: eager FP16 vs engine
+  sweep    images/s at batch 1, 2, 4, 8 (512 px) and latency at 512, 768, 1024 px: eager FP16 vs engines
+  profile  top GPU kernels of one UNet step (ORT-fused vs torch.compile) and the fused graph's error vs FP32
+  int8     calibrate + quantize (ModelOpt) the SD 1.5 UNet, then the INT8 accuracy report of `sdexport validate`
   trt      TensorRT-RTX builds of the FP16 engines (build time, size) and the attempt to run them here
 
 usage: python benchmarks/gpu_bench.py STAGE [--work /tmp/sdx] [--out DIR]
@@ -120,14 +122,16 @@ def configs(work: Path):
         ("FP32 eager (TF32 on)", e32, "torch", {"dtype": "fp32"}, {"tf32": True}),
         ("FP16 eager (SDPA)", e32, "torch", {"dtype": "fp16"}, {}),
         ("FP32 engine: ORT CUDA, plain export (TF32 off)", e32, "ort", {"variant": "plain", "tf32": False}, {}),
-        ("FP32 engine: ORT CUDA, plain export (TF32 on, ORT default)", e32, "ort", {"variant": "plain", "tf32": True},
-         {}),
         ("FP16 engine: ORT CUDA, AutoCast export", e16, "ort", {"variant": "plain"}, {}),
         ("FP16 engine: ORT CUDA, fused (dynamic)", e32, "ort", {"variant": "ort_cuda"}, {}),
         ("FP16 engine: ORT CUDA, fused static + CUDA graph", e32, "ort",
          {"variant": "ort_cuda", "cuda_graph": True, "static": _static()}, {}),
+        ("FP16 engine: ORT CUDA, fused static + step graph", e32, "ort",
+         {"variant": "ort_cuda", "step_graph": True, "static": _static()}, {}),
         ("FP16 eager + CUDA graph", e32, "torch", {"dtype": "fp16", "cuda_graph": True}, {}),
+        ("FP16 eager + step graph", e32, "torch", {"dtype": "fp16", "step_graph": True}, {}),
         ("FP16 torch.compile + CUDA graph", e32, "torch", {"dtype": "fp16", "compile": True, "cuda_graph": True}, {}),
+        ("FP16 torch.compile + step graph", e32, "torch", {"dtype": "fp16", "compile": True, "step_graph": True}, {}),
     ]
 
 
@@ -140,20 +144,35 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on
 
 
-def run_config(label, export_dir, backend, options, flags, settings, runs, warmup):
-    from sdexport.bench import run_backend
+def _psnr(a, b) -> float | None:
+    import numpy as np
+
+    from sdexport.quantize import psnr
+
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    value = psnr(np.asarray(a), np.asarray(b))
+    return "identical" if value == float("inf") else round(value, 2)
+
+
+def run_config(label, export_dir, backend, options, flags, settings_list, runs, warmup):
+    """Figures per request of ``settings_list`` (engines loaded once), each with ``image`` (the last run's
+    images, for the PSNR against FP32 eager; removed before saving) or ``error``."""
+    from sdexport.bench import run_settings
     from sdexport.runtime import ExportDir
 
     set_tf32(flags.get("tf32", False))
     try:
         if OPTS.quick:
-            settings = {**settings, "steps": 2, "height": settings["height"] // 4, "width": settings["width"] // 4}
+            settings_list = [{**s, "steps": 2, "height": s["height"] // 4, "width": s["width"] // 4}
+                             for s in settings_list]
             runs, warmup = 1, 1
-        return run_backend(ExportDir.open(export_dir), backend, OPTS.device, settings, runs, warmup, log,
-                           label=label, **options)
+        out = run_settings(ExportDir.open(export_dir), backend, OPTS.device, settings_list, runs, warmup, log,
+                           label=label, **dict(options))
+        return [{**figures, "image": result.images} for figures, result in out]
     except Exception as exc:
         traceback.print_exc()
-        return {"label": label, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        return [{"label": label, "error": f"{type(exc).__name__}: {exc}"[:2000]} for _ in settings_list]
     finally:
         import gc
 
@@ -165,43 +184,58 @@ def run_config(label, export_dir, backend, options, flags, settings, runs, warmu
         set_tf32(False)
 
 
-def stage_fourway(work: Path, out: Path, only: str | None = None) -> None:
+def stage_fourway(work: Path, out: Path, only: str | None = None, steps_list=(50, 30)) -> None:
     result = {**header(), "settings": {}, "results": {}}
-    for steps in (50, 30):
-        settings = dict(prompt=PROMPT, negative_prompt="", steps=steps, guidance_scale=7.5, seed=0, height=512,
-                        width=512, batch_size=1, scheduler="euler")
-        result["settings"][str(steps)] = {k: v for k, v in settings.items() if k != "prompt"}
-        rows = []
-        for label, exp, backend, options, flags in configs(work):
-            if only and only not in label:
-                continue
-            if not (exp / "manifest.json").is_file():
-                log(f"{label}: skipped, {exp} was not prepared")
-                continue
-            runs = 3 if steps == 50 else 2
-            rows.append(run_config(label, exp, backend, options, flags, settings, runs=runs, warmup=1))
-            result["results"][str(steps)] = rows
-            save(out, "fourway", result)
+    base = dict(prompt=PROMPT, negative_prompt="", guidance_scale=7.5, seed=0, height=512, width=512,
+                batch_size=1, scheduler="euler")
+    settings_list = [{**base, "steps": steps} for steps in steps_list]
+    for settings in settings_list:
+        result["settings"][str(settings["steps"])] = {k: v for k, v in settings.items() if k != "prompt"}
+        result["results"].setdefault(str(settings["steps"]), [])
+    reference: dict[int, object] = {}
+    for label, exp, backend, options, flags in configs(work):
+        if only and only not in label:
+            continue
+        if not (exp / "manifest.json").is_file():
+            log(f"{label}: skipped, {exp} was not prepared")
+            continue
+        rows = run_config(label, exp, backend, options, flags, settings_list, runs=3, warmup=1)
+        for settings, row in zip(settings_list, rows):
+            image = row.pop("image", None)
+            if label.startswith("FP32 eager (TF32 off)"):
+                reference[settings["steps"]] = image
+            # same seed and prompt: how far each configuration's image is from FP32 eager's (random weights:
+            # a consistency check of the engine, not image quality)
+            row["psnr_vs_fp32_eager_db"] = _psnr(image, reference.get(settings["steps"]))
+            result["results"][str(settings["steps"])].append(row)
+        save(out, "fourway", result)
     save(out, "fourway", result)
 
 
 def stage_sweep(work: Path, out: Path) -> None:
     result = {**header(), "batch": [], "resolution": []}
-    engines = [("FP16 eager (SDPA)", work / "e32", "torch", {"dtype": "fp16"}, {}),
-               ("FP16 engine: ORT CUDA, fused (dynamic)", work / "e32", "ort", {"variant": "ort_cuda"}, {})]
+    from sdexport.components import Geometry
+
     base = dict(prompt=PROMPT, negative_prompt="", steps=30, guidance_scale=7.5, seed=0, scheduler="euler")
-    for batch in (1, 2, 4, 8):
-        for label, exp, backend, options, flags in engines:
-            r = run_config(label, exp, backend, options, flags, {**base, "height": 512, "width": 512,
-                                                                  "batch_size": batch}, runs=2, warmup=1)
-            result["batch"].append({"batch": batch, **r})
-            save(out, "sweep", result)
-    for size in (512, 768, 1024):
-        for label, exp, backend, options, flags in engines:
-            r = run_config(label, exp, backend, options, flags, {**base, "height": size, "width": size,
-                                                                  "batch_size": 1}, runs=2, warmup=1)
-            result["resolution"].append({"size": size, **r})
-            save(out, "sweep", result)
+    requests = [("batch", b, {**base, "height": 512, "width": 512, "batch_size": b}) for b in (1, 2, 4, 8)]
+    requests += [("resolution", px, {**base, "height": px, "width": px, "batch_size": 1}) for px in (512, 768, 1024)]
+    dynamic = [("FP16 eager (SDPA)", "torch", {"dtype": "fp16"}),
+               ("FP16 eager + step graph", "torch", {"dtype": "fp16", "step_graph": True}),
+               ("FP16 engine: ORT CUDA, fused (dynamic)", "ort", {"variant": "ort_cuda"})]
+    for label, backend, options in dynamic:  # one load serves every request
+        rows = run_config(label, work / "e32", backend, options, {}, [r[2] for r in requests], runs=2, warmup=1)
+        for (kind, value, _), row in zip(requests, rows):
+            row.pop("image", None)
+            result[kind].append({("batch" if kind == "batch" else "size"): value, **row})
+        save(out, "sweep", result)
+    for kind, value, settings in requests:  # static shapes: one engine per request
+        geo = Geometry(settings["batch_size"], settings["height"], settings["width"])
+        label = "FP16 engine: ORT CUDA, fused static + step graph"
+        options = {"variant": "ort_cuda", "static": geo, "step_graph": True}
+        row = run_config(label, work / "e32", "ort", options, {}, [settings], runs=2, warmup=1)[0]
+        row.pop("image", None)
+        result[kind].append({("batch" if kind == "batch" else "size"): value, **row})
+        save(out, "sweep", result)
 
 
 def stage_trt(work: Path, out: Path) -> None:
@@ -227,6 +261,50 @@ def stage_trt(work: Path, out: Path) -> None:
     save(out, "trt", result)
 
 
+def stage_int8(work: Path, out: Path) -> None:
+    """Issue 4 on the GPU machine: calibrate on the PyTorch pipeline, quantize the FP32 UNet (ModelOpt,
+    max calibration, default excludes), then `sdexport validate`'s INT8 report (UNet error at early/middle/
+    late timesteps, final latents, image PSNR/SSIM) against FP32 and the ORT-fused FP16 UNet."""
+    from sdexport.calibration import calibrate
+    from sdexport.quantize import quantize
+    from sdexport.validate import validate
+
+    result = {**header(), "steps": {}}
+    e32, calib = work / "e32", work / "calib.npz"
+    quick = OPTS.quick
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": True}
+            return value
+        except Exception as exc:
+            traceback.print_exc()
+            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": False,
+                                     "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        finally:
+            log(f"int8 {name}: {result['steps'].get(name)}")
+            save(out, "int8", result)
+
+    settings = dict(num_prompts=4 if quick else 32, steps=4 if quick else 20, max_samples=16 if quick else 128)
+    result["calibration_settings"] = settings
+    set_tf32(False)
+    if not calib.is_file():  # a re-run on a warm machine resumes where the last one stopped
+        timed("calibrate", lambda: calibrate(str(work / "sd15"), calib, device=OPTS.device, say=log,
+                                             progress_bar=False, **settings))
+    entry = timed("quantize", lambda: quantize(e32, calib, method="max", say=log))
+    if entry:
+        result["quantize"] = {k: v for k, v in entry.items() if k in ("precision", "size_bytes", "quantize_seconds",
+                                                                        "opset", "nodes", "calibration")}
+        result["quantize"]["precision"].pop("excluded_nodes", None)
+    report = timed("validate", lambda: validate(e32, backend="ort", device=OPTS.device, components=["unet_int8"],
+                                                say=log, write_report=False))
+    if report:
+        result["validate"] = {"passed": report["passed"], "results": report["results"], "int8": report.get("int8")}
+    save(out, "int8", result)
+
+
 def stage_profile(work: Path, out: Path) -> None:
     """Top GPU kernels of one UNet step (batch 2, 64x64 latent) for the fastest engine and for
     torch.compile, from torch.profiler (CUPTI sees ONNX Runtime's kernels in the same process)."""
@@ -239,6 +317,14 @@ def stage_profile(work: Path, out: Path) -> None:
     result = {**header(), "note": "kernel time summed over 5 UNet calls, after warm-up; no CUDA graph "
               "(graph replays hide kernels from the profiler), so launch gaps are not included"}
     geo = Geometry(1, 512, 512) if not OPTS.quick else Geometry(1, 32, 32)
+    # The fused graph's numbers against FP32 on the same feed (TF32 off): a wrong fusion shows here first.
+    set_tf32(False)
+    ref_engine = load_engines(work / "e32", "torch", components=["unet"], device=OPTS.device, dtype="fp32")["unet"]
+    ref_feed = ref_engine.spec.sample_inputs(ref_engine.spec.dims_for(geo), device=OPTS.device, seed=7)
+    with torch.inference_mode():
+        reference = ref_engine(ref_feed)["out_sample"].float().clone()
+    del ref_engine
+    torch.cuda.empty_cache()
     for label, backend, options in (("ORT CUDA fused FP16", "ort", {"variant": "ort_cuda"}),
                                     ("torch.compile FP16", "torch", {"dtype": "fp16", "compile": True})):
         try:
@@ -246,6 +332,11 @@ def stage_profile(work: Path, out: Path) -> None:
             feed = engine.spec.sample_inputs(engine.spec.dims_for(geo), device=OPTS.device)
             for _ in range(3):
                 engine(feed)
+            with torch.inference_mode():
+                got = engine(ref_feed)["out_sample"].float()
+            err = (torch.linalg.vector_norm(got - reference) / torch.linalg.vector_norm(reference)).item()
+            result.setdefault("vs_fp32", {})[label] = {"rel_l2": round(err, 6),
+                                                       "max_abs": round((got - reference).abs().max().item(), 5)}
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
@@ -269,12 +360,13 @@ def stage_profile(work: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile"])
+    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains this")
     parser.add_argument("--model", default="sd15-random")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", default="50,30", help="fourway: step counts, comma-separated")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1/4 size, 1 run")
     parser.add_argument("--skip-fp16", action="store_true", help="prepare: no AutoCast FP16 export (saves ~5 min)")
     args = parser.parse_args()
@@ -282,8 +374,8 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
-     "profile": stage_profile}.get(
-        args.stage, lambda w, o: stage_fourway(w, o, args.only))(work, out)
+     "profile": stage_profile, "int8": stage_int8}.get(
+        args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)
 
 
 if __name__ == "__main__":

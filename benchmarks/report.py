@@ -30,25 +30,32 @@ def fourway_table(rows, steps):
     lines = [f"### {steps} steps, 512x512, batch 1, guidance 7.5 (UNet batch 2), Euler",
              "",
              "| configuration | UNet ms/step (median / p90) | CLIP ms | UNet x N ms | VAE ms | image s | "
-             "vs FP32 eager | UNet step vs FP16 eager | loop overhead | device mem +MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs FP32 eager | UNet step vs FP16 eager | loop overhead | device mem +MiB | PSNR vs FP32 eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | | | | | | |")
             continue
+        if r.get("warnings"):
+            lines.append(f"| {r['label']} | warning: {'; '.join(r['warnings'])[:160]} | | | | | | | | | |")
         st, u = r["stages_ms"], r["unet_step_ms"]
         e2e = st["pipeline_total"] / 1e3
         vs32 = base["stages_ms"]["pipeline_total"] / st["pipeline_total"] if base else None
         vs16 = eager16["unet_step_ms"]["median_ms"] / u["median_ms"] if eager16 else None
         lines.append(f"| {r['label']} | {u['median_ms']:.2f} / {u['p90_ms']:.2f} | {st['text_encoder']:.2f} | "
                      f"{st['unet_total']:.1f} | {st['vae_decoder']:.2f} | {e2e:.3f} | {fmt(vs32)}x | {fmt(vs16)}x | "
-                     f"{r['loop_overhead_pct']:.2f}% | {r['memory'].get('device_used_increase_mib', '-')} |")
+                     f"{r['loop_overhead_pct']:.2f}% | {r['memory'].get('device_used_increase_mib', '-')} | "
+                     f"{r.get('psnr_vs_fp32_eager_db', '-')} |")
+    lines += ["", "Step-graph rows (`loop: step-graph`): each denoising step (UNet, guidance, scheduler update) is one "
+              "CUDA graph replay, so their \"UNet ms/step\" is the whole step and their loop overhead is what is "
+              "left between replays. PSNR: the row's image against FP32 eager's for the same prompt and seed "
+              "(random weights: a consistency check of the engine, not image quality)."]
     return lines, ok, eager16
 
 
 def targets(ok, eager16):
     engines = [r for r in ok if "engine" in r["label"]]
-    compiled = next((r for r in ok if "torch.compile" in r["label"]), None)
+    compiled = next((r for r in ok if "torch.compile + CUDA graph" in r["label"]), None)
     if not engines or not eager16:
         return []
     best = min(engines, key=lambda r: r["unet_step_ms"]["median_ms"])
@@ -68,6 +75,10 @@ def targets(ok, eager16):
                + ("met" if e2e < TARGET_E2E_S else f"missed by {e2e - TARGET_E2E_S:.3f} s"))
     out.append(f"- sampler loop's own time at most 1% of pipeline time: **{best['loop_overhead_pct']:.2f}%** -> "
                + ("met" if best["loop_overhead_pct"] <= 1.0 else "missed"))
+    fastest = min(ok, key=lambda r: r["stages_ms"]["pipeline_total"])
+    out += ["", f"Fastest configuration overall (any backend): **{fastest['label']}**, "
+                f"{fastest['unet_step_ms']['median_ms']:.2f} ms/step, {fastest['stages_ms']['pipeline_total'] / 1e3:.3f} s "
+                f"per image, loop overhead {fastest['loop_overhead_pct']:.2f}%."]
     return out
 
 
@@ -81,6 +92,40 @@ def sweep_rows(rows, key: str, per_second: bool) -> list[str]:
         out.append(f"| {r[key]} | {r['label']} | {r['stages_ms']['pipeline_total'] / 1e3:.3f} |{ips} "
                    f"{r['unet_step_ms']['median_ms']:.2f} |")
     return out
+
+
+def int8_section(int8) -> list[str]:
+    md = ["## INT8 UNet accuracy (issue 4): `sdexport validate` on the INT8 UNet of sd15-random", ""]
+    md += [f"- {k}: {v['seconds']} s, {'ok' if v['ok'] else 'FAILED: ' + v.get('error', '')[:300]}"
+           for k, v in int8.get("steps", {}).items()]
+    md.append(f"- calibration: {int8.get('calibration_settings')}")
+    q = (int8.get("quantize") or {}).get("precision") or {}
+    if q:
+        md.append(f"- quantizer: {q.get('quantizer')}, method {q.get('calibration_method')}, "
+                  f"{q.get('quantized_nodes')} quantized nodes, {q.get('qdq_nodes')} Q/DQ nodes, rest "
+                  f"{q.get('high_precision_dtype')}; size {int8['quantize'].get('size_bytes', 0) / 2**20:.0f} MiB")
+    rep = (int8.get("validate") or {}).get("int8")
+    if rep:
+        md += [f"- measures: {rep.get('measures')}; reference: {rep.get('reference')}; FP16: {rep.get('fp16_reference')}",
+               f"- thresholds (fail the run): {rep.get('thresholds')}", "",
+               "| UNet output at | INT8 rel-L2 vs FP32 | INT8 max abs | FP16 rel-L2 vs FP32 | pass |",
+               "|---|---|---|---|---|"]
+        for row in rep.get("unet", []):
+            f16 = row.get("fp16") or {}
+            md.append(f"| t~{row['target_timestep']} | {row['int8']['rel_l2_err']:.3e} | {row['int8']['max_abs_err']:.3e} | "
+                      f"{format(f16['rel_l2_err'], '.3e') if f16 else '-'} | {row['pass']} |")
+        md += ["", "| case | final-latent rel-L2 INT8 | image PSNR INT8 dB | SSIM INT8 | final-latent rel-L2 FP16 | "
+               "PSNR FP16 dB | pass |", "|---|---|---|---|---|---|---|"]
+        for row in rep.get("pipeline", []):
+            i8, f16 = row.get("int8", {}), row.get("fp16") or {}
+            md.append(f"| seed {row.get('seed')} | {fmt(i8.get('final_latent', {}).get('rel_l2_err'), 4)} | "
+                      f"{fmt(i8.get('image_psnr_db'), 1)} | {fmt(i8.get('image_ssim'), 4)} | "
+                      f"{fmt(f16.get('final_latent', {}).get('rel_l2_err'), 4)} | {fmt(f16.get('image_psnr_db'), 1)} | "
+                      f"{row.get('pass')} |")
+        md.append(f"\nINT8 report: **{'PASSED' if rep.get('passed') else 'FAILED'}** "
+                  f"({rep.get('seconds', '-')} s)")
+    md.append("")
+    return md
 
 
 def chart(rows, path: Path) -> bool:
@@ -108,7 +153,7 @@ def chart(rows, path: Path) -> bool:
 
 
 def main(d: Path) -> None:
-    prep, four, sweep, trt, prof = (load(d, n) for n in ("prepare", "fourway", "sweep", "trt", "profile"))
+    prep, four, sweep, trt, prof, int8 = (load(d, n) for n in ("prepare", "fourway", "sweep", "trt", "profile", "int8"))
     head = four or prep
     m, v = head["machine"], head["versions"]
     md = [f"# GPU results: {m.get('gpu')} ({d.name})", "",
@@ -138,6 +183,10 @@ def main(d: Path) -> None:
             md += ["![50-step seconds per image](fourway.png)", ""]
     if prof:
         md += ["## Where the time goes (one UNet step, batch 2, 64x64 latent)", "", prof.get("note", ""), ""]
+        for label, err in (prof.get("vs_fp32") or {}).items():
+            md.append(f"- {label} output vs PyTorch FP32 (TF32 off), same inputs: rel-L2 {err['rel_l2']:.2e}, "
+                      f"max abs {err['max_abs']:.2e}")
+        md.append("")
         for label, p in prof.items():
             if isinstance(p, dict) and "top" in p:
                 md += [f"**{label}**: {p['kernel_ms_per_step']:.2f} ms of kernels per step", "",
@@ -164,6 +213,8 @@ def main(d: Path) -> None:
         if trt.get("run_refused"):
             md += ["", f"Running them here was refused, as expected: `{trt['run_refused']}`"]
         md.append("")
+    if int8:
+        md += int8_section(int8)
     if prep:
         md += ["## Preparation (export) times", "", "| step | seconds | ok |", "|---|---|---|"]
         md += [f"| {k} | {s['seconds']} | {s['ok']}{' ' + s.get('error', '')[:100] if not s['ok'] else ''} |"

@@ -114,52 +114,73 @@ def machine() -> dict[str, Any]:
 def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str, Any], runs: int, warmup: int,
                 say: Callable[[str], None], label: str | None = None, **engine_options) -> dict[str, Any]:
     """Time the full loop on one backend configuration (engine options go to ``load_engines``)."""
+    return run_settings(export, backend, device, [settings], runs, warmup, say, label, **engine_options)[0][0]
+
+
+def run_settings(export: ExportDir, backend: str, device: str, settings_list: list[dict[str, Any]], runs: int,
+                 warmup: int, say: Callable[[str], None], label: str | None = None,
+                 **engine_options) -> list[tuple[dict[str, Any], Any]]:
+    """Load one backend configuration once and time the full loop for each request of ``settings_list``;
+    returns (figures, last GenerationResult) per request."""
     label = label or (backend if backend != "torch" else f"torch eager {engine_options.get('dtype') or 'fp32'}")
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
+    step_graph = engine_options.pop("step_graph", False)
     engines = load_engines(export.root, backend, device=device, **engine_options)
     load_s = time.perf_counter() - t0
-    pipe = Pipeline(engines, export, device=device, warn=lambda msg: None)
-    summaries, unet_calls = [], []
-    with PeakMemory(device) as mem:
-        for i in range(warmup + runs):
-            result = pipe(**settings)
-            if i >= warmup:
-                summaries.append(result.stage_summary())
-                unet_calls.extend(result.timings_ms["unet"])
-            say(f"{label}: run {i + 1}/{warmup + runs}{' (warm-up)' if i < warmup else ''}: "
-                f"{result.stage_summary()['total_ms']:.1f} ms")
-    for engine in engines.values():
-        engine.close()
-    del engines, pipe
-    gc.collect()
-    med = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
-    images = settings["batch_size"]
-    return {
-        "backend": backend, "label": label, "options": {k: str(v) for k, v in engine_options.items()},
-        "load_seconds": round(load_s, 2),
-        "stages_ms": {
-            "text_encoder": round(med["text_encoder_ms"], 3),
-            "unet_total": round(med["unet_total_ms"], 3),
-            "vae_decoder": round(med["vae_decoder_ms"], 3),
-            "pipeline_total": round(med["total_ms"], 3),
-        },
-        "unet_steps": int(med["unet_steps"]),
-        "unet_step_ms": summarize_ms(unet_calls),
-        "images_per_second": round(images / (med["total_ms"] / 1e3), 4),
-        "loop_overhead_ms": round(med["loop_overhead_ms"], 3),
-        "loop_overhead_pct": round(med["loop_overhead_pct"], 3),
-        "outside_loop_and_engines_ms": round(med["other_ms"], 3),
-        "memory": mem.result(),
-        "runs": runs, "warmup": warmup,
-    }
+    warnings: list[str] = []
+    pipe = Pipeline(engines, export, device=device, warn=warnings.append, step_graph=step_graph)
+    out = []
+    try:
+        for settings in settings_list:
+            summaries, unet_calls, loops = [], [], set()
+            with PeakMemory(device) as mem:
+                for i in range(warmup + runs):
+                    result = pipe(**settings)
+                    if i >= warmup:
+                        summaries.append(result.stage_summary())
+                        unet_calls.extend(result.timings_ms["unet"])
+                        loops.add(result.loop)
+                    say(f"{label}: {settings['steps']} steps, run {i + 1}/{warmup + runs}"
+                        f"{' (warm-up)' if i < warmup else ''}: {result.stage_summary()['total_ms']:.1f} ms")
+            med = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+            figures = {
+                "backend": backend, "label": label,
+                "options": {k: str(v) for k, v in {**engine_options,
+                                                   **({"step_graph": True} if step_graph else {})}.items()},
+                # "step-graph": each step (UNet, guidance, scheduler update) is one CUDA graph replay, so the
+                # "UNet step" figures time whole steps and the loop overhead is what remains between replays.
+                "loop": "/".join(sorted(loops)), "warnings": sorted(set(warnings)),
+                "load_seconds": round(load_s, 2),
+                "stages_ms": {
+                    "text_encoder": round(med["text_encoder_ms"], 3),
+                    "unet_total": round(med["unet_total_ms"], 3),
+                    "vae_decoder": round(med["vae_decoder_ms"], 3),
+                    "pipeline_total": round(med["total_ms"], 3),
+                },
+                "unet_steps": int(med["unet_steps"]),
+                "unet_step_ms": summarize_ms(unet_calls),
+                "images_per_second": round(settings["batch_size"] / (med["total_ms"] / 1e3), 4),
+                "loop_overhead_ms": round(med["loop_overhead_ms"], 3),
+                "loop_overhead_pct": round(med["loop_overhead_pct"], 3),
+                "outside_loop_and_engines_ms": round(med["other_ms"], 3),
+                "memory": mem.result(),
+                "runs": runs, "warmup": warmup,
+            }
+            out.append((figures, result))
+    finally:
+        for engine in engines.values():
+            engine.close()
+        del engines, pipe
+        gc.collect()
+    return out
 
 
 def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
           width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
-          torch_compile: bool = False) -> dict[str, Any]:
+          torch_compile: bool = False, step_graph: bool = False) -> dict[str, Any]:
     export = ExportDir.open(export_dir)
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
                     guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
@@ -167,7 +188,9 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     check_request(export.ranges, steps, guidance_scale, _geometry(settings))
     unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
     options: dict[str, Any] = dict(unet_option)
-    if cuda_graph:  # ONNX Runtime: static shapes for this request + its own graph capture; torch: CudaGraphed
+    if step_graph:  # whole steps captured by the pipeline; ONNX Runtime opened for this one static shape
+        options.update(step_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
+    elif cuda_graph:  # ONNX Runtime: static shapes for this request + its own graph capture; torch: CudaGraphed
         options.update(cuda_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
     if backend == "torch":
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
@@ -225,8 +248,12 @@ def format_table(report: dict[str, Any]) -> str:
         mem_text = (f"device peak +{mem['device_used_increase_mib']} MiB, torch peak {mem['torch_allocator_peak_mib']} MiB"
                     if "device_used_increase_mib" in mem else f"RSS peak {mem['process_rss_peak_mib']} MiB "
                     f"(+{mem['process_rss_increase_mib']})")
-        lines.append(f"{r['label']}: UNet step median {u['median_ms']:.3f} ms, p90 {u['p90_ms']:.3f} ms (n={u['n']}); "
+        what = "step (graphed: UNet + guidance + scheduler)" if r.get("loop") == "step-graph" else "UNet step"
+        lines.append(f"{r['label']}: {what} median {u['median_ms']:.3f} ms, p90 {u['p90_ms']:.3f} ms (n={u['n']}); "
                      f"loop overhead {r['loop_overhead_ms']:.2f} ms ({r['loop_overhead_pct']:.2f}%); {mem_text}")
+    for r in results:
+        for w in r.get("warnings", []):
+            lines.append(f"{r['label']}: warning: {w}")
     if len(results) == 2:
         lines.append(f"UNet per-step speed-up vs eager: {results[0]['speedup_vs_eager']['unet_step_median']:.2f}x")
     return "\n".join(lines)

@@ -197,10 +197,14 @@ def validate(export_dir, backend, device, components):
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: run the INT8 UNet written by 'sdexport quantize'.")
 @click.option("--cuda-graph", is_flag=True,
-              help="Capture the UNet call as a CUDA graph for this request's shape (GPU only; fastest path).")
+              help="Capture the UNet call as a CUDA graph for this request's shape (GPU only).")
+@click.option("--step-graph", is_flag=True,
+              help="Capture each whole denoising step (UNet, guidance, scheduler update) as a CUDA graph for "
+                   "this request's shape (GPU only; fastest path; falls back to the eager loop with a warning "
+                   "for schedulers that draw host-side noise).")
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet, cuda_graph):
+          scheduler, backend, device, unet, cuda_graph, step_graph):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
     from tqdm import tqdm
 
@@ -211,19 +215,20 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
     device = _device(device)
     export = ExportDir.open(export_dir)
     options: dict = {"unet": unet} if unet != "default" else {}
-    if cuda_graph:
+    if cuda_graph or step_graph:
         from .components import Geometry
         from .errors import UsageError
         from .pipeline import check_request
 
         if not device.startswith("cuda"):
-            raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+            raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
         geo = Geometry(batch_size, height or export.ranges.opt_size, width or export.ranges.opt_size,
                        guidance=guidance_scale > 1.0)
         check_request(export.ranges, steps, guidance_scale, geo)
-        options.update(cuda_graph=True, **({"static": geo} if backend == "ort" else {}))
+        # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
+        options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
     engines = load_engines(export_dir, backend, device=device, **options)
-    pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"))
+    pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
                   height=height, width=width, batch_size=batch_size, scheduler=scheduler,
@@ -260,13 +265,15 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
               help="Precision of the PyTorch eager baseline.")
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager comparison.")
 @click.option("--cuda-graph", is_flag=True, help="Capture the UNet call as a CUDA graph (static shape; GPU only).")
+@click.option("--step-graph", is_flag=True,
+              help="Capture each whole denoising step as a CUDA graph (static shape; GPU only).")
 @click.option("--torch-compile", is_flag=True, help="--backend torch: wrap the modules in torch.compile.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: time the INT8 UNet written by 'sdexport quantize' (eager stays FP32/--eager-dtype).")
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
-          eager_dtype, no_eager, cuda_graph, torch_compile, json_path, unet):
+          eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
@@ -276,12 +283,13 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
     if runs < 1 or warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
     device = _device(device)
-    if cuda_graph and not device.startswith("cuda"):
-        raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+    for flag, on in (("--cuda-graph", cuda_graph), ("--step-graph", step_graph)):
+        if on and not device.startswith("cuda"):
+            raise UsageError(f"{flag} needs a CUDA device (--device cuda)")
     report = run(export_dir, backend=backend, device=device, steps=steps, height=height, width=width,
                  batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                  warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
-                 cuda_graph=cuda_graph, torch_compile=torch_compile,
+                 cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile,
                  **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:

@@ -7,11 +7,23 @@ CPU ``torch.Generator`` seeded like diffusers, ``init_noise_sigma``,
 VAE scaling and post-processing), so that with FP32 engines an image matches
 diffusers' own pipeline for the same seed. Classifier-free guidance is one
 batched UNet call. The loop never knows which backend it drives.
+
+``step_graph`` (CUDA only): every denoising step -- scale_model_input, the UNet
+call, guidance and ``scheduler.step`` -- is captured once per request shape as a
+CUDA graph of its own (one graph per step index, all in one memory pool, replayed
+in capture order), so a step costs one ``graph.replay()`` of host time. The
+scheduler's per-step scalars (sigmas, alphas, solver coefficients) are host values
+baked into each step's graph, which is why there is a graph per step rather than
+one graph replayed with new scalars: diffusers' schedulers are used unmodified.
+A scheduler that draws host-side noise every step (a CPU generator, e.g. Euler
+ancestral) or whose step cannot be captured falls back to the eager loop with a
+one-line warning; ``GenerationResult.loop`` says which ran.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import sys
@@ -68,6 +80,7 @@ class GenerationResult:
     timings_ms: dict[str, list[float]]
     steps: int
     truncated: bool
+    loop: str = "eager"  # "eager", or "step-graph" (every step one CUDA graph replay; "unet" times whole steps)
 
     def uint8(self) -> np.ndarray:
         return (self.images * 255).round().astype("uint8")
@@ -96,8 +109,12 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, engines: dict[str, Any], export, device: str = "cpu",
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, step_graph: bool = False):
+        if step_graph and not device.startswith("cuda"):
+            raise UsageError("--step-graph needs a CUDA device (--device cuda)")
         self.engines = engines
+        self.step_graph = step_graph
+        self._graphs: dict[tuple, Any] = {}  # request key -> _StepGraphs, or the reason capture failed
         self.export = export
         self.info = export.info
         self.ranges = export.ranges
@@ -180,26 +197,116 @@ class Pipeline:
                 unet = self.engines["unet"]
                 rows = geo.rows
                 timesteps = sched.timesteps
+                graphs = None
+                if self.step_graph:
+                    key = (scheduler, steps, tuple(latents.shape), tuple(embeds.shape), embeds.dtype, cfg,
+                           guidance_scale, extra.get("eta"), "generator" in extra)
+                    graphs = self._step_graphs(key, lambda: _StepGraphs.capture(
+                        self, scheduler, steps, latents, embeds, cfg, guidance_scale, rows, extra))
                 with clock.stage("denoise"):
-                    for i, t in enumerate(timesteps):
-                        model_in = torch.cat([latents] * 2) if cfg else latents
-                        model_in = sched.scale_model_input(model_in, t)
-                        t_batch = unet_timesteps[i].expand(rows)
-                        with clock.stage("unet"):
-                            noise = unet({"sample": model_in, "timestep": t_batch,
-                                          "encoder_hidden_states": embeds})["out_sample"]
-                        if cfg:
-                            uncond, text = noise.chunk(2)
-                            noise = uncond + guidance_scale * (text - uncond)
-                        latents = sched.step(noise, t, latents, **extra, return_dict=False)[0]
-                        if progress:
-                            progress(i + 1, len(timesteps))
+                    if graphs is not None:
+                        latents = graphs.run(latents, embeds, clock, progress)
+                    else:
+                        for i, t in enumerate(timesteps):
+                            latents = self._step(sched, unet, i, t, latents, embeds, unet_timesteps, cfg,
+                                                 guidance_scale, rows, extra, clock)
+                            if progress:
+                                progress(i + 1, len(timesteps))
 
                 with clock.stage("vae_decoder"):
                     image = self.engines["vae_decoder"]({"latent_sample": latents / self.info.vae_scaling_factor})["sample"]
                 images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
-                                truncated=truncated)
+                                truncated=truncated, loop="step-graph" if graphs is not None else "eager")
+
+    @staticmethod
+    def _step(sched, unet, i, t, latents, embeds, unet_timesteps, cfg, guidance_scale, rows, extra, clock=None):
+        """One denoising step: the batched guidance input, the UNet call, guidance, the scheduler update."""
+        import torch
+
+        model_in = torch.cat([latents] * 2) if cfg else latents
+        model_in = sched.scale_model_input(model_in, t)
+        t_batch = unet_timesteps[i].expand(rows)
+        with clock.stage("unet") if clock else contextlib.nullcontext():
+            noise = unet({"sample": model_in, "timestep": t_batch, "encoder_hidden_states": embeds})["out_sample"]
+        if cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + guidance_scale * (text - uncond)
+        return sched.step(noise, t, latents, **extra, return_dict=False)[0]
+
+    def _step_graphs(self, key, capture):
+        """The captured steps for this request, capturing them on first use; None (and one warning per
+        request kind) when they cannot be captured, in which case the eager loop runs."""
+        found = self._graphs.get(key)
+        if found is None:
+            try:
+                found = capture()
+            except _NotCapturable as exc:
+                found = str(exc)
+            except Exception as exc:  # CUDA/ORT raise their own types; the eager loop still works
+                found = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self._graphs[key] = found
+            if isinstance(found, str):
+                self.warn(f"step graph not used ({found}); running the denoising loop eagerly")
+        return None if isinstance(found, str) else found
+
+
+class _NotCapturable(Exception):
+    pass
+
+
+class _StepGraphs:
+    """One CUDA graph per denoising step of one request kind, captured in order into one pool."""
+
+    def __init__(self, graphs, static_latents, static_embeds, result, keep):
+        self.graphs = graphs
+        self.static_latents = static_latents
+        self.static_embeds = static_embeds
+        self.result = result
+        self.keep = keep  # the scheduler (its multistep history lives in graph memory) and the timesteps
+
+    @classmethod
+    def capture(cls, pipe: "Pipeline", scheduler, steps, latents, embeds, cfg, guidance_scale, rows, extra):
+        import torch
+
+        if "generator" in extra:
+            raise _NotCapturable("the scheduler draws noise from a CPU generator every step")
+        unet = getattr(pipe.engines["unet"], "inner", pipe.engines["unet"])  # CudaGraphed: no nested capture
+        if getattr(unet, "cuda_graph", False):
+            raise _NotCapturable("the UNet engine captures its own CUDA graph (open it without cuda_graph)")
+        sched = make_scheduler(scheduler, pipe.info.scheduler_config)
+        sched.set_timesteps(steps, device="cpu")
+        unet_timesteps = sched.timesteps.to(dtype=torch.float32).to(pipe.device)
+        static_latents, static_embeds = latents.clone(), embeds.clone()
+        # Warm-up outside the capture (autotuning, lazy kernel loading, ONNX Runtime's buffers for this
+        # shape), on a copy of the scheduler so that the captured one starts at step 0.
+        caller = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            warm, x = copy.deepcopy(sched), static_latents.clone()
+            for i, t in list(enumerate(warm.timesteps))[:2]:
+                x = pipe._step(warm, unet, i, t, x, static_embeds, unet_timesteps, cfg, guidance_scale, rows, extra)
+        caller.wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs, x = [], static_latents
+        for i, t in enumerate(sched.timesteps):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                x = pipe._step(sched, unet, i, t, x, static_embeds, unet_timesteps, cfg, guidance_scale, rows, extra)
+            graphs.append(graph)
+        return cls(graphs, static_latents, static_embeds, x, (sched, unet_timesteps))
+
+    def run(self, latents, embeds, clock, progress):
+        self.static_latents.copy_(latents)
+        self.static_embeds.copy_(embeds)
+        n = len(self.graphs)
+        for i, graph in enumerate(self.graphs):
+            with clock.stage("unet"):
+                graph.replay()
+            if progress:
+                progress(i + 1, n)
+        return self.result.clone()  # the graphs' buffer is overwritten by the next request
 
 
 def save_images(result: GenerationResult, path, metadata: dict[str, Any]) -> list[str]:

@@ -14,6 +14,8 @@ only warns: any miss makes ``validate`` exit non-zero.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -114,15 +116,38 @@ def backend_runner(export: ExportDir, component: str, backend: str, device: str)
 def validate(export_dir: str | Path, backend: str = "ort", device: str | None = None,
              components: list[str] | None = None, geometries: list[Geometry] | None = None,
              say: Callable[[str], None] = lambda msg: None, write_report: bool = True) -> dict[str, Any]:
-    from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
-
-    from .backends.torch import TorchEngine
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
     export = ExportDir.open(export_dir)
     device = _device(device)
+    with _true_fp32(device):
+        return _validate(export, export_dir, backend, device, components, geometries, say, write_report)
+
+
+@contextlib.contextmanager
+def _true_fp32(device: str):
+    """The PyTorch FP32 reference in FP32 proper: on CUDA torch lets cuDNN convolutions use TF32 by default
+    (``torch.backends.cudnn.allow_tf32``), which would make the reference itself ~1e-3 off."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _validate(export, export_dir, backend, device, components, geometries, say, write_report) -> dict[str, Any]:
+    from polygraphy.comparator import Comparator
+
+    from .backends.torch import TorchEngine
+
     engines: dict[str, Any] = {}
     if backend == "trt":  # every engine's checks first: exit 8 with the reason where engines cannot run
         from .backends.trt import engine_components, preflight, profile_geometries

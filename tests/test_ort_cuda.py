@@ -89,3 +89,48 @@ def test_cuda_session_gets_a_real_stream_and_no_end_of_run_sync(export_fp32, mon
     assert name == "CUDAExecutionProvider"
     assert options["user_compute_stream"] == str(0x5eed) != "0"
     assert engine.run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+
+
+def _geglu(width: int, left_end: int | None = None):
+    """MatMul -> Add(bias) -> Slice/Slice -> Gelu -> Mul, constant Slice bounds (as our export writes GEGLU)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    half, hidden = width // 2, 8
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((hidden, width)).astype(np.float32), "W"),
+             nh.from_array(rng.standard_normal(width).astype(np.float32), "bias"),
+             nh.from_array(np.array([0]), "zero"), nh.from_array(np.array([half]), "half"),
+             nh.from_array(np.array([left_end or half]), "left_end"),
+             nh.from_array(np.array([np.iinfo(np.int64).max]), "end"), nh.from_array(np.array([-1]), "axis")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"]), helper.make_node("Add", ["bias", "mm"], ["a"]),
+             helper.make_node("Slice", ["a", "zero", "left_end", "axis"], ["l"]),
+             helper.make_node("Slice", ["a", "half", "end", "axis"], ["r"]),
+             helper.make_node("Gelu", ["r"], ["g"], domain="com.microsoft"), helper.make_node("Mul", ["l", "g"], ["y"])]
+    graph = helper.make_graph(nodes, "geglu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", half])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("width,left_end,fused", [(2560, None, True), (10240, None, True),
+                                                  (256, None, False),  # BiasSplitGelu's kernel refuses 256
+                                                  (2560, 1000, False)])  # not a half split
+def test_geglu_with_constant_slices_becomes_bias_split_gelu(width, left_end, fused):
+    """The H200 profile showed the GEGLU (bias Add, 2 Slices, Gelu, Mul) unfused: ORT's own pattern wants
+    computed Slice bounds. _fuse_geglu must fuse the constant form, keep the bias and the MatMul output as
+    the op's inputs, and leave widths the CUDA kernel rejects (or a split that is not in halves) alone."""
+    import onnxruntime.transformers.optimizer  # noqa: F401  (puts ORT's fusion modules on the path)
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from sdexport.ort_cuda import _fuse_geglu
+
+    model = OnnxModel(_geglu(width, left_end))
+    counts = _fuse_geglu(model)
+    ops = [n.op_type for n in model.model.graph.node]
+    if fused:
+        assert counts["BiasSplitGelu"] == 1 and ops == ["MatMul", "BiasSplitGelu"]
+        node = model.model.graph.node[1]
+        assert node.domain == "com.microsoft" and list(node.input) == ["mm", "bias"] and list(node.output) == ["y"]
+    else:
+        assert counts["BiasSplitGelu"] == 0 and ops == ["MatMul", "Add", "Slice", "Slice", "Gelu", "Mul"]
