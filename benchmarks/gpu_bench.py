@@ -194,7 +194,7 @@ def stage_fourway(work: Path, out: Path, only: str | None = None, steps_list=(50
         result["results"].setdefault(str(settings["steps"]), [])
     reference: dict[int, object] = {}
     for label, exp, backend, options, flags in configs(work):
-        if only and only not in label:
+        if only and not any(part in label for part in only.split(",")):
             continue
         if not (exp / "manifest.json").is_file():
             log(f"{label}: skipped, {exp} was not prepared")
@@ -363,7 +363,7 @@ def main() -> None:
     parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
-    parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains this")
+    parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains one of these (comma-separated)")
     parser.add_argument("--model", default="sd15-random")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", default="50,30", help="fourway: step counts, comma-separated")

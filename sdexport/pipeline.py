@@ -57,11 +57,20 @@ def make_scheduler(name: str | None, config: dict[str, Any]):
     return getattr(diffusers, cls_name).from_config({**config, **overrides})
 
 
-def _noise_unused(sched) -> bool:
-    """EulerDiscreteScheduler draws step noise it only uses when ``s_churn > 0`` (we never set it).
-    With a CPU generator that draw is a host-to-device copy, i.e. a host sync, every step; without
-    the generator the unused draw stays on the device. Images are identical either way."""
-    return type(sched).__name__ == "EulerDiscreteScheduler"
+def _noise_unused(sched, eta: float = 0.0) -> bool:
+    """Schedulers whose ``step`` takes a generator but draws no noise in the configuration we run:
+    Euler (noise used only when ``s_churn > 0``, never set here; it is drawn anyway, so without the
+    generator the unused draw stays on the device), DDIM with ``eta == 0``, and DPM-Solver++ in its
+    non-SDE forms. Passing them a CPU generator costs a host sync per step (Euler) and stops the
+    step from being captured as a CUDA graph; images are identical either way."""
+    name = type(sched).__name__
+    if name == "EulerDiscreteScheduler":
+        return True
+    if name == "DDIMScheduler":
+        return eta == 0
+    if name == "DPMSolverMultistepScheduler":
+        return "sde" not in str(sched.config.algorithm_type)
+    return False
 
 
 def check_request(ranges, steps: int, guidance_scale: float, geo: Geometry) -> None:
@@ -192,7 +201,7 @@ class Pipeline:
                 extra = {}
                 if "eta" in step_params:
                     extra["eta"] = 0.0
-                if "generator" in step_params and not _noise_unused(sched):
+                if "generator" in step_params and not _noise_unused(sched, extra.get("eta", 0.0)):
                     extra["generator"] = generator
                 unet = self.engines["unet"]
                 rows = geo.rows

@@ -104,13 +104,31 @@ def backend_runner(export: ExportDir, component: str, backend: str, device: str)
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
         path = export.manifest.verified_path(export.manifest.component(component))
-        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        # FP32 means FP32: the CUDA EP computes FP32 MatMul/Conv in TF32 unless told not to
+        providers = _cuda_providers(tf32=False) if device.startswith("cuda") else ["CPUExecutionProvider"]
         return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=f"onnxruntime:{component}")
     if backend == "trt":
         from .backends.trt import polygraphy_runner
 
         return polygraphy_runner(export, component, device)
     raise UsageError(f"validate --backend {backend}: choose ort or trt")
+
+
+def _cuda_providers(tf32: bool) -> list:
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch already uses
+        ort.preload_dlls()
+    return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})]
+
+
+def variant_runner(export: ExportDir, component: str, entry: dict[str, Any], device: str):
+    """Polygraphy runner over the ONNX Runtime CUDA variant of ``component`` (ort_cuda.py)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    path = export.manifest.verified_path(entry)
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=_cuda_providers(tf32=False)),
+                        name=f"onnxruntime:{component}:ort_cuda")
 
 
 def validate(export_dir: str | Path, backend: str = "ort", device: str | None = None,
@@ -163,12 +181,19 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
     reference = TorchEngine.load_all(export, components, device=device, dtype="fp32")
     TorchRunner = _torch_runner_class()
     results, all_pass = [], True
+    targets = []  # (component, label, dtype, runner under test)
     for name in components:
         entry = export.manifest.component(name)
         dtype = engines[name]["precision"] if name in engines else entry["precision"]["dtype"]
+        targets.append((name, name, dtype, backend_runner(export, name, backend, device)))
+        variant = export.manifest.data.get("ort_cuda", {}).get(name)
+        if backend == "ort" and device.startswith("cuda") and variant:
+            # The ONNX Runtime-fused FP16 variant is what `infer --backend ort` runs on CUDA: check it too.
+            # (On an H200 its FP16 CLIP once gave rel-L2 1.15 on CUDA and 1.2e-3 on the CPU EP.)
+            targets.append((name, f"{name} (ort_cuda)", "fp16", variant_runner(export, name, variant, device)))
+    for name, label, dtype, runner in targets:
         limits = THRESHOLDS[dtype]
         spec = export.spec(name)
-        runner = backend_runner(export, name, backend, device)
         runners = [runner, TorchRunner(reference[name], name=f"torch:{name}")]
         component_geometries = geometries
         if name in engines:  # TensorRT: also against ONNX Runtime on the ONNX it was built from, across its profile
@@ -201,12 +226,12 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
                 all_pass &= m["pass"]
             ok = all(o["pass"] for o in outputs.values())
             shapes = {k: list(v.shape) for k, v in feed.items()}
-            results.append({"component": name, "dtype": dtype, "geometry": vars(geo), "input_shapes": shapes,
+            results.append({"component": label, "dtype": dtype, "geometry": vars(geo), "input_shapes": shapes,
                             "outputs": outputs, "pass": ok})
             worst = max(outputs.values(), key=lambda o: o["rel_l2_err"])
-            say(f"{'PASS' if ok else 'FAIL'} {name:<12} {dtype} {_shape_label(shapes)}  "
+            say(f"{'PASS' if ok else 'FAIL'} {label:<12} {dtype} {_shape_label(shapes)}  "
                 f"max_abs {worst['max_abs_err']:.2e}  rel_l2 {worst['rel_l2_err']:.2e}")
-        say(f"      {name}: {len(feeds)} shapes in {seconds:.1f} s")
+        say(f"      {label}: {len(feeds)} shapes in {seconds:.1f} s")
     int8 = None
     if "unet_int8" in components and backend == "ort":  # INT8 UNet: pipeline-level agreement (quantize.py)
         from .quantize import int8_report

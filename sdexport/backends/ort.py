@@ -45,12 +45,14 @@ class OrtEngine(Engine):
         if variant == "auto":
             variant = "ort_cuda" if self.cuda and component in export.manifest.data.get("ort_cuda", {}) else "plain"
         if variant != "plain":
-            prepared = export.manifest.data.get(variant, {}).get(component)
-            if not prepared:
-                raise IntegrityError(f"{export.root}: no {variant} variant of {component}; run 'sdexport build "
+            section = export.manifest.data.get(variant)
+            if not section:
+                raise IntegrityError(f"{export.root}: no {variant} variant; run 'sdexport build "
                                      f"{export.root} --backend ort'")
-            path = export.manifest.verified_path(prepared)
-            self.variant = variant
+            prepared = section.get(component)
+            if prepared:  # a component the variant leaves out (e.g. the text encoder) runs the plain export
+                path = export.manifest.verified_path(prepared)
+                self.variant = variant
         self.static_dims = self.spec.dims_for(static) if static is not None else None
         if cuda_graph and not self.static_dims:
             raise UsageError(f"{component}: CUDA graphs need a static shape (pass static=Geometry)")
