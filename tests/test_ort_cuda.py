@@ -136,3 +136,17 @@ def test_geglu_with_constant_slices_becomes_bias_split_gelu(width, left_end, fus
         assert node.domain == "com.microsoft" and list(node.input) == ["mm", "bias"] and list(node.output) == ["y"]
     else:
         assert counts["BiasSplitGelu"] == 0 and ops == ["MatMul", "Add", "Slice", "Slice", "Gelu", "Mul"]
+
+
+def test_components_the_variant_leaves_out_run_the_plain_export(prepared, export_fp32):
+    """variant="ort_cuda" (what the GPU benchmarks ask for) means: the fused graph where one was prepared.
+    The text encoder is not fused by default (its fused FP16 graph was wrong on the CUDA EP), so it must
+    open the plain export; an export without any variant is a clear error naming the command."""
+    from sdexport.backends.ort import OrtEngine
+    from sdexport.errors import IntegrityError
+    from sdexport.runtime import ExportDir
+
+    engine = OrtEngine(ExportDir.open(prepared), "text_encoder", variant="ort_cuda")
+    assert engine.variant == "plain" and engine.path.parent.name == "text_encoder"
+    with pytest.raises(IntegrityError, match="--backend ort"):
+        OrtEngine(ExportDir.open(export_fp32), "unet", variant="ort_cuda")
