@@ -11,7 +11,7 @@ DEMO_OUT ?= $(OUT)-demo
 PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 4
 
-.PHONY: install optimum-env demo test engines clean
+.PHONY: install optimum-env demo test gputest engines clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
@@ -57,6 +57,9 @@ engines: $(INSTALL)
 
 test: install optimum-env
 	SDEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -q
+
+gputest: install  ## the tests that need a CUDA GPU (skipped by `make test` on CPU-only machines)
+	$(BIN)/python -m pytest -q -m gpu
 
 clean:
 	rm -rf engines/*/ .pytest_cache

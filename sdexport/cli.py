@@ -239,7 +239,7 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
             "scheduler": scheduler or export.info.scheduler_config["_class_name"], "guidance_scale": guidance_scale,
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
             "backend": backend, "unet": unet, "device": device, "export": str(export.root),
-            "prompt_truncated": result.truncated,
+            "prompt_truncated": result.truncated, "loop": result.loop,
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)
     say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms (text {summary['text_encoder_ms']:.1f}, "

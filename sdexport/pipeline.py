@@ -254,10 +254,16 @@ class Pipeline:
                 found = str(exc)
             except Exception as exc:  # CUDA/ORT raise their own types; the eager loop still works
                 found = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            while len(self._graphs) >= MAX_STEP_GRAPH_KINDS:  # bounded device memory for many request kinds
+                self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = found
             if isinstance(found, str):
                 self.warn(f"step graph not used ({found}); running the denoising loop eagerly")
         return None if isinstance(found, str) else found
+
+
+# Request kinds (shape, steps, scheduler, guidance) whose step graphs are kept; the oldest goes first.
+MAX_STEP_GRAPH_KINDS = 4
 
 
 class _NotCapturable(Exception):
