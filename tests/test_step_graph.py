@@ -62,3 +62,36 @@ def test_step_graph_matches_the_eager_loop(export_fp32, backend, scheduler):
         diff = (got.latents - want.latents).abs().max().item()
         assert diff <= 1e-4 * scale, f"{scheduler}/{backend} seed {seed}: latents differ by {diff} (scale {scale})"
     assert len(warnings) <= 1  # one warning per request kind, not per request
+
+
+def test_step_graph_bookkeeping(export_fp32):
+    """Capture runs once per request kind, a failure warns once and is remembered (the eager loop runs),
+    and at most MAX_STEP_GRAPH_KINDS kinds are kept (the oldest goes). CUDA itself is not needed here."""
+    from sdexport import pipeline as pl
+
+    warnings: list[str] = []
+    pipe = Pipeline({}, ExportDir.open(export_fp32), device="cuda:0", step_graph=True, warn=warnings.append)
+    calls = []
+
+    def ok(key):
+        return lambda: calls.append(key) or f"graphs {key}".encode()
+
+    assert pipe._step_graphs("a", ok("a")) == b"graphs a"
+    assert pipe._step_graphs("a", ok("again")) == b"graphs a" and calls == ["a"]
+
+    def refuse():
+        raise pl._NotCapturable("the scheduler draws noise from a CPU generator every step")
+
+    def crash():
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    assert pipe._step_graphs("b", refuse) is None and pipe._step_graphs("b", refuse) is None
+    assert pipe._step_graphs("c", crash) is None
+    assert warnings == [
+        "step graph not used (the scheduler draws noise from a CPU generator every step); running the denoising "
+        "loop eagerly",
+        "step graph not used (capture failed: RuntimeError: operation not permitted when stream is capturing); "
+        "running the denoising loop eagerly"]
+    for key in "defg":
+        pipe._step_graphs(key, ok(key))
+    assert len(pipe._graphs) == pl.MAX_STEP_GRAPH_KINDS and "a" not in pipe._graphs and "g" in pipe._graphs
