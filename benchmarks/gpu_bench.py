@@ -53,23 +53,41 @@ def header() -> dict:
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def timed_step(result: dict, out: Path, stage: str, name: str, fn):
+    """Run one step of a stage, record its time and outcome under result["steps"][name] and save the
+    stage's JSON; a failure is recorded (and printed) and the stage goes on. Returns fn's value or None."""
+    t0 = time.perf_counter()
+    value = None
+    try:
+        value = fn()
+        result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": True}
+    except Exception as exc:  # record and go on: one failure must not lose the rest
+        traceback.print_exc()
+        result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": False,
+                                 "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    log(f"{stage} {name}: {result['steps'][name]}")
+    save(out, stage, result)
+    return value
+
+
+def rel_error(got, want) -> dict:
+    """validate.error_metrics of two torch tensors, under the keys of the committed results."""
+    from sdexport.validate import error_metrics
+
+    m = error_metrics(got.detach().float().cpu().numpy(), want.detach().float().cpu().numpy())
+    return {"rel_l2": round(m["rel_l2_err"], 6), "max_abs": round(m["max_abs_err"], 5),
+            "ref_max_abs": round(m["max_abs_ref"], 3), "finite": m["finite"]}
+
+
 def stage_prepare(work: Path, out: Path) -> None:
     from sdexport import ort_cuda
     from sdexport.export import export
     from sdexport.models import write_preset
 
     result = {**header(), "steps": {}}
+
     def timed(name, fn):
-        t0 = time.perf_counter()
-        try:
-            fn()
-            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": True}
-        except Exception as exc:  # record and go on: one failure must not lose the rest
-            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": False,
-                                     "error": f"{type(exc).__name__}: {exc}"[:2000]}
-            traceback.print_exc()
-        log(f"{name}: {result['steps'][name]}")
-        save(out, "prepare", result)
+        return timed_step(result, out, "prepare", name, fn)
 
     if not (work / "sd15" / "model_index.json").is_file():
         timed(f"preset {OPTS.model}", lambda: write_preset(OPTS.model, work / "sd15", progress=log))
@@ -274,18 +292,7 @@ def stage_int8(work: Path, out: Path) -> None:
     quick = OPTS.quick
 
     def timed(name, fn):
-        t0 = time.perf_counter()
-        try:
-            value = fn()
-            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": True}
-            return value
-        except Exception as exc:
-            traceback.print_exc()
-            result["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), "ok": False,
-                                     "error": f"{type(exc).__name__}: {exc}"[:2000]}
-        finally:
-            log(f"int8 {name}: {result['steps'].get(name)}")
-            save(out, "int8", result)
+        return timed_step(result, out, "int8", name, fn)
 
     settings = dict(num_prompts=4 if quick else 32, steps=4 if quick else 20, max_samples=16 if quick else 128)
     result["calibration_settings"] = settings
@@ -334,9 +341,7 @@ def stage_profile(work: Path, out: Path) -> None:
                 engine(feed)
             with torch.inference_mode():
                 got = engine(ref_feed)["out_sample"].float()
-            err = (torch.linalg.vector_norm(got - reference) / torch.linalg.vector_norm(reference)).item()
-            result.setdefault("vs_fp32", {})[label] = {"rel_l2": round(err, 6),
-                                                       "max_abs": round((got - reference).abs().max().item(), 5)}
+            result.setdefault("vs_fp32", {})[label] = rel_error(got, reference)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):

@@ -18,17 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def rel(a, b) -> dict:
-    import torch
-
-    a, b = a.float(), b.float()
-    return {"rel_l2": round((torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item(), 6),
-            "max_abs": round((a - b).abs().max().item(), 5), "ref_max_abs": round(b.abs().max().item(), 3),
-            "finite": bool(torch.isfinite(a).all().item())}
-
-
 def main() -> None:
     import torch
+
+    from gpu_bench import rel_error as rel  # beside this script
 
     from sdexport.backends import load_engines
     from sdexport.backends.ort import OrtEngine

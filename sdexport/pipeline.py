@@ -211,7 +211,7 @@ class Pipeline:
                     key = (scheduler, steps, tuple(latents.shape), tuple(embeds.shape), embeds.dtype, cfg,
                            guidance_scale, extra.get("eta"), "generator" in extra)
                     graphs = self._step_graphs(key, lambda: _StepGraphs.capture(
-                        self, scheduler, steps, latents, embeds, cfg, guidance_scale, rows, extra))
+                        self, sched, unet_timesteps, latents, embeds, cfg, guidance_scale, rows, extra))
                 with clock.stage("denoise"):
                     if graphs is not None:
                         latents = graphs.run(latents, embeds, clock, progress)
@@ -281,28 +281,28 @@ class _StepGraphs:
         self.keep = keep  # the scheduler (its multistep history lives in graph memory) and the timesteps
 
     @classmethod
-    def capture(cls, pipe: "Pipeline", scheduler, steps, latents, embeds, cfg, guidance_scale, rows, extra):
+    def capture(cls, pipe: "Pipeline", sched, unet_timesteps, latents, embeds, cfg, guidance_scale, rows, extra):
+        """Capture from the request's scheduler (timesteps set, at step 0), which stays untouched: the
+        eager loop still has it if the capture fails."""
         import torch
+
+        from .backends.base import warm_up
 
         if "generator" in extra:
             raise _NotCapturable("the scheduler draws noise from a CPU generator every step")
         unet = getattr(pipe.engines["unet"], "inner", pipe.engines["unet"])  # CudaGraphed: no nested capture
         if getattr(unet, "cuda_graph", False):
             raise _NotCapturable("the UNet engine captures its own CUDA graph (open it without cuda_graph)")
-        sched = make_scheduler(scheduler, pipe.info.scheduler_config)
-        sched.set_timesteps(steps, device="cpu")
-        unet_timesteps = sched.timesteps.to(dtype=torch.float32).to(pipe.device)
+        sched = copy.deepcopy(sched)
         static_latents, static_embeds = latents.clone(), embeds.clone()
         # Warm-up outside the capture (autotuning, lazy kernel loading, ONNX Runtime's buffers for this
         # shape), on a copy of the scheduler so that the captured one starts at step 0.
-        caller = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(caller)
-        with torch.cuda.stream(side):
+        def two_steps():
             warm, x = copy.deepcopy(sched), static_latents.clone()
             for i, t in list(enumerate(warm.timesteps))[:2]:
                 x = pipe._step(warm, unet, i, t, x, static_embeds, unet_timesteps, cfg, guidance_scale, rows, extra)
-        caller.wait_stream(side)
+
+        warm_up(two_steps)
         pool = torch.cuda.graph_pool_handle()
         graphs, x = [], static_latents
         for i, t in enumerate(sched.timesteps):

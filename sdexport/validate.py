@@ -15,7 +15,6 @@ only warns: any miss makes ``validate`` exit non-zero.
 from __future__ import annotations
 
 import contextlib
-
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -101,12 +100,8 @@ def _device(device: str | None) -> str:
 def backend_runner(export: ExportDir, component: str, backend: str, device: str):
     """The Polygraphy runner for the engine under test."""
     if backend == "ort":
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
         path = export.manifest.verified_path(export.manifest.component(component))
-        # FP32 means FP32: the CUDA EP computes FP32 MatMul/Conv in TF32 unless told not to
-        providers = _cuda_providers(tf32=False) if device.startswith("cuda") else ["CPUExecutionProvider"]
-        return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=f"onnxruntime:{component}")
+        return _ort_runner(path, f"onnxruntime:{component}", device)
     if backend == "trt":
         from .backends.trt import polygraphy_runner
 
@@ -114,21 +109,14 @@ def backend_runner(export: ExportDir, component: str, backend: str, device: str)
     raise UsageError(f"validate --backend {backend}: choose ort or trt")
 
 
-def _cuda_providers(tf32: bool) -> list:
-    import onnxruntime as ort
-
-    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch already uses
-        ort.preload_dlls()
-    return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})]
-
-
-def variant_runner(export: ExportDir, component: str, entry: dict[str, Any], device: str):
-    """Polygraphy runner over the ONNX Runtime CUDA variant of ``component`` (ort_cuda.py)."""
+def _ort_runner(path: Path, name: str, device: str):
+    """Polygraphy runner over an ONNX file in ONNX Runtime; on CUDA with TF32 off (FP32 means FP32)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    path = export.manifest.verified_path(entry)
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=_cuda_providers(tf32=False)),
-                        name=f"onnxruntime:{component}:ort_cuda")
+    from .backends.ort import cuda_provider
+
+    providers = [cuda_provider(device, tf32=False)] if device.startswith("cuda") else ["CPUExecutionProvider"]
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=providers), name=name)
 
 
 def validate(export_dir: str | Path, backend: str = "ort", device: str | None = None,
@@ -190,7 +178,8 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
         if backend == "ort" and device.startswith("cuda") and variant:
             # The ONNX Runtime-fused FP16 variant is what `infer --backend ort` runs on CUDA: check it too.
             # (On an H200 its FP16 CLIP once gave rel-L2 1.15 on CUDA and 1.2e-3 on the CPU EP.)
-            targets.append((name, f"{name} (ort_cuda)", "fp16", variant_runner(export, name, variant, device)))
+            targets.append((name, f"{name} (ort_cuda)", "fp16", _ort_runner(
+                export.manifest.verified_path(variant), f"onnxruntime:{name}:ort_cuda", device)))
     for name, label, dtype, runner in targets:
         limits = THRESHOLDS[dtype]
         spec = export.spec(name)

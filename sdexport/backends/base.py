@@ -56,6 +56,19 @@ class Engine(abc.ABC):
         pass
 
 
+def warm_up(fn) -> None:
+    """Run ``fn`` on a side stream before a CUDA graph capture (autotuning, lazy kernel loading and
+    allocations happen there, outside the capture), ordered with the current stream both ways."""
+    import torch
+
+    caller = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):
+        fn()
+    caller.wait_stream(side)
+
+
 class CudaGraphed(Engine):
     """Capture another engine's call once per input shape as a CUDA graph; replay it afterwards.
 
@@ -80,12 +93,13 @@ class CudaGraphed(Engine):
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feed.items()))
         if key not in self.graphs:
             static_in = {k: v.detach().clone() for k, v in feed.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):  # warm up (autotuning, lazy init) outside the capture
-                    self.inner(static_in)
-            torch.cuda.current_stream().wait_stream(side)
+
+            def twice():
+                with torch.inference_mode():
+                    for _ in range(2):
+                        self.inner(static_in)
+
+            warm_up(twice)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
                 static_out = self.inner(static_in)

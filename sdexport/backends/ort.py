@@ -30,6 +30,21 @@ from .base import Engine
 NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 
 
+def cuda_provider(device: str, tf32: bool | None = None, **options) -> tuple[str, dict[str, str]]:
+    """The CUDA execution provider entry for ``device`` (``cuda`` or ``cuda:N``), with cuDNN/cuBLAS loaded
+    from the nvidia-* wheels torch already uses. ``tf32``: None keeps ONNX Runtime's default (on: FP32
+    MatMul/Conv run in TF32), False computes FP32 in FP32."""
+    import onnxruntime as ort
+    import torch
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    options = {"device_id": str(torch.device(device).index or 0), **options}
+    if tf32 is not None:
+        options["use_tf32"] = "1" if tf32 else "0"
+    return "CUDAExecutionProvider", options
+
+
 class OrtEngine(Engine):
     backend = "ort"
 
@@ -75,17 +90,13 @@ class OrtEngine(Engine):
                         "(and uninstall the CPU onnxruntime)")
                 import torch
 
-                if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch already uses
-                    ort.preload_dlls()
                 self.device_id = torch.device(device).index or 0
                 self.stream = torch.cuda.Stream(device=self.device_id)  # never 0: see the module docstring
-                options = {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream),
+                options = {"user_compute_stream": str(self.stream.cuda_stream),
                            "arena_extend_strategy": "kSameAsRequested"}
                 if cuda_graph:
                     options["enable_cuda_graph"] = "1"
-                if tf32 is not None:  # the CUDA EP computes FP32 MatMul/Conv in TF32 unless told not to
-                    options["use_tf32"] = "1" if tf32 else "0"
-                providers = [("CUDAExecutionProvider", options)]
+                providers = [cuda_provider(device, tf32, **options)]
                 self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             else:
                 providers = ["CPUExecutionProvider"]
