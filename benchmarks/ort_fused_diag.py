@@ -21,12 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import torch
 
-    from gpu_bench import rel_error as rel  # beside this script
+    from gpu_bench import header  # beside this script
+    from gpu_bench import rel_error as rel
 
     from sdexport.backends import load_engines
     from sdexport.backends.ort import OrtEngine
-    from sdexport.bench import machine
-    from sdexport.manifest import versions
     from sdexport.pipeline import Pipeline
     from sdexport.quantize import psnr
     from sdexport.runtime import ExportDir
@@ -43,7 +42,7 @@ def main() -> None:
     fused = {n: OrtEngine(export, n, device="cuda", variant="ort_cuda") for n in names}
     settings = dict(prompt="a photograph of an astronaut riding a horse", steps=50, guidance_scale=7.5, seed=0,
                     height=512, width=512, scheduler="euler")
-    result = {"machine": machine(), "versions": versions(), "command": " ".join(sys.argv), "settings": settings}
+    result = {**header(), "settings": settings}
 
     recorded = []
 
@@ -76,7 +75,7 @@ def main() -> None:
             f = recorded[step]
             result["unet_vs_fp32"][f"step {step} (t={f['timestep'][0].item():.0f})"] = rel(
                 fused["unet"](f)["out_sample"], fp32["unet"](f)["out_sample"])
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "versions")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "versions", "command")}, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ort_fused_diag.json").write_text(json.dumps(result, indent=2))
