@@ -103,3 +103,20 @@ def assert_error(result, code, *needles, only_line=False):
     assert last.startswith("error: "), err
     for needle in needles:
         assert needle in last, last
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def sdexport_cmd(*args) -> list[str]:
+    """argv that runs this checkout's sdexport CLI in a subprocess (``python -m sdexport``)."""
+    import sys
+
+    return [sys.executable, "-m", "sdexport", *[str(a) for a in args]]
+
+
+def sdexport_env(**extra) -> dict[str, str]:
+    """Environment for such a subprocess: this checkout first on PYTHONPATH, quiet libraries."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
