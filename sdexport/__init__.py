@@ -1,3 +1,3 @@
 """sdexport: Stable Diffusion (diffusers layout) -> validated ONNX / TensorRT engines."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .components import COMPONENTS, Geometry
+from .components import Geometry
 from .errors import CannotRunHere, IntegrityError, SdexportError, ShapeError, UsageError
-from .manifest import atomic_path, sha256_file, versions
+from . import interrupts
+from .manifest import atomic_path, sha256_file, versions, writing
 from .runtime import ExportDir
 
 PRECISIONS = ("fp16", "fp32", "int8")
@@ -215,9 +216,10 @@ def _check_io(io: dict, spec, where: str) -> None:
 
 
 def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, profile: dict[str, list],
-                 targets: list[str], opt_level: int, workspace_mib: int | None, timing_cache: Path | None,
-                 say: Callable[[str], None], label: str) -> dict[str, Any]:
-    """Parse, configure and build one engine; the plan is written atomically to ``plan_path``."""
+                 targets: list[str], opt_level: int, workspace_mib: int | None,
+                 timing_cache: tuple[Path, Path] | None, say: Callable[[str], None], label: str) -> dict[str, Any]:
+    """Parse, configure and build one engine; the plan is written atomically to ``plan_path``.
+    ``timing_cache``: (file to read it from, file to write it to), or None."""
     from .backends.trt import capture_logger
 
     log = capture_logger(trt)
@@ -252,41 +254,44 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib * 2**20)
     cache = None
     if timing_cache is not None:
-        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache_in, cache_out = timing_cache
+        data = cache_in.read_bytes() if cache_in.is_file() else b""
         try:
             cache = config.create_timing_cache(data)
         except Exception:  # an unreadable cache (another version, truncated): start a new one
             cache = None
         if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            say(f"{label}: timing cache {timing_cache} is unreadable or from another GPU; starting a new one")
+            say(f"{label}: timing cache {cache_in} is unreadable or from another GPU; starting a new one")
             cache = config.create_timing_cache(b"")
             config.set_timing_cache(cache, ignore_mismatch=False)
     monitor = _progress_monitor(trt, say, label)
     if monitor is not None:
         config.progress_monitor = monitor
 
-    previous, installed = None, False
+    # While TensorRT builds (C++), a signal only sets a flag that the progress monitor turns into a cancel;
+    # the interrupt is raised when the builder returns (interrupts.check).
+    previous: dict[int, Any] = {}
     if monitor is not None and threading.current_thread() is threading.main_thread():
         def cancel(signum, frame):
+            interrupts.record(signum)
             monitor.cancelled = True
-        previous, installed = signal.signal(signal.SIGINT, cancel), True
+        previous = {sig: signal.signal(sig, cancel) for sig in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
     try:
         with atomic_path(plan_path) as tmp:
             plan = builder.build_serialized_network(network, config)
-            if monitor is not None and monitor.cancelled:
-                raise KeyboardInterrupt
+            interrupts.check()
             if plan is None:
                 raise BuildFailed(f"{spec.name}: TensorRT could not build the engine for {', '.join(targets)}: "
                                   f"{log.summary()}")
             with open(tmp, "wb") as f:
                 f.write(memoryview(plan))
     finally:
-        if installed:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     seconds = time.perf_counter() - t0
     if cache is not None:
-        with atomic_path(timing_cache) as tmp:
+        with atomic_path(cache_out) as tmp:
             tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     return {"io": io, "profile": accepted, "seconds": seconds}
 
@@ -329,8 +334,6 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
           max_batch: int | None = None, compute_capabilities: str | list[str] | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, timing_cache: str | Path | None = None, force: bool = False,
           say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    from .backends.trt import FLAVOUR_NAMES, gpu_capability, select_flavour, version_of
-
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
     if flavour not in ("auto", "tensorrt", "rtx"):
@@ -339,9 +342,19 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
         raise UsageError(f"--opt-level {opt_level}: TensorRT's builder optimization levels are 0 to 5")
     if workspace_mib is not None and workspace_mib <= 0:
         raise UsageError(f"--workspace {workspace_mib}: give MiB > 0")
-    export = ExportDir.open(export_dir)
+    with writing(export_dir, "build", say, create=False) as txn:
+        export = ExportDir.open(export_dir)
+        export.manifest = txn.manifest
+        return _build(export, txn, precision, flavour, components, static, batch, opt_size, opt_batch, min_size,
+                      max_size, max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, say)
+
+
+def _build(export, txn, precision, flavour, components, static, batch, opt_size, opt_batch, min_size, max_size,
+           max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, say) -> dict[str, Any]:
+    from .backends.trt import FLAVOUR_NAMES, gpu_capability, select_flavour, version_of
+
     manifest = export.manifest
-    exported = [c for c in COMPONENTS if c in manifest.components]
+    exported = [c for c in export.family.components(export.info) if c in manifest.components]
     components = list(dict.fromkeys(components or exported))
     unknown = [c for c in components if c not in exported]
     if unknown:
@@ -359,14 +372,19 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
     targets = resolve_targets(trt, flavour, compute_capabilities, gpu_cc)
     name = FLAVOUR_NAMES[flavour]
     short = {"tensorrt": "trt", "rtx": "rtx"}[flavour] + "-" + ".".join(version.split(".")[:3])
+    cache_paths = None
     if flavour == "rtx":
-        cache_path, cache_note = None, ("not used: TensorRT-RTX's timing cache is a no-op (kernels are compiled "
-                                        "at build time and on first run)")
+        cache_note = ("not used: TensorRT-RTX's timing cache is a no-op (kernels are compiled at build time and on "
+                      "first run)")
         say(f"{name} {version}: timing cache {cache_note}")
     else:
-        cache_path = Path(timing_cache) if timing_cache else export.root / ENGINE_DIR / f"timing.{short}.cache"
-        cache_note = str(cache_path)
-        say(f"{name} {version}: timing cache {cache_path} ({'reused' if cache_path.is_file() else 'new'})")
+        if timing_cache:
+            cache_paths = (Path(timing_cache), Path(timing_cache))
+        else:  # inside the export: written through the transaction like the plans
+            rel = f"{ENGINE_DIR}/timing.{short}.cache"
+            cache_paths = (export.root / rel, txn.stage(rel))
+        cache_note = str(cache_paths[0])
+        say(f"{name} {version}: timing cache {cache_paths[0]} ({'reused' if cache_paths[0].is_file() else 'new'})")
     if gpu_cc is not None and flavour == "rtx" and f"{gpu_cc[0]}.{gpu_cc[1]}" not in targets:
         say(f"note: this GPU (compute capability {gpu_cc[0]}.{gpu_cc[1]}) is not among the targets "
             f"({', '.join(targets)}); add it with --compute-capability to run the engines here")
@@ -391,9 +409,9 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
                f"{cc_tag(targets)}.plan")
         say(f"{label}: building {name} {version} {precisions[component]} {kind} profile for compute capability "
             f"{', '.join(targets)} (opt level {opt_level})")
-        result = build_engine(trt, flavour, onnx_path, export.root / rel, spec, profile, targets, opt_level,
-                              workspace_mib, cache_path, say, label)
-        plan = export.root / rel
+        plan = txn.stage(rel)
+        result = build_engine(trt, flavour, onnx_path, plan, spec, profile, targets, opt_level,
+                              workspace_mib, cache_paths, say, label)
         entry = {
             "file": rel, "sha256": sha256_file(plan), "size_bytes": plan.stat().st_size,
             "flavour": flavour, "flavour_name": name, "version": version, "compute_capabilities": targets,
@@ -409,20 +427,20 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
             "key": key, "versions": {**versions(), name: version},
         }
         manifest.engines[component] = entry
-        manifest.save()
-        _remove_stale(export, component, keep=rel)
+        _remove_stale(export, txn, component, keep=rel)
         built.append(component)
         say(f"{label}: wrote {rel} ({entry['size_bytes'] / 2**20:.1f} MiB, {entry['build_seconds']} s)")
-    if not built:
+    if built:
+        txn.commit()
+    else:
         say(f"nothing to build: {len(current)} engine(s) up to date")
     return {"built": built, "up_to_date": current, "flavour": name, "version": version, "targets": targets,
             "engines": {c: manifest.engines[c] for c in components}}
 
 
-def _remove_stale(export, component: str, keep: str) -> None:
+def _remove_stale(export, txn, component: str, keep: str) -> None:
     """Plans of ``component`` that the manifest no longer lists (replaced by the one just built)."""
     folder = export.root / ENGINE_DIR
     for path in folder.glob(f"{component}.*.plan"):
         if f"{ENGINE_DIR}/{path.name}" != keep:
-            path.unlink(missing_ok=True)
-
+            txn.remove(f"{ENGINE_DIR}/{path.name}")

@@ -22,6 +22,7 @@ with ``allow_pickle``-free arrays only.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import random
 from pathlib import Path
@@ -104,9 +105,10 @@ class Reservoir:
 
 # --- capture ---------------------------------------------------------------------------
 def load_pipeline(info, scheduler: str | None, device: str = "cpu"):
-    """diffusers' StableDiffusionPipeline from the model directory, FP32, with ``scheduler``."""
+    """The family's diffusers reference pipeline (e.g. StableDiffusionPipeline) from the model directory,
+    FP32, with ``scheduler``."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from .errors import ModelError
     from .models import _quiet_loading
@@ -114,11 +116,12 @@ def load_pipeline(info, scheduler: str | None, device: str = "cpu"):
 
     with _quiet_loading():
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                info.root, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
+            cls = getattr(diffusers, info.family.reference_pipeline)
+            extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+                if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
+            pipe = cls.from_pretrained(info.root, torch_dtype=torch.float32, **extra)
         except (OSError, ValueError, TypeError) as exc:
-            raise ModelError(f"{info.root}: diffusers cannot load it as a StableDiffusionPipeline "
+            raise ModelError(f"{info.root}: diffusers cannot load it as a {info.family.reference_pipeline} "
                              f"({str(exc).splitlines()[0][:200]})") from None
     pipe.scheduler = make_scheduler(scheduler, info.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
@@ -133,6 +136,7 @@ def run_capture(pipe, prompts: list[str], steps: int, guidance_scale: float, hei
     import torch
 
     state = {"prompt": 0, "step": 0}
+    batch_images = 1  # one image per prompt: a call with two rows ran under classifier-free guidance
 
     def hook(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -141,12 +145,18 @@ def run_capture(pipe, prompts: list[str], steps: int, guidance_scale: float, hei
         rows = sample.shape[0]
         t = torch.as_tensor(timestep).detach().float().reshape(-1).cpu()
         t = t.expand(rows) if t.numel() == 1 else t
-        on_call(state["prompt"], state["step"], {
+        record = {
             "sample": sample.detach().float().cpu().numpy(),
             "timestep": t.numpy().astype(np.float32),
             "encoder_hidden_states": hidden.detach().float().cpu().numpy(),
-            "cond": _cond_flags(rows, guidance_scale > 1.0),
-        })
+        }
+        # SDXL's added conditioning and LCM's guidance embedding: the UNet inputs beyond the first three
+        for name, value in {**(kwargs.get("added_cond_kwargs") or {}),
+                            "timestep_cond": kwargs.get("timestep_cond")}.items():
+            if value is not None:
+                record[name] = value.detach().float().cpu().numpy()
+        record["cond"] = _cond_flags(rows, rows == 2 * batch_images)
+        on_call(state["prompt"], state["step"], record)
         state["step"] += 1
         if progress:
             progress()
@@ -227,7 +237,7 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
         bar.close()
     arrays = reservoir.arrays()
     meta = {
-        "format": CALIB_FORMAT, "truncated_prompts": long,
+        "format": CALIB_FORMAT, "truncated_prompts": long, "family": info.family_name,
         "model": {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256},
         "unet": {"in_channels": info.latent_channels, "cross_attention_dim": info.cross_attention_dim,
                  "sequence_length": info.tokenizer_max_length, "latent_height": height // info.vae_scale_factor,
@@ -263,10 +273,15 @@ class Calibration:
     def samples(self) -> int:
         return int(len(self.arrays["sample"]))
 
+    @property
+    def input_names(self) -> list[str]:
+        """The UNet inputs the file holds (SD: three; SDXL and LCM UNets add their conditioning)."""
+        return [k for k in self.arrays if k not in INDEX_ARRAYS]
+
     def batches(self, rows: int) -> list[dict[str, np.ndarray]]:
         """The UNet inputs in batches of up to ``rows`` rows (the quantizers' calibration feed)."""
         n = self.samples
-        return [{k: np.ascontiguousarray(self.arrays[k][i:i + rows]) for k in UNET_INPUTS}
+        return [{k: np.ascontiguousarray(self.arrays[k][i:i + rows]) for k in self.input_names}
                 for i in range(0, n, rows)]
 
 

@@ -6,6 +6,7 @@ exit code (errors.py). Click's own usage errors are shortened to one line too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -34,23 +35,46 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _interrupted(signum: int | None) -> None:
+    import signal
+
+    name = signal.Signals(signum).name if signum else "SIGINT"
+    click.echo(f"interrupted ({name}); nothing partial was left under a final name", err=True)
+    sys.exit(128 + (signum or signal.SIGINT))
+
+
 def handled(func):
-    """Run a command body; turn our errors into one line and an exit code."""
+    """Run a command body; turn our errors into one line and an exit code. SIGINT and SIGTERM end the
+    command with 128 + signal (130, 143), also when their exception was swallowed inside a library."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         import warnings
 
+        from . import interrupts
+
+        interrupts.install()
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except SdexportError as exc:
+            if interrupts.received():
+                _interrupted(interrupts.received())
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; no partial artifact was left under a final name", err=True)
-            sys.exit(130)
+            _interrupted(interrupts.received())
+        if interrupts.received():
+            _interrupted(interrupts.received())
+        return result
     return wrapper
+
+
+def reading(export_dir):
+    """Hold the export's lock shared for a reading command (a writer waits; we wait for a writer)."""
+    from .manifest import reading as lock
+
+    return lock(export_dir, say) if os.path.isdir(export_dir) else contextlib.nullcontext()
 
 
 class OneLineErrors(click.Group):
@@ -169,8 +193,9 @@ def validate(export_dir, backend, device, components):
     from .errors import ValidationFailed
     from .validate import validate as run
 
-    report = run(export_dir, backend=backend, device=_device(device),
-                 components=components.split(",") if components else None, say=say)
+    with reading(export_dir):
+        report = run(export_dir, backend=backend, device=_device(device),
+                     components=components.split(",") if components else None, say=say)
     click.echo(f"{export_dir}/validation.json: {'PASSED' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
         failed = sorted({r["component"] for r in report["results"] if not r["pass"]})
@@ -182,7 +207,7 @@ def validate(export_dir, backend, device, components):
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--prompt", required=True)
-@click.option("--negative-prompt", default="", show_default=True)
+@click.option("--negative-prompt", default=None, help="What the image should not show (default: none).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG path.")
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
@@ -206,6 +231,13 @@ def validate(export_dir, backend, device, components):
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
           scheduler, backend, device, unet, cuda_graph, step_graph):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
+    with reading(export_dir):
+        _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
+               scheduler, backend, device, unet, cuda_graph, step_graph)
+
+
+def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
+           scheduler, backend, device, unet, cuda_graph, step_graph):
     from tqdm import tqdm
 
     from .backends import load_engines
@@ -223,11 +255,11 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
         if not device.startswith("cuda"):
             raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
         geo = Geometry(batch_size, height or export.ranges.opt_size, width or export.ranges.opt_size,
-                       guidance=guidance_scale > 1.0)
-        check_request(export.ranges, steps, guidance_scale, geo)
+                       guidance=export.family.guidance(export.info, guidance_scale).cfg)
+        check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
-    engines = load_engines(export_dir, backend, device=device, **options)
+    engines = load_engines(export, backend, device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
@@ -236,7 +268,7 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
     bar.close()
     summary = result.stage_summary()
     meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-            "scheduler": scheduler or export.info.scheduler_config["_class_name"], "guidance_scale": guidance_scale,
+            "scheduler": scheduler or result.scheduler, "guidance_scale": guidance_scale,
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
             "backend": backend, "unet": unet, "device": device, "export": str(export.root),
             "prompt_truncated": result.truncated, "loop": result.loop,
@@ -286,11 +318,12 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
     for flag, on in (("--cuda-graph", cuda_graph), ("--step-graph", step_graph)):
         if on and not device.startswith("cuda"):
             raise UsageError(f"{flag} needs a CUDA device (--device cuda)")
-    report = run(export_dir, backend=backend, device=device, steps=steps, height=height, width=width,
-                 batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
-                 warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
-                 cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile,
-                 **({"unet": unet} if unet != "default" else {}))
+    with reading(export_dir):
+        report = run(export_dir, backend=backend, device=device, steps=steps, height=height, width=width,
+                     batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
+                     warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
+                     cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile,
+                     **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)

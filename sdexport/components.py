@@ -7,7 +7,8 @@ Export (``torch.onnx.export`` arguments), validation (shapes and inputs), engine
 profiles (min/opt/max), runtime buffers and the manifest are all derived from it.
 
 Names follow Hugging Face Optimum's ONNX layout for Stable Diffusion, so the
-export directory loads in ``ORTStableDiffusionPipeline``.
+export directory loads in Optimum's ORT pipelines. The specs themselves are declared by
+each model family (``sdexport/families``); this module is the vocabulary they use.
 
 Shapes are requested in the user's terms, a ``Geometry`` (images, height and
 width in pixels, guidance on or off), and each spec maps it to its own axes:
@@ -18,10 +19,12 @@ the VAE one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ShapeError
-from .models import ModelInfo
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
 
 # Ops kept in FP32 in every FP16 graph, and why:
 #  - InstanceNormalization / GroupNormalization / LayerNormalization: mean and variance
@@ -69,6 +72,9 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
     dims: tuple[str | int, ...]  # axis names (dynamic) or ints (static)
+    # What sample values look like (``ComponentSpec.sample_inputs``): normal, timestep, token_ids, image,
+    # time_ids (SDXL size conditioning), guidance_embedding (LCM).
+    values: str = "normal"
 
     def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(axis_size(d, dims) for d in self.dims)
@@ -103,12 +109,13 @@ class ShapeRanges:
     pixel_multiple: int
 
     @classmethod
-    def for_model(cls, info: ModelInfo, max_images: int = 4, min_size: int | None = None,
+    def for_model(cls, info: "ModelInfo", max_images: int = 4, min_size: int | None = None,
                   max_size: int | None = None) -> "ShapeRanges":
         mult = info.pixel_multiple
         native = info.image_size
-        lo = min_size if min_size is not None else max(mult, (native // 2) // mult * mult)
-        hi = max_size if max_size is not None else native * 2
+        default_lo, default_hi = info.family.default_size_range(info)
+        lo = min_size if min_size is not None else default_lo
+        hi = max_size if max_size is not None else default_hi
         if lo % mult or hi % mult or lo > hi or lo <= 0:
             raise ShapeError(f"image size range [{lo}, {hi}] must be positive multiples of {mult} with min <= max")
         if max_images < 1:
@@ -148,8 +155,10 @@ class ComponentSpec:
     wrap: Callable[[Any], Any]  # torch module of ``source`` -> nn.Module taking ``inputs`` in order
     fp32_node_patterns: tuple[str, ...] = ()
     config_source: str = ""
-    # text encoder only: (vocab size, bos id, eos id), so sample token ids look like tokenizer output
+    # text encoders only: (vocab size, bos id, eos id), so sample token ids look like tokenizer output
     token_ids: tuple[int, int, int] | None = None
+    # Why this component stays FP32 in an FP16 export (None: it is converted); e.g. an SDXL VAE (force_upcast).
+    keep_fp32: str | None = None
 
     # --- derived views -------------------------------------------------------------
     @property
@@ -181,14 +190,14 @@ class ComponentSpec:
         return {a.name: a.opt for a in self.axes.values()}
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-        """Deterministic inputs of the right shapes, dtypes and value ranges."""
+        """Deterministic inputs of the right shapes, dtypes and value ranges (``TensorSpec.values``)."""
         import torch
 
         gen = torch.Generator("cpu").manual_seed(seed)
         feed = {}
         for t in self.inputs:
             shape = t.shape(dims)
-            if t.name == "input_ids":
+            if t.values == "token_ids":
                 vocab, bos, eos = self.token_ids
                 ids = torch.randint(1, vocab - 2, shape, generator=gen)
                 ids[:, 0] = bos
@@ -196,10 +205,17 @@ class ComponentSpec:
                 for row, end in enumerate(ends.tolist()):
                     ids[row, end:] = eos
                 value = ids
-            elif t.name == "timestep":
+            elif t.values == "timestep":
                 value = torch.randint(1, 1000, shape, generator=gen).float()
-            elif t.name == "sample" and self.name == "vae_encoder":
+            elif t.values == "image":
                 value = torch.rand(shape, generator=gen) * 2 - 1  # images live in [-1, 1]
+            elif t.values == "time_ids":  # sizes in pixels, crop offsets, (refiner) an aesthetic score
+                value = torch.randint(0, 1024, shape, generator=gen).float()
+            elif t.values == "guidance_embedding":
+                from .families.base import guidance_embedding
+
+                scales = torch.rand(shape[0], generator=gen) * 14 + 1
+                value = torch.cat([guidance_embedding(float(s), 1, shape[1]) for s in scales])
             else:
                 value = torch.randn(shape, generator=gen)
             feed[t.name] = value.to(getattr(torch, t.dtype)).to(device)
@@ -213,132 +229,6 @@ class ComponentSpec:
             "axes": {name: axis.to_json() for name, axis in self.axes.items()},
             "profile": {k: [list(s) for s in v] for k, v in self.profile().items()},
         }
-
-
-def _text_encoder_wrapper(module):
-    import torch
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.text_encoder = module
-
-        def forward(self, input_ids):
-            out = self.text_encoder(input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
-
-    return TextEncoder()
-
-
-def _unet_wrapper(module):
-    import torch
-
-    class UNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = module
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-    return UNet()
-
-
-def _vae_decoder_wrapper(module):
-    import torch
-
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vae = module
-
-        def forward(self, latent_sample):
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
-    return VaeDecoder()
-
-
-def _vae_encoder_wrapper(module):
-    import torch
-
-    class VaeEncoder(torch.nn.Module):
-        """Image -> latent distribution parameters (mean and log-variance), as Optimum exports it."""
-
-        def __init__(self):
-            super().__init__()
-            self.vae = module
-
-        def forward(self, sample):
-            moments = self.vae.encoder(sample)
-            if getattr(self.vae, "quant_conv", None) is not None:
-                moments = self.vae.quant_conv(moments)
-            return moments
-
-    return VaeEncoder()
-
-
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-
-
-def component_specs(info: ModelInfo, ranges: ShapeRanges) -> dict[str, ComponentSpec]:
-    """The four components of an SD 1.x/2.x pipeline, for this model and these ranges."""
-    f = info.vae_scale_factor
-    rows = Axis("batch", 1, 2, 2 * ranges.max_images)
-    images = Axis("batch", 1, 1, ranges.max_images)
-    lat_mult = info.unet_latent_multiple
-    lat_h = Axis("latent_height", ranges.min_size // f, ranges.opt_size // f, ranges.max_size // f, lat_mult)
-    lat_w = dataclasses.replace(lat_h, name="latent_width")
-    img_h = Axis("image_height", ranges.min_size, ranges.opt_size, ranges.max_size, ranges.pixel_multiple)
-    img_w = dataclasses.replace(img_h, name="image_width")
-    seq = info.tokenizer_max_length
-    c_lat = info.latent_channels
-
-    def latent_dims(batch_of):
-        return lambda g: {"batch": batch_of(g), "latent_height": g.height // f, "latent_width": g.width // f}
-
-    specs = [
-        ComponentSpec(
-            name="text_encoder", source="text_encoder", config_source="text_encoder",
-            inputs=(TensorSpec("input_ids", "int32", ("batch", seq)),),
-            outputs=(TensorSpec("last_hidden_state", "float32", ("batch", seq, info.text_hidden_size)),
-                     TensorSpec("pooler_output", "float32", ("batch", info.text_hidden_size))),
-            axes={"batch": rows}, dims_for=lambda g: {"batch": g.rows}, wrap=_text_encoder_wrapper,
-            # CLIP's vocabulary ends with <|startoftext|>, <|endoftext|>
-            token_ids=(info.vocab_size, info.vocab_size - 2, info.vocab_size - 1),
-        ),
-        ComponentSpec(
-            name="unet", source="unet", config_source="unet",
-            inputs=(TensorSpec("sample", "float32", ("batch", c_lat, "latent_height", "latent_width")),
-                    TensorSpec("timestep", "float32", ("batch",)),
-                    TensorSpec("encoder_hidden_states", "float32", ("batch", seq, info.cross_attention_dim))),
-            outputs=(TensorSpec("out_sample", "float32",
-                                ("batch", info.unet_out_channels, "latent_height", "latent_width")),),
-            axes={"batch": rows, "latent_height": lat_h, "latent_width": lat_w},
-            dims_for=latent_dims(lambda g: g.rows), wrap=_unet_wrapper,
-            # The sinusoidal timestep embedding takes sin/cos of t * freq with t up to 1000:
-            # in FP16 the argument's rounding error alone exceeds 0.1 rad.
-            fp32_node_patterns=(r".*time_proj.*", r".*time_embedding.*"),
-        ),
-        ComponentSpec(
-            name="vae_decoder", source="vae", config_source="vae",
-            inputs=(TensorSpec("latent_sample", "float32", ("batch", c_lat, "latent_height", "latent_width")),),
-            outputs=(TensorSpec("sample", "float32",
-                                ("batch", info.image_channels, f"latent_height * {f}", f"latent_width * {f}")),),
-            axes={"batch": images, "latent_height": lat_h, "latent_width": lat_w},
-            dims_for=lambda g: {"batch": g.images, "latent_height": g.height // f, "latent_width": g.width // f},
-            wrap=_vae_decoder_wrapper,
-        ),
-        ComponentSpec(
-            name="vae_encoder", source="vae", config_source="vae",
-            inputs=(TensorSpec("sample", "float32", ("batch", info.image_channels, "image_height", "image_width")),),
-            outputs=(TensorSpec("latent_parameters", "float32",
-                                ("batch", 2 * c_lat, f"image_height / {f}", f"image_width / {f}")),),
-            axes={"batch": images, "image_height": img_h, "image_width": img_w},
-            dims_for=lambda g: {"batch": g.images, "image_height": g.height, "image_width": g.width},
-            wrap=_vae_encoder_wrapper,
-        ),
-    ]
-    return {s.name: s for s in specs}
 
 
 def validation_geometries(ranges: ShapeRanges) -> list[Geometry]:

@@ -9,7 +9,8 @@ file so models over 2 GB work), and move the component directory into place.
 Models over 2 GB keep their weights in one ``model.onnx_data`` file beside them.
 
 An unchanged input (same weights hash, dtype, opset, ranges, sdexport version)
-is not exported again.
+is not exported again. Everything one export command writes is one transaction
+(manifest.Transaction): an interrupted export leaves the previous export whole.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import __version__
-from .components import COMPONENTS, ComponentSpec, ShapeRanges, component_specs
+from .artifacts import VARIANT_OF
+from .components import ComponentSpec, ShapeRanges
 from .errors import IntegrityError, UsageError
-from .manifest import Manifest, atomic_dir, sha256_file, versions, write_json
+from .manifest import Manifest, Transaction, sha256_file, versions, writing
 from .models import ModelInfo, resolve_model
 
 TWO_GB = 2**31
@@ -33,7 +35,7 @@ ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 11: "float64
 
 def _export_key(info: ModelInfo, dtype: str, opset: int, ranges: ShapeRanges, spec: ComponentSpec) -> dict:
     key = {"weights_sha256": info.weights_sha256, "dtype": dtype, "opset": opset,
-           "ranges": ranges.to_json(), "spec": spec.to_json(), "sdexport": __version__}
+           "ranges": ranges.to_json(), "spec": spec.to_json(), "family": info.family_name, "sdexport": __version__}
     return json.loads(json.dumps(key))  # as it reads back from manifest.json
 
 
@@ -59,7 +61,7 @@ def check_io_against_spec(io: dict, spec: ComponentSpec, where: str) -> None:
             raise IntegrityError(f"{where}: {kind} {got} do not match the component spec {exp}")
 
 
-def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: int) -> None:
+def torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: int) -> None:
     import warnings
 
     import torch
@@ -73,7 +75,7 @@ def _torch_export(spec: ComponentSpec, module, feed: dict, path: Path, opset: in
             dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
 
 
-def _cleanup(path: Path):
+def clean_graph(path: Path):
     """Shape inference + constant folding + dead-node removal; returns a ModelProto."""
     import onnx
     import onnx_graphsurgeon as gs
@@ -88,8 +90,9 @@ def _cleanup(path: Path):
     return gs.export_onnx(graph)
 
 
-def _save(model, path: Path) -> list[str]:
-    """Save with shape inference; weights go to one ``model.onnx_data`` when over 2 GB."""
+def save_onnx(model, path: Path) -> list[str]:
+    """Save with shape inference; weights go to one ``model.onnx_data`` when over 2 GB.
+    Returns the names of the external data files written beside ``path``."""
     import onnx
 
     large = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB - 64 * 2**20
@@ -103,130 +106,199 @@ def _save(model, path: Path) -> list[str]:
     return []
 
 
-def export_component(info: ModelInfo, spec: ComponentSpec, module, out: Path, dtype: str, opset: int,
-                     say: Callable[[str], None]) -> dict[str, Any]:
+def export_component(info: ModelInfo, spec: ComponentSpec, module, folder: Path, scratch: Path, dtype: str,
+                     opset: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Export one component into ``folder`` (a staged, empty directory); returns its manifest entry,
+    with paths relative to the export root (``<component>/...``)."""
     import onnx
 
     feed = spec.sample_inputs(spec.opt_dims(), seed=0)
-    final_dir = out / spec.name
     t0 = time.perf_counter()
-    with atomic_dir(final_dir) as tmp:
-        raw = tmp / "raw" / "model.onnx"
-        raw.parent.mkdir()
-        say(f"{spec.name}: tracing with torch.onnx.export (opset {opset})")
-        _torch_export(spec, module, feed, raw, opset)
-        say(f"{spec.name}: shape inference and constant folding")
-        model = _cleanup(raw)
-        fp32_path = tmp / "fp32" / "model.onnx"
-        fp32_path.parent.mkdir()
-        _save(model, fp32_path)  # note: saving with external data empties the in-memory tensors
-        del model
-        shutil.rmtree(raw.parent)
-        final_path = tmp / "model.onnx"
-        precision: dict[str, Any] = {"dtype": dtype}
-        if dtype == "fp16":
-            from .components import FP32_OP_TYPES
-            from .precision import convert_fp16, precision_summary
+    raw = scratch / "raw" / "model.onnx"
+    raw.parent.mkdir(parents=True)
+    say(f"{spec.name}: tracing with torch.onnx.export (opset {opset})")
+    torch_export(spec, module, feed, raw, opset)
+    say(f"{spec.name}: shape inference and constant folding")
+    model = clean_graph(raw)
+    fp32_path = scratch / "fp32" / "model.onnx"
+    fp32_path.parent.mkdir()
+    save_onnx(model, fp32_path)  # note: saving with external data empties the in-memory tensors
+    del model
+    shutil.rmtree(raw.parent)
+    final_path = folder / "model.onnx"
+    effective = "fp32" if dtype == "fp16" and spec.keep_fp32 else dtype
+    precision: dict[str, Any] = {"dtype": effective}
+    if effective != dtype:
+        precision["kept_fp32"] = spec.keep_fp32
+        say(f"{spec.name}: kept in FP32: {spec.keep_fp32}")
+    if effective == "fp16":
+        from .components import FP32_OP_TYPES
+        from .precision import convert_fp16, precision_summary
 
-            say(f"{spec.name}: FP16 mixed precision (ModelOpt AutoCast; FP32 kept for "
-                f"{', '.join(FP32_OP_TYPES)}{' and ' + ', '.join(spec.fp32_node_patterns) if spec.fp32_node_patterns else ''})")
-            model16 = convert_fp16(fp32_path, spec, feed)
-            precision.update(converter="modelopt.onnx.autocast", fp32_op_types=list(FP32_OP_TYPES),
-                             fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model16))
-            external = _save(model16, final_path)
-            del model16
-        else:
-            external = [f.name for f in fp32_path.parent.iterdir() if f.name != fp32_path.name]
-            for f in fp32_path.parent.iterdir():
-                os.replace(f, tmp / f.name)
-        shutil.rmtree(fp32_path.parent)
-        say(f"{spec.name}: onnx.checker (full)")
-        onnx.checker.check_model(str(final_path), full_check=True)
-        header = onnx.load(str(final_path), load_external_data=False)
-        io = onnx_io(header)
-        check_io_against_spec(io, spec, str(final_dir / "model.onnx"))
-        shutil.copy(info.root / spec.config_source / "config.json", tmp / "config.json")
-        entry = {
-            "file": f"{spec.name}/model.onnx",
-            "sha256": sha256_file(final_path),
-            "external_data": [{"file": f"{spec.name}/{name}", "sha256": sha256_file(tmp / name)} for name in external],
-            "size_bytes": final_path.stat().st_size + sum((tmp / n).stat().st_size for n in external),
-            "opset": max(o.version for o in header.opset_import if o.domain in ("", "ai.onnx")),
-            "nodes": len(header.graph.node),
-            "precision": precision,
-            **io,
-            **{k: v for k, v in spec.to_json().items() if k not in ("inputs", "outputs")},
-        }
-    entry["export_seconds"] = round(time.perf_counter() - t0, 2)
-    return entry
+        say(f"{spec.name}: FP16 mixed precision (ModelOpt AutoCast; FP32 kept for "
+            f"{', '.join(FP32_OP_TYPES)}{' and ' + ', '.join(spec.fp32_node_patterns) if spec.fp32_node_patterns else ''})")
+        model16 = convert_fp16(fp32_path, spec, feed)
+        precision.update(converter="modelopt.onnx.autocast", fp32_op_types=list(FP32_OP_TYPES),
+                         fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model16))
+        external = save_onnx(model16, final_path)
+        del model16
+    else:
+        external = [f.name for f in fp32_path.parent.iterdir() if f.name != fp32_path.name]
+        for f in fp32_path.parent.iterdir():
+            os.replace(f, folder / f.name)
+    shutil.rmtree(fp32_path.parent)
+    say(f"{spec.name}: onnx.checker (full)")
+    onnx.checker.check_model(str(final_path), full_check=True)
+    header = onnx.load(str(final_path), load_external_data=False)
+    io = onnx_io(header)
+    check_io_against_spec(io, spec, f"{spec.name}/model.onnx")
+    shutil.copy(info.root / spec.config_source / "config.json", folder / "config.json")
+    name = spec.name
+    return {
+        "file": f"{name}/model.onnx",
+        "sha256": sha256_file(final_path),
+        "external_data": [{"file": f"{name}/{n}", "sha256": sha256_file(folder / n)} for n in external],
+        "files": [{"file": f"{name}/config.json", "sha256": sha256_file(folder / "config.json")}],
+        "size_bytes": final_path.stat().st_size + sum((folder / n).stat().st_size for n in external),
+        "opset": max(o.version for o in header.opset_import if o.domain in ("", "ai.onnx")),
+        "nodes": len(header.graph.node),
+        "precision": precision,
+        **io,
+        **{k: v for k, v in spec.to_json().items() if k not in ("inputs", "outputs")},
+        "export_seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
-def _write_pipeline_files(info: ModelInfo, out: Path) -> None:
-    """model_index.json, scheduler/ and tokenizer/ as Optimum's ORT pipeline reads them."""
-    for part in ("scheduler", "tokenizer"):
-        with atomic_dir(out / part) as tmp:
-            for f in (info.root / part).iterdir():
-                if f.is_file():
-                    shutil.copy(f, tmp / f.name)
-    # Optimum reads the component classes from the diffusers index; keep it, minus what we do not export.
-    index = json.loads((info.root / "model_index.json").read_text())
+# Keys Optimum's loader and diffusers' pipelines read from model_index.json that an ONNX export does not have.
+_INDEX_DROP = ("image_encoder", "safety_checker", "feature_extractor")
+
+
+def stage_pipeline_files(info: ModelInfo, txn: Transaction, components: list[str]) -> None:
+    """model_index.json, scheduler/ and tokenizer folders as Optimum's ORT pipelines read them; each file is
+    hashed into the manifest (the runtime reads them: a changed scheduler config changes the image)."""
+    files: dict[str, str] = {}
+    for part in ["scheduler", *info.family.tokenizer_parts]:
+        if not (info.root / part).is_dir():
+            continue
+        folder = txn.stage(part, folder=True)
+        for f in sorted((info.root / part).iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, folder / f.name)
+                files[f"{part}/{f.name}"] = sha256_file(folder / f.name)
+    index = dict(info.index)
+    for key in _INDEX_DROP:
+        index.pop(key, None)
     index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    index.pop("image_encoder", None)
-    write_json(out / "model_index.json", index)
+    path = txn.stage("model_index.json")
+    path.write_text(json.dumps(index, indent=2, allow_nan=False) + "\n")
+    files["model_index.json"] = sha256_file(path)
+    txn.manifest.data["files"] = files
+
+
+def _describe(model: dict[str, Any], ranges: dict[str, Any], dtype: str | None) -> str:
+    return (f"{model.get('preset') or model.get('path')} ({dtype or '?'}, images "
+            f"{ranges.get('min_size')}-{ranges.get('max_size')} px, up to {ranges.get('max_images')} per call)")
 
 
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
-           components: Iterable[str] = COMPONENTS, max_images: int = 4, min_size: int | None = None,
+           components: Iterable[str] | None = None, max_images: int = 4, min_size: int | None = None,
            max_size: int | None = None, force: bool = False,
            say: Callable[[str], None] = lambda msg: None) -> Manifest:
     if dtype not in ("fp32", "fp16"):
         raise UsageError(f"--dtype {dtype}: choose fp32 or fp16")
-    components = list(dict.fromkeys(components))
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise UsageError(f"unknown component(s) {', '.join(unknown)} (choose from {', '.join(COMPONENTS)})")
     if not 14 <= opset <= 21:
         raise UsageError(f"--opset {opset}: supported opsets are 14 to 21")
     info = resolve_model(model, progress=say)
-    ranges = ShapeRanges.for_model(info, max_images=max_images, min_size=min_size, max_size=max_size)
-    specs = component_specs(info, ranges)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load_or_new(out)
-    previous = manifest.data.get("model", {})
-    if previous and previous.get("weights_sha256") != info.weights_sha256:
-        manifest.components.clear()  # a different model: nothing of the old export is reusable
-        manifest.engines.clear()
-    manifest.data["model"] = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,
-                              "pipeline_class": info.pipeline_class, "vae_scale_factor": info.vae_scale_factor,
-                              "vae_scaling_factor": info.vae_scaling_factor,
-                              "latent_channels": info.latent_channels,
-                              "tokenizer_max_length": info.tokenizer_max_length,
-                              "configs": {"unet": info.unet_config, "vae": info.vae_config,
-                                          "text_encoder": info.text_encoder_config}}
-    manifest.data["ranges"] = ranges.to_json()
-    loaded: dict[str, Any] = {}
-    for i, name in enumerate(components, 1):
-        spec = specs[name]
-        key = _export_key(info, dtype, opset, ranges, spec)
-        old = manifest.components.get(name)
-        if not force and old and old.get("key") == key and manifest.intact(old):
-            say(f"[{i}/{len(components)}] {name}: up to date ({old['file']}), not re-exported")
-            continue
-        say(f"[{i}/{len(components)}] {name}: exporting {dtype}")
-        if spec.source not in loaded:
-            loaded[spec.source] = info.load_torch(spec.source)
-        entry = export_component(info, spec, loaded[spec.source], out, dtype, opset,
-                                 lambda msg, i=i: say(f"[{i}/{len(components)}] {msg}"))
-        entry["key"] = key
-        entry["source"] = {"path": str(info.root), "weights_sha256": info.weights_sha256, "preset": info.preset}
-        entry["versions"] = versions()
-        manifest.components[name] = entry
-        manifest.engines.pop(name, None)
-        manifest.save()
-        say(f"[{i}/{len(components)}] {name}: wrote {entry['file']} "
-            f"({entry['size_bytes'] / 2**20:.1f} MiB, {entry['export_seconds']} s)")
-    _write_pipeline_files(info, out)
-    manifest.save()
-    return manifest
+    _check_out_against_model(out, info)
+    family = info.family
+    known = family.components(info)
+    components = list(dict.fromkeys(components or known))
+    unknown = [c for c in components if c not in known]
+    if unknown:
+        raise UsageError(f"unknown component(s) {', '.join(unknown)} (a {family.description} model has "
+                         f"{', '.join(known)})")
+    ranges = ShapeRanges.for_model(info, max_images=max_images, min_size=min_size, max_size=max_size)
+    specs = family.specs(info, ranges)
+    model_record = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,
+                    "family": info.family_name, "pipeline_class": info.pipeline_class,
+                    "vae_scale_factor": info.vae_scale_factor, "vae_scaling_factor": info.vae_scaling_factor,
+                    "latent_channels": info.latent_channels, "tokenizer_max_lengths": info.tokenizer_max_lengths,
+                    "configs": info.configs}
+    with writing(out, "export", say) as txn:
+        manifest = txn.manifest
+        previous = manifest.data.get("model")
+        same = (previous and previous.get("weights_sha256") == info.weights_sha256
+                and manifest.data.get("ranges") == ranges.to_json() and manifest.data.get("dtype") == dtype
+                and previous.get("family") == info.family_name)
+        others = [c for c in manifest.components if c not in components]
+        if previous and not same:
+            if not force and (others or manifest.engines):
+                raise UsageError(
+                    f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
+                    f"; exporting {_describe(model_record, ranges.to_json(), dtype)} into it would mix the two "
+                    f"({', '.join(others + list(manifest.engines)) or 'its engines'} would stay from the old one): "
+                    "re-export every component with --force to replace it, or choose another -o")
+            for name in list(manifest.components):  # a different export: nothing of the old one is reusable
+                _drop_component(txn, name)
+            for section in ("engines", "ort_cuda"):
+                for name in list(manifest.data.get(section, {})):
+                    _drop_artifact(txn, section, name)
+        manifest.data["manifest_version"] = 2
+        manifest.data["model"] = model_record
+        manifest.data["ranges"] = ranges.to_json()
+        manifest.data["dtype"] = dtype
+        loaded: dict[str, Any] = {}
+        for i, name in enumerate(components, 1):
+            spec = specs[name]
+            key = _export_key(info, dtype, opset, ranges, spec)
+            old = manifest.components.get(name)
+            label = f"[{i}/{len(components)}]"
+            if not force and old and old.get("key") == key and manifest.intact(old):
+                say(f"{label} {name}: up to date ({old['file']}), not re-exported")
+                continue
+            say(f"{label} {name}: exporting {dtype}")
+            if spec.source not in loaded:
+                loaded[spec.source] = info.load_torch(spec.source)
+            folder = txn.stage(name, folder=True)
+            entry = export_component(info, spec, loaded[spec.source], folder, txn.scratch(name), dtype, opset,
+                                     lambda msg, label=label: say(f"{label} {msg}"))
+            entry["key"] = key
+            entry["source"] = {"path": str(info.root), "weights_sha256": info.weights_sha256, "preset": info.preset}
+            entry["versions"] = versions()
+            for section in ("engines", "ort_cuda"):  # built from the component this replaces
+                if name in manifest.data.get(section, {}):
+                    _drop_artifact(txn, section, name)
+            for variant, of in VARIANT_OF.items():
+                if of == name and variant in manifest.components:
+                    say(f"{label} {variant}: removed (made from the previous {name}; re-run 'sdexport quantize')")
+                    _drop_component(txn, variant)
+            manifest.components[name] = entry
+            say(f"{label} {name}: wrote {entry['file']} ({entry['size_bytes'] / 2**20:.1f} MiB, "
+                f"{entry['export_seconds']} s)")
+        stage_pipeline_files(info, txn, components)
+        txn.commit()
+    return txn.manifest
 
+
+def _drop_component(txn: Transaction, name: str) -> None:
+    txn.remove(name)
+    txn.manifest.components.pop(name, None)
+
+
+def _drop_artifact(txn: Transaction, section: str, name: str) -> None:
+    entry = txn.manifest.data.get(section, {}).pop(name, None)
+    if entry:
+        for rel, _ in Manifest.entry_files(entry):
+            if txn.root.joinpath(rel).exists():
+                txn.remove(rel)
+
+
+def _check_out_against_model(out: Path, info: ModelInfo) -> None:
+    """The export must not write into the model it reads (nor hold it)."""
+    out_r, model_r = out.resolve(), info.root.resolve()
+    if out_r == model_r or model_r in out_r.parents:
+        raise UsageError(f"-o {out}: inside the model directory {info.root}; exporting there would overwrite the "
+                         "source weights: choose another directory")
+    if out_r in model_r.parents:
+        raise UsageError(f"-o {out}: holds the model directory {info.root}; choose a directory outside it")

@@ -25,9 +25,6 @@ from typing import Any
 from .errors import ModelError
 from .manifest import atomic_dir, sha256_files
 
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                       "StableDiffusionInpaintPipeline")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 
 # SD 1.5's scheduler configuration (PNDM, as shipped with the checkpoint).
@@ -219,81 +216,121 @@ def resolve_model(model: str | os.PathLike, progress=None) -> "ModelInfo":
     if str(model) in PRESETS:
         from . import __version__
 
+        from .manifest import ExportLock
+
         cached = cache_dir() / "presets" / f"{model}-{__version__}"
         if not (cached / "model_index.json").is_file():
-            write_preset(str(model), cached, progress)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # One writer per preset: concurrent commands wait for the first to write it, then reuse it.
+            with ExportLock(cached.parent, True, f"preset {model}", progress):
+                if not (cached / "model_index.json").is_file():
+                    write_preset(str(model), cached, progress)
         return ModelInfo.open(cached, preset=str(model))
     raise ModelError(f"{model}: no such directory, and not a preset name (presets: {', '.join(PRESETS)})")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, what: str = "config") -> dict[str, Any]:
+    """A JSON object from a model directory; anything else is one ModelError naming the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path}: missing; not a diffusers model directory") from None
+    except IsADirectoryError:
+        raise ModelError(f"{path}: a directory, expected a JSON file") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: the {what} must be a JSON object, not a {type(data).__name__}")
+    return data
+
+
+# torch classes sdexport loads, by diffusers folder (model_index.json names the class; these are the ones we run).
+TORCH_CLASSES = {
+    "unet": ("diffusers", ("UNet2DConditionModel",)),
+    "vae": ("diffusers", ("AutoencoderKL",)),
+    "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection")),
+    "text_encoder_2": ("transformers", ("CLIPTextModelWithProjection", "CLIPTextModel")),
+}
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
 @dataclasses.dataclass
 class ModelInfo:
-    """What sdexport reads from a diffusers Stable Diffusion directory."""
+    """What sdexport reads from a diffusers pipeline directory (or, at run time, from an export's manifest)."""
 
     root: Path
     pipeline_class: str
-    unet_config: dict[str, Any]
-    vae_config: dict[str, Any]
-    text_encoder_config: dict[str, Any]
-    tokenizer_max_length: int
+    family_name: str
+    configs: dict[str, dict[str, Any]]  # diffusers folder -> its config.json (unet, vae, text encoders)
+    tokenizer_max_lengths: dict[str, int]  # tokenizer folder -> model_max_length
     scheduler_config: dict[str, Any]
+    index: dict[str, Any]  # model_index.json
     preset: str | None = None
 
     @classmethod
     def open(cls, root: str | os.PathLike, preset: str | None = None) -> "ModelInfo":
+        from .families import family_for
+
         root = Path(root)
         if not root.is_dir():
             raise ModelError(f"{root}: not a directory")
         index_path = root / "model_index.json"
         if not index_path.is_file():
+            if (root / "manifest.json").is_file():
+                raise ModelError(f"{root}: an sdexport export, not a diffusers model; commands that take MODEL "
+                                 "need the diffusers directory it was exported from")
             raise ModelError(f"{root}: no model_index.json; not a diffusers pipeline directory")
-        index = _read_config(index_path)
-        pipeline_class = index.get("_class_name", "")
-        if "text_encoder_2" in index or "XL" in pipeline_class:
-            raise ModelError(
-                f"{root}: {pipeline_class or 'this pipeline'} is an SDXL-style pipeline (it has a second text "
-                "encoder, text_encoder_2, and pooled text embeddings); sdexport supports SD 1.x/2.x pipelines")
-        if pipeline_class not in SUPPORTED_PIPELINES:
-            raise ModelError(
-                f"{root}: pipeline class '{pipeline_class}' is not supported "
-                f"(supported: {', '.join(SUPPORTED_PIPELINES)})")
-        missing = [part for part in REQUIRED_PARTS if not (root / part).is_dir()]
+        index = _read_config(index_path, "pipeline index")
+        family = family_for(index, root)
+        parts = family.parts_of(index)
+        missing = [part for part in parts if not (root / part).is_dir()]
         if missing:
-            raise ModelError(f"{root}: missing {', '.join(missing)}/; not a complete diffusers SD directory")
-        tokenizer_config = root / "tokenizer" / "tokenizer_config.json"
-        max_length = _read_config(tokenizer_config).get("model_max_length") if tokenizer_config.is_file() else None
-        text_cfg = _read_config(root / "text_encoder" / "config.json")
-        if not isinstance(max_length, int) or max_length > text_cfg.get("max_position_embeddings", 77):
-            max_length = text_cfg.get("max_position_embeddings", 77)
-        info = cls(
-            root=root.resolve(), pipeline_class=pipeline_class,
-            unet_config=_read_config(root / "unet" / "config.json"),
-            vae_config=_read_config(root / "vae" / "config.json"),
-            text_encoder_config=text_cfg, tokenizer_max_length=max_length,
-            scheduler_config=_read_config(root / "scheduler" / "scheduler_config.json"),
-            preset=preset)
+            raise ModelError(f"{root}: missing {', '.join(p + '/' for p in missing)}; not a complete "
+                             f"{family.description} directory")
+        configs = {part: _read_config(root / part / "config.json") for part in parts
+                   if part in TORCH_CLASSES}
+        lengths = {}
+        for part in (p for p in parts if p.startswith("tokenizer")):
+            encoder = configs.get(part.replace("tokenizer", "text_encoder"), {})
+            lengths[part] = _tokenizer_length(root / part, encoder)
+        info = cls(root=root.resolve(), pipeline_class=str(index.get("_class_name")), family_name=family.name,
+                   configs=configs, tokenizer_max_lengths=lengths,
+                   scheduler_config=_read_config(root / "scheduler" / "scheduler_config.json"),
+                   index=index, preset=preset)
         info.check()
         return info
 
+    @property
+    def family(self):
+        from .families import by_name
+
+        return by_name(self.family_name)
+
     def check(self) -> None:
-        if self.unet_config.get("addition_embed_type"):
-            raise ModelError(f"{self.root}: UNet uses addition_embed_type="
-                             f"'{self.unet_config['addition_embed_type']}' (SDXL-style); not supported")
-        if self.cross_attention_dim != self.text_hidden_size:
-            raise ModelError(f"{self.root}: UNet cross_attention_dim {self.cross_attention_dim} differs from the "
-                             f"text encoder hidden size {self.text_hidden_size}")
-        if self.vae_config.get("latent_channels", 4) != self.latent_channels:
-            raise ModelError(f"{self.root}: VAE latent_channels {self.vae_config.get('latent_channels')} "
-                             f"differs from UNet in_channels {self.latent_channels}")
+        """Config values sdexport relies on have the right types and sane sizes, then the family's checks."""
+        check_configs(self)
+        self.family.check(self)
+
+    # --- configs -------------------------------------------------------------------
+    @property
+    def unet_config(self) -> dict[str, Any]:
+        return self.configs["unet"]
+
+    @property
+    def vae_config(self) -> dict[str, Any]:
+        return self.configs["vae"]
+
+    @property
+    def text_encoder_config(self) -> dict[str, Any]:
+        return self.configs.get("text_encoder") or self.configs.get("text_encoder_2") or {}
+
+    @property
+    def tokenizer_max_length(self) -> int:
+        return min(self.tokenizer_max_lengths.values()) if self.tokenizer_max_lengths else 77
 
     # --- derived facts -------------------------------------------------------------
     @property
@@ -358,32 +395,116 @@ class ModelInfo:
     @cached_property
     def weights_sha256(self) -> str:
         """One digest over every weight file of the model (what an export was made from)."""
-        files = [p for part in ("unet", "vae", "text_encoder") for p in (self.root / part).rglob("*")
-                 if p.suffix in WEIGHT_SUFFIXES]
+        files = [p for part in self.family.weight_parts if part in self.configs
+                 for p in (self.root / part).rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+        if not files:
+            raise ModelError(f"{self.root}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in "
+                             f"{', '.join(p for p in self.family.weight_parts if p in self.configs)}")
         return sha256_files(files, self.root)
 
     # --- loading -------------------------------------------------------------------
-    def load_tokenizer(self):
+    def load_tokenizer(self, part: str = "tokenizer"):
         from transformers import CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(self.root, subfolder="tokenizer")
-        tokenizer.model_max_length = self.tokenizer_max_length
+        folder = self.root / part
+        if not any(all((folder / f).is_file() for f in files) for files in TOKENIZER_FILES):
+            raise ModelError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
+                             "without them every prompt would give the same image")
+        with _quiet_loading():
+            try:
+                tokenizer = CLIPTokenizer.from_pretrained(self.root, subfolder=part)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise ModelError(f"{folder}: cannot load the tokenizer ({str(exc).splitlines()[0][:160]})") from None
+        tokenizer.model_max_length = self.tokenizer_max_lengths.get(part, 77)
+        encoder = self.configs.get(part.replace("tokenizer", "text_encoder"), {})
+        vocab = int(encoder.get("vocab_size", len(tokenizer)))
+        if len(tokenizer) > vocab or len(tokenizer) < 3:
+            raise ModelError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, the text encoder's vocabulary "
+                             f"{vocab}: not this model's tokenizer")
         return tokenizer
 
-    def load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
-        """Load one torch module (``unet``, ``vae`` or ``text_encoder``) in eval mode."""
-        import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+    def torch_class(self, part: str):
+        import importlib
 
-        cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[part]
+        library, allowed = TORCH_CLASSES[part]
+        named = self.index.get(part)
+        cls_name = named[1] if isinstance(named, list) and len(named) == 2 and named[1] in allowed else allowed[0]
+        return getattr(importlib.import_module(library), cls_name)
+
+    def load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
+        """Load one torch module (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) in eval mode."""
+        import torch
+
+        cls = self.torch_class(part)
         dtype = dtype or torch.float32
         with _quiet_loading():
             try:
                 module = cls.from_pretrained(self.root, subfolder=part, torch_dtype=dtype, **kwargs)
-            except (OSError, ValueError, EnvironmentError) as exc:
-                raise ModelError(f"{self.root / part}: cannot load weights ({str(exc).splitlines()[0]})") from None
+            except (OSError, ValueError, EnvironmentError, TypeError, KeyError, RuntimeError) as exc:
+                raise ModelError(f"{self.root / part}: cannot load weights ({str(exc).splitlines()[0][:200]})") from None
         return module.to(device).eval().requires_grad_(False)
+
+
+def _tokenizer_length(folder: Path, encoder_config: dict[str, Any]) -> int:
+    """The tokenizer's model_max_length, bounded by the text encoder's positions (CLIP: 77)."""
+    positions = encoder_config.get("max_position_embeddings", 77)
+    positions = positions if isinstance(positions, int) and positions > 0 else 77
+    config = folder / "tokenizer_config.json"
+    length = _read_config(config).get("model_max_length") if config.is_file() else None
+    if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= positions:
+        length = positions
+    return length
+
+
+# Bounds for config values that size tensors: beyond them a config is corrupt or hostile (a UNet with
+# 10^9 channels would allocate terabytes before failing).
+_INT_FIELDS = {
+    "unet": {"in_channels": (1, 64), "out_channels": (1, 64), "sample_size": (1, 1024),
+             "cross_attention_dim": (1, 16384), "layers_per_block": (1, 16), "norm_num_groups": (1, 1024)},
+    "vae": {"in_channels": (1, 16), "out_channels": (1, 16), "latent_channels": (1, 64), "sample_size": (1, 8192),
+            "layers_per_block": (1, 16), "norm_num_groups": (1, 1024)},
+    "text_encoder": {"hidden_size": (1, 16384), "vocab_size": (3, 1 << 20), "max_position_embeddings": (1, 4096),
+                     "num_hidden_layers": (1, 128), "intermediate_size": (1, 65536), "num_attention_heads": (1, 256),
+                     "projection_dim": (1, 16384)},
+}
+_INT_FIELDS["text_encoder_2"] = _INT_FIELDS["text_encoder"]
+_MAX_CHANNELS = 16384
+
+
+def check_configs(info: "ModelInfo") -> None:
+    for part, fields in _INT_FIELDS.items():
+        config = info.configs.get(part)
+        if config is None:
+            continue
+        where = info.root / part / "config.json"
+        for key, (lo, hi) in fields.items():
+            if key not in config or (key == "sample_size" and isinstance(config[key], list)):
+                continue
+            value = config[key]
+            if isinstance(value, list) and key == "cross_attention_dim":
+                values = value
+            else:
+                values = [value]
+            for v in values:
+                if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                    raise ModelError(f"{where}: {key} = {json.dumps(value)[:60]} is not an integer in [{lo}, {hi}]")
+        for key in ("block_out_channels",):
+            if key in config:
+                value = config[key]
+                if not isinstance(value, list) or not value or not all(
+                        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_CHANNELS for v in value):
+                    raise ModelError(f"{where}: {key} = {json.dumps(value)[:60]} is not a list of channel counts "
+                                     f"in [1, {_MAX_CHANNELS}]")
+        for key in ("down_block_types", "up_block_types"):
+            if key in config and (not isinstance(config[key], list) or not config[key]
+                                  or not all(isinstance(v, str) for v in config[key])):
+                raise ModelError(f"{where}: {key} must be a non-empty list of block names")
+        if "scaling_factor" in config and (not isinstance(config["scaling_factor"], (int, float))
+                                           or isinstance(config["scaling_factor"], bool)
+                                           or not 0 < config["scaling_factor"] < 1e3):
+            raise ModelError(f"{where}: scaling_factor = {config['scaling_factor']!r} is not a positive number")
+    if not isinstance(info.scheduler_config.get("_class_name"), str):
+        raise ModelError(f"{info.root}/scheduler/scheduler_config.json: no scheduler _class_name")
 
 
 @contextlib.contextmanager

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BackendUnavailable, UsageError
-from .manifest import atomic_dir, sha256_file, versions
+from .manifest import sha256_file, versions
 from .runtime import ExportDir
 
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
@@ -73,7 +72,7 @@ def _unique_node_names(path: Path) -> None:
     refuses the model as invalid); names are labels only, so make them unique."""
     import onnx
 
-    from .export import _save
+    from .export import save_onnx
 
     model = onnx.load(str(path))
     seen: set[str] = set()
@@ -86,7 +85,7 @@ def _unique_node_names(path: Path) -> None:
     if changed:
         for extra in path.parent.glob("*.onnx_data"):
             extra.unlink()
-        _save(model, path)
+        save_onnx(model, path)
 
 
 # BiasSplitGelu's CUDA kernel takes only these widths (the GEGLU projections of SD 1.x/2.x/XL);
@@ -198,42 +197,49 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
         importlib.import_module("onnxruntime.transformers.optimizer")
     except ImportError as exc:
         raise BackendUnavailable(f"ONNX Runtime's transformer optimizer is missing ({exc})") from None
-    from .export import _cleanup, _save, _torch_export
+    from .export import clean_graph, save_onnx, torch_export
+    from .manifest import writing
 
-    export = ExportDir.open(export_dir)
-    info = export.source_model()
-    vkey = "ort_cuda"
-    variants = export.manifest.data.setdefault(vkey, {})
-    for name in components:
-        if name not in MODEL_TYPES:
-            raise UsageError(f"ort-cuda variant: unsupported component {name} (choose {', '.join(MODEL_TYPES)})")
-        spec = export.spec(name)
-        key = {"weights_sha256": info.weights_sha256, "opset": opset, "recipe": RECIPE,
-               "ranges": export.ranges.to_json(), "versions": versions()}
-        key = json.loads(json.dumps(key))
-        old = variants.get(name)
-        if old and old.get("key") == key and export.manifest.intact(old):
-            say(f"{vkey} {name}: up to date")
-            continue
-        t0 = time.perf_counter()
-        feed = spec.sample_inputs(spec.opt_dims())
-        module = _load_module(info, spec)
-        final = export.root / vkey / name
-        with tempfile.TemporaryDirectory() as tmp, atomic_dir(final) as out:
-            raw = Path(tmp) / "raw.onnx"
+    with writing(export_dir, "build --backend ort", say, create=False) as txn:
+        export = ExportDir.open(export_dir)
+        export.manifest = txn.manifest
+        info = export.source_model()
+        vkey = "ort_cuda"
+        variants = export.manifest.data.setdefault(vkey, {})
+        changed = False
+        for name in components:
+            if name not in MODEL_TYPES:
+                raise UsageError(f"ort-cuda variant: unsupported component {name} (choose {', '.join(MODEL_TYPES)})")
+            spec = export.spec(name)
+            key = {"weights_sha256": info.weights_sha256, "opset": opset, "recipe": RECIPE,
+                   "ranges": export.ranges.to_json(), "versions": versions()}
+            key = json.loads(json.dumps(key))
+            old = variants.get(name)
+            if old and old.get("key") == key and export.manifest.intact(old):
+                say(f"{vkey} {name}: up to date")
+                continue
+            t0 = time.perf_counter()
+            feed = spec.sample_inputs(spec.opt_dims())
+            module = _load_module(info, spec)
+            out = txn.stage(f"{vkey}/{name}", folder=True)
+            scratch = txn.scratch(f"{vkey}-{name}")
+            raw = scratch / "raw.onnx"
             say(f"ort-cuda {name}: export (classic attention)")
-            _torch_export(spec, module, feed, raw, opset)
-            fp32 = Path(tmp) / "fp32" / "model.onnx"
+            torch_export(spec, module, feed, raw, opset)
+            fp32 = scratch / "fp32" / "model.onnx"
             fp32.parent.mkdir()
-            _save(_cleanup(raw), fp32)
+            save_onnx(clean_graph(raw), fp32)
             say(f"ort-cuda {name}: ONNX Runtime fusions + FP16")
             _optimize(fp32, out / "model.onnx", MODEL_TYPES[name])
             _unique_node_names(out / "model.onnx")
-        entry = {"file": f"{vkey}/{name}/model.onnx", "sha256": sha256_file(final / "model.onnx"),
-                 "fused_ops": _fused_counts(final / "model.onnx"),
-                 "seconds": round(time.perf_counter() - t0, 1), "key": key}
-        variants[name] = entry
-        export.manifest.save()
-        say(f"ort-cuda {name}: {entry['fused_ops']} ({entry['seconds']} s)")
-    export.manifest.save()
-    return variants
+            extra = [p.name for p in out.iterdir() if p.name != "model.onnx"]
+            entry = {"file": f"{vkey}/{name}/model.onnx", "sha256": sha256_file(out / "model.onnx"),
+                     "external_data": [{"file": f"{vkey}/{name}/{n}", "sha256": sha256_file(out / n)} for n in extra],
+                     "fused_ops": _fused_counts(out / "model.onnx"),
+                     "seconds": round(time.perf_counter() - t0, 1), "key": key}
+            variants[name] = entry
+            changed = True
+            say(f"ort-cuda {name}: {entry['fused_ops']} ({entry['seconds']} s)")
+        if changed:
+            txn.commit()
+        return variants

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import math
 import sys
 from typing import Any, Callable
 
@@ -73,13 +74,27 @@ def _noise_unused(sched, eta: float = 0.0) -> bool:
     return False
 
 
-def check_request(ranges, steps: int, guidance_scale: float, geo: Geometry) -> None:
+def check_request(ranges, steps: int, guidance_scale: float, geo: Geometry, scheduler_config: dict | None = None
+                  ) -> None:
     """Reject a generation request before any work: bad steps/guidance, or a shape outside the export."""
-    if steps < 1:
+    if not isinstance(steps, int) or steps < 1:
         raise UsageError(f"--steps {steps}: must be at least 1")
+    train = int((scheduler_config or {}).get("num_train_timesteps", 1000) or 1000)
+    if steps > train:
+        raise UsageError(f"--steps {steps}: the scheduler was trained with {train} timesteps; use at most {train}")
+    if not math.isfinite(guidance_scale):
+        raise UsageError(f"--guidance-scale {guidance_scale}: must be a finite number")
     if guidance_scale < 0:
         raise UsageError(f"--guidance-scale {guidance_scale}: must not be negative")
     ranges.check(geo)
+
+
+def _as_list(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise UsageError(f"{what}: {len(value)} values for a batch of {n}")
+        return list(value)
+    return [value] * n
 
 
 @dataclasses.dataclass
@@ -90,6 +105,7 @@ class GenerationResult:
     steps: int
     truncated: bool
     loop: str = "eager"  # "eager", or "step-graph" (every step one CUDA graph replay; "unet" times whole steps)
+    scheduler: str = ""  # the diffusers scheduler class that ran
 
     def uint8(self) -> np.ndarray:
         return (self.images * 255).round().astype("uint8")
@@ -102,9 +118,10 @@ class GenerationResult:
         total = sum(t["total"])
         unet = sum(t.get("unet", []))
         denoise = sum(t.get("denoise", []))
-        engines = sum(t.get("text_encoder", [])) + sum(t.get("vae_decoder", []))
+        text = sum(t.get("text_encoder", []))
+        engines = text + sum(t.get("vae_decoder", []))
         return {
-            "text_encoder_ms": sum(t.get("text_encoder", [])),
+            "text_encoder_ms": text,
             "unet_total_ms": unet,
             "unet_steps": len(t.get("unet", [])),
             "vae_decoder_ms": sum(t.get("vae_decoder", [])),
@@ -117,6 +134,8 @@ class GenerationResult:
 
 
 class Pipeline:
+    """Text to image over an export's engines, generic over model families (the family encodes prompts)."""
+
     def __init__(self, engines: dict[str, Any], export, device: str = "cpu",
                  warn: Callable[[str], None] | None = None, step_graph: bool = False):
         if step_graph and not device.startswith("cuda"):
@@ -126,11 +145,23 @@ class Pipeline:
         self._graphs: dict[tuple, Any] = {}  # request key -> _StepGraphs, or the reason capture failed
         self.export = export
         self.info = export.info
+        self.family = export.family
         self.ranges = export.ranges
         self.device = device
-        self.tokenizer = self.info.load_tokenizer()
+        self._tokenizers: dict[str, Any] = {}
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
         self._stream = None
+        self._warned: set[str] = set()
+        self._truncated = False
+        self.clock: StageClock | None = None
+        for part in self.family.tokenizer_parts:  # a missing or foreign tokenizer fails here, not as equal images
+            if part in self.info.tokenizer_max_lengths:
+                self.tokenizer(part)
+
+    def tokenizer(self, part: str = "tokenizer"):
+        if part not in self._tokenizers:
+            self._tokenizers[part] = self.info.load_tokenizer(part)
+        return self._tokenizers[part]
 
     @contextlib.contextmanager
     def _on_own_stream(self):
@@ -151,46 +182,76 @@ class Pipeline:
         caller.wait_stream(self._stream)
 
     # --- stages --------------------------------------------------------------------
-    def tokenize(self, prompts: list[str]) -> tuple[Any, bool]:
+    def tokenize(self, part: str, texts: list[str], n_negative: int = 0):
+        """Token ids (int32, on the device) padded to the tokenizer's length; a text longer than that is
+        truncated with one warning naming the words dropped and whether it was a prompt or a negative prompt."""
         import torch
 
-        tok = self.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
-        truncated = full.shape[-1] > tok.model_max_length
-        if truncated:
-            dropped = tok.batch_decode(full[:, tok.model_max_length - 1:-1])
-            self.warn(f"prompt longer than {tok.model_max_length} tokens was truncated; dropped: "
-                      f"{next(d for d in dropped if d.strip())!r}")
-        return ids.to(torch.int32), truncated
+        tok = self.tokenizer(part)
+        limit = tok.model_max_length
+        ids = tok(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+        for i, text in enumerate(texts):
+            full = tok(text, truncation=False)["input_ids"]
+            if len(full) <= limit:
+                continue
+            self._truncated = True
+            which = "negative prompt" if i < n_negative else "prompt"
+            if (which, text) in self._warned:
+                continue
+            self._warned.add((which, text))
+            dropped = tok.decode(full[limit - 1:-1], skip_special_tokens=True).strip()
+            self.warn(f"{which} longer than {limit} tokens was truncated; dropped: {dropped!r}")
+        return ids.to(torch.int32).to(self.device)
 
-    def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
-                 seed: int = 0, height: int | None = None, width: int | None = None, batch_size: int = 1,
-                 scheduler: str | None = None, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+    def encode_text(self, part: str, ids):
+        """Run one text encoder engine (timed as the text stage)."""
+        with (self.clock.stage("text_encoder") if self.clock else contextlib.nullcontext()):
+            return self.engines[part]({"input_ids": ids})
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, steps: int = 30,
+                 guidance_scale: float = 7.5, seed: int | list[int] = 0, height: int | None = None,
+                 width: int | None = None, batch_size: int = 1, scheduler: str | None = None,
+                 progress: Callable[[int, int], None] | None = None, **options) -> GenerationResult:
+        """Generate ``batch_size`` images. ``prompt``, ``negative_prompt`` and ``seed`` may be lists (one per
+        image): with a list of seeds each image's noise comes from its own generator, so image i equals a
+        single-image call with seed i; one seed seeds the whole batch, as diffusers' ``num_images_per_prompt``.
+        ``options``: the family's own (SDXL micro-conditioning)."""
         import torch
 
         height = height or self.ranges.opt_size
         width = width or self.ranges.opt_size
-        cfg = guidance_scale > 1.0  # diffusers' rule for classifier-free guidance
-        geo = Geometry(batch_size, height, width, guidance=cfg)
-        check_request(self.ranges, steps, guidance_scale, geo)
+        guidance = self.family.guidance(self.info, guidance_scale)
+        geo = Geometry(batch_size, height, width, guidance=guidance.cfg)
+        check_request(self.ranges, steps, guidance_scale, geo, self.info.scheduler_config)
+        self.family.check_options(self.info, options)
+        prompts = _as_list(prompt, batch_size, "prompt")
+        negatives = _as_list(negative_prompt, batch_size, "negative prompt")
+        seeds = _as_list(seed, batch_size, "seed") if isinstance(seed, (list, tuple)) else None
         sched = make_scheduler(scheduler, self.info.scheduler_config)
-        clock = StageClock(self.device)
+        clock = self.clock = StageClock(self.device)
+        self._warned, self._truncated = set(), False
         dev = self.device
-        generator = torch.Generator("cpu").manual_seed(seed)
+        if seeds is None:
+            generator: Any = torch.Generator("cpu").manual_seed(seed)
+        else:
+            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         f = self.info.vae_scale_factor
 
         with self._on_own_stream():
             with clock.stage("total"):
-                prompts = [prompt] * batch_size
-                negatives = [negative_prompt or ""] * batch_size
-                ids, truncated = self.tokenize((negatives + prompts) if cfg else prompts)
-                with clock.stage("text_encoder"):
-                    embeds = self.engines["text_encoder"]({"input_ids": ids.to(dev)})["last_hidden_state"]
+                cond = self.family.encode(self, prompts, negatives, guidance, geo, options)
+                if guidance.embedding_dim:  # LCM: the guidance scale as an embedding, one row per image
+                    from .families.base import guidance_embedding
+
+                    cond["timestep_cond"] = guidance_embedding(guidance.scale, geo.rows, guidance.embedding_dim).to(dev)
 
                 shape = (batch_size, self.info.latent_channels, height // f, width // f)
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(dev)
+                if seeds is None:
+                    latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+                else:
+                    latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32)
+                                         for g in generator])
+                latents = latents.to(dev)
                 # The scheduler keeps its tables on the CPU: its per-step scalars then enter GPU ops as
                 # host scalars, and no step indexes a CPU table with a GPU tensor (a hidden host sync).
                 # The timesteps the UNet sees are copied to the device once, before the loop.
@@ -208,39 +269,55 @@ class Pipeline:
                 timesteps = sched.timesteps
                 graphs = None
                 if self.step_graph:
-                    key = (scheduler, steps, tuple(latents.shape), tuple(embeds.shape), embeds.dtype, cfg,
-                           guidance_scale, extra.get("eta"), "generator" in extra)
+                    key = (scheduler, steps, tuple(latents.shape), guidance.cfg, guidance_scale,
+                           tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items())),
+                           extra.get("eta"), "generator" in extra)
                     graphs = self._step_graphs(key, lambda: _StepGraphs.capture(
-                        self, sched, unet_timesteps, latents, embeds, cfg, guidance_scale, rows, extra))
+                        self, sched, unet_timesteps, latents, cond, guidance, rows, extra))
                 with clock.stage("denoise"):
                     if graphs is not None:
-                        latents = graphs.run(latents, embeds, clock, progress)
+                        latents = graphs.run(latents, cond, clock, progress)
                     else:
                         for i, t in enumerate(timesteps):
-                            latents = self._step(sched, unet, i, t, latents, embeds, unet_timesteps, cfg,
-                                                 guidance_scale, rows, extra, clock)
+                            latents = self._step(sched, unet, i, t, latents, cond, unet_timesteps, guidance,
+                                                 rows, extra, clock)
                             if progress:
                                 progress(i + 1, len(timesteps))
 
                 with clock.stage("vae_decoder"):
-                    image = self.engines["vae_decoder"]({"latent_sample": latents / self.info.vae_scaling_factor})["sample"]
+                    image = self.engines["vae_decoder"]({"latent_sample": self.unscale_latents(latents)})["sample"]
                 images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        self.clock = None
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
-                                truncated=truncated, loop="step-graph" if graphs is not None else "eager")
+                                truncated=self._truncated, loop="step-graph" if graphs is not None else "eager",
+                                scheduler=type(sched).__name__)
+
+    def unscale_latents(self, latents):
+        """Latents -> the VAE decoder's input: divide by the scaling factor, and (VAEs whose config has
+        ``latents_mean``/``latents_std``) un-normalize, as diffusers' pipelines do."""
+        import torch
+
+        vae = self.info.vae_config
+        if vae.get("latents_mean") is not None and vae.get("latents_std") is not None:
+            c = len(vae["latents_mean"])
+            mean = torch.tensor(vae["latents_mean"]).view(1, c, 1, 1).to(latents)
+            std = torch.tensor(vae["latents_std"]).view(1, c, 1, 1).to(latents)
+            return latents * std / self.info.vae_scaling_factor + mean
+        return latents / self.info.vae_scaling_factor
 
     @staticmethod
-    def _step(sched, unet, i, t, latents, embeds, unet_timesteps, cfg, guidance_scale, rows, extra, clock=None):
+    def _step(sched, unet, i, t, latents, cond, unet_timesteps, guidance, rows, extra, clock=None):
         """One denoising step: the batched guidance input, the UNet call, guidance, the scheduler update."""
         import torch
 
-        model_in = torch.cat([latents] * 2) if cfg else latents
+        model_in = torch.cat([latents] * 2) if guidance.cfg else latents
         model_in = sched.scale_model_input(model_in, t)
         t_batch = unet_timesteps[i].expand(rows)
         with clock.stage("unet") if clock else contextlib.nullcontext():
-            noise = unet({"sample": model_in, "timestep": t_batch, "encoder_hidden_states": embeds})["out_sample"]
-        if cfg:
+            noise = unet({"sample": model_in, "timestep": t_batch, **cond})["out_sample"]
+        if guidance.cfg:
             uncond, text = noise.chunk(2)
-            noise = uncond + guidance_scale * (text - uncond)
+            noise = uncond + guidance.scale * (text - uncond)
         return sched.step(noise, t, latents, **extra, return_dict=False)[0]
 
     def _step_graphs(self, key, capture):
@@ -273,15 +350,15 @@ class _NotCapturable(Exception):
 class _StepGraphs:
     """One CUDA graph per denoising step of one request kind, captured in order into one pool."""
 
-    def __init__(self, graphs, static_latents, static_embeds, result, keep):
+    def __init__(self, graphs, static_latents, static_cond, result, keep):
         self.graphs = graphs
         self.static_latents = static_latents
-        self.static_embeds = static_embeds
+        self.static_cond = static_cond
         self.result = result
         self.keep = keep  # the scheduler (its multistep history lives in graph memory) and the timesteps
 
     @classmethod
-    def capture(cls, pipe: "Pipeline", sched, unet_timesteps, latents, embeds, cfg, guidance_scale, rows, extra):
+    def capture(cls, pipe: "Pipeline", sched, unet_timesteps, latents, cond, guidance, rows, extra):
         """Capture from the request's scheduler (timesteps set, at step 0), which stays untouched: the
         eager loop still has it if the capture fails."""
         import torch
@@ -294,13 +371,13 @@ class _StepGraphs:
         if getattr(unet, "cuda_graph", False):
             raise _NotCapturable("the UNet engine captures its own CUDA graph (open it without cuda_graph)")
         sched = copy.deepcopy(sched)
-        static_latents, static_embeds = latents.clone(), embeds.clone()
+        static_latents, static_cond = latents.clone(), {k: v.clone() for k, v in cond.items()}
         # Warm-up outside the capture (autotuning, lazy kernel loading, ONNX Runtime's buffers for this
         # shape), on a copy of the scheduler so that the captured one starts at step 0.
         def two_steps():
             warm, x = copy.deepcopy(sched), static_latents.clone()
             for i, t in list(enumerate(warm.timesteps))[:2]:
-                x = pipe._step(warm, unet, i, t, x, static_embeds, unet_timesteps, cfg, guidance_scale, rows, extra)
+                x = pipe._step(warm, unet, i, t, x, static_cond, unet_timesteps, guidance, rows, extra)
 
         warm_up(two_steps)
         pool = torch.cuda.graph_pool_handle()
@@ -308,13 +385,14 @@ class _StepGraphs:
         for i, t in enumerate(sched.timesteps):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                x = pipe._step(sched, unet, i, t, x, static_embeds, unet_timesteps, cfg, guidance_scale, rows, extra)
+                x = pipe._step(sched, unet, i, t, x, static_cond, unet_timesteps, guidance, rows, extra)
             graphs.append(graph)
-        return cls(graphs, static_latents, static_embeds, x, (sched, unet_timesteps))
+        return cls(graphs, static_latents, static_cond, x, (sched, unet_timesteps))
 
-    def run(self, latents, embeds, clock, progress):
+    def run(self, latents, cond, clock, progress):
         self.static_latents.copy_(latents)
-        self.static_embeds.copy_(embeds)
+        for k, v in cond.items():
+            self.static_cond[k].copy_(v)
         n = len(self.graphs)
         for i, graph in enumerate(self.graphs):
             with clock.stage("unet"):

@@ -52,9 +52,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .calibration import UNET_INPUTS, Calibration, load_calibration
+from .calibration import Calibration, load_calibration
 from .errors import BackendUnavailable, IntegrityError, ShapeError, UsageError
-from .export import _save, check_io_against_spec, onnx_io
+from .export import check_io_against_spec, onnx_io
+from .export import save_onnx as _save
 
 COMPONENT = "unet_int8"
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
@@ -439,10 +440,7 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
              quantizer: str = "auto", exclude: tuple[str, ...] | list[str] = (), default_excludes: bool = True,
              force: bool = False, say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Write ``OUT/unet_int8`` from the export's FP32 UNet and a calibration file; returns its manifest entry."""
-    import onnx
-
-    from . import __version__
-    from .manifest import atomic_dir, sha256_file, versions
+    from .manifest import writing
     from .runtime import ExportDir
 
     if precision != "int8":
@@ -454,7 +452,21 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
     if quantizer == "modelopt" and method == "percentile":
         raise UsageError("--calibration-method percentile: ModelOpt's INT8 calibration has max and entropy only; "
                          "use --quantizer ort (or auto) for percentile")
-    export = ExportDir.open(export_dir)
+    with writing(export_dir, "quantize", say, create=False) as txn:
+        export = ExportDir.open(export_dir)
+        export.manifest = txn.manifest
+        entry = _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, force, say)
+        if not entry.get("up_to_date"):
+            txn.commit()
+        return entry
+
+
+def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, force, say) -> dict[str, Any]:
+    import onnx
+
+    from . import __version__
+    from .manifest import sha256_file, versions
+
     out = export.root
     source = export.manifest.component("unet")
     dtype = source["precision"]["dtype"]
@@ -487,14 +499,15 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
         with contextlib.suppress(IntegrityError):
             export.manifest.verified_path(old)
             say(f"{COMPONENT}: up to date ({old['file']}), not re-quantized")
-            return old
+            return {**old, "up_to_date": True}
 
     large = bool(source.get("external_data"))
     batches = calibration.batches(BATCH_ROWS_LARGE if large else BATCH_ROWS)
     t0 = time.perf_counter()
     final_dir = out / COMPONENT
-    with atomic_dir(final_dir) as tmp, tempfile.TemporaryDirectory(prefix=".int8-work-", dir=out) as work_dir:
-        work = Path(work_dir)
+    tmp = txn.stage(COMPONENT, folder=True)
+    work = txn.scratch("int8-work")  # inside the export (same disk as the artifacts), gone with the transaction
+    if True:
         # The quantizers write intermediate files beside their input: give them a copy, not the export.
         # A copy, not a link: onnx refuses external data behind a symbolic link or with several hard links.
         linked = work / "unet.onnx"
@@ -556,6 +569,7 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
         check_io_against_spec(io, spec, str(final_dir / "model.onnx"))
         _smoke_run(final_path, batches[0])
         shutil.copy(out / "unet" / "config.json", tmp / "config.json")
+        config_entry = {"file": f"{COMPONENT}/config.json", "sha256": sha256_file(tmp / "config.json")}
         from .precision import precision_summary
 
         dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
@@ -566,6 +580,7 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
             "file": f"{COMPONENT}/model.onnx",
             "sha256": sha256_file(final_path),
             "external_data": [{"file": f"{COMPONENT}/{n}", "sha256": sha256_file(tmp / n)} for n in external],
+            "files": [config_entry],
             "size_bytes": final_path.stat().st_size + sum((tmp / n).stat().st_size for n in external),
             "opset": summary["opset"],
             "nodes": len(model.graph.node),
@@ -595,7 +610,6 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
     entry["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     export.manifest.components[COMPONENT] = entry
     export.manifest.engines.pop(COMPONENT, None)
-    export.manifest.save()
     q = summary["quantized_nodes"]
     say(f"{COMPONENT}: wrote {entry['file']} ({entry['size_bytes'] / 2**20:.1f} MiB, {entry['quantize_seconds']} s): "
         f"INT8 Conv {q['Conv']}, MatMul {q['MatMul']}, Gemm {q['Gemm']}; {len(excluded)} excluded, "
@@ -747,8 +761,7 @@ def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Call
     spec = export.spec("unet")
     entry = export.manifest.component(COMPONENT)
     height = width = export.ranges.opt_size
-    reference = load_engines(export.root, "torch", components=["text_encoder", "unet", "vae_decoder"],
-                             device=device)
+    reference = load_engines(export, "torch", device=device)
     variants: dict[str, Any] = {"int8": OrtEngine(export, COMPONENT, device=device)}
     fp16_how = None
     if fp16:
@@ -787,7 +800,7 @@ def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Call
     unet_rows = []
     for target in targets:
         picks = [min(calls, key=lambda c: abs(c[0] - target)) for calls in recorded]
-        feed = {k: np.concatenate([p[1][k] for p in picks]) for k in UNET_INPUTS}
+        feed = {k: np.concatenate([p[1][k] for p in picks]) for k in spec.input_names}
         tensors = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
         with torch.inference_mode():
             want = ref_unet(tensors)["out_sample"].float().cpu().numpy()

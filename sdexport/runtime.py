@@ -1,8 +1,14 @@
-"""An export directory as the runtime sees it: manifest, specs, tokenizer, scheduler config.
+"""An export directory as the runtime sees it: manifest, specs, tokenizers, scheduler config.
 
-The component specs are rebuilt from the model configs and shape ranges that the
-manifest recorded at export time, so engines, buffers and shape checks use the
-very declaration the export was made from, without the source model.
+The component specs are rebuilt from the model configs and shape ranges that the manifest
+recorded at export time, through the model's family, so engines, buffers and shape checks use
+the very declaration the export was made from, without the source model.
+
+Opening an export checks it before anything runs: the manifest's structure, every pipeline file
+the runtime reads (scheduler config, tokenizers, model index) against its sha256, and, per
+component a command loads, that it belongs to this export (same weights, ranges and dtype as the
+manifest says; ``check_components``). The CLI holds the export's lock around a whole command
+(``manifest.reading``/``writing``); opening finishes a transaction a killed writer committed.
 """
 
 from __future__ import annotations
@@ -11,41 +17,91 @@ import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from .components import ComponentSpec, ShapeRanges, component_specs
+from . import __version__
+from .artifacts import VARIANT_OF
+from .components import ComponentSpec, ShapeRanges
 from .errors import IntegrityError, ModelError
-from .manifest import Manifest
+from .manifest import Manifest, recover_if_needed
 from .models import ModelInfo
 
-# Artifacts made from an exported component that keep its interface: name -> the component.
-VARIANTS = {"unet_int8": "unet"}  # sdexport quantize (quantize.py)
+MANIFEST_VERSION = 2
 
 
 @dataclasses.dataclass
 class ExportDir:
     root: Path
     manifest: Manifest
+    model_path: Path | None = None  # where the source model is, if not at its recorded path (--model)
 
     @classmethod
-    def open(cls, root: str | Path) -> "ExportDir":
+    def open(cls, root: str | Path, say=lambda msg: None, model: str | Path | None = None) -> "ExportDir":
+        """Open and check an export (``model``: a moved copy of the source model, for torch references)."""
         root = Path(root)
         if not root.is_dir():
+            if root.is_file():
+                raise IntegrityError(f"{root}: a file, not an export directory")
             raise IntegrityError(f"{root}: no such export directory; run 'sdexport export MODEL -o {root}'")
-        manifest = Manifest.load(root)
-        if "model" not in manifest.data or "ranges" not in manifest.data:
-            raise IntegrityError(f"{root}/manifest.json: incomplete (no model or ranges); re-export")
-        return cls(root, manifest)
+        recover_if_needed(root, say)
+        export = cls(root, Manifest.load(root), Path(model) if model else None)
+        export._check_manifest()
+        return export
+
+    def _check_manifest(self) -> None:
+        data = self.manifest.data
+        where = self.root / "manifest.json"
+        remedy = f"re-export: sdexport export MODEL -o {self.root} --force"
+        if data.get("manifest_version") != MANIFEST_VERSION:
+            raise IntegrityError(f"{where}: written by another sdexport (manifest version "
+                                 f"{data.get('manifest_version')!r}, this one reads {MANIFEST_VERSION}); {remedy}")
+        model, ranges = data.get("model"), data.get("ranges")
+        if not isinstance(model, dict) or not isinstance(ranges, dict):
+            raise IntegrityError(f"{where}: incomplete (no model or ranges); {remedy}")
+        try:
+            ShapeRanges.from_json(ranges)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ranges.values()):
+                raise TypeError
+            for key, kind in (("family", str), ("pipeline_class", str), ("weights_sha256", str), ("path", str),
+                              ("configs", dict), ("tokenizer_max_lengths", dict)):
+                if not isinstance(model.get(key), kind):
+                    raise TypeError
+            if not all(isinstance(v, dict) for v in model["configs"].values()) or "unet" not in model["configs"]:
+                raise TypeError
+        except TypeError:
+            raise IntegrityError(f"{where}: its model or ranges section is malformed; {remedy}") from None
+        if not data.get("files"):
+            raise IntegrityError(f"{where}: lists no pipeline files (scheduler, tokenizer); {remedy}")
+        self.manifest.verify_files(remedy)
+
+    # --- what the export is ---------------------------------------------------------------
+    def _read_json(self, rel: str) -> dict[str, Any]:
+        path = self.manifest.path(rel)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{path}: unreadable ({exc}); re-export") from None
+        if not isinstance(data, dict):
+            raise IntegrityError(f"{path}: not a JSON object; re-export")
+        return data
 
     @cached_property
     def info(self) -> ModelInfo:
         model = self.manifest.data["model"]
-        configs = model["configs"]
-        scheduler_path = self.root / "scheduler" / "scheduler_config.json"
-        return ModelInfo(
-            root=self.root, pipeline_class=model["pipeline_class"], unet_config=configs["unet"],
-            vae_config=configs["vae"], text_encoder_config=configs["text_encoder"],
-            tokenizer_max_length=model["tokenizer_max_length"],
-            scheduler_config=json.loads(scheduler_path.read_text()), preset=model.get("preset"))
+        info = ModelInfo(
+            root=self.root, pipeline_class=model["pipeline_class"], family_name=model["family"],
+            configs=model["configs"], tokenizer_max_lengths={k: int(v) for k, v in model["tokenizer_max_lengths"].items()},
+            scheduler_config=self._read_json("scheduler/scheduler_config.json"),
+            index=self._read_json("model_index.json"), preset=model.get("preset"))
+        try:
+            info.check()
+        except ModelError as exc:
+            raise IntegrityError(f"{self.root}/manifest.json: {exc}") from None
+        return info
+
+    @property
+    def family(self):
+        return self.info.family
 
     @cached_property
     def ranges(self) -> ShapeRanges:
@@ -53,26 +109,80 @@ class ExportDir:
 
     @cached_property
     def specs(self) -> dict[str, ComponentSpec]:
-        return component_specs(self.info, self.ranges)
+        return self.family.specs(self.info, self.ranges)
 
     def spec(self, name: str) -> ComponentSpec:
         self.manifest.component(name)  # raises if it was not exported
-        if name in VARIANTS:  # same interface as the component it was made from, under its own name
-            return dataclasses.replace(self.specs[VARIANTS[name]], name=name)
+        if name in VARIANT_OF:  # same interface as the component it was made from, under its own name
+            return dataclasses.replace(self.specs[VARIANT_OF[name]], name=name)
+        if name not in self.specs:
+            raise IntegrityError(f"{self.root}: component '{name}' is not part of a {self.family.description} export")
         return self.specs[name]
 
     @property
     def dtype(self) -> str:
-        dtypes = {c["precision"]["dtype"] for name, c in self.manifest.components.items() if name not in VARIANTS}
-        return dtypes.pop() if len(dtypes) == 1 else "mixed"
+        """The precision the export was made in (``export --dtype``)."""
+        return str(self.manifest.data.get("dtype", "?"))
 
-    def source_model(self) -> ModelInfo:
-        """The diffusers model this export was made from (for the PyTorch reference)."""
+    @property
+    def pipeline_components(self) -> list[str]:
+        """The exported components the sampler loop runs (text encoders, UNet, VAE decoder)."""
+        return [c for c in self.family.components(self.info) if c != "vae_encoder"]
+
+    def check_components(self, names: list[str]) -> None:
+        """The components a command loads belong together: made from the weights, ranges and dtype this
+        manifest records, by this sdexport; a variant from the current file of its component. A mix
+        (an interrupted or partial re-export by an older version, a hand-edited manifest) is exit 5."""
         model = self.manifest.data["model"]
+        for name in names:
+            entry = self.manifest.component(name)
+            key = entry.get("key", {})
+            remedy = f"re-export: sdexport export MODEL -o {self.root} --force"
+            if name in VARIANT_OF:
+                source = self.manifest.components.get(VARIANT_OF[name], {})
+                if entry.get("source", {}).get("sha256") != source.get("sha256"):
+                    raise IntegrityError(f"{self.root}: {name} was made from another {VARIANT_OF[name]} than the one "
+                                         f"now in the export; re-run 'sdexport quantize {self.root} --force'")
+                continue
+            problems = []
+            if key.get("weights_sha256") != model["weights_sha256"]:
+                problems.append("source weights")
+            if key.get("ranges") != self.manifest.data["ranges"]:
+                problems.append(f"shape ranges ({_ranges_text(key.get('ranges'))} vs "
+                                f"{_ranges_text(self.manifest.data['ranges'])})")
+            if key.get("dtype") != self.manifest.data.get("dtype"):
+                problems.append(f"dtype ({key.get('dtype')} vs {self.manifest.data.get('dtype')})")
+            if key.get("sdexport") != __version__:
+                problems.append(f"sdexport version ({key.get('sdexport')} vs {__version__})")
+            if problems:
+                raise IntegrityError(f"{self.root}: {name} differs from the rest of the export in "
+                                     f"{', '.join(problems)}; {remedy}")
+
+    # --- the source model -------------------------------------------------------------
+    def source_model(self) -> ModelInfo:
+        """The diffusers model this export was made from (for the PyTorch reference): at its recorded
+        path, or where ``--model`` says it moved; its weights must be the ones exported."""
+        model = self.manifest.data["model"]
+        path = self.model_path or Path(model["path"])
         try:
-            info = ModelInfo.open(model["path"], preset=model.get("preset"))
+            from .models import resolve_model
+
+            info = resolve_model(str(path)) if self.model_path else ModelInfo.open(path, preset=model.get("preset"))
         except ModelError as exc:
-            raise ModelError(f"the source model of {self.root} is not available: {exc}") from None
+            if model.get("preset") and not self.model_path:
+                from .models import resolve_model
+
+                info = resolve_model(model["preset"])  # a preset is rebuilt identically from its seed
+            else:
+                raise ModelError(f"the source model of {self.root} is not available ({exc}); point at a copy of it "
+                                 "with --model DIR") from None
         if info.weights_sha256 != model["weights_sha256"]:
-            raise IntegrityError(f"{model['path']}: weights changed since {self.root} was exported; re-export")
+            raise IntegrityError(f"{info.root}: its weights are not the ones {self.root} was exported from "
+                                 f"(sha256 {info.weights_sha256[:12]}… vs {model['weights_sha256'][:12]}…)")
         return info
+
+
+def _ranges_text(ranges: Any) -> str:
+    if not isinstance(ranges, dict):
+        return "?"
+    return f"{ranges.get('min_size')}-{ranges.get('max_size')} px x{ranges.get('max_images')}"

@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from conftest import assert_error, run_cli
-from sdexport.components import COMPONENTS
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # the SD family's
 from sdexport.errors import BackendUnavailable, CannotRunHere, IntegrityError, ShapeError, UsageError
 from sdexport.manifest import sha256_file
 from sdexport.runtime import ExportDir

@@ -71,13 +71,12 @@ def test_bad_models(tmp_path, tiny_model):
     assert_one_line_error(run("export", tmp_path / "missing", "-o", tmp_path / "o1"), 3, "no such directory")
     (tmp_path / "plain").mkdir()
     assert_one_line_error(run("export", tmp_path / "plain", "-o", tmp_path / "o2"), 3, "model_index.json")
-    sdxl = tmp_path / "sdxl"
-    shutil.copytree(tiny_model, sdxl)
-    index = json.loads((sdxl / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
-    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-    (sdxl / "model_index.json").write_text(json.dumps(index))
-    assert_one_line_error(run("export", sdxl, "-o", tmp_path / "o3"), 3, "text_encoder_2")
+    other = tmp_path / "sd3"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusion3Pipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    assert_one_line_error(run("export", other, "-o", tmp_path / "o3"), 3, "StableDiffusion3Pipeline")
     assert not (tmp_path / "o3" / "unet").exists()
     assert_one_line_error(run("export", tiny_model, "-o", tmp_path / "o4", "--components", "unet,clip"), 2, "clip")
     assert_one_line_error(run("preset", "sd99", "-o", tmp_path / "p"), 3, "unknown preset")

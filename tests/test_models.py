@@ -85,10 +85,10 @@ def test_bad_model_directories(tmp_path, tiny_model):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ModelError, match="missing vae/"):
         ModelInfo.open(broken)
-    sdxl = tmp_path / "sdxl"
-    shutil.copytree(tiny_model, sdxl)
-    index = json.loads((sdxl / "model_index.json").read_text())
-    index.update({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
-    (sdxl / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="second text encoder"):
-        ModelInfo.open(sdxl)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index.update({"_class_name": "StableDiffusion3Pipeline"})
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="StableDiffusion3Pipeline' is not supported"):
+        ModelInfo.open(other)

@@ -9,15 +9,12 @@ and the stream: backends run on ``torch.cuda.current_stream()``.
 from __future__ import annotations
 
 import abc
-from pathlib import Path
 from typing import Any
 
 from ..components import ComponentSpec
 from ..errors import UsageError
 
 BACKENDS = ("ort", "torch", "trt")
-# --unet: which artifact runs in the UNet slot (sdexport quantize writes unet_int8).
-UNET_VARIANTS = {"default": None, "int8": "unet_int8"}
 
 
 class Engine(abc.ABC):
@@ -111,29 +108,33 @@ class CudaGraphed(Engine):
         return static_out
 
 
-def load_engines(export_dir: str | Path, backend: str, components: list[str] | None = None,
+def load_engines(export_dir, backend: str, components: list[str] | None = None,
                  device: str = "cpu", dtype: str | None = None, **options) -> dict[str, Engine]:
-    """Engines for ``components`` of an export directory, on ``backend``."""
+    """Engines for ``components`` of an export directory (default: what the sampler loop runs), on ``backend``.
+
+    ``export_dir`` is a path or an open ``ExportDir``. ``unet="int8"`` runs another artifact of the
+    export in the UNet slot (artifacts.UNET_CHOICES), under the name "unet".
+    """
+    from ..artifacts import UNET_CHOICES
+    from ..errors import IntegrityError
     from ..runtime import ExportDir
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    export = ExportDir.open(export_dir)
-    components = components or ["text_encoder", "unet", "vae_decoder"]
+    export = export_dir if isinstance(export_dir, ExportDir) else ExportDir.open(export_dir)
+    components = list(components or export.pipeline_components)
     unet = options.pop("unet", None) or "default"
-    if unet not in UNET_VARIANTS:
-        raise UsageError(f"--unet {unet}: choose {', '.join(UNET_VARIANTS)}")
-    if UNET_VARIANTS[unet] and "unet" in components and backend == "trt":
+    if unet not in UNET_CHOICES:
+        raise UsageError(f"--unet {unet}: choose {', '.join(UNET_CHOICES)}")
+    variant = UNET_CHOICES[unet]
+    if variant and "unet" in components and backend == "trt":
         options["unet"] = unet  # TensorRT: the "unet" engine built with --precision int8 (TrtEngine checks)
-    elif UNET_VARIANTS[unet] and "unet" in components:
+    elif variant and "unet" in components:
         # The UNet slot runs another artifact of the export (e.g. unet_int8), under the name "unet".
-        variant = UNET_VARIANTS[unet]
         if backend == "torch":
             raise UsageError(f"--unet {unet} runs the {variant} ONNX graph; the torch backend runs the source "
                              "model (use --backend ort or trt)")
         if variant not in export.manifest.components:
-            from ..errors import IntegrityError
-
             raise IntegrityError(f"{export.root}: no {variant} (--unet {unet}); run 'sdexport calibrate' and "
                                  f"'sdexport quantize {export.root} --calib FILE' first")
         if options.get("cuda_graph_components") is not None:
@@ -141,8 +142,10 @@ def load_engines(export_dir: str | Path, backend: str, components: list[str] | N
         elif options.get("cuda_graph"):
             options["cuda_graph_components"] = [variant]
         names = [variant if c == "unet" else c for c in components]
-        engines = load_engines(export_dir, backend, names, device=device, dtype=dtype, **options)
+        engines = load_engines(export, backend, names, device=device, dtype=dtype, **options)
         return {("unet" if c == variant else c): engine for c, engine in engines.items()}
+    if backend != "torch":
+        export.check_components(components)
     if backend == "ort":
         from .ort import OrtEngine
 

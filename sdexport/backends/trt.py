@@ -167,12 +167,11 @@ def capture_logger(trt):
 
 def engine_components(export) -> list[str]:
     """Components with an engine, in pipeline order."""
-    from ..components import COMPONENTS
-
     engines = export.manifest.engines
     if not engines:
         raise IntegrityError(f"{export.root}: no TensorRT engines; run 'sdexport build {export.root} --precision fp16'")
-    return [c for c in COMPONENTS if c in engines] + [c for c in engines if c not in COMPONENTS]
+    order = export.family.components(export.info)
+    return [c for c in order if c in engines] + [c for c in engines if c not in order]
 
 
 def engine_entry(export, component: str) -> dict[str, Any]:

@@ -1,0 +1,263 @@
+"""What every model family declares, and the pieces families share.
+
+A ``Family`` is the one place that says, for one kind of diffusers pipeline:
+ - which diffusers folders it needs and which pipeline classes it accepts (``parts``, ``pipeline_classes``);
+ - which features of a model it cannot run yet (``check``: exit 3 naming the feature);
+ - its exported components and each component's spec (``specs``), and the default shape ranges;
+ - how prompts become the UNet's conditioning inputs (``encode``), and what guidance means (``guidance``);
+ - which diffusers pipeline class is its reference (``reference_pipeline``), for parity and calibration.
+Export, validation, engines, calibration/quantization, the runtime and the sampler loop ask the family
+and never test for a family by name.
+
+UNet features that cut across families live here too: the LCM guidance embedding (``timestep_cond``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..components import Axis, ComponentSpec, Geometry, ShapeRanges, TensorSpec
+from ..errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from ..models import ModelInfo
+
+
+# Ops kept in FP32 by name in every UNet's FP16 graph: sinusoidal embeddings take sin/cos of values up
+# to 1000 (timesteps) or 1024 (SDXL size conditioning); in FP16 the argument's rounding alone exceeds 0.1 rad.
+UNET_FP32_PATTERNS = (r".*time_proj.*", r".*time_embedding.*")
+
+# UNet configuration features no family runs yet: (config key, value test, the feature's name).
+UNSUPPORTED_UNET_FEATURES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("class_embed_type", lambda v: v is not None, "class embeddings (class_embed_type)"),
+    ("encoder_hid_dim_type", lambda v: v is not None, "encoder hidden-state projections (encoder_hid_dim_type, "
+                                                      "e.g. IP-Adapter image projections)"),
+    ("num_class_embeds", lambda v: v is not None, "class-conditional UNet (num_class_embeds)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """What a guidance scale means for one model: classifier-free guidance as a doubled batch, or (LCM)
+    a guidance embedding fed as ``timestep_cond`` with a single batch."""
+
+    scale: float
+    cfg: bool  # two UNet rows per image: [negative, positive]
+    embedding_dim: int | None = None  # LCM: width of the guidance-scale embedding
+
+
+def guidance_for(info: "ModelInfo", guidance_scale: float) -> Guidance:
+    """diffusers' rule: guidance is on when the scale exceeds 1, unless the UNet takes a guidance
+    embedding (``time_cond_proj_dim``, LCM-distilled), which replaces classifier-free guidance."""
+    dim = info.unet_config.get("time_cond_proj_dim")
+    if dim:
+        return Guidance(guidance_scale, cfg=False, embedding_dim=int(dim))
+    return Guidance(guidance_scale, cfg=guidance_scale > 1.0)
+
+
+def guidance_embedding(guidance_scale: float, rows: int, dim: int):
+    """The LCM guidance-scale embedding, computed as diffusers' pipelines do (w = scale - 1, the Imagen
+    CFG convention), so that an LCM UNet sees what it sees under diffusers."""
+    import torch
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor(guidance_scale - 1).repeat(rows)
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+
+
+# --- torch wrappers: module -> nn.Module taking a spec's inputs in order, returning its outputs ----------
+
+def unet_wrapper(input_names: tuple[str, ...]):
+    """UNet2DConditionModel with the spec's inputs as positional arguments (how torch.onnx.export calls it)."""
+    added = {"text_embeds", "time_ids"}
+
+    def wrap(module):
+        import torch
+
+        class UNet(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.unet = module
+
+            def forward(self, *args):
+                kw = dict(zip(input_names, args))
+                cond = {k: kw.pop(k) for k in list(kw) if k in added}
+                return self.unet(kw.pop("sample"), kw.pop("timestep"), kw.pop("encoder_hidden_states"),
+                                 added_cond_kwargs=cond or None, return_dict=False, **kw)[0]
+
+        return UNet()
+
+    return wrap
+
+
+def _vae_decoder_wrapper(module):
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = module
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    return VaeDecoder()
+
+
+def _vae_encoder_wrapper(module):
+    import torch
+
+    class VaeEncoder(torch.nn.Module):
+        """Image -> latent distribution parameters (mean and log-variance), as Optimum exports it."""
+
+        def __init__(self):
+            super().__init__()
+            self.vae = module
+
+        def forward(self, sample):
+            moments = self.vae.encoder(sample)
+            if getattr(self.vae, "quant_conv", None) is not None:
+                moments = self.vae.quant_conv(moments)
+            return moments
+
+    return VaeEncoder()
+
+
+# --- the Family interface ------------------------------------------------------------------------------
+
+class Family:
+    name: str = "?"
+    description: str = ""
+    pipeline_classes: tuple[str, ...] = ()
+    reference_pipeline: str = ""  # diffusers pipeline class: parity tests, calibration
+    parts: tuple[str, ...] = ()  # diffusers folders the model directory must have
+    weight_parts: tuple[str, ...] = ()  # folders whose weights an export is made from (hashed)
+    tokenizer_parts: tuple[str, ...] = ()
+    # Pipeline-level options (CLI flags) that only this family understands: name -> help.
+    options: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # --- the model directory ------------------------------------------------------------
+    def parts_of(self, index: dict[str, Any]) -> tuple[str, ...]:
+        """The folders this model uses (a family may leave optional ones out, e.g. SDXL's refiner)."""
+        return self.parts
+
+    def check(self, info: "ModelInfo") -> None:
+        """Refuse, with the feature's name (exit 3), what the exported graphs or the loop would get wrong."""
+        unet = info.unet_config
+        for key, test, feature in UNSUPPORTED_UNET_FEATURES:
+            if test(unet.get(key)):
+                raise ModelError(f"{info.root}: the UNet uses {feature}; sdexport does not support it yet")
+        latent = int(info.vae_config.get("latent_channels", 4))
+        if info.latent_channels != latent:
+            if info.latent_channels == 2 * latent + 1:
+                raise ModelError(f"{info.root}: an inpainting UNet ({info.latent_channels} input channels: latents, "
+                                 f"mask and masked-image latents); sdexport does not run inpainting models yet")
+            raise ModelError(f"{info.root}: VAE latent_channels {latent} differs from UNet in_channels "
+                             f"{info.latent_channels}")
+        out = int(unet.get("out_channels", info.latent_channels))
+        if out != latent:
+            raise ModelError(f"{info.root}: UNet out_channels {out} differs from VAE latent_channels {latent}")
+
+    # --- components and specs -----------------------------------------------------------
+    def components(self, info: "ModelInfo") -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def specs(self, info: "ModelInfo", ranges: ShapeRanges) -> dict[str, ComponentSpec]:
+        raise NotImplementedError
+
+    def default_size_range(self, info: "ModelInfo") -> tuple[int, int]:
+        """Default (min, max) image side in pixels: half to twice the native size."""
+        mult, native = info.pixel_multiple, info.image_size
+        return max(mult, (native // 2) // mult * mult), native * 2
+
+    # --- conditioning -------------------------------------------------------------------
+    def guidance(self, info: "ModelInfo", guidance_scale: float) -> Guidance:
+        return guidance_for(info, guidance_scale)
+
+    def check_options(self, info: "ModelInfo", options: dict[str, Any]) -> None:
+        """Refuse family options this family does not take (exit 2), before any work."""
+        unknown = [k for k, v in options.items() if v is not None and k not in self.options]
+        if unknown:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            raise UsageError(f"{flags}: only for SDXL models; {info.root} is a {self.description} export")
+
+    def encode(self, pipe, prompts: list[str], negatives: list[str | None], guidance: Guidance,
+               geo: Geometry, options: dict[str, Any]) -> dict[str, Any]:
+        """The UNet's conditioning inputs for a batch (rows [negatives..., prompts...] under CFG), as torch
+        tensors on the pipeline's device, keyed by UNet input name. ``pipe`` gives tokenizers and engines."""
+        raise NotImplementedError
+
+    # --- shared spec pieces -------------------------------------------------------------
+    @staticmethod
+    def axes(info: "ModelInfo", ranges: ShapeRanges) -> dict[str, Axis]:
+        f = info.vae_scale_factor
+        lat_h = Axis("latent_height", ranges.min_size // f, ranges.opt_size // f, ranges.max_size // f,
+                     info.unet_latent_multiple)
+        img_h = Axis("image_height", ranges.min_size, ranges.opt_size, ranges.max_size, ranges.pixel_multiple)
+        return {
+            "rows": Axis("batch", 1, 2, 2 * ranges.max_images),  # two rows per image under guidance
+            "images": Axis("batch", 1, 1, ranges.max_images),
+            "latent_height": lat_h, "latent_width": dataclasses.replace(lat_h, name="latent_width"),
+            "image_height": img_h, "image_width": dataclasses.replace(img_h, name="image_width"),
+        }
+
+    def unet_spec(self, info: "ModelInfo", ranges: ShapeRanges, seq: int, context_dim: int,
+                  added: tuple[TensorSpec, ...] = (), fp32_patterns: tuple[str, ...] = UNET_FP32_PATTERNS
+                  ) -> ComponentSpec:
+        """The UNet: sample, timestep, encoder_hidden_states, the family's added conditioning, and
+        ``timestep_cond`` for UNets with a guidance embedding (LCM), in Optimum's names and order."""
+        ax = self.axes(info, ranges)
+        f = info.vae_scale_factor
+        inputs = [TensorSpec("sample", "float32", ("batch", info.latent_channels, "latent_height", "latent_width")),
+                  TensorSpec("timestep", "float32", ("batch",), values="timestep"),
+                  TensorSpec("encoder_hidden_states", "float32", ("batch", seq, context_dim)), *added]
+        if info.unet_config.get("time_cond_proj_dim"):
+            inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(info.unet_config["time_cond_proj_dim"])),
+                                     values="guidance_embedding"))
+        names = tuple(t.name for t in inputs)
+        return ComponentSpec(
+            name="unet", source="unet", config_source="unet", inputs=tuple(inputs),
+            outputs=(TensorSpec("out_sample", "float32",
+                                ("batch", info.unet_out_channels, "latent_height", "latent_width")),),
+            axes={"batch": ax["rows"], "latent_height": ax["latent_height"], "latent_width": ax["latent_width"]},
+            dims_for=lambda g: {"batch": g.rows, "latent_height": g.height // f, "latent_width": g.width // f},
+            wrap=unet_wrapper(names), fp32_node_patterns=fp32_patterns,
+        )
+
+    # Whether this family's reference pipeline runs a VAE whose config says ``force_upcast`` in FP32
+    # (diffusers' SDXL pipelines do; StableDiffusionPipeline ignores the flag).
+    honours_force_upcast = False
+
+    def vae_specs(self, info: "ModelInfo", ranges: ShapeRanges) -> list[ComponentSpec]:
+        """VAE decoder and encoder. Where the family honours ``force_upcast`` (the SDXL VAE overflows in
+        FP16; diffusers' default for the flag is true), the VAE stays FP32 in FP16 exports."""
+        ax = self.axes(info, ranges)
+        f = info.vae_scale_factor
+        c_lat = info.latent_channels
+        keep = ("the VAE config sets force_upcast (it overflows in FP16; diffusers runs it in FP32)"
+                if self.honours_force_upcast and info.vae_config.get("force_upcast", True) else None)
+        return [
+            ComponentSpec(
+                name="vae_decoder", source="vae", config_source="vae",
+                inputs=(TensorSpec("latent_sample", "float32", ("batch", c_lat, "latent_height", "latent_width")),),
+                outputs=(TensorSpec("sample", "float32", ("batch", info.image_channels, f"latent_height * {f}",
+                                                          f"latent_width * {f}")),),
+                axes={"batch": ax["images"], "latent_height": ax["latent_height"], "latent_width": ax["latent_width"]},
+                dims_for=lambda g: {"batch": g.images, "latent_height": g.height // f, "latent_width": g.width // f},
+                wrap=_vae_decoder_wrapper, keep_fp32=keep,
+            ),
+            ComponentSpec(
+                name="vae_encoder", source="vae", config_source="vae",
+                inputs=(TensorSpec("sample", "float32", ("batch", info.image_channels, "image_height", "image_width"),
+                                   values="image"),),
+                outputs=(TensorSpec("latent_parameters", "float32",
+                                    ("batch", 2 * c_lat, f"image_height / {f}", f"image_width / {f}")),),
+                axes={"batch": ax["images"], "image_height": ax["image_height"], "image_width": ax["image_width"]},
+                dims_for=lambda g: {"batch": g.images, "image_height": g.height, "image_width": g.width},
+                wrap=_vae_encoder_wrapper, keep_fp32=keep,
+            ),
+        ]

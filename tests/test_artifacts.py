@@ -1,0 +1,257 @@
+"""Artifacts are atomic, locked and described: transactions, the export lock, manifest coverage and
+containment, consistency between components, and real signals sent to real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_error, run_cli, sdexport_cmd, sdexport_env
+
+from sdexport import manifest as mf
+from sdexport.runtime import ExportDir
+
+
+def _leftover(rel: Path) -> bool:
+    """Staging folders of a killed writer: garbage the next writer sweeps, invisible to readers."""
+    return rel.parts[0].startswith((".txn-", ".trash-"))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but the lock file and a killed writer's staging) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != mf.LOCK_NAME and not _leftover(p.relative_to(root))}
+
+
+def verify_whole(root: Path, leftovers_allowed: bool = False) -> dict:
+    """The export opens, every artifact and pipeline file matches the manifest, no journal is pending
+    (and, unless allowed, no staging leftovers lie around)."""
+    export = ExportDir.open(root)
+    for entry in list(export.manifest.components.values()) + list(export.manifest.engines.values()):
+        export.manifest.verified_path(entry)
+    export.check_components(list(export.manifest.components))
+    names = {p.name for p in root.iterdir()}
+    assert mf.JOURNAL_NAME not in names
+    if not leftovers_allowed:
+        assert not any(_leftover(Path(n)) for n in names), names
+    return export.manifest.data
+
+
+@pytest.fixture()
+def fresh_export(export_fp32, tmp_path) -> Path:
+    out = tmp_path / "e"
+    shutil.copytree(export_fp32, out)
+    return out
+
+
+# --- containment and coverage ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["../../elsewhere/unet.onnx", "/etc/passwd", "unet/../../x.onnx", "~/x.onnx"])
+def test_manifest_paths_stay_inside_the_export(fresh_export, tmp_path, bad):
+    data = json.loads((fresh_export / "manifest.json").read_text())
+    data["components"]["unet"]["file"] = bad
+    (fresh_export / "manifest.json").write_text(json.dumps(data))
+    result = run_cli("infer", fresh_export, "--prompt", "p", "-o", tmp_path / "x.png", "--steps", 1)
+    assert_error(result, 5, "outside the export")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_link_out_of_the_export_is_refused(fresh_export, tmp_path):
+    """A symbolic link with the right bytes behind it, pointing outside: still refused."""
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(fresh_export / "unet" / "model.onnx", outside)
+    (fresh_export / "unet" / "model.onnx").unlink()
+    (fresh_export / "unet" / "model.onnx").symlink_to(outside)
+    result = run_cli("infer", fresh_export, "--prompt", "p", "-o", tmp_path / "x.png", "--steps", 1)
+    assert_error(result, 5, "leaves the export")
+
+
+@pytest.mark.parametrize("victim, edit", [
+    ("scheduler/scheduler_config.json", lambda d: {**d, "beta_end": 0.02}),
+    ("model_index.json", lambda d: {**d, "_class_name": "StableDiffusionImg2ImgPipeline"}),
+    ("tokenizer/vocab.json", None),
+    ("unet/config.json", lambda d: {**d, "sample_size": 8}),
+])
+def test_every_file_the_runtime_reads_is_checked(fresh_export, tmp_path, victim, edit):
+    path = fresh_export / victim
+    if edit is None:
+        path.write_text(path.read_text().replace('"a</w>"', '"q</w>"', 1) + " ")
+    else:
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    result = run_cli("infer", fresh_export, "--prompt", "p", "-o", tmp_path / "x.png", "--steps", 1)
+    assert_error(result, 5, victim.split("/")[-1], "does not match the manifest")
+
+
+@pytest.mark.parametrize("victim", ["tokenizer", "scheduler/scheduler_config.json", "unet/config.json"])
+def test_deleted_files_are_named_and_a_reexport_restores_them(fresh_export, tiny_model, tmp_path, victim):
+    path = fresh_export / victim
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = run_cli("infer", fresh_export, "--prompt", "p", "-o", tmp_path / "x.png", "--steps", 1)
+    assert_error(result, 5, "missing")
+    result = run_cli("export", tiny_model, "-o", fresh_export)
+    assert result.exit_code == 0, result.stderr
+    assert path.exists()
+    verify_whole(fresh_export)
+
+
+# --- transactions ----------------------------------------------------------------------------------
+
+def test_a_failed_command_leaves_the_previous_export_byte_identical(fresh_export, tiny_model, monkeypatch):
+    before = snapshot(fresh_export)
+    import sdexport.export as export_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    calls = {"n": 0}
+    real = export_module.export_component
+
+    def second_fails(*args, **kwargs):  # the first component is staged, the second fails
+        calls["n"] += 1
+        if calls["n"] == 2:
+            boom()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "export_component", second_fails)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_module.export(str(tiny_model), fresh_export, force=True)
+    assert snapshot(fresh_export) == before
+    verify_whole(fresh_export)
+
+
+def test_a_commit_killed_half_way_is_finished_by_the_next_reader(fresh_export, tiny_model, monkeypatch):
+    """The journal is the commit point: killed between moving components into place and writing the
+    manifest, the next command completes the transaction; no listed component is ever missing."""
+    import sdexport.export as export_module
+
+    class Killed(BaseException):
+        pass
+
+    real_replace = os.replace
+    moves = {"n": 0}
+
+    def replace(src, dst):
+        if ".txn-" in str(src) and "model_index" not in str(src):
+            moves["n"] += 1
+            if moves["n"] == 3:  # two components in place, the rest and the manifest not
+                raise Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mf.os, "replace", replace)
+    with pytest.raises(Killed):
+        export_module.export(str(tiny_model), fresh_export, dtype="fp16", force=True)
+    monkeypatch.setattr(mf.os, "replace", real_replace)
+    assert (fresh_export / mf.JOURNAL_NAME).is_file()
+    data = verify_whole(fresh_export)  # opening recovers: the new export, whole
+    assert data["dtype"] == "fp16"
+    assert {c["key"]["dtype"] for c in data["components"].values()} == {"fp16"}
+
+
+def test_partial_reexport_with_other_ranges_or_dtype_is_refused(fresh_export, tiny_model):
+    before = snapshot(fresh_export)
+    for args in (["--components", "unet", "--max-size", "128"], ["--components", "unet", "--dtype", "fp16"]):
+        result = run_cli("export", tiny_model, "-o", fresh_export, *args)
+        assert_error(result, 2, "would mix", "--force")
+        assert snapshot(fresh_export) == before
+
+
+def test_consumers_refuse_components_that_do_not_belong_together(fresh_export, tmp_path):
+    data = json.loads((fresh_export / "manifest.json").read_text())
+    data["components"]["vae_decoder"]["key"]["ranges"]["max_size"] = 128  # as a mixed older export would say
+    (fresh_export / "manifest.json").write_text(json.dumps(data))
+    result = run_cli("infer", fresh_export, "--prompt", "p", "-o", tmp_path / "x.png", "--steps", 1)
+    assert_error(result, 5, "vae_decoder", "shape ranges", "re-export")
+
+
+def test_leftovers_of_killed_runs_are_swept_by_the_next_writer(fresh_export, tiny_model):
+    dead_pid = 2**22 - 7  # above the default pid_max: no such process
+    leftovers = [fresh_export / ".txn-123-deadbeef" / "unet", fresh_export / ".unet.old-4242",
+                 fresh_export / ".int8-work-abc123"]
+    for p in leftovers:
+        p.mkdir(parents=True)
+        (p / "junk").write_bytes(b"x" * 100)
+    temp = fresh_export / "unet" / f".model.onnx.{dead_pid}-0badc0de.tmp"
+    temp.write_bytes(b"partial")
+    result = run_cli("export", tiny_model, "-o", fresh_export)
+    assert result.exit_code == 0, result.stderr
+    assert "leftover" in result.stderr
+    assert not any(p.exists() for p in leftovers + [temp])
+
+
+# --- real processes ---------------------------------------------------------------------------------
+
+def _start(*args, **env):
+    return subprocess.Popen(sdexport_cmd(*args), env=sdexport_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_writers_on_one_export_both_land(tiny_model, tmp_path):
+    """export --components unet and --components vae_decoder at the same time: one waits for the other
+    (saying so), both exit 0 and the manifest has both."""
+    out = tmp_path / "e"
+    a = _start("export", tiny_model, "-o", out, "--components", "unet")
+    time.sleep(0.5)
+    b = _start("export", tiny_model, "-o", out, "--components", "vae_decoder")
+    (_, ea), (_, eb) = a.communicate(timeout=600), b.communicate(timeout=600)
+    assert a.returncode == 0 and b.returncode == 0, (ea, eb)
+    assert "waiting for another sdexport" in ea + eb
+    data = verify_whole(out)
+    assert set(data["components"]) == {"unet", "vae_decoder"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, delay_s", [(signal.SIGINT, 2.0), (signal.SIGTERM, 4.0), (signal.SIGKILL, 6.0),
+                                          (signal.SIGINT, 9.0), (signal.SIGKILL, 12.0)])
+def test_signals_during_export_leave_the_old_export_or_the_new_one(export_fp32, tiny_model, tmp_path, sig, delay_s):
+    """A real export --force --dtype fp16 over an FP32 export, stopped by a real signal at several points:
+    afterwards the directory is the old export byte for byte, or the whole new one; never a mix."""
+    out = tmp_path / "e"
+    shutil.copytree(export_fp32, out)
+    before = snapshot(out)
+    proc = _start("export", tiny_model, "-o", out, "--dtype", "fp16", "--force")
+    time.sleep(delay_s)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:  # finished before the signal
+        assert verify_whole(out)["dtype"] == "fp16"
+        return
+    expected = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig]
+    assert proc.returncode == expected, (proc.returncode, err)
+    assert "Traceback" not in err
+    data = verify_whole(out, leftovers_allowed=sig == signal.SIGKILL)
+    if data["dtype"] == "fp32":
+        assert snapshot(out) == before
+    else:
+        assert {c["key"]["dtype"] for c in data["components"].values()} == {"fp16"}
+    rerun = subprocess.run(sdexport_cmd("export", tiny_model, "-o", out, "--dtype", "fp16", "--force"),
+                           env=sdexport_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert verify_whole(out)["dtype"] == "fp16"
+
+
+def test_interrupt_swallowed_inside_a_library_still_exits_130(export_fp32, tiny_model, monkeypatch, tmp_path):
+    """A Ctrl-C whose KeyboardInterrupt a __del__ or callback swallowed must not let the command commit and
+    exit 0: the recorded signal stops the commit and sets the exit status."""
+    import sdexport.export as export_module
+    from sdexport import interrupts
+
+    real = export_module.export_component
+
+    def swallowed(*args, **kwargs):  # the signal arrived during the work, its exception went nowhere
+        entry = real(*args, **kwargs)
+        interrupts.record(signal.SIGINT)
+        return entry
+
+    monkeypatch.setattr(export_module, "export_component", swallowed)
+    out = tmp_path / "e"
+    shutil.copytree(export_fp32, out)
+    before = snapshot(out)
+    result = run_cli("export", tiny_model, "-o", out, "--components", "unet", "--force")  # refused at the commit
+    assert result.exit_code == 130, result.stderr
+    assert snapshot(out) == before
