@@ -155,14 +155,28 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
 @click.option("--workspace", type=int, default=None, help="Workspace limit in MiB (default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file (default OUT/engines/timing.<trt>.cache; not used by TensorRT-RTX).")
-@click.option("--backend", "engine_backend", type=click.Choice(["trt", "ort"]), default="trt", show_default=True,
-              help="ort: prepare the ONNX Runtime CUDA variant (fusions + FP16) instead of TensorRT engines.")
+@click.option("--backend", "engine_backend", type=click.Choice(["trt", "ort", "inductor"]), default="trt",
+              show_default=True,
+              help="ort: prepare the ONNX Runtime CUDA variant (fusions + FP16) instead of TensorRT engines; "
+                   "inductor: AOTInductor packages compiled for --static HxW on --device.")
+@click.option("--device", default="auto", show_default=True,
+              help="--backend inductor: the device to compile for (auto, cpu or cuda[:N]).")
 @click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
-          max_batch, opt_level, workspace, timing_cache, engine_backend, force):
+          max_batch, opt_level, workspace, timing_cache, engine_backend, device, force):
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
+
+    if engine_backend == "inductor":
+        from .inductor import build as compile_packages
+
+        parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
+        report = compile_packages(export_dir, static, batch=batch, components=parts, precision=precision,
+                                  device=_device(device), force=force, max_batch=max_batch, say=say)
+        click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} Inductor engine(s), "
+                   f"{len(report['built'])} compiled")
+        return
 
     if engine_backend == "ort":
         from .ort_cuda import prepare
@@ -184,7 +198,8 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt", "inductor"]), default="ort", show_default=True,
+              help="Engines to check: ONNX Runtime on the ONNX files, TensorRT plans, or Inductor packages.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
 @handled
@@ -217,7 +232,9 @@ def validate(export_dir, backend, device, components):
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
               help="Default: the model's own scheduler.")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime on the export; trt: TensorRT plans; inductor: AOTInductor packages; "
+                   "torch: the source model in PyTorch eager (the reference).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: run the INT8 UNet written by 'sdexport quantize'.")
@@ -283,7 +300,9 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime on the export; trt: TensorRT plans; inductor: AOTInductor packages; "
+                   "torch: the source model in PyTorch eager (the reference).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--height", type=int, default=None)

@@ -220,6 +220,9 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
                          f"{', '.join(known)})")
     ranges = ShapeRanges.for_model(info, max_images=max_images, min_size=min_size, max_size=max_size)
     specs = family.specs(info, ranges)
+    for part in family.tokenizer_parts:  # an empty or foreign tokenizer would give every prompt the same image
+        if part in info.tokenizer_max_lengths:
+            info.load_tokenizer(part)
     model_record = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,
                     "family": info.family_name, "pipeline_class": info.pipeline_class,
                     "vae_scale_factor": info.vae_scale_factor, "vae_scaling_factor": info.vae_scaling_factor,

@@ -106,7 +106,11 @@ def backend_runner(export: ExportDir, component: str, backend: str, device: str)
         from .backends.trt import polygraphy_runner
 
         return polygraphy_runner(export, component, device)
-    raise UsageError(f"validate --backend {backend}: choose ort or trt")
+    if backend == "inductor":
+        from .backends.inductor import InductorEngine
+
+        return _torch_runner_class()(InductorEngine(export, component, device), name=f"inductor:{component}")
+    raise UsageError(f"validate --backend {backend}: choose ort, trt or inductor")
 
 
 def _ort_runner(path: Path, name: str, device: str):
@@ -161,6 +165,18 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
         components = components or engine_components(export)
         preflight(export, components, device)
         engines = {c: export.manifest.engines[c] for c in components}
+    if backend == "inductor":  # each package at the one shape it was compiled for
+        from .inductor import SECTION
+
+        packages = export.manifest.data.get(SECTION, {})
+        components = components or [c for c in export.pipeline_components + ["vae_encoder"] if c in packages]
+        if not components:
+            from .errors import IntegrityError
+
+            raise IntegrityError(f"{export.root}: no Inductor engines; run 'sdexport build {export.root} --backend "
+                                 "inductor --static HxW'")
+        for c in components:
+            engines[c] = {"precision": packages.get(c, {}).get("precision", "fp16"), "inductor": packages.get(c)}
     components = components or list(export.manifest.components)
     chosen_geometries = geometries is not None
     geometries = geometries or validation_geometries(export.ranges)
@@ -185,7 +201,13 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
         spec = export.spec(name)
         runners = [runner, TorchRunner(reference[name], name=f"torch:{name}")]
         component_geometries = geometries
-        if name in engines:  # TensorRT: also against ONNX Runtime on the ONNX it was built from, across its profile
+        if name in engines and "inductor" in engines[name]:  # one package, one shape
+            from .components import Geometry
+
+            built = Geometry(**engines[name]["inductor"]["geometry"])
+            component_geometries = [built] + ([Geometry(1, built.height, built.width, built.guidance)]
+                                              if engines[name]["inductor"].get("batch_range") else [])
+        elif name in engines:  # TensorRT: also against ONNX Runtime on the ONNX it was built from, across its profile
             runners.append(backend_runner(export, engines[name]["onnx"]["component"], "ort", device))
             component_geometries = geometries if chosen_geometries else profile_geometries(engines[name])
         feeds, geos, seen = [], [], []

@@ -14,7 +14,7 @@ from typing import Any
 from ..components import ComponentSpec
 from ..errors import UsageError
 
-BACKENDS = ("ort", "torch", "trt")
+BACKENDS = ("ort", "torch", "trt", "inductor")
 
 
 class Engine(abc.ABC):
@@ -157,6 +157,10 @@ def load_engines(export_dir, backend: str, components: list[str] | None = None,
         from .torch import TorchEngine
 
         return TorchEngine.load_all(export, components, device=device, dtype=dtype or "fp32", **options)
+    if backend == "inductor":
+        from .inductor import load_all
+
+        return load_all(export, components, device=device, **options)
     from .trt import TrtEngine
 
     return TrtEngine.load_all(export, components, device=device, **options)

@@ -50,7 +50,8 @@ class OrtEngine(Engine):
 
     def __init__(self, export, component: str, device: str = "cpu", session_options: Any = None,
                  providers: list | None = None, variant: str = "auto", cuda_graph: bool = False,
-                 static=None, tf32: bool | None = None):
+                 static=None, tf32: bool | None = None, cuda_options: dict[str, str] | None = None):
+        """``cuda_options``: extra CUDA execution provider options (e.g. ``{"fuse_conv_bias": "1"}``)."""
         import onnxruntime as ort
 
         super().__init__(export.spec(component), device)
@@ -96,7 +97,7 @@ class OrtEngine(Engine):
                            "arena_extend_strategy": "kSameAsRequested"}
                 if cuda_graph:
                     options["enable_cuda_graph"] = "1"
-                providers = [cuda_provider(device, tf32, **options)]
+                providers = [cuda_provider(device, tf32, **options, **(cuda_options or {}))]
                 self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             else:
                 providers = ["CPUExecutionProvider"]
