@@ -159,8 +159,10 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
               show_default=True,
               help="ort: prepare the ONNX Runtime CUDA variant (fusions + FP16) instead of TensorRT engines; "
                    "inductor: AOTInductor packages compiled for --static HxW on --device.")
-@click.option("--device", default="auto", show_default=True,
-              help="--backend inductor: the device to compile for (auto, cpu or cuda[:N]).")
+@click.option("--device", default=None,
+              help="trt: cuda:N, the GPU that NVIDIA's tensorrt builds for and whose compute capability is checked "
+                   "(default: the current CUDA device); inductor: the device to compile for (cpu or cuda[:N], "
+                   "default: cuda where there is one).")
 @click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
@@ -173,7 +175,7 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
 
         parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
         report = compile_packages(export_dir, static, batch=batch, components=parts, precision=precision,
-                                  device=_device(device), force=force, max_batch=max_batch, say=say)
+                                  device=_device(device or "auto"), force=force, max_batch=max_batch, say=say)
         click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} Inductor engine(s), "
                    f"{len(report['built'])} compiled")
         return
@@ -190,7 +192,7 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
                  components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
                  compute_capabilities=ccs, static=static, batch=batch, min_size=min_size, opt_size=opt_size,
                  max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
-                 workspace_mib=workspace, timing_cache=timing_cache, force=force, say=say)
+                 workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device, say=say)
     click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} engine(s), {len(report['built'])} built, "
                f"{len(report['up_to_date'])} up to date ({report['flavour']} {report['version']}, "
                f"compute capability {', '.join(report['targets'])})")

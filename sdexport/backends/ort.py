@@ -106,7 +106,7 @@ class OrtEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise IntegrityError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
         self.path = path
-        self.cuda_graph = cuda_graph
+        self.captures_own_graph = cuda_graph
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtypes = {i.name: i.dtype for i in self.spec.inputs}
         self._bound: dict[tuple, tuple] = {}
