@@ -305,18 +305,19 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
 
         int8 = int8_report(export, device=device, say=say)
         all_pass &= int8["passed"]
-    if engines:
+    if backend == "trt":
         for engine in loaded.values():
             engine.close()
     report = {
         "export": str(Path(export_dir).resolve()), "backend": backend, "device": device,
         "reference": "PyTorch eager FP32 on the source model"
-        + ("; and ONNX Runtime on the ONNX each engine was built from" if engines else ""), "thresholds": THRESHOLDS,
+        + ("; and ONNX Runtime on the ONNX each engine was built from" if backend == "trt" else ""),
+        "thresholds": THRESHOLDS,
         "passed": all_pass, "results": results, "versions": versions(),
     }
     if int8 is not None:
         report["int8"] = int8
-    if engines:
+    if backend == "trt":
         report["engine_device_memory_bytes"] = memory
     if write_report:
         write_json(Path(export_dir) / "validation.json", report)
