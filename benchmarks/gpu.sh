@@ -5,7 +5,9 @@
 # benchmarks/results/raw); benchmarks/report.py turns them into the committed Markdown table and chart.
 #
 # usage: benchmarks/gpu.sh [STAGE ...]   stages: prepare gputests fourway profile sweep int8 trt
-#                                        (default: all but trt, in that order)
+#                                                sdxl-prepare sdxl-ortprep sdxl
+#                                        (default: the SD 1.5 stages but trt, in that order; the SDXL stages
+#                                        (issue 10) run when named: benchmarks/gpu.sh sdxl-prepare sdxl-ortprep sdxl)
 # Needs a CUDA GPU, torch with CUDA, onnxruntime-gpu==1.31.1 and the packages of pyproject.toml.
 # Each stage takes 2 to 8 minutes on an H100; stages after `prepare` reuse its files in $WORK.
 set -uo pipefail

@@ -8,6 +8,13 @@ Stages (each writes OUT/<stage>.json, and can be re-run alone on a warm machine)
   profile  top GPU kernels of one UNet step (ORT-fused vs torch.compile) and the fused graph's error vs FP32
   int8     calibrate + quantize (ModelOpt) the SD 1.5 UNet, then the INT8 accuracy report of `sdexport validate`
   trt      TensorRT-RTX builds of the FP16 engines (build time, size) and the attempt to run them here
+  sdxl-prepare  sdxl-random preset (the exact SDXL base 1.0 architecture, random weights) and its FP32 export
+  sdxl-ortprep  the ONNX Runtime CUDA variant of its UNet (ORT's SDXL UNet fusions + FP16; the force_upcast VAE
+           stays FP32)
+  sdxl     SDXL at 1024x1024, 30 steps, guidance 5.0 (UNet batch 2), Euler: FP32 eager (reference), FP16 eager,
+           eager + CUDA graph, torch.compile + CUDA graph, ORT CUDA fused (dynamic), ORT CUDA fused static + step
+           graph; per-stage table and each image's PSNR against FP32 eager; the VAE decoder at 1024 px in FP32
+           and FP16 (time and FP16 error)
 
 usage: python benchmarks/gpu_bench.py STAGE [--work /tmp/sdx] [--out DIR]
 """
@@ -363,9 +370,134 @@ def stage_profile(work: Path, out: Path) -> None:
         save(out, "profile", result)
 
 
+# --- SDXL (issue 10) ----------------------------------------------------------------------------------
+SDXL_PARTS = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+SDXL_SIZE = 1024
+
+
+def _sdxl_dirs(work: Path) -> tuple[Path, Path]:
+    return work / "sdxl-model", work / "sdxl-e32"
+
+
+def stage_sdxl_prepare(work: Path, out: Path) -> None:
+    """sdxl-random (written once into --work) and its FP32 export: 512-1536 px (SDXL's default range), one
+    image per call (UNet batch 2 with guidance), the components the sampler loop runs."""
+    from sdexport.export import export
+    from sdexport.models import write_preset
+
+    result = {**header(), "steps": {}}
+    model, e32 = _sdxl_dirs(work)
+    name = "sdxl-tiny" if OPTS.quick else "sdxl-random"
+
+    def timed(step, fn):
+        return timed_step(result, out, "sdxl-prepare", step, fn)
+
+    if not (model / "model_index.json").is_file():
+        timed(f"preset {name}", lambda: write_preset(name, model, progress=log))
+    timed("export fp32", lambda: export(str(model), e32, components=SDXL_PARTS, max_images=1, say=log))
+    if (e32 / "manifest.json").is_file():
+        manifest = json.loads((e32 / "manifest.json").read_text())
+        result["e32_sizes_mib"] = {k: round(v["size_bytes"] / 2**20, 1) for k, v in manifest["components"].items()}
+        result["e32_export_seconds"] = {k: v["export_seconds"] for k, v in manifest["components"].items()}
+        result["ranges"] = manifest["ranges"]
+    save(out, "sdxl-prepare", result)
+
+
+def stage_sdxl_ortprep(work: Path, out: Path) -> None:
+    from sdexport import ort_cuda
+
+    result = {**header(), "steps": {}}
+    variants = timed_step(result, out, "sdxl-ortprep", "ort_cuda",
+                          lambda: ort_cuda.prepare(_sdxl_dirs(work)[1], say=log))
+    if variants:
+        result["ort_cuda"] = {k: {"fused_ops": v["fused_ops"], "seconds": v["seconds"]} for k, v in variants.items()}
+    save(out, "sdxl-ortprep", result)
+
+
+def sdxl_configs(e32: Path):
+    from sdexport.components import Geometry
+
+    size = SDXL_SIZE // 8 if OPTS.quick else SDXL_SIZE  # --quick: sdxl-tiny at its native 128 px
+    static = Geometry(1, size, size)
+    return [
+        ("FP32 eager (TF32 off)", "torch", {"dtype": "fp32"}, {"tf32": False}),
+        ("FP16 eager (SDPA)", "torch", {"dtype": "fp16"}, {}),
+        ("FP16 eager + CUDA graph", "torch", {"dtype": "fp16", "cuda_graph": True}, {}),
+        ("FP16 torch.compile + CUDA graph", "torch", {"dtype": "fp16", "compile": True, "cuda_graph": True}, {}),
+        ("FP16 engine: ORT CUDA, fused (dynamic)", "ort", {"variant": "ort_cuda"}, {}),
+        ("FP16 engine: ORT CUDA, fused static + step graph", "ort",
+         {"variant": "ort_cuda", "step_graph": True, "static": static}, {}),
+    ]
+
+
+def _vae_at_native(e32: Path) -> dict:
+    """The VAE decoder alone at 1024 px (latent 128x128), PyTorch eager FP32 and FP16 (diffusers runs the SDXL
+    VAE in FP32: force_upcast), CUDA-event timed, and the FP16 output's error against FP32. Random weights do
+    not reproduce the real SDXL VAE's FP16 overflow; the error here is FP16 rounding only."""
+    import torch
+
+    from sdexport.backends.torch import TorchEngine
+    from sdexport.runtime import ExportDir
+
+    export = ExportDir.open(e32)
+    spec = export.spec("vae_decoder")
+    module = export.source_model().load_torch("vae")
+    latent = (SDXL_SIZE // 8) // (8 if OPTS.quick else 1)
+    feed = {"latent_sample": torch.randn(1, 4, latent, latent, generator=torch.Generator("cpu").manual_seed(0))
+            .to(OPTS.device)}
+    from sdexport.timing import StageClock
+
+    set_tf32(False)
+    cuda = OPTS.device.startswith("cuda")
+    result, outputs = {"latent": [1, 4, latent, latent], "keep_fp32": spec.keep_fp32}, {}
+    for dtype in ("fp32", "fp16"):
+        engine = TorchEngine(spec, module, OPTS.device, dtype)  # directly: load_all would keep it FP32
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            for _ in range(2):
+                engine(feed)
+            clock = StageClock(OPTS.device)
+            for _ in range(5):
+                with clock.stage("vae"):
+                    outputs[dtype] = engine(feed)["sample"].float().clone()
+        times = sorted(clock.results_ms()["vae"])
+        result[dtype] = {"median_ms": round(times[len(times) // 2], 2),
+                         **({"torch_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {})}
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
+    result["fp16_vs_fp32"] = rel_error(outputs["fp16"], outputs["fp32"])
+    return result
+
+
+def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
+    model, e32 = _sdxl_dirs(work)
+    result = {**header(), "results": [], "steps": {}}
+    size = SDXL_SIZE // 2 if OPTS.quick else SDXL_SIZE  # run_config's --quick quarters it: 128 px on sdxl-tiny
+    settings = dict(prompt=PROMPT, negative_prompt=None, steps=30, guidance_scale=5.0, seed=0, height=size,
+                    width=size, batch_size=1, scheduler="euler")
+    result["settings"] = {k: v for k, v in settings.items() if k != "prompt"}
+    reference = None
+    for label, backend, options, flags in sdxl_configs(e32):
+        if only and not any(part in label for part in only.split(",")):
+            continue
+        row = run_config(label, e32, backend, options, flags, [settings], runs=2, warmup=1)[0]
+        image = row.pop("image", None)
+        if label.startswith("FP32 eager"):
+            reference = image
+        row["psnr_vs_fp32_eager_db"] = _psnr(image, reference)
+        result["results"].append(row)
+        save(out, "sdxl", result)
+    if not only or "vae" in only:
+        result["vae_decoder_1024"] = timed_step(result, out, "sdxl", "vae", lambda: _vae_at_native(e32))
+    save(out, "sdxl", result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8"])
+    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
+                                          "sdxl-prepare", "sdxl-ortprep", "sdxl"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains one of these (comma-separated)")
@@ -379,7 +511,8 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
-     "profile": stage_profile, "int8": stage_int8}.get(
+     "profile": stage_profile, "int8": stage_int8, "sdxl-prepare": stage_sdxl_prepare,
+     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)
 
 

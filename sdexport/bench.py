@@ -185,14 +185,16 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
                     guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
                     width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler)
-    check_request(export.ranges, steps, guidance_scale, _geometry(settings))
+    export.family.check_text_to_image(export.info)
+    check_request(export.ranges, steps, guidance_scale, _geometry(export, settings))
     unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
     options: dict[str, Any] = dict(unet_option)
     if step_graph:  # whole steps captured by the pipeline (engines without graphs of their own); ONNX Runtime
         # opened for this one static shape
-        options.update(step_graph=True, cuda_graph=False, **({"static": _geometry(settings)} if backend == "ort" else {}))
+        options.update(step_graph=True, cuda_graph=False,
+                       **({"static": _geometry(export, settings)} if backend == "ort" else {}))
     elif cuda_graph:  # ONNX Runtime: static shapes for this request + its own graph capture; torch: CudaGraphed
-        options.update(cuda_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
+        options.update(cuda_graph=True, **({"static": _geometry(export, settings)} if backend == "ort" else {}))
     if backend == "torch":
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
     results = [run_backend(export, backend, device, settings, runs, warmup, say, **options)]
@@ -213,11 +215,11 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     }
 
 
-def _geometry(settings: dict[str, Any]):
+def _geometry(export: ExportDir, settings: dict[str, Any]):
     from .components import Geometry
 
     return Geometry(settings["batch_size"], settings["height"], settings["width"],
-                    guidance=settings["guidance_scale"] > 1.0)
+                    guidance=export.family.guidance(export.info, settings["guidance_scale"]).cfg)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -334,7 +334,12 @@ def _engine_precision(export, onnx_key: str, precision: str, say: Callable[[str]
     """The precision of the engine built from ``onnx_key``: that of its graph, which must match ``precision``.
     With int8, the UNet comes from ``unet_int8`` and the other components are built as exported
     (fp16 preferably: quantize starts from an FP32 export, so they may be fp32)."""
-    dtype = export.manifest.components[onnx_key]["precision"]["dtype"]
+    entry_precision = export.manifest.components[onnx_key]["precision"]
+    dtype = entry_precision["dtype"]
+    if precision in ("fp16", "int8") and dtype == "fp32" and entry_precision.get("kept_fp32"):
+        # the FP16 export keeps it FP32 on purpose (e.g. an SDXL VAE under force_upcast)
+        say(f"note: {onnx_key} stays fp32 in this export ({entry_precision['kept_fp32']}): its engine is fp32")
+        return dtype
     if precision == "int8" and onnx_key != "unet_int8":
         if dtype not in ("fp16", "fp32"):
             raise UsageError(f"--precision int8: {onnx_key} in {export.root} is an {dtype} export; re-export it")

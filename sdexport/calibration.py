@@ -1,9 +1,10 @@
 """INT8 calibration data: the UNet's inputs at real denoising steps of the PyTorch pipeline.
 
-``sdexport calibrate`` runs diffusers' own ``StableDiffusionPipeline`` (loaded from the
-model directory, FP32, classifier-free guidance exactly as at inference) over prompts
-from a prompt file and records what the UNet is called with at every denoising step:
-``sample`` (the scaled latent model input), ``timestep`` and ``encoder_hidden_states``.
+``sdexport calibrate`` runs the family's diffusers reference pipeline (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``; loaded from the model directory, FP32, classifier-free guidance exactly
+as at inference) over prompts from a prompt file and records what the UNet is called with at every
+denoising step: ``sample`` (the scaled latent model input), ``timestep``, ``encoder_hidden_states``,
+and the family's added inputs (SDXL's ``text_embeds`` and ``time_ids``, LCM's ``timestep_cond``).
 A forward pre-hook on the UNet sees the calls; nothing of diffusers is re-implemented.
 
 Rows, not calls, are the unit: a UNet call under guidance has two rows (negative and
@@ -202,6 +203,7 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     reservoir = Reservoir(max_samples, seed)
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)
+    info.family.check_text_to_image(info)  # the capture runs the family's text-to-image reference pipeline
     height = height or info.image_size
     width = width or info.image_size
     for side, value in (("height", height), ("width", width)):

@@ -20,7 +20,10 @@ import click  # noqa: E402
 from . import __version__  # noqa: E402
 from .errors import SdexportError  # noqa: E402
 
-SCHEDULER_NAMES = ("ddim", "euler", "euler-a", "dpm++2m", "unipc", "pndm")
+from .families import all_options  # noqa: E402
+from .pipeline import SCHEDULERS  # noqa: E402
+
+SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
 def say(msg: str) -> None:
@@ -77,6 +80,18 @@ def reading(export_dir):
     return lock(export_dir, say) if os.path.isdir(export_dir) else contextlib.nullcontext()
 
 
+def family_options(command):
+    """Every model family's request options (SDXL micro-conditioning, ...); each model accepts its own
+    (``Family.check_options``: another family's option is exit 2 naming the models that take it)."""
+    for opt in reversed(list(all_options().values())):
+        if opt.kind == "score":
+            command = click.option(opt.flag, opt.name, type=float, default=None, help=opt.help)(command)
+        else:
+            command = click.option(opt.flag, opt.name, type=int, nargs=2, default=None, help=opt.help,
+                                   metavar="H W" if opt.kind == "size" else "TOP LEFT")(command)
+    return command
+
+
 class OneLineErrors(click.Group):
     """Click prints usage errors as a usage block; sdexport prints one line (``error: ...``), exit 2."""
 
@@ -105,7 +120,7 @@ def cli():
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @handled
 def preset(name, out):
-    """Write a built-in preset (tiny, sd15-random) as a diffusers model directory."""
+    """Write a built-in preset (tiny, sd15-random, sdxl-tiny, sdxl-random) as a diffusers model directory."""
     from .models import write_preset
 
     path = write_preset(name, out, progress=say)
@@ -226,8 +241,10 @@ def validate(export_dir, backend, device, components):
 @click.option("--prompt", required=True)
 @click.option("--negative-prompt", default=None, help="What the image should not show (default: none).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG path.")
-@click.option("--steps", type=int, default=30, show_default=True)
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps (default 30; 4 for LCM models).")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Classifier-free guidance scale (default: diffusers' for the model: 7.5 SD, 5.0 SDXL; LCM "
+                   "models take it as their guidance embedding, default 8.5; 0 for Turbo models).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--height", type=int, default=None, help="Pixels (default: the model's native size).")
 @click.option("--width", type=int, default=None, help="Pixels (default: the model's native size).")
@@ -246,17 +263,18 @@ def validate(export_dir, backend, device, components):
               help="Capture each whole denoising step (UNet, guidance, scheduler update) as a CUDA graph for "
                    "this request's shape (GPU only; fastest path; falls back to the eager loop with a warning "
                    "for schedulers that draw host-side noise).")
+@family_options
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet, cuda_graph, step_graph):
+          scheduler, backend, device, unet, cuda_graph, step_graph, **request_options):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
     with reading(export_dir):
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-               scheduler, backend, device, unet, cuda_graph, step_graph)
+               scheduler, backend, device, unet, cuda_graph, step_graph, request_options)
 
 
 def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-           scheduler, backend, device, unet, cuda_graph, step_graph):
+           scheduler, backend, device, unet, cuda_graph, step_graph, request_options):
     from tqdm import tqdm
 
     from .backends import load_engines
@@ -265,6 +283,14 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 
     device = _device(device)
     export = ExportDir.open(export_dir)
+    family, info = export.family, export.info
+    family.check_text_to_image(info)  # before any engine is loaded
+    request_options = family.check_options(info, request_options)
+    if guidance_scale is not None and family.guidance_note(info, guidance_scale):
+        say(f"note: {family.guidance_note(info, guidance_scale)}")
+    defaults = family.request_defaults(info)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     options: dict = {"unet": unet} if unet != "default" else {}
     if cuda_graph or step_graph:
         from .components import Geometry
@@ -283,7 +309,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
                   height=height, width=width, batch_size=batch_size, scheduler=scheduler,
-                  progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
+                  progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)), **request_options)
     bar.close()
     summary = result.stage_summary()
     meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
@@ -291,6 +317,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
             "backend": backend, "unet": unet, "device": device, "export": str(export.root),
             "prompt_truncated": result.truncated, "loop": result.loop,
+            **({"options": {k: list(v) if isinstance(v, tuple) else v for k, v in request_options.items()}}
+               if request_options else {}),
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)
     say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms (text {summary['text_encoder_ms']:.1f}, "

@@ -188,7 +188,7 @@ def stage_pipeline_files(info: ModelInfo, txn: Transaction, components: list[str
     index = dict(info.index)
     for key in _INDEX_DROP:
         index.pop(key, None)
-    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index.update(info.family.export_index)
     path = txn.stage("model_index.json")
     path.write_text(json.dumps(index, indent=2, allow_nan=False) + "\n")
     files["model_index.json"] = sha256_file(path)

@@ -35,17 +35,38 @@ SD15_SCHEDULER = dict(
 )
 
 
+# SDXL base 1.0's scheduler configuration (Euler, leading spacing, as shipped with the checkpoint).
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    interpolation_type="linear", prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False,
+    skip_prk_steps=True, steps_offset=1, timestep_spacing="leading", use_karras_sigmas=False, clip_sample=False,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A model with deterministic random weights, described by diffusers configs."""
+    """A model with deterministic random weights, described by diffusers configs. The family says which
+    reference pipeline class writes it, each text encoder's class and each tokenizer's pad token."""
 
     name: str
     description: str
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    text_encoders: dict[str, dict[str, Any]]  # diffusers folder -> CLIPTextConfig
     scheduler: dict[str, Any]
+    family: str = "sd"
+    scheduler_class: str = "PNDMScheduler"
     seed: int = 0
+
+    @property
+    def text_encoder(self) -> dict[str, Any]:
+        return self.text_encoders["text_encoder"]
+
+
+# The CLIP ViT-L/14 text encoder of SD 1.5 and of SDXL's first encoder.
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+              projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 PRESETS: dict[str, Preset] = {
@@ -66,11 +87,11 @@ PRESETS: dict[str, Preset] = {
                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=128,
                 scaling_factor=0.18215,
             ),
-            text_encoder=dict(
+            text_encoders={"text_encoder": dict(
                 vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                 projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-            ),
+            )},
             scheduler=SD15_SCHEDULER,
         ),
         Preset(
@@ -90,12 +111,67 @@ PRESETS: dict[str, Preset] = {
                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512,
                 scaling_factor=0.18215, act_fn="silu",
             ),
-            text_encoder=dict(
-                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-            ),
+            text_encoders={"text_encoder": CLIP_L},
             scheduler=SD15_SCHEDULER,
+        ),
+        Preset(
+            name="sdxl-tiny",
+            description="tiny SDXL-shaped model (random weights) for CPU tests: two text encoders, pooled and "
+                        "size conditioning, 3-level UNet with linear projections and 2-layer transformer blocks",
+            family="sdxl", scheduler_class="EulerDiscreteScheduler",
+            unet=dict(
+                sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+                cross_attention_dim=80, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=40 + 6 * 8, norm_num_groups=8,
+            ),
+            vae=dict(
+                in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=128,
+                scaling_factor=0.13025, force_upcast=True,
+            ),
+            text_encoders={
+                "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                                     projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+                "text_encoder_2": dict(vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                                       projection_dim=40, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+            },
+            scheduler=SDXL_SCHEDULER,
+        ),
+        Preset(
+            name="sdxl-random",
+            description="the exact SDXL base 1.0 architecture with RANDOM weights (for timing; images are noise)",
+            family="sdxl", scheduler_class="EulerDiscreteScheduler",
+            unet=dict(
+                sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                cross_attention_dim=2048, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+                flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, act_fn="silu", norm_eps=1e-5,
+            ),
+            vae=dict(
+                in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=1024,
+                scaling_factor=0.13025, force_upcast=True, act_fn="silu",
+            ),
+            text_encoders={
+                "text_encoder": dict(CLIP_L, layer_norm_eps=1e-5),
+                "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                                       num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                                       hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2,
+                                       pad_token_id=1, layer_norm_eps=1e-5),
+            },
+            scheduler=SDXL_SCHEDULER,
         ),
     )
 }
@@ -156,8 +232,9 @@ def write_clip_tokenizer_files(out: Path, bpe_path: Path | None = None) -> None:
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
-def build_tokenizer(max_length: int = 77):
-    """SD 1.5's tokenizer: CLIPTokenizer over the real CLIP BPE, padded with <|endoftext|>."""
+def build_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A CLIPTokenizer over the real CLIP BPE: SD 1.5's (and SDXL's first) pads with <|endoftext|>,
+    SDXL's ``tokenizer_2`` with "!" (id 0)."""
     import tempfile
 
     from transformers import CLIPTokenizer
@@ -165,40 +242,47 @@ def build_tokenizer(max_length: int = 77):
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(Path(tmp))
         # from_pretrained reads vocab.json + merges.txt the same way in transformers 4.x and 5.x.
-        return CLIPTokenizer.from_pretrained(tmp, pad_token="<|endoftext|>", model_max_length=max_length)
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=max_length)
 
 
 def write_preset(name: str, out: str | os.PathLike, progress=None) -> Path:
-    """Write preset ``name`` as a diffusers directory at ``out`` (atomically)."""
+    """Write preset ``name`` as a diffusers directory at ``out`` (atomically), with its family's reference
+    pipeline class: what ``from_pretrained`` of that class loads."""
     if name not in PRESETS:
         raise ModelError(f"unknown preset '{name}' (presets: {', '.join(PRESETS)})")
     preset = PRESETS[name]
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from .families import by_name
+
+    family = by_name(preset.family)
     say = progress or (lambda msg: None)
-    torch.manual_seed(preset.seed)
+    torch.manual_seed(preset.seed)  # one seed, modules built in a fixed order: the same weights everywhere
     say(f"building {name}: unet")
-    unet = UNet2DConditionModel(**preset.unet)
+    parts: dict[str, Any] = {"unet": UNet2DConditionModel(**preset.unet)}
     say(f"building {name}: vae")
-    vae = AutoencoderKL(**preset.vae)
-    say(f"building {name}: text encoder")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
-    tokenizer = build_tokenizer(preset.text_encoder["max_position_embeddings"])
-    scheduler = PNDMScheduler.from_config(preset.scheduler)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts["vae"] = AutoencoderKL(**preset.vae)
+    for part, config in preset.text_encoders.items():
+        say(f"building {name}: {part.replace('_', ' ')}")
+        cls = getattr(transformers, family.preset_text_classes[part])
+        parts[part] = cls(transformers.CLIPTextConfig(**config))
+        tokenizer = part.replace("text_encoder", "tokenizer")
+        parts[tokenizer] = build_tokenizer(config["max_position_embeddings"], family.preset_pad_tokens[tokenizer])
+    parts["scheduler"] = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
+    pipe = getattr(diffusers, family.reference_pipeline)(**parts, **family.preset_pipeline_kwargs)
     out = Path(out)
     say(f"saving {name} to {out}")
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        # Keep keys PNDM ignores but other schedulers read (SD 1.5's file has clip_sample=false).
+        # Keep keys a scheduler ignores but others read (SD 1.5's file has clip_sample=false).
         sched_path = tmp / "scheduler" / "scheduler_config.json"
         sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), **preset.scheduler}, indent=2))
         # transformers 5 saves only tokenizer.json; 4.x (and tools pinned to it) need vocab.json + merges.txt.
-        write_clip_tokenizer_files(tmp / "tokenizer")
+        for part in preset.text_encoders:
+            write_clip_tokenizer_files(tmp / part.replace("text_encoder", "tokenizer"))
         (tmp / "SDEXPORT_PRESET.txt").write_text(
             f"sdexport preset '{name}': {preset.description}\nseed {preset.seed}\n")
     return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,13 +38,13 @@ from .errors import BackendUnavailable, UsageError
 from .manifest import sha256_file, versions
 from .runtime import ExportDir
 
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae"}
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_decoder": "vae"}
 # Only Resize is blocked: ORT's fused normalization kernels (GroupNorm, SkipGroupNorm, LayerNorm,
 # SkipLayerNorm) and its attention kernels accumulate in FP32 internally, and blocking the
 # normalization ops makes the optimizer's converter assign one tensor twice (an invalid model).
 FP32_OPS = ["Resize"]
 # Part of the up-to-date key: bump when the recipe (export, fusions, conversion) changes.
-RECIPE = 2  # 2: BiasSplitGelu + BiasAdd on constant-bound GEGLU
+RECIPE = 3  # 2: BiasSplitGelu + BiasAdd on constant-bound GEGLU; 3: the spec's FP32 node patterns kept FP32
 
 
 def _fused_counts(path: Path) -> dict[str, int]:
@@ -58,8 +59,8 @@ def _fused_counts(path: Path) -> dict[str, int]:
 
 
 def _load_module(info, spec):
-    if spec.source == "text_encoder":
-        return info.load_torch("text_encoder", attn_implementation="eager")
+    if spec.source.startswith("text_encoder"):
+        return info.load_torch(spec.source, attn_implementation="eager")
     from diffusers.models.attention_processor import AttnProcessor
 
     module = info.load_torch(spec.source)
@@ -161,9 +162,13 @@ def _fuse_geglu(model) -> dict[str, int]:
     return counts
 
 
-def _optimize(fp32_path: Path, out_path: Path, model_type: str) -> None:
+def _optimize(fp32_path: Path, out_path: Path, model_type: str, fp32_node_patterns: tuple[str, ...] = ()) -> None:
     """ONNX Runtime's optimizer fusions, then its FP16 conversion (what its SD demo's
-    OrtStableDiffusionOptimizer does, minus its size check, which raises on >2 GB protos)."""
+    OrtStableDiffusionOptimizer does, minus its size check, which raises on >2 GB protos). Nodes matching the
+    spec's FP32 patterns (the sinusoidal timestep and SDXL size embeddings and their MLPs: sin/cos of values up
+    to ~1000, where FP16 rounding of the argument alone is up to 0.25 rad) stay FP32, as in the FP16 export."""
+    import re
+
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -173,7 +178,8 @@ def _optimize(fp32_path: Path, out_path: Path, model_type: str) -> None:
                            optimization_options=FusionOptions(model_type), use_gpu=True)
     if model_type == "unet":
         _fuse_geglu(model)
-    model.convert_float_to_float16(keep_io_types=True, op_block_list=FP32_OPS)
+    keep = [n.name for n in model.model.graph.node if any(re.match(p, n.name) for p in fp32_node_patterns)]
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep)
     large = sum(len(t.raw_data) for t in model.model.graph.initializer) > TWO_GB - 64 * 2**20
     model.save_model_to_file(str(out_path), use_external_data_format=large)
 
@@ -184,6 +190,14 @@ def _optimize(fp32_path: Path, out_path: Path, model_type: str) -> None:
 # benchmarks/results/2026-11-22-h200-run3/ort_fused_diag.json. It runs once per image, so the plain FP32
 # export costs ~1 ms there. `sdexport validate --device cuda` checks every prepared variant.
 DEFAULT_COMPONENTS = ("unet", "vae_decoder")
+
+
+def _drop_variant(txn, variants: dict[str, Any], name: str) -> None:
+    from .manifest import Manifest
+
+    for rel, _ in Manifest.entry_files(variants.pop(name)):
+        if txn.root.joinpath(rel).exists():
+            txn.remove(rel)
 
 
 def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 17,
@@ -211,6 +225,12 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
             if name not in MODEL_TYPES:
                 raise UsageError(f"ort-cuda variant: unsupported component {name} (choose {', '.join(MODEL_TYPES)})")
             spec = export.spec(name)
+            if spec.keep_fp32:  # this variant is FP16 throughout; such a component runs the plain FP32 export
+                say(f"{vkey} {name}: left out, it stays FP32 ({spec.keep_fp32}); the plain export runs it")
+                if name in variants:
+                    _drop_variant(txn, variants, name)
+                    changed = True
+                continue
             key = {"weights_sha256": info.weights_sha256, "opset": opset, "recipe": RECIPE,
                    "ranges": export.ranges.to_json(), "versions": versions()}
             key = json.loads(json.dumps(key))
@@ -223,14 +243,16 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
             module = _load_module(info, spec)
             out = txn.stage(f"{vkey}/{name}", folder=True)
             scratch = txn.scratch(f"{vkey}-{name}")
-            raw = scratch / "raw.onnx"
+            raw = scratch / "raw" / "model.onnx"
+            raw.parent.mkdir()
             say(f"ort-cuda {name}: export (classic attention)")
             torch_export(spec, module, feed, raw, opset)
             fp32 = scratch / "fp32" / "model.onnx"
             fp32.parent.mkdir()
             save_onnx(clean_graph(raw), fp32)
+            shutil.rmtree(raw.parent)  # a UNet over 2 GB: one copy less on disk while ONNX Runtime optimizes
             say(f"ort-cuda {name}: ONNX Runtime fusions + FP16")
-            _optimize(fp32, out / "model.onnx", MODEL_TYPES[name])
+            _optimize(fp32, out / "model.onnx", MODEL_TYPES[name], spec.fp32_node_patterns)
             _unique_node_names(out / "model.onnx")
             extra = [p.name for p in out.iterdir() if p.name != "model.onnx"]
             entry = {"file": f"{vkey}/{name}/model.onnx", "sha256": sha256_file(out / "model.onnx"),

@@ -43,6 +43,7 @@ SCHEDULERS = {
     "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),  # LCM-distilled UNets (time_cond_proj_dim); their own config keeps its settings
 }
 
 
@@ -106,6 +107,7 @@ class GenerationResult:
     truncated: bool
     loop: str = "eager"  # "eager", or "step-graph" (every step one CUDA graph replay; "unet" times whole steps)
     scheduler: str = ""  # the diffusers scheduler class that ran
+    guidance_scale: float | None = None  # the scale used (the family's default when the request gave none)
 
     def uint8(self) -> np.ndarray:
         return (self.images * 255).round().astype("uint8")
@@ -152,6 +154,7 @@ class Pipeline:
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
         self._stream = None
         self._warned: set[str] = set()
+        self._noted: set[str] = set()  # one-time notes of this pipeline (not per request)
         self._truncated = False
         self.clock: StageClock | None = None
         for part in self.family.tokenizer_parts:  # a missing or foreign tokenizer fails here, not as equal images
@@ -208,24 +211,34 @@ class Pipeline:
         with (self.clock.stage("text_encoder") if self.clock else contextlib.nullcontext()):
             return self.engines[part]({"input_ids": ids})
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, steps: int = 30,
-                 guidance_scale: float = 7.5, seed: int | list[int] = 0, height: int | None = None,
-                 width: int | None = None, batch_size: int = 1, scheduler: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, **options) -> GenerationResult:
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, seed: int | list[int] = 0,
+                 height: int | None = None, width: int | None = None, batch_size: int = 1,
+                 scheduler: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 **options) -> GenerationResult:
         """Generate ``batch_size`` images. ``prompt``, ``negative_prompt`` and ``seed`` may be lists (one per
         image): with a list of seeds each image's noise comes from its own generator, so image i equals a
         single-image call with seed i; one seed seeds the whole batch, as diffusers' ``num_images_per_prompt``.
-        ``options``: the family's own (SDXL micro-conditioning)."""
+        ``steps``/``guidance_scale`` default to the family's (``Family.request_defaults``). ``options``: the
+        family's own (SDXL micro-conditioning, ``Family.options``)."""
         import torch
 
+        defaults = self.family.request_defaults(self.info)
+        steps = defaults["steps"] if steps is None else steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         height = height or self.ranges.opt_size
         width = width or self.ranges.opt_size
+        self.family.check_text_to_image(self.info)
+        options = self.family.check_options(self.info, options)
         guidance = self.family.guidance(self.info, guidance_scale)
         geo = Geometry(batch_size, height, width, guidance=guidance.cfg)
         check_request(self.ranges, steps, guidance_scale, geo, self.info.scheduler_config)
-        self.family.check_options(self.info, options)
         prompts = _as_list(prompt, batch_size, "prompt")
         negatives = _as_list(negative_prompt, batch_size, "negative prompt")
+        if guidance.embedding_dim and any(n is not None for n in negatives) and "lcm-negative" not in self._noted:
+            self._noted.add("lcm-negative")
+            self.warn("the negative prompt is not used: an LCM UNet runs without classifier-free guidance "
+                      "(diffusers' LCM pipelines take none)")
         seeds = _as_list(seed, batch_size, "seed") if isinstance(seed, (list, tuple)) else None
         sched = make_scheduler(scheduler, self.info.scheduler_config)
         clock = self.clock = StageClock(self.device)
@@ -290,7 +303,7 @@ class Pipeline:
         self.clock = None
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
                                 truncated=self._truncated, loop="step-graph" if graphs is not None else "eager",
-                                scheduler=type(sched).__name__)
+                                scheduler=type(sched).__name__, guidance_scale=guidance_scale)
 
     def unscale_latents(self, latents):
         """Latents -> the VAE decoder's input: divide by the scaling factor, and (VAEs whose config has

@@ -97,8 +97,11 @@ INT8_REPORT_THRESHOLDS = {
 
 
 # --- node selection ---------------------------------------------------------------------
-def exclude_patterns(exclude: tuple[str, ...] | list[str] = (), default_excludes: bool = True) -> list[str]:
-    patterns = [p for p, _ in DEFAULT_EXCLUDES] if default_excludes else []
+def exclude_patterns(exclude: tuple[str, ...] | list[str] = (), default_excludes: bool = True,
+                     family_excludes: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    """The default exclusions (those every UNet has, then the model family's own: ``Family.int8_excludes``),
+    then the user's."""
+    patterns = [p for p, _ in DEFAULT_EXCLUDES + tuple(family_excludes)] if default_excludes else []
     for p in exclude:
         try:
             re.compile(p)
@@ -129,6 +132,11 @@ def select_nodes(model, patterns: list[str], user_patterns: tuple[str, ...] | li
 def check_calibration(calib: Calibration, spec, export) -> None:
     """Refuse a calibration file captured from another model or at shapes the export lacks."""
     where = calib.path
+    missing = [t.name for t in spec.inputs if t.name not in calib.arrays]
+    if missing:
+        raise IntegrityError(f"{where}: has no {', '.join(missing)}: captured from a UNet without those inputs "
+                             f"(another model family), not from the model of {export.root}; run 'sdexport calibrate' "
+                             "on that model")
     for t in spec.inputs:
         arr = calib.arrays[t.name]
         if arr.dtype != np.dtype(t.dtype):
@@ -487,7 +495,7 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     if qdq:
         raise IntegrityError(f"{src}: already quantized ({qdq} QuantizeLinear/DequantizeLinear nodes); quantize "
                              "takes the FP32 UNet of an FP32 export")
-    patterns = exclude_patterns(exclude, default_excludes)
+    patterns = exclude_patterns(exclude, default_excludes, export.family.int8_excludes)
     to_quantize, excluded = select_nodes(header, patterns, exclude)
     if not to_quantize:
         raise UsageError("the exclude patterns leave no Conv/MatMul/Gemm node to quantize")

@@ -53,6 +53,13 @@ def other_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sdxl_tiny_model(tmp_path_factory) -> Path:
+    from sdexport.models import write_preset
+
+    return write_preset("sdxl-tiny", tmp_path_factory.mktemp("models") / "sdxl-tiny")
+
+
 def _export(src: Path, out: Path, **kw) -> Path:
     from sdexport.export import export
 
@@ -110,6 +117,12 @@ def built(trt, export_fp16, tmp_path_factory):
     messages: list[str] = []
     report = build(out, precision="fp16", say=messages.append)
     return out, report, messages
+
+
+@pytest.fixture(scope="session")
+def export_sdxl(sdxl_tiny_model, tmp_path_factory) -> Path:
+    """The sdxl-tiny preset, FP32, every component (64-192 px, up to 2 images per call)."""
+    return _export(sdxl_tiny_model, tmp_path_factory.mktemp("exports") / "sdxl-fp32", max_images=2)
 
 
 def load_manifest(path: Path) -> dict:

@@ -1,7 +1,9 @@
 """PyTorch engine: the source model's own modules (eager, optionally torch.compile and CUDA graphs).
 
 Eager FP32 is the reference every export is checked against. FP16 eager uses
-diffusers' default scaled-dot-product attention. ``compile`` wraps the module in
+diffusers' default scaled-dot-product attention; a component the family keeps in FP32
+(``ComponentSpec.keep_fp32``: an SDXL VAE whose config sets ``force_upcast``) runs in FP32
+there too, as diffusers' pipelines upcast it. ``compile`` wraps the module in
 ``torch.compile``; ``cuda_graph`` captures each call shape once and replays it
 (CudaGraphed, base for the strongest PyTorch baseline in the benchmarks).
 """
@@ -40,7 +42,7 @@ class TorchEngine(Engine):
             spec = export.spec(name)
             if spec.source not in modules:
                 modules[spec.source] = info.load_torch(spec.source)
-            engine = cls(spec, modules[spec.source], device, dtype, compile=compile)
+            engine = cls(spec, modules[spec.source], device, "fp32" if spec.keep_fp32 else dtype, compile=compile)
             engines[name] = CudaGraphed(engine) if cuda_graph and name == "unet" else engine
         return engines
 

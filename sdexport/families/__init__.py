@@ -6,14 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ModelError
-from .base import Family, Guidance, guidance_for
+from .base import Family, FamilyOption, Guidance, guidance_for
 from .sd import FAMILY as SD
+from .sdxl import FAMILY as SDXL
 
-FAMILIES: dict[str, Family] = {SD.name: SD}
+FAMILIES: dict[str, Family] = {SD.name: SD, SDXL.name: SDXL}
 
 
 def register(family: Family) -> None:
     FAMILIES[family.name] = family
+
+
+def all_options() -> dict[str, FamilyOption]:
+    """Every family's request options by name (the CLI offers them all; each model checks its own)."""
+    return {o.name: o for f in FAMILIES.values() for o in f.options}
 
 
 def by_name(name: str) -> Family:
@@ -32,4 +38,4 @@ def family_for(index: dict[str, Any], where) -> Family:
     raise ModelError(f"{where}: pipeline class '{cls or '?'}' is not supported (supported: {known})")
 
 
-__all__ = ["FAMILIES", "Family", "Guidance", "by_name", "family_for", "guidance_for", "register"]
+__all__ = ["FAMILIES", "Family", "FamilyOption", "Guidance", "by_name", "family_for", "all_options", "guidance_for", "register"]

@@ -15,6 +15,7 @@ UNet features that cut across families live here too: the LCM guidance embedding
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..components import Axis, ComponentSpec, Geometry, ShapeRanges, TensorSpec
@@ -47,6 +48,43 @@ class Guidance:
     embedding_dim: int | None = None  # LCM: width of the guidance-scale embedding
 
 
+@dataclasses.dataclass(frozen=True)
+class FamilyOption:
+    """A request option only some models take (a CLI flag of ``infer``, a keyword of ``Pipeline.__call__``).
+
+    ``kind``: "size" (two ints, height and width in pixels), "coords" (two ints, top and left in pixels) or
+    "score" (one float). ``applies_to`` names the models that take it, for the error a model without it gives.
+    """
+
+    name: str
+    help: str
+    kind: str
+    applies_to: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """The value as the conditioning uses it (a tuple of ints, or a float); out of bounds is exit 2."""
+        lo, hi, unit = OPTION_BOUNDS[self.kind]
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        want = 1 if self.kind == "score" else 2
+        if len(values) != want:
+            raise UsageError(f"{self.flag}: expected {want} value(s), got {len(values)}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
+                    or (self.kind != "score" and v != int(v)):
+                what = "a number" if self.kind == "score" else "whole numbers"
+                raise UsageError(f"{self.flag} {' '.join(map(str, values))}: must be {what} in [{lo}, {hi}]{unit}")
+        return float(values[0]) if self.kind == "score" else tuple(int(v) for v in values)
+
+
+# Sensible bounds of the micro-conditioning values. Sizes: SDXL's paper shows original sizes from 64 px up;
+# beyond 4 x its native 1024 px nothing was trained. Aesthetic scores are LAION's 0-10 scale.
+OPTION_BOUNDS = {"size": (64, 4096, " pixels"), "coords": (0, 4096, " pixels"), "score": (0.0, 10.0, "")}
+
+
 def guidance_for(info: "ModelInfo", guidance_scale: float) -> Guidance:
     """diffusers' rule: guidance is on when the scale exceeds 1, unless the UNet takes a guidance
     embedding (``time_cond_proj_dim``, LCM-distilled), which replaces classifier-free guidance."""
@@ -64,6 +102,12 @@ def guidance_embedding(guidance_scale: float, rows: int, dim: int):
 
     w = torch.tensor(guidance_scale - 1).repeat(rows)
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+
+
+# Request defaults where the user gives none: diffusers' own per pipeline (StableDiffusionPipeline 7.5 with our
+# historical 30 steps; LatentConsistencyModelPipeline 4 steps at 8.5; a family may set its own guidance).
+DEFAULT_STEPS = 30
+LCM_DEFAULTS = {"steps": 4, "guidance_scale": 8.5}
 
 
 # --- torch wrappers: module -> nn.Module taking a spec's inputs in order, returning its outputs ----------
@@ -134,8 +178,19 @@ class Family:
     parts: tuple[str, ...] = ()  # diffusers folders the model directory must have
     weight_parts: tuple[str, ...] = ()  # folders whose weights an export is made from (hashed)
     tokenizer_parts: tuple[str, ...] = ()
-    # Pipeline-level options (CLI flags) that only this family understands: name -> help.
-    options: dict[str, str] = {}
+    # Request options (CLI flags of infer) only this family takes; ``options_for`` picks a model's.
+    options: tuple[FamilyOption, ...] = ()
+    default_guidance_scale: float = 7.5
+    # UNet layers this family keeps out of INT8 besides quantize.DEFAULT_EXCLUDES: (regex, why)
+    int8_excludes: tuple[tuple[str, str], ...] = ()
+    # Presets of this family: the transformers class of each text encoder and each tokenizer's pad token,
+    # and the keyword arguments its reference pipeline class is built with (models.write_preset).
+    preset_text_classes: dict[str, str] = {}
+    preset_pad_tokens: dict[str, str] = {}
+    preset_pipeline_kwargs: dict[str, Any] = {}
+    # model_index.json entries an export sets (no safety checker or image processor: Optimum's loader and the
+    # family's diffusers pipeline then build without them)
+    export_index: dict[str, Any] = {"feature_extractor": [None, None]}
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -178,12 +233,47 @@ class Family:
     def guidance(self, info: "ModelInfo", guidance_scale: float) -> Guidance:
         return guidance_for(info, guidance_scale)
 
-    def check_options(self, info: "ModelInfo", options: dict[str, Any]) -> None:
-        """Refuse family options this family does not take (exit 2), before any work."""
-        unknown = [k for k, v in options.items() if v is not None and k not in self.options]
-        if unknown:
-            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-            raise UsageError(f"{flags}: only for SDXL models; {info.root} is a {self.description} export")
+    def options_for(self, info: "ModelInfo") -> tuple[FamilyOption, ...]:
+        """The request options this model takes (a family may take some only for some of its models)."""
+        return self.options
+
+    def describe(self, info: "ModelInfo") -> str:
+        return f"a {self.description} model"
+
+    def request_defaults(self, info: "ModelInfo") -> dict[str, Any]:
+        """Steps and guidance scale when the request gives none."""
+        if info.unet_config.get("time_cond_proj_dim"):
+            return dict(LCM_DEFAULTS)
+        return {"steps": DEFAULT_STEPS, "guidance_scale": self.default_guidance_scale}
+
+    def guidance_note(self, info: "ModelInfo", guidance_scale: float) -> str | None:
+        """What an explicitly given guidance scale does where it is not classifier-free guidance (LCM)."""
+        guidance = self.guidance(info, guidance_scale)
+        if guidance.embedding_dim:
+            return (f"--guidance-scale {guidance_scale:g}: this UNet is LCM-distilled (time_cond_proj_dim "
+                    f"{guidance.embedding_dim}): the scale is fed as its guidance embedding (timestep_cond, "
+                    f"w = scale - 1, as diffusers' LCM pipelines do), with one UNet row per image and no "
+                    "negative prompt, not as classifier-free guidance")
+        return None
+
+    def check_text_to_image(self, info: "ModelInfo") -> None:
+        """Refuse (exit 3) models that cannot generate from text alone (e.g. an SDXL refiner)."""
+
+    def check_options(self, info: "ModelInfo", options: dict[str, Any]) -> dict[str, Any]:
+        """Refuse request options this model does not take or values out of bounds (exit 2), before any
+        work; returns the given ones, checked and normalized (tuples of ints, floats)."""
+        from . import FAMILIES
+
+        mine = {o.name: o for o in self.options_for(info)}
+        given = {k: v for k, v in options.items() if v is not None}
+        for name in given:
+            if name not in mine:
+                known = [o for f in FAMILIES.values() for o in f.options if o.name == name]
+                if not known:
+                    raise UsageError(f"unknown request option '{name}'")
+                raise UsageError(f"{known[0].flag}: only for {known[0].applies_to}; {info.root} is "
+                                 f"{self.describe(info)}")
+        return {k: mine[k].check(v) for k, v in given.items()}
 
     def encode(self, pipe, prompts: list[str], negatives: list[str | None], guidance: Guidance,
                geo: Geometry, options: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,10 @@ class StableDiffusion(Family):
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     weight_parts = ("unet", "vae", "text_encoder")
     tokenizer_parts = ("tokenizer",)
-    options: dict[str, str] = {}
+    preset_text_classes = {"text_encoder": "CLIPTextModel"}
+    preset_pad_tokens = {"tokenizer": "<|endoftext|>"}
+    preset_pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    export_index = {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
     def check(self, info: "ModelInfo") -> None:
         super().check(info)
