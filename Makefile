@@ -14,11 +14,10 @@ STEPS ?= 4
 .PHONY: install optimum-env demo test gputest engines clean
 
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml requirements-nodeps.txt
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,trt]'
-	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Optimum's ORT pipeline needs transformers<4.58, so its interoperability test runs in its own venv.

@@ -35,7 +35,7 @@ from .errors import IntegrityError, ShapeError, UsageError
 CALIB_FORMAT = 1
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 INDEX_ARRAYS = ("step", "prompt", "cond")
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.txt"  # package data (data/PROMPTS.md)
 
 
 # --- prompts -------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def load_prompts(path: str | Path) -> list[str]:
 def select_prompts(prompts: list[str], num_prompts: int, seed: int) -> list[str]:
     """``num_prompts`` distinct prompts, drawn with a seeded RNG (the file is ordered by subject,
     so the first N would all be portraits). Asking for more than the file has is an error:
-    repeating prompts adds no information (calibration/README.md)."""
+    repeating prompts adds no information (sdexport/data/PROMPTS.md)."""
     if num_prompts < 1:
         raise UsageError(f"--num-prompts {num_prompts}: must be at least 1")
     if num_prompts > len(prompts):

@@ -334,7 +334,7 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
 @click.argument("model")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="Prompt file, one per line; '#' comments and blank lines skipped "
-                   "(default: calibration/prompts.txt).")
+                   "(default: sdexport/data/prompts.txt, installed with the package).")
 @click.option("--num-prompts", type=int, default=64, show_default=True, help="Distinct prompts drawn from the file.")
 @click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps per prompt.")
 @click.option("--max-samples", type=int, default=512, show_default=True,

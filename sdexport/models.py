@@ -7,8 +7,8 @@ so a real checkpoint that sets them differently exports correctly.
 
 Presets are written as ordinary diffusers directories (``StableDiffusionPipeline
 .save_pretrained``), so tests and benchmarks go through the same loading code as
-real checkpoints. Their tokenizer is the real CLIP BPE vocabulary, taken from
-the ``bpe_simple_vocab_16e6.txt.gz`` file that open_clip_torch's wheel ships.
+real checkpoints. Their tokenizer is the real CLIP BPE vocabulary
+(``bpe_simple_vocab_16e6.txt.gz``, shipped in ``sdexport/data``).
 """
 
 from __future__ import annotations
@@ -101,29 +101,21 @@ PRESETS: dict[str, Preset] = {
 }
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-BPE_PACKAGE = "open_clip_torch==3.3.0"
 
 
 def clip_bpe_path() -> Path:
-    """Locate the CLIP BPE merges file: ``$SDEXPORT_CLIP_BPE`` or open_clip_torch's wheel.
-
-    The package is found without importing it (open_clip's import pulls torchvision).
-    """
+    """The CLIP BPE merges file: ``$SDEXPORT_CLIP_BPE``, else the copy sdexport ships as package data
+    (``sdexport/data``, MIT, from open_clip_torch's wheel), so no second install step is needed."""
     env = os.environ.get("SDEXPORT_CLIP_BPE")
     if env:
         if not Path(env).is_file():
             raise ModelError(f"SDEXPORT_CLIP_BPE={env}: no such file")
         return Path(env)
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / BPE_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelError(
-        f"the CLIP BPE vocabulary ({BPE_FILE}) was not found: "
-        f"'pip install --no-deps {BPE_PACKAGE}' or set SDEXPORT_CLIP_BPE to the file")
+    shipped = Path(__file__).resolve().parent / "data" / BPE_FILE
+    if not shipped.is_file():
+        raise ModelError(f"the CLIP BPE vocabulary {shipped} is missing from this installation; reinstall "
+                         "sdexport, or set SDEXPORT_CLIP_BPE to a copy of the file")
+    return shipped
 
 
 def _bytes_to_unicode() -> dict[int, str]:

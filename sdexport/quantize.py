@@ -327,7 +327,7 @@ def _modelopt():
         from modelopt.onnx.quantization import quantize as mo_quantize
     except Exception as exc:  # ImportError, or a dependency that fails at import
         raise BackendUnavailable(f"NVIDIA ModelOpt's ONNX quantizer cannot be imported ({str(exc)[:160]}); "
-                                 "pip install --no-deps nvidia-modelopt==0.47.0 (see README, Install)") from None
+                                 "pip install nvidia-modelopt==0.47.0 (a dependency of sdexport: see README, Install)") from None
     return mo_quantize
 
 
@@ -649,7 +649,7 @@ def _upgrade_opset(model):
         return version_converter.convert_version(model, 19)
     except Exception as exc:  # the converter raises plain RuntimeErrors
         raise BackendUnavailable(f"cannot bring the Q/DQ graph to opset 19 without ModelOpt ({exc}); "
-                                 "pip install --no-deps nvidia-modelopt==0.47.0") from None
+                                 "pip install nvidia-modelopt==0.47.0") from None
 
 
 def _smoke_run(path: Path, feed: dict[str, np.ndarray]) -> None:
