@@ -382,9 +382,9 @@ def check_headers(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype
                              f"({ {k: headers[k][0][0] for k in UNET_INPUTS} })")
     count = samples.pop()
     if count > MAX_SAMPLES:
-        raise UsageError(f"{path}: {count:,} samples; calibrate writes at most {MAX_SAMPLES:,} (--max-samples)")
+        raise IntegrityError(f"{path}: {count:,} samples; calibrate writes at most {MAX_SAMPLES:,} (--max-samples)")
     total = sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in headers.values())
-    check_memory(f"{path}: its arrays", total, "as their .npy headers declare them")
+    check_memory(f"{path}: its arrays", total, "as their .npy headers declare them", IntegrityError)
     return count
 
 

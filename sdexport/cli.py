@@ -330,7 +330,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
                    export.ranges.opt_size if width is None else width,
                    guidance=export.family.guidance(export.info, guidance_scale).cfg)
     check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
-    check_infer_outputs(export, out, batch_size, model_dir if backend == "torch" else None)
+    check_infer_outputs(export, out, geo, model_dir if backend == "torch" else None)
     check_schedule(scheduler, export.info.scheduler_config, steps)
     if backend == "torch":
         export.source_model()  # the PyTorch modules come from the source model: find it before any work

@@ -155,11 +155,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def check_memory(what: str, need_bytes: float, hint: str = "") -> None:
-    """Refuse (exit 2) an allocation that cannot fit the memory this machine has available now."""
+def check_memory(what: str, need_bytes: float, hint: str = "", error: type = UsageError) -> None:
+    """Refuse (``error``, exit 2 by default) an allocation that cannot fit the memory available now."""
     have = available_memory_bytes()
     if have is not None and need_bytes > MEMORY_SHARE * have:
-        raise UsageError(f"{what} needs {human_bytes(need_bytes)} of memory; this machine has "
+        raise error(f"{what} needs {human_bytes(need_bytes)} of memory; this machine has "
                          f"{human_bytes(have)} available{f' ({hint})' if hint else ''}")
 
 

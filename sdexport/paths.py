@@ -259,23 +259,33 @@ def source_inputs(export, model_dir: str | os.PathLike | None = None) -> Guarded
     return guard
 
 
-def check_infer_outputs(export, out: str | os.PathLike, images: int, model_dir=None) -> list[Path]:
-    """``infer -o``: every PNG of the batch and the sidecar, against the export and its source model."""
+def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None) -> list[Path]:
+    """``infer -o``: every PNG of the batch and the sidecar, against the export and its source model, and
+    room for them (at most 3 bytes a pixel and a sidecar)."""
+    from .limits import check_disk
     from .pipeline import image_paths
 
-    names, sidecar = image_paths(out, images)
+    names, sidecar = image_paths(out, geo.images)
     guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir)
     for name in names:
         what = f"-o {out}" if name == Path(out) else f"-o {out}: its image {name}"
         check_output("-o", name, guard, what=what)
     check_output("-o", sidecar, guard, what=f"-o {out}: its sidecar {sidecar}")
+    check_disk(sidecar.parent, geo.images * (geo.height * geo.width * 3 + 1024) + 16384, "the images and sidecar")
     return [*names, sidecar]
 
 
+REPORT_BYTES = 64 * 1024  # bench.json is a few KiB
+
+
 def check_report_output(option: str, path: str | os.PathLike, export, model_dir=None) -> Path:
-    """A report file (``bench --json``) against the export and its source model."""
+    """A report file (``bench --json``) against the export and its source model, with room for it."""
+    from .limits import check_disk
+
     guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir)
-    return check_output(option, path, guard)
+    out = check_output(option, path, guard)
+    check_disk(out.parent, REPORT_BYTES, "the report")
+    return out
 
 
 def check_export_writable(export, what: str) -> None:
