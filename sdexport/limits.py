@@ -192,10 +192,24 @@ def disk_full_message(exc: BaseException, outputs: list[Path]) -> str | None:
     if not full:
         return None
     where = getattr(exc, "filename", None) or (outputs[0] if outputs else None)
-    free = free_disk_bytes(where) if where else None
     reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "no space left on device"
-    return (f"{where or 'output'}: {reason.lower()} while writing; nothing was left under a final name"
-            f"{f' ({human_bytes(free)} free there now)' if free is not None else ''}")
+    return f"{where or 'output'}: {reason.lower()} while writing; nothing was left under a final name{_room(where)}"
+
+
+def _room(where) -> str:
+    """' (N free there now)', or the filesystem's inodes when those ran out."""
+    if not where:
+        return ""
+    p = Path(os.path.abspath(where))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return ""
+    if st.f_files and st.f_favail == 0:
+        return f" (no free inodes left there: {st.f_files:,} in all)"
+    return f" ({human_bytes(st.f_bavail * st.f_frsize)} free there now)"
 
 
 # --- the scheduler ---------------------------------------------------------------------------------------
