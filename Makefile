@@ -36,22 +36,27 @@ demo: install
 	$(BIN)/sdexport bench $(DEMO_OUT) --steps $(STEPS) --json $(DEMO_OUT)/bench.json
 
 # TensorRT engines for MODEL: fp16 export -> engines -> validation, all in $(OUT)/ (see README "TensorRT
-# engines"). A second run rebuilds nothing. Where engines cannot run (no GPU, or a GPU the TensorRT flavour
-# refuses) `validate --backend trt` exits 8 with the reason; then the ONNX side is validated with ONNX Runtime
-# and the target ends with a note instead of failing. Any other validation failure fails the target.
+# engines"). A second run rebuilds nothing. Where TensorRT engines cannot run (no GPU, or a GPU the TensorRT
+# flavour refuses; `sdexport env` says why), the ONNX side is validated with ONNX Runtime and the target ends
+# with a note instead of failing. Anything else that fails fails the target (exit 8 included where
+# `sdexport env` says engines can run: engines built for other GPUs).
 # BUILD_ARGS go to `sdexport build` (e.g. BUILD_ARGS="--compute-capability 7.5,8.6" or "--static 512x512").
 BUILD_ARGS ?=
 engines: $(INSTALL)
 	$(BIN)/sdexport export $(MODEL) -o $(OUT) --dtype fp16
 	$(BIN)/sdexport build $(OUT) --precision fp16 $(BUILD_ARGS)
-	@rc=0; $(BIN)/sdexport validate $(OUT) --backend trt || rc=$$?; \
-	if [ $$rc -eq 8 ]; then \
-	  echo "note: the engines in $(OUT)/engines cannot run on this machine (reason above; exit 8 from"; \
-	  echo "      'sdexport validate $(OUT) --backend trt'): validating the ONNX with ONNX Runtime instead."; \
+	@why=$$($(BIN)/sdexport env --json | $(BIN)/python -c "import json, sys; \
+	t = json.load(sys.stdin)['backends']['trt']; print('' if t['can_run'] else (t['why'] or 'no GPU'))") \
+	  || exit $$?; \
+	if [ -n "$$why" ]; then \
+	  echo "note: the engines in $(OUT)/engines cannot run on this machine ($$why);"; \
+	  echo "      validating the ONNX with ONNX Runtime instead."; \
 	  $(BIN)/sdexport validate $(OUT) --backend ort || exit $$?; \
 	  echo "note: engines built and checked, ONNX validated; TensorRT validation NOT run here:"; \
 	  echo "      run 'sdexport validate $(OUT) --backend trt' on a GPU the engines target."; \
-	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+	else \
+	  $(BIN)/sdexport validate $(OUT) --backend trt || exit $$?; \
+	fi
 	@echo "$(OUT): ONNX, engines/, manifest.json, validation.json"
 
 test: install optimum-env
