@@ -223,7 +223,7 @@ class Manifest:
         manifest.check_shape()
         from .schema import check_manifest
 
-        check_manifest(data, path)
+        check_manifest(manifest.data, path)
         return manifest
 
     def check_shape(self) -> None:
@@ -239,7 +239,10 @@ class Manifest:
             for name, entry in value.items():
                 if not isinstance(entry.get("file"), str) or not isinstance(entry.get("sha256"), str):
                     raise IntegrityError(f"{where}: {section}.{name} has no file/sha256; re-export")
-                for extra in entry.get("external_data", []) + entry.get("files", []):
+                extras = [entry.get("external_data", []), entry.get("files", [])]
+                if not all(isinstance(e, list) for e in extras):
+                    raise IntegrityError(f"{where}: {section}.{name} lists its files malformed; re-export")
+                for extra in extras[0] + extras[1]:
                     if not isinstance(extra, dict) or not isinstance(extra.get("file"), str) \
                             or not isinstance(extra.get("sha256"), str):
                         raise IntegrityError(f"{where}: {section}.{name} lists a malformed file; re-export")

@@ -100,17 +100,22 @@ def export_artifacts(root: str | os.PathLike, data: dict | None = None) -> Guard
             data = json.loads((root / "manifest.json").read_text())
         except (OSError, ValueError):
             data = {}
-    for rel in _listed_files(data):
+    files = data.get("files") if isinstance(data, dict) else None
+    listed = [*_listed_files(data), *(files if isinstance(files, dict) else [])]  # artifacts, pipeline files
+    for rel in listed:
+        if not isinstance(rel, str):
+            continue
         path = root / rel
         guard.file(path, f"{path}, listed in {root}/manifest.json")
         top = Path(rel).parts[0] if Path(rel).parts else ""
         if top and top not in ("..", "/") and len(Path(rel).parts) > 1:
             guard.tree(root / top, f"{root / top}, a directory of the export")
+    from .artifacts import VARIANT_OF
     from .build import ENGINE_DIR
-    from .components import COMPONENTS
-    from .runtime import VARIANTS
 
-    for name in (*COMPONENTS, *VARIANTS, *EXPORT_FIXED_DIRS, ENGINE_DIR):
+    components = data.get("components") if isinstance(data, dict) else None
+    for name in (*(components if isinstance(components, dict) else ()), *VARIANT_OF, *EXPORT_FIXED_DIRS,
+                 ENGINE_DIR):
         guard.tree(root / name, f"{root / name}, a directory of the export")
     if root.is_dir():
         for child in root.iterdir():
@@ -308,3 +313,16 @@ def check_build_outputs(export, timing_cache: str | os.PathLike | None) -> None:
     guard.trees = {p: w for p, w in guard.trees.items() if p != engines}
     guard.files = {p: w for p, w in guard.files.items() if engines not in p.parents}
     check_output("--timing-cache", timing_cache, guard)
+
+
+def check_quantize_outputs(export_dir: str | os.PathLike, calib: str | os.PathLike) -> None:
+    """``quantize``: the export takes the new variant, whose directory must not hold the calibration file
+    it reads (that directory is replaced whole)."""
+    from .artifacts import INT8_UNET
+    from .runtime import ExportDir
+
+    export = ExportDir.open(export_dir)
+    check_export_writable(export, f"quantize writes {INT8_UNET}/ there")
+    target = export.root / INT8_UNET
+    check_output("--calib", target, Guarded().file(calib, f"the calibration file {calib}"), kind="dir",
+                 what=f"{target} (what quantize writes)")

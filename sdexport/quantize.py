@@ -454,6 +454,9 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
     if quantizer == "modelopt" and method == "percentile":
         raise UsageError("--calibration-method percentile: ModelOpt's INT8 calibration has max and entropy only; "
                          "use --quantizer ort (or auto) for percentile")
+    from .paths import check_quantize_outputs
+
+    check_quantize_outputs(export_dir, calib)
     with writing(export_dir, "quantize", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest
@@ -470,11 +473,6 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     from .manifest import sha256_file, versions
 
     out = export.root
-    from .paths import Guarded, check_export_writable, check_output
-
-    check_export_writable(export, f"quantize writes {COMPONENT}/ there")
-    check_output("--calib", out / COMPONENT, Guarded().file(calib, f"the calibration file {calib}"), kind="dir",
-                 what=f"{out / COMPONENT} (what quantize writes)")
     source = export.manifest.component("unet")
     dtype = source["precision"]["dtype"]
     if dtype != "fp32":

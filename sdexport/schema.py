@@ -237,6 +237,8 @@ def check_manifest(data: dict[str, Any], path: Path) -> None:
     def bad(what: str) -> IntegrityError:
         return IntegrityError(f"{path}: {what}; not a manifest sdexport wrote (re-export to repair it)")
 
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
     for section, value in data.items():
         if not isinstance(value, dict):
             continue

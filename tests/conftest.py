@@ -146,6 +146,9 @@ def assert_refused(proc, code: int, *needles: str) -> str:
     return errors[0]
 
 
+LOCK_NAMES = (".sdexport.lock",)  # sdexport.manifest.LOCK_NAME
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (links followed), and '<dir>' for directories:
     what must stay byte-identical when a command is refused."""
@@ -157,6 +160,8 @@ def tree_digest(root: Path) -> dict[str, str]:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
+        if path.name in LOCK_NAMES:  # the export lock's file: every reader and writer rewrites it
+            continue
         out[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
