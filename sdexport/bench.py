@@ -250,8 +250,9 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     thread_info = set_threads(threads)
     unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
     options: dict[str, Any] = dict(unet_option)
-    if step_graph:  # whole steps captured by the pipeline; ONNX Runtime opened for this one static shape
-        options.update(step_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
+    if step_graph:  # whole steps captured by the pipeline (engines without graphs of their own); ONNX Runtime
+        # opened for this one static shape
+        options.update(step_graph=True, cuda_graph=False, **({"static": _geometry(settings)} if backend == "ort" else {}))
     elif cuda_graph:  # ONNX Runtime: static shapes for this request + its own graph capture; torch: CudaGraphed
         options.update(cuda_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
     if backend == "torch":

@@ -33,6 +33,12 @@ from .runtime import ExportDir
 
 PRECISIONS = ("fp16", "fp32", "int8")
 ENGINE_DIR = "engines"
+# Builder flags every engine is built with, per flavour (part of the rebuild key; the manifest records them as
+# TensorRT read them back). TF32 off: in a strongly typed graph an FP32 tensor is computed in FP32 (TensorRT
+# enables TF32 by default on Ampere and newer; FP32 engines are judged at FP32 thresholds, and FP16/INT8 graphs
+# keep FP32 islands). REQUIRE_USER_ALLOCATION (TensorRT-RTX 1.2+): no runtime allocation inside the engine, which
+# TensorRT-RTX requires for CUDA stream capture (CUDA graphs).
+BUILDER_FLAGS = {"tensorrt": {"TF32": False}, "rtx": {"TF32": False, "REQUIRE_USER_ALLOCATION": True}}
 
 
 class BuildFailed(SdexportError):
@@ -220,6 +226,18 @@ def _check_io(io: dict, spec, where: str) -> None:
             raise IntegrityError(f"{where}: TensorRT reads {kind} {got}, the component spec declares {want}")
 
 
+def set_builder_flags(trt, config, flavour: str) -> dict[str, bool]:
+    """Apply BUILDER_FLAGS[flavour] where this TensorRT has the flag; return each as the config reads it back."""
+    applied = {}
+    for name, on in BUILDER_FLAGS[flavour].items():
+        flag = getattr(trt.BuilderFlag, name, None)
+        if flag is None:  # e.g. REQUIRE_USER_ALLOCATION before TensorRT-RTX 1.2
+            continue
+        (config.set_flag if on else config.clear_flag)(flag)
+        applied[name] = bool(config.get_flag(flag))
+    return applied
+
+
 def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, profile: dict[str, list],
                  targets: list[str], opt_level: int, workspace_mib: int | None,
                  timing_cache: tuple[Path, Path] | None, say: Callable[[str], None], label: str) -> dict[str, Any]:
@@ -230,9 +248,9 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
     log = capture_logger(trt)
     log.clear()
     builder = trt.Builder(log)
-    flags = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     # 10.x: strongly typed on request; 11.x and TensorRT-RTX: always (the flag is accepted and ignored).
-    network = builder.create_network(1 << int(flags) if flags is not None else 0)
+    network = builder.create_network(1 << int(typed) if typed is not None else 0)
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)) or network.num_inputs == 0:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or [log.summary("no inputs")]
@@ -253,6 +271,7 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
         config.num_compute_capabilities = len(targets)
         for i, cc in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
+    flags = set_builder_flags(trt, config, flavour)
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = opt_level
     if workspace_mib:
@@ -298,7 +317,10 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
     if cache is not None:
         with atomic_path(cache_out) as tmp:
             tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-    return {"io": io, "profile": accepted, "seconds": seconds}
+    memory = log.facts["activation_memory"]
+    return {"io": io, "profile": accepted, "seconds": seconds, "builder_flags": flags,
+            "activation_memory_bytes": int(memory[-1]) if memory else None,
+            "attention_nodes": list(log.facts["attention_node"])}
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -338,7 +360,9 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
           opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
           max_batch: int | None = None, compute_capabilities: str | list[str] | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, timing_cache: str | Path | None = None, force: bool = False,
-          say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+          device: str | None = None, say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Build the engines; ``device`` ('cuda:N') is the GPU NVIDIA's tensorrt builds for and whose compute
+    capability is checked against the targets (default: torch's current CUDA device)."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
     if flavour not in ("auto", "tensorrt", "rtx"):
@@ -354,12 +378,14 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest
         return _build(export, txn, precision, flavour, components, static, batch, opt_size, opt_batch, min_size,
-                      max_size, max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, say)
+                      max_size, max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, device,
+                      say)
 
 
 def _build(export, txn, precision, flavour, components, static, batch, opt_size, opt_batch, min_size, max_size,
-           max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, say) -> dict[str, Any]:
-    from .backends.trt import FLAVOUR_NAMES, gpu_capability, select_flavour, version_of
+           max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, device, say
+           ) -> dict[str, Any]:
+    from .backends.trt import FLAVOUR_NAMES, gpu_capability, on_device, select_flavour, version_of
 
     manifest = export.manifest
     exported = [c for c in export.family.components(export.info) if c in manifest.components]
@@ -372,7 +398,11 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
     precisions = {c: _engine_precision(export, key, precision, say) for c, key in onnx_keys.items()}
     kind, request = profile_request(export.ranges, static=static, batch=batch, opt_size=opt_size,
                                     opt_batch=opt_batch, min_size=min_size, max_size=max_size, max_batch=max_batch)
-    gpu_cc = gpu_capability()
+    if device is not None and not str(device).startswith("cuda"):
+        raise UsageError(f"--device {device}: give the CUDA device to build for (cuda or cuda:N)")
+    gpu_cc = gpu_capability(device)
+    if device is not None and gpu_cc is None:
+        raise CannotRunHere(f"--device {device}: no CUDA GPU visible here")
     trt, flavour = select_flavour(flavour, gpu_cc)
     version = version_of(trt)
     if isinstance(compute_capabilities, str):
@@ -393,11 +423,10 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
             cache_paths = (export.root / rel, txn.stage(rel))
         cache_note = str(cache_paths[0])
         say(f"{name} {version}: timing cache {cache_paths[0]} ({'reused' if cache_paths[0].is_file() else 'new'})")
-    if gpu_cc is not None and flavour == "rtx" and f"{gpu_cc[0]}.{gpu_cc[1]}" not in targets:
-        say(f"note: this GPU (compute capability {gpu_cc[0]}.{gpu_cc[1]}) is not among the targets "
-            f"({', '.join(targets)}); add it with --compute-capability to run the engines here")
+    if gpu_cc is not None and flavour == "rtx":
+        _warn_about_this_gpu(gpu_cc, targets, device, export.root, say)
 
-    built, current = [], []
+    built, current, attention = [], [], {}
     for i, component in enumerate(components, 1):
         label = f"[{i}/{len(components)}] {component}"
         spec = export.specs[component]
@@ -407,7 +436,7 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
         profile, axes = component_profile(spec, request)
         key = {"onnx_sha256": onnx_entry["sha256"], "flavour": flavour, "version": version,
                "compute_capabilities": targets, "precision": precisions[component], "profile": profile,
-               "opt_level": opt_level, "workspace_mib": workspace_mib}
+               "opt_level": opt_level, "workspace_mib": workspace_mib, "builder_flags": BUILDER_FLAGS[flavour]}
         old = manifest.engines.get(component)
         if not force and old and old.get("key") == key and export.manifest.intact(old):
             say(f"{label}: up to date ({old['file']}), not rebuilt")
@@ -418,8 +447,13 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
         say(f"{label}: building {name} {version} {precisions[component]} {kind} profile for compute capability "
             f"{', '.join(targets)} (opt level {opt_level})")
         plan = txn.stage(rel)
-        result = build_engine(trt, flavour, onnx_path, plan, spec, profile, targets, opt_level,
-                              workspace_mib, cache_paths, say, label)
+        try:
+            with on_device(device if flavour == "tensorrt" else None):  # NVIDIA's tensorrt builds on the current GPU
+                result = build_engine(trt, flavour, onnx_path, plan, spec, profile, targets, opt_level,
+                                      workspace_mib, cache_paths, say, label)
+        except BuildFailed as exc:
+            raise BuildFailed(f"{exc}{_known_failure(export, component, flavour, precisions[component], targets, exc)}"
+                              ) from None
         entry = {
             "file": rel, "sha256": sha256_file(plan), "size_bytes": plan.stat().st_size,
             "flavour": flavour, "flavour_name": name, "version": version, "compute_capabilities": targets,
@@ -428,22 +462,64 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
             "profile_kind": kind, "profile": result["profile"], "axes": axes,
             "request": {k: vars(g) for k, g in request.items()},
             "opt_level": opt_level, "workspace_mib": workspace_mib, "timing_cache": cache_note,
+            "builder_flags": result["builder_flags"], "activation_memory_bytes": result["activation_memory_bytes"],
+            "fused_attention_nodes": len(result["attention_nodes"]),
             **result["io"],
             "build_seconds": round(result["seconds"], 2),
             "built_on": {"host": platform.node(), "gpu_compute_capability":
                          f"{gpu_cc[0]}.{gpu_cc[1]}" if gpu_cc else None},
             "key": key, "versions": {**versions(), name: version},
         }
+        attention[component] = result["attention_nodes"]
         manifest.engines[component] = entry
         _remove_stale(export, txn, component, keep=rel)
         built.append(component)
-        say(f"{label}: wrote {rel} ({entry['size_bytes'] / 2**20:.1f} MiB, {entry['build_seconds']} s)")
+        memory = (f", {entry['activation_memory_bytes'] / 2**20:.0f} MiB activation memory at the profile's largest "
+                  "shape" if entry["activation_memory_bytes"] is not None else "")
+        say(f"{label}: wrote {rel} ({entry['size_bytes'] / 2**20:.1f} MiB, {entry['build_seconds']} s{memory})")
     if built:
         txn.commit()
     else:
         say(f"nothing to build: {len(current)} engine(s) up to date")
     return {"built": built, "up_to_date": current, "flavour": name, "version": version, "targets": targets,
-            "engines": {c: manifest.engines[c] for c in components}}
+            "engines": {c: manifest.engines[c] for c in components}, "attention_nodes": attention}
+
+
+def _warn_about_this_gpu(gpu_cc, targets: list[str], device: str | None, root, say) -> None:
+    """TensorRT-RTX builds ahead of time for its targets: say so when they exclude the GPU in this machine."""
+    import torch
+
+    from .backends.trt import cc_text, device_index, gpu_advice, rebuild_advice
+
+    if cc_text(gpu_cc) in targets and gpu_advice("rtx", gpu_cc) is None:
+        return
+    gpu = torch.cuda.get_device_name(device_index(device))
+    if cc_text(gpu_cc) in targets:
+        say(f"warning: this GPU ({gpu}, compute capability {cc_text(gpu_cc)}) is among the targets, but "
+            f"{gpu_advice('rtx', gpu_cc, root)}")
+    else:
+        say(f"warning: the engines will not run on this GPU ({gpu}, compute capability {cc_text(gpu_cc)}; targets "
+            f"{', '.join(targets)}): {rebuild_advice('rtx', gpu_cc, root)}")
+
+
+def _known_failure(export, component: str, flavour: str, precision: str, targets: list[str], exc) -> str:
+    """What is known about a failed build beyond TensorRT's message ('' if nothing)."""
+    from .backends.trt import RTX_NO_FP32_GEMM_CC, cc_text, gpu_advice
+
+    if flavour != "rtx":
+        return ""
+    text = export.info.text_encoder_config
+    head_dim = text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1))
+    if component == "text_encoder" and precision == "fp16" and "Myelin" in str(exc) and head_dim > 8 and head_dim % 8:
+        # Measured with TensorRT-RTX 1.7.1 (README, TensorRT engines): head dims 9-12, 14, 18, 20 fail; 4-8, 16, 24 build.
+        return (f"; TensorRT-RTX 1.7.1 cannot build an FP16 text encoder whose attention head dimension ({head_dim}) "
+                f"is above 8 and not a multiple of 8 (SD 1.x/2.x: 64). Export it in FP32 and build it as FP32: "
+                f"sdexport export MODEL -o {export.root} --components text_encoder --force; sdexport build "
+                f"{export.root} --precision fp32 --components text_encoder")
+    turing = [cc for cc in RTX_NO_FP32_GEMM_CC if cc_text(cc) in targets]
+    if turing:
+        return f"; {gpu_advice('rtx', turing[0], export.root)}"
+    return ""
 
 
 def _remove_stale(export, txn, component: str, keep: str) -> None:

@@ -23,8 +23,9 @@ from .errors import SdexportError  # noqa: E402
 
 SCHEDULER_NAMES = ("ddim", "euler", "euler-a", "dpm++2m", "unipc", "pndm")
 DEVICE_HELP = "auto (CUDA where a GPU is visible, else CPU), cpu, cuda or cuda:N."
-BACKEND_HELP = ("ort: the ONNX graphs in ONNX Runtime; trt: the TensorRT engines of 'sdexport build'; torch: "
-                "the source model's own PyTorch modules, eager (the reference, no engine; needs the source model)")
+BACKEND_HELP = ("ort: the ONNX graphs in ONNX Runtime; trt: the TensorRT engines of 'sdexport build'; inductor: "
+                "the AOTInductor packages of 'sdexport build --backend inductor'; torch: the source model's own "
+                "PyTorch modules, eager (the reference, no engine; needs the source model)")
 MODEL_HELP = ("The source model directory, when it moved since the export (checked against the weights hash "
               "in the manifest). Default: the path the manifest records.")
 
@@ -211,14 +212,30 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
               help="Workspace limit in MiB (default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file (default OUT/engines/timing.<trt>.cache; not used by TensorRT-RTX).")
-@click.option("--backend", "engine_backend", type=click.Choice(["trt", "ort"]), default="trt", show_default=True,
-              help="ort: prepare the ONNX Runtime CUDA variant (fusions + FP16) instead of TensorRT engines.")
+@click.option("--backend", "engine_backend", type=click.Choice(["trt", "ort", "inductor"]), default="trt",
+              show_default=True,
+              help="ort: prepare the ONNX Runtime CUDA variant (fusions + FP16) instead of TensorRT engines; "
+                   "inductor: AOTInductor packages compiled for --static HxW on --device.")
+@click.option("--device", default=None,
+              help="trt: cuda:N, the GPU that NVIDIA's tensorrt builds for and whose compute capability is checked "
+                   "(default: the current CUDA device); inductor: the device to compile for (cpu or cuda[:N], "
+                   "default: cuda where there is one).")
 @click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
-          max_batch, opt_level, workspace, timing_cache, engine_backend, force):
+          max_batch, opt_level, workspace, timing_cache, engine_backend, device, force):
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
+
+    if engine_backend == "inductor":
+        from .inductor import build as compile_packages
+
+        parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
+        report = compile_packages(export_dir, static, batch=batch, components=parts, precision=precision,
+                                  device=_device(device or "auto"), force=force, max_batch=max_batch, say=say)
+        click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} Inductor engine(s), "
+                   f"{len(report['built'])} compiled")
+        return
 
     if engine_backend == "ort":
         from .ort_cuda import prepare
@@ -232,7 +249,7 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
                  components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
                  compute_capabilities=ccs, static=static, batch=batch, min_size=min_size, opt_size=opt_size,
                  max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
-                 workspace_mib=workspace, timing_cache=timing_cache, force=force, say=say)
+                 workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device, say=say)
     click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} engine(s), {len(report['built'])} built, "
                f"{len(report['up_to_date'])} up to date ({report['flavour']} {report['version']}, "
                f"compute capability {', '.join(report['targets'])})")
@@ -240,9 +257,9 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(["ort", "trt", "inductor"]), default="ort", show_default=True,
               help="What is compared with PyTorch: ort, the ONNX graphs in ONNX Runtime; trt, the TensorRT "
-                   "engines of 'sdexport build' (also against ONNX Runtime).")
+                   "engines of 'sdexport build' (also against ONNX Runtime); inductor, the AOTInductor packages.")
 @click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
 @click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
@@ -289,7 +306,7 @@ def validate(export_dir, backend, device, components, model_dir):
               help="Images per call (at most the export's --max-batch).")
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
               help="Default: the model's own scheduler.")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
               help=BACKEND_HELP)
 @click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
@@ -365,7 +382,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
               help=BACKEND_HELP + "; PyTorch eager is timed after it unless --no-eager.")
 @click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
 @click.option("--steps", type=int, default=20, show_default=True, callback=checked(limits.count, 1, limits.MAX_STEPS),

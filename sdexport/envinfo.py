@@ -15,19 +15,17 @@ def _version(dist: str) -> str | None:
 
 
 def describe() -> dict[str, Any]:
+    from .backends.trt import gpu_capability, trt_status
     from .bench import machine
 
     report: dict[str, Any] = {"python": platform.python_version(), "machine": machine()}
-    gpu_cc = None
+    gpu_cc = gpu_capability()  # torch's current CUDA device
     try:
         import torch
 
         report["torch"] = torch.__version__
         report["torch_cuda"] = torch.version.cuda
         report["cuda_available"] = torch.cuda.is_available()
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            gpu_cc = (major, minor)
     except ImportError:
         report["torch"] = None
     backends: dict[str, dict[str, Any]] = {}
@@ -47,13 +45,12 @@ def describe() -> dict[str, Any]:
             "CPU only: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu==1.31.1)"}
     except ImportError:
         backends["ort"] = {"can_build": None, "can_run": False, "why": "pip install onnxruntime==1.31.1"}
-    from .backends.trt import trt_status
-
     report["tensorrt"] = trt_status(gpu_cc)
     backends["trt"] = {k: report["tensorrt"][k] for k in ("can_build", "can_run", "why")}
     report["backends"] = backends
     report["versions"] = {d: _version(d) for d in ("diffusers", "transformers", "onnx", "polygraphy",
-                                                   "nvidia-modelopt", "tensorrt", "tensorrt-rtx-cu13")}
+                                                   "nvidia-modelopt", "tensorrt", "tensorrt-cu13", "tensorrt-cu12",
+                                                   "tensorrt-rtx-cu13")}
     return report
 
 

@@ -257,6 +257,9 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
             limits.check_side(option, value, info.image_size)
     ranges = ShapeRanges.for_model(info, max_images=max_images, min_size=min_size, max_size=max_size)
     specs = family.specs(info, ranges)
+    for part in family.tokenizer_parts:  # an empty or foreign tokenizer would give every prompt the same image
+        if part in info.tokenizer_max_lengths:
+            info.load_tokenizer(part)
     check_export_space(info, specs, components, dtype, out, Manifest.load_or_new(out) if out.is_dir() else Manifest(out),
                        {name: _export_key(info, dtype, opset, ranges, specs[name]) for name in components})
     model_record = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,

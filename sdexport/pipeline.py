@@ -368,8 +368,9 @@ class _StepGraphs:
         if "generator" in extra:
             raise _NotCapturable("the scheduler draws noise from a CPU generator every step")
         unet = getattr(pipe.engines["unet"], "inner", pipe.engines["unet"])  # CudaGraphed: no nested capture
-        if getattr(unet, "cuda_graph", False):
-            raise _NotCapturable("the UNet engine captures its own CUDA graph (open it without cuda_graph)")
+        refusal = unet.graph_capture_refusal()
+        if refusal:
+            raise _NotCapturable(refusal)
         sched = copy.deepcopy(sched)
         static_latents, static_cond = latents.clone(), {k: v.clone() for k, v in cond.items()}
         # Warm-up outside the capture (autotuning, lazy kernel loading, ONNX Runtime's buffers for this

@@ -1,10 +1,17 @@
 """Numerical validation: every exported component against PyTorch eager on the source model.
 
 Execution goes through Polygraphy's ``Comparator`` with one runner per backend
-(Polygraphy's own ``OnnxrtRunner`` for ONNX Runtime, ``TrtRunner`` for TensorRT,
-and ``TorchRunner`` below for the PyTorch reference, since Polygraphy's
-``PytRunner`` always moves inputs to CUDA). Inputs come from the component specs,
-at several shapes across the exported dynamic range (validation_geometries).
+(Polygraphy's own ``OnnxrtRunner`` for ONNX Runtime, and ``EngineRunner`` below over
+sdexport's own engines: the PyTorch reference, since Polygraphy's ``PytRunner`` always
+moves inputs to CUDA, and TensorRT's ``TrtEngine``, the class ``infer`` runs, with its
+shared device memory and CUDA graphs). Inputs come from the component specs, at several
+shapes across the exported dynamic range (validation_geometries) or, for engines, across
+their profile.
+
+Device memory: the Comparator activates one runner at a time, and a reference model is
+loaded on activation and dropped on deactivation, so one reference at a time is on the
+GPU next to the engines; a shape whose PyTorch reference does not fit runs its reference
+on the CPU (``reference_device`` in the report says where).
 
 A comparison passes when, for every output, there is no NaN/Inf, the relative L2
 error is within ``rel_l2`` and the max absolute error within ``atol + rtol * max|ref|``
@@ -35,40 +42,78 @@ THRESHOLDS = {
 }
 
 
-def _torch_runner_class():
+def _engine_runner_class():
     from polygraphy.backend.base import BaseRunner
 
-    class TorchRunner(BaseRunner):
-        """A Polygraphy runner over an sdexport Engine (numpy in, numpy out)."""
+    class EngineRunner(BaseRunner):
+        """A Polygraphy runner over an sdexport Engine (numpy in, numpy out).
 
-        def __init__(self, engine, name: str):
-            super().__init__(name=name, prefix="torch-runner")
-            self.engine = engine
+        ``load(device)`` makes the engine when the runner is activated and it is dropped when deactivated (pass
+        ``engine`` instead to run one that stays loaded). With ``fallback`` (a device), a feed that runs out of
+        memory on the engine's device is run again on a second engine loaded there; ``fell_back`` lists those
+        feeds by index."""
+
+        def __init__(self, spec, name: str, load=None, engine=None, device: str = "cpu", fallback: str | None = None):
+            super().__init__(name=name, prefix="engine-runner")
+            self.spec, self.load, self.engine, self.device, self.fallback = spec, load, engine, device, fallback
+            self.keep = engine is not None
+            self.spare = None
+            self.calls = 0
+            self.fell_back: list[int] = []
 
         def activate_impl(self):
-            pass
+            if self.engine is None:
+                self.engine = self.load(self.device)
+            self.calls = 0
 
         def deactivate_impl(self):
-            pass
+            if not self.keep:
+                self.engine = self.spare = None
+                _release_device_memory(self.device)
 
         def get_input_metadata_impl(self):
             from polygraphy.common import TensorMetadata
 
             meta = TensorMetadata()
-            for t in self.engine.spec.inputs:
+            for t in self.spec.inputs:
                 meta.add(t.name, np.dtype(t.dtype), [d if isinstance(d, int) else -1 for d in t.dims])
             return meta
+
+        def _run(self, engine, feed_dict):
+            import torch
+
+            feed = {k: torch.from_numpy(np.ascontiguousarray(v)).to(engine.device) for k, v in feed_dict.items()}
+            return {k: v.detach().cpu().numpy() for k, v in engine(feed).items()}
 
         def infer_impl(self, feed_dict):
             import torch
 
-            feed = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.engine.device) for k, v in feed_dict.items()}
+            index, self.calls = self.calls, self.calls + 1
             t0 = time.perf_counter()
-            outs = self.engine(feed)
+            try:
+                outs = self._run(self.engine, feed_dict)
+            except torch.OutOfMemoryError:
+                if self.fallback is None:
+                    raise
+                _release_device_memory(self.device)
+                if self.spare is None:
+                    self.spare = self.load(self.fallback)
+                outs = self._run(self.spare, feed_dict)
+                self.fell_back.append(index)
             self.inference_time = time.perf_counter() - t0
-            return OrderedDict((k, v.detach().cpu().numpy()) for k, v in outs.items())
+            return OrderedDict(outs)
 
-    return TorchRunner
+    return EngineRunner
+
+
+def _release_device_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def error_metrics(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -96,15 +141,16 @@ def _device(device: str | None) -> str:
 
 
 def backend_runner(export: ExportDir, component: str, backend: str, device: str):
-    """The Polygraphy runner for the engine under test."""
+    """The Polygraphy runner for the ONNX Runtime engine under test."""
     if backend == "ort":
         path = export.manifest.verified_path(export.manifest.component(component))
         return _ort_runner(path, f"onnxruntime:{component}", device)
-    if backend == "trt":
-        from .backends.trt import polygraphy_runner
+    if backend == "inductor":
+        from .backends.inductor import InductorEngine
 
-        return polygraphy_runner(export, component, device)
-    raise UsageError(f"validate --backend {backend}: choose ort or trt")
+        return _engine_runner_class()(export.spec(component), f"inductor:{component}",
+                                      engine=InductorEngine(export, component, device), device=device)
+    raise UsageError(f"validate --backend {backend}: choose ort, trt or inductor")
 
 
 def _ort_runner(path: Path, name: str, device: str):
@@ -160,25 +206,46 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
     from .backends.torch import TorchEngine
 
     engines: dict[str, Any] = {}
-    if backend == "trt":  # every engine's checks first: exit 8 with the reason where engines cannot run
-        from .backends.trt import engine_components, preflight, profile_geometries
+    EngineRunner = _engine_runner_class()
+    if backend == "trt":  # every engine's checks first (exit 8 with the reason where engines cannot run), then
+        # all engines loaded as infer loads them: one shared device-memory buffer, CUDA graphs for static ones
+        from .backends.trt import TrtEngine, engine_components, memory_report, profile_geometries
 
         components = components or engine_components(export)
-        preflight(export, components, device)
+        loaded = TrtEngine.load_all(export, components, device=device, warn=lambda m: say(f"warning: {m}"))
         engines = {c: export.manifest.engines[c] for c in components}
+        memory = memory_report(loaded)
+        say("      TensorRT device memory (device_memory_size_v2, shared buffer of the largest): "
+            + ", ".join(f"{c} {size / 2**20:.1f} MiB" for c, size in memory.items()))
+    if backend == "inductor":  # each package at the one shape it was compiled for
+        from .inductor import SECTION
+
+        packages = export.manifest.data.get(SECTION, {})
+        components = components or [c for c in export.pipeline_components + ["vae_encoder"] if c in packages]
+        if not components:
+            from .errors import IntegrityError
+
+            raise IntegrityError(f"{export.root}: no Inductor engines; run 'sdexport build {export.root} --backend "
+                                 "inductor --static HxW'")
+        for c in components:
+            engines[c] = {"precision": packages.get(c, {}).get("precision", "fp16"), "inductor": packages.get(c)}
     components = components or list(export.manifest.components)
     chosen_geometries = geometries is not None
     geometries = geometries or validation_geometries(export.ranges)
     for geo in geometries:
         export.ranges.check(geo)
-    reference = TorchEngine.load_all(export, components, device=device, dtype="fp32")
-    TorchRunner = _torch_runner_class()
     results, all_pass = [], True
     targets = []  # (component, label, dtype, runner under test)
     for name in components:
         entry = export.manifest.component(name)
-        dtype = engines[name]["precision"] if name in engines else entry["precision"]["dtype"]
-        targets.append((name, name, dtype, backend_runner(export, name, backend, device)))
+        if name in engines and backend == "trt":
+            runner = EngineRunner(export.spec(name), f"tensorrt:{name}", engine=loaded[name], device=device)
+            targets.append((name, name, engines[name]["precision"], runner))
+            continue
+        if name in engines:  # inductor
+            targets.append((name, name, engines[name]["precision"], backend_runner(export, name, backend, device)))
+            continue
+        targets.append((name, name, entry["precision"]["dtype"], backend_runner(export, name, backend, device)))
         variant = export.manifest.data.get("ort_cuda", {}).get(name)
         if backend == "ort" and device.startswith("cuda") and variant:
             # The ONNX Runtime-fused FP16 variant is what `infer --backend ort` runs on CUDA: check it too.
@@ -188,9 +255,18 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
     for name, label, dtype, runner in targets:
         limits = THRESHOLDS[dtype]
         spec = export.spec(name)
-        runners = [runner, TorchRunner(reference[name], name=f"torch:{name}")]
+        reference = EngineRunner(spec, f"torch:{name}", device=device, fallback="cpu" if device != "cpu" else None,
+                                 load=lambda dev, name=name: TorchEngine.load_all(export, [name], device=dev,
+                                                                                  dtype="fp32")[name])
+        runners = [runner, reference]
         component_geometries = geometries
-        if name in engines:  # TensorRT: also against ONNX Runtime on the ONNX it was built from, across its profile
+        if name in engines and "inductor" in engines[name]:  # one package, one shape
+            from .components import Geometry
+
+            built = Geometry(**engines[name]["inductor"]["geometry"])
+            component_geometries = [built] + ([Geometry(1, built.height, built.width, built.guidance)]
+                                              if engines[name]["inductor"].get("batch_range") else [])
+        elif name in engines:  # TensorRT: also against ONNX Runtime on the ONNX it was built from, across its profile
             runners.append(backend_runner(export, engines[name]["onnx"]["component"], "ort", device))
             component_geometries = geometries if chosen_geometries else profile_geometries(engines[name])
         feeds, geos, seen = [], [], []
@@ -206,7 +282,7 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
         seconds = time.perf_counter() - t0
         test_outs, ref_outs, *others = [outs for _, outs in run.items()]
         ort_outs = others[0] if others else [None] * len(feeds)
-        for geo, feed, got, want, ort in zip(geos, feeds, test_outs, ref_outs, ort_outs):
+        for i, (geo, feed, got, want, ort) in enumerate(zip(geos, feeds, test_outs, ref_outs, ort_outs)):
             outputs = {}
             for out_spec in spec.outputs:
                 m = error_metrics(np.asarray(got[out_spec.name]), np.asarray(want[out_spec.name]))
@@ -220,11 +296,13 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
                 all_pass &= m["pass"]
             ok = all(o["pass"] for o in outputs.values())
             shapes = {k: list(v.shape) for k, v in feed.items()}
+            where = "cpu" if i in reference.fell_back else device
             results.append({"component": label, "dtype": dtype, "geometry": vars(geo), "input_shapes": shapes,
-                            "outputs": outputs, "pass": ok})
+                            "outputs": outputs, "pass": ok, "reference_device": where})
             worst = max(outputs.values(), key=lambda o: o["rel_l2_err"])
             say(f"{'PASS' if ok else 'FAIL'} {label:<12} {dtype} {_shape_label(shapes)}  "
-                f"max_abs {worst['max_abs_err']:.2e}  rel_l2 {worst['rel_l2_err']:.2e}")
+                f"max_abs {worst['max_abs_err']:.2e}  rel_l2 {worst['rel_l2_err']:.2e}"
+                + (f"  (reference on {where}: out of device memory)" if where != device else ""))
         say(f"      {label}: {len(feeds)} shapes in {seconds:.1f} s")
     int8 = None
     if "unet_int8" in components and backend == "ort":  # INT8 UNet: pipeline-level agreement (quantize.py)
@@ -232,14 +310,20 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
 
         int8 = int8_report(export, device=device, say=say)
         all_pass &= int8["passed"]
+    if backend == "trt":
+        for engine in loaded.values():
+            engine.close()
     report = {
         "export": str(Path(export_dir).resolve()), "backend": backend, "device": device,
         "reference": "PyTorch eager FP32 on the source model"
-        + ("; and ONNX Runtime on the ONNX each engine was built from" if engines else ""), "thresholds": THRESHOLDS,
+        + ("; and ONNX Runtime on the ONNX each engine was built from" if backend == "trt" else ""),
+        "thresholds": THRESHOLDS,
         "passed": all_pass, "results": results, "versions": versions(),
     }
     if int8 is not None:
         report["int8"] = int8
+    if backend == "trt":
+        report["engine_device_memory_bytes"] = memory
     if write_report:
         write_json(Path(export_dir) / "validation.json", report)
     return report

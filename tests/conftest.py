@@ -75,6 +75,43 @@ def export_other(other_model, tmp_path_factory) -> Path:
     return _export(other_model, tmp_path_factory.mktemp("exports") / "other-fp32", max_images=2)
 
 
+@pytest.fixture(scope="session")
+def trt():
+    """tensorrt_rtx, which builds without a GPU. In CI (CI=true) its absence fails the tests."""
+    try:
+        import tensorrt_rtx
+    except ImportError:
+        msg = "tensorrt_rtx is not installed: pip install tensorrt-rtx-cu13==1.7.1.116 (make install does)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI: {msg}")
+        pytest.skip(msg)
+    return tensorrt_rtx
+
+
+def copy_export(src: Path, dst: Path, with_engines: bool = True) -> Path:
+    """A copy of an export directory (without engines: also none in its manifest)."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=None if with_engines else shutil.ignore_patterns("engines"))
+    if not with_engines:
+        data = json.loads((dst / "manifest.json").read_text())
+        data["engines"] = {}
+        (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def built(trt, export_fp16, tmp_path_factory):
+    """The tiny fp16 export with all four engines (TensorRT-RTX, default targets), built once per run
+    (read-only: copy it to change it). Returns (directory, build report, build messages)."""
+    from sdexport.build import build
+
+    out = copy_export(export_fp16, tmp_path_factory.mktemp("engines") / "tiny-fp16", with_engines=False)
+    messages: list[str] = []
+    report = build(out, precision="fp16", say=messages.append)
+    return out, report, messages
+
+
 def load_manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
@@ -197,3 +234,49 @@ def mount_tmpfs(tmp_path):
 def preset_cache(tmp_path_factory) -> Path:
     """SDEXPORT_CACHE for subprocesses: a session-private preset cache."""
     return tmp_path_factory.mktemp("preset-cache")
+def tensorrt_form_problems(path: Path) -> tuple[dict[str, int], list]:
+    """The forms TensorRT's fused attention and NVIDIA's diffusion demo expect, read from an ONNX file:
+    each Softmax is Mul(Q), Mul(K) -> MatMul -> Cast to FP32 (-> mask Add) -> Softmax (FP32) -> Cast -> MatMul;
+    Resize input, scales and output are FP32; normalization input, scale and bias are FP32; no ConvTranspose.
+    Returns (counts of the checked op types, the nodes that break a rule)."""
+    import collections
+
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(path))
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
+    dtype.update({i.name: i.data_type for i in model.graph.initializer})
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    read_by = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            read_by[i].append(n)
+    fp32 = TensorProto.FLOAT
+    problems = []
+    for n in model.graph.node:
+        if n.op_type in ("LayerNormalization", "InstanceNormalization", "GroupNormalization"):
+            tensors = [t for t in n.input if t] + list(n.output)
+        elif n.op_type == "Resize":
+            tensors = [n.input[0], n.output[0]] + ([n.input[2]] if len(n.input) > 2 and n.input[2] else [])
+        else:
+            tensors = []
+        if any(dtype.get(t) != fp32 for t in tensors):
+            problems.append((n.op_type, n.name, [dtype.get(t) for t in tensors]))
+        if n.op_type == "ConvTranspose":
+            problems.append((n.op_type, n.name))
+        if n.op_type == "Softmax":
+            up = made_by[n.input[0]]
+            up = made_by[up.input[0]] if up.op_type == "Add" else up
+            scores = made_by.get(up.input[0]) if up.op_type == "Cast" else None
+            after = read_by[n.output[0]]
+            ok = (scores is not None and scores.op_type == "MatMul"
+                  and all(made_by[i].op_type == "Mul" for i in scores.input) and dtype[n.output[0]] == fp32
+                  and len(after) == 1 and after[0].op_type == "Cast"
+                  and [c.op_type for c in read_by[after[0].output[0]]] == ["MatMul"])
+            if not ok:
+                problems.append((n.op_type, n.name))
+    counts = collections.Counter(n.op_type for n in model.graph.node
+                                 if n.op_type in ("Softmax", "Resize", "LayerNormalization", "InstanceNormalization"))
+    return dict(counts), problems

@@ -255,3 +255,24 @@ def test_interrupt_swallowed_inside_a_library_still_exits_130(export_fp32, tiny_
     result = run_cli("export", tiny_model, "-o", out, "--components", "unet", "--force")  # refused at the commit
     assert result.exit_code == 130, result.stderr
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing", "foreign"])
+def test_a_model_without_its_tokenizer_is_refused(tiny_model, tmp_path, damage):
+    """Without its tokenizer every prompt would give the same image: refused before anything is written."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    folder = model / "tokenizer"
+    if damage == "foreign":  # a tokenizer with more tokens than the text encoder's vocabulary
+        vocab = json.loads((folder / "vocab.json").read_text())
+        vocab.update({f"extra{i}</w>": len(vocab) + i for i in range(10)})
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+    else:
+        shutil.rmtree(folder)
+        if damage == "empty":
+            folder.mkdir()
+    out = tmp_path / "e"
+    result = run_cli("export", model, "-o", out)
+    assert_error(result, 3, "tokenizer")
+    assert not (out / "manifest.json").exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from conftest import assert_error, run_cli
+from conftest import assert_error, run_cli, tensorrt_form_problems
 from sdexport.calibration import DEFAULT_PROMPTS, Reservoir, load_calibration, load_prompts, select_prompts
 from sdexport.components import Geometry
 from sdexport.errors import UsageError
@@ -480,29 +480,29 @@ def test_validate_fails_on_a_bad_int8_unet(int8_export, tmp_path, monkeypatch):
     assert not any(r["pass"] for r in report["int8"]["unet"])
 
 
-def test_tensorrt_rtx_builds_the_int8_unet(int8_export):
-    """TensorRT-RTX (builds without a GPU) parses the Q/DQ graph and builds it for compute capability 8.0."""
+def test_tensorrt_rtx_builds_the_int8_unet(int8_export, tmp_path):
+    """TensorRT-RTX (builds without a GPU) parses the Q/DQ graph and builds it for compute capability 8.0 through
+    sdexport build; every attention block (kept out of INT8, FP16 with its Softmax in FP32) is assigned to
+    TensorRT's fused self-attention kernel, and TF32 is off for the graph's FP32 islands."""
     try:
-        import tensorrt_rtx as trt
+        import tensorrt_rtx  # noqa: F401
     except ImportError:
         if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
             pytest.fail("CI: tensorrt_rtx is not installed (pip install tensorrt-rtx-cu13==1.7.1.116)")
         pytest.skip("tensorrt_rtx is not installed")
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(int8_export / "unet_int8" / "model.onnx")), \
-        [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM80, 0)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in ExportDir.open(int8_export).spec("unet_int8").profile().items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > 0
+    from sdexport.build import build
+
+    out = tmp_path / "int8"
+    shutil.copytree(int8_export, out)
+    report = build(out, precision="int8", components=["unet"], compute_capabilities="8.0")
+    entry = report["engines"]["unet"]
+    assert entry["precision"] == "int8" and entry["onnx"]["component"] == "unet_int8"
+    assert entry["builder_flags"]["TF32"] is False and (out / entry["file"]).stat().st_size > 0
+    graph = onnx.load(out / "unet_int8" / "model.onnx").graph
+    softmax = [n.name for n in graph.node if n.op_type == "Softmax"]
+    assert tensorrt_form_problems(out / "unet_int8" / "model.onnx")[1] == []  # same forms as the FP16 graphs
+    assert softmax and set(softmax) <= set(report["attention_nodes"]["unet"])
+    assert entry["fused_attention_nodes"] == 3 * len(softmax)
 
 
 # --- bad input -----------------------------------------------------------------------------------

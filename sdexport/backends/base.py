@@ -14,11 +14,14 @@ from typing import Any
 from ..components import ComponentSpec
 from ..errors import UsageError
 
-BACKENDS = ("ort", "torch", "trt")
+BACKENDS = ("ort", "torch", "trt", "inductor")
 
 
 class Engine(abc.ABC):
     backend: str = "?"
+    # True when __call__ replays a CUDA graph of the engine's own: such a call cannot be captured inside a
+    # caller's graph (the pipeline's step graphs read this, through graph_capture_refusal).
+    captures_own_graph: bool = False
 
     def __init__(self, spec: ComponentSpec, device: str):
         self.spec = spec
@@ -48,6 +51,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Run the component; inputs and outputs are torch tensors on ``self.device``."""
+
+    def graph_capture_refusal(self) -> str | None:
+        """Why a caller may not capture this engine's call into a CUDA graph of its own; None if it may."""
+        if self.captures_own_graph:
+            return f"the {self.spec.name} engine captures its own CUDA graph (open it without cuda_graph)"
+        return None
 
     def close(self) -> None:
         pass
@@ -79,6 +88,7 @@ class CudaGraphed(Engine):
 
         super().__init__(inner.spec, inner.device)
         self.inner = inner
+        self.captures_own_graph = True
         self.backend = f"{inner.backend}+cudagraph"
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple] = {}
@@ -157,6 +167,10 @@ def load_engines(export_dir, backend: str, components: list[str] | None = None,
         from .torch import TorchEngine
 
         return TorchEngine.load_all(export, components, device=device, dtype=dtype or "fp32", **options)
+    if backend == "inductor":
+        from .inductor import load_all
+
+        return load_all(export, components, device=device, **options)
     from .trt import TrtEngine
 
     return TrtEngine.load_all(export, components, device=device, **options)

@@ -50,7 +50,10 @@ class OrtEngine(Engine):
 
     def __init__(self, export, component: str, device: str = "cpu", session_options: Any = None,
                  providers: list | None = None, variant: str = "auto", cuda_graph: bool = False,
-                 static=None, tf32: bool | None = None, threads: int | None = None):
+                 static=None, tf32: bool | None = None, cuda_options: dict[str, str] | None = None,
+                 threads: int | None = None):
+        """``cuda_options``: extra CUDA execution provider options (e.g. ``{"fuse_conv_bias": "1"}``);
+        ``threads``: ONNX Runtime's intra-op threads (bench sets them; the default is every physical core)."""
         import onnxruntime as ort
 
         super().__init__(export.spec(component), device)
@@ -99,7 +102,7 @@ class OrtEngine(Engine):
                            "arena_extend_strategy": "kSameAsRequested"}
                 if cuda_graph:
                     options["enable_cuda_graph"] = "1"
-                providers = [cuda_provider(device, tf32, **options)]
+                providers = [cuda_provider(device, tf32, **options, **(cuda_options or {}))]
                 self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             else:
                 providers = ["CPUExecutionProvider"]
@@ -108,7 +111,7 @@ class OrtEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise IntegrityError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
         self.path = path
-        self.cuda_graph = cuda_graph
+        self.captures_own_graph = cuda_graph
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtypes = {i.name: i.dtype for i in self.spec.inputs}
         self._bound: dict[tuple, tuple] = {}

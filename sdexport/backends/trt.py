@@ -10,12 +10,16 @@ a GPU the engine targets. Each failure is one line naming what was found and wha
 
 ``TrtEngine`` runs on torch's device and current stream: buffers are torch tensors bound by
 pointer, contexts are created without device memory and share one torch buffer sized to the
-largest engine of the pipeline, and static-shape engines are replayed as CUDA graphs.
+largest engine of the pipeline, and static-shape engines are replayed as CUDA graphs. Validation
+runs engines through the same class (validate.py), so there is one way engines run. Polygraphy's
+TensorRT backend is not used anywhere: which TensorRT module runs an engine is decided here, from
+the manifest, and no libcudart has to be found by path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,19 @@ TRT_INSTALL = ("install TensorRT: 'pip install tensorrt-rtx-cu13==1.7.1.116' (Te
                "or NVIDIA's 'tensorrt' 10.x/11.x")
 FLAVOUR_NAMES = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
 MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
+# NVIDIA's TensorRT for GPUs that TensorRT-RTX cannot serve (Turing's FP32 GEMMs, Hopper); CUDA 13 like torch 2.13.
+NVIDIA_TRT_INSTALL = "pip install tensorrt-cu13"
+# Strongly typed networks (the precision is in the graph) arrived in TensorRT 10.0; 8.x would blame the ONNX.
+MIN_TENSORRT = (10, 0)
 
 # TensorRT-RTX 1.7 runs engines on these compute capabilities only (Hopper, 9.0, is not among them).
 RTX_RUNNABLE_CC = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 # Default TensorRT-RTX targets: Ampere (A100 8.0, RTX 30xx 8.6), Ada (8.9), Blackwell (12.0).
 # Turing (T4, 7.5) and GB10 (12.1) are opt-in with --compute-capability.
 RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
+# TensorRT-RTX runs on Turing but cannot compile FP32 matrix products for it, and every FP16 UNet keeps
+# its timestep embedding in FP32: on these GPUs NVIDIA's tensorrt is what builds the whole pipeline.
+RTX_NO_FP32_GEMM_CC = ((7, 5),)
 
 # TensorRT-RTX 1.7 plan header, found by probing 1.7.1 plans (undocumented; a best-effort check):
 # b"vtrt" at 0, uint64 LE plan size at 16, version bytes at 24..26, uint32 target bitmask at 32.
@@ -59,6 +70,10 @@ def import_trt(flavour: str = "auto"):
             continue
         if getattr(module, "Builder", None) is None:  # the PyPI 'tensorrt' stub without libraries
             continue
+        if name == "tensorrt" and _version_tuple(version_of(module)) < MIN_TENSORRT:
+            raise BackendUnavailable(f"TensorRT {version_of(module)} is installed; sdexport needs TensorRT 10 or newer "
+                                     f"(strongly typed networks): {NVIDIA_TRT_INSTALL}, or TensorRT-RTX "
+                                     "(pip install tensorrt-rtx-cu13==1.7.1.116)")
         return module, ("rtx" if name == "tensorrt_rtx" else "tensorrt")
     raise BackendUnavailable(f"no TensorRT found ({'/'.join(order[flavour])}); {TRT_INSTALL}")
 
@@ -83,6 +98,10 @@ def version_of(trt) -> str:
     return str(getattr(trt, "__version__", "?"))
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
 def rtx_targets(trt) -> list[str]:
     """Compute capabilities this TensorRT-RTX can build for (its ComputeCapability enum)."""
     names = [n for n in getattr(trt.ComputeCapability, "__members__", {}) if n.startswith("SM")]
@@ -96,12 +115,53 @@ def gpu_capability(device: str | None = None) -> tuple[int, int] | None:
         return None
     if not torch.cuda.is_available():
         return None
+    return tuple(torch.cuda.get_device_capability(device_index(device)))
+
+
+def device_index(device: str | None) -> int:
+    """The CUDA device ``device`` names ('cuda:1' -> 1); 'cuda' or None: torch's current device."""
+    import torch
+
     index = torch.device(device).index if device and device.startswith("cuda") else None
-    return tuple(torch.cuda.get_device_capability(index or 0))
+    return torch.cuda.current_device() if index is None else index
+
+
+def on_device(device: str | None):
+    """Make ``device`` the current CUDA device (TensorRT deserializes, allocates and enqueues on the current
+    device); a no-op for the CPU."""
+    import contextlib
+
+    if not device or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(device_index(device))
 
 
 def cc_text(cc: tuple[int, int]) -> str:
     return f"{cc[0]}.{cc[1]}"
+
+
+def gpu_advice(flavour: str, cc: tuple[int, int], root: Any = "OUT") -> str | None:
+    """Why engines of ``flavour`` cannot serve a GPU of compute capability ``cc`` whatever their targets, and what
+    does (None: they can, given the GPU is among their targets). The one place this advice is written."""
+    cc = tuple(cc)
+    use_nvidia = (f"install NVIDIA's TensorRT ({NVIDIA_TRT_INSTALL}) and build with it: "
+                  f"sdexport build {root} --trt tensorrt")
+    if flavour == "rtx" and cc not in RTX_RUNNABLE_CC:
+        return (f"TensorRT-RTX cannot run on compute capability {cc_text(cc)} (it runs on "
+                f"{', '.join(cc_text(c) for c in RTX_RUNNABLE_CC)}): {use_nvidia}")
+    if flavour == "rtx" and cc in RTX_NO_FP32_GEMM_CC:
+        return (f"TensorRT-RTX cannot build the FP16 UNet for compute capability {cc_text(cc)} (no FP32 matrix "
+                f"products for Turing; the UNet's timestep embedding is FP32): {use_nvidia}")
+    return None
+
+
+def rebuild_advice(flavour: str, cc: tuple[int, int], root: Any) -> str:
+    """The command that gives engines for this GPU."""
+    return gpu_advice(flavour, cc, root) or (
+        f"rebuild with 'sdexport build {root} --compute-capability {cc_text(cc)}'" if flavour == "rtx"
+        else f"rebuild with 'sdexport build {root} --force' on this machine")
 
 
 def trt_status(gpu_cc: tuple[int, int] | None, flavour: str = "auto") -> dict[str, Any]:
@@ -122,9 +182,8 @@ def trt_status(gpu_cc: tuple[int, int] | None, flavour: str = "auto") -> dict[st
                              "(TensorRT-RTX builds without one: pip install tensorrt-rtx-cu13==1.7.1.116)")
         else:
             status["why"] = "no CUDA GPU visible; engines can be built (ahead of time) but not run here"
-    elif flavour == "rtx" and tuple(gpu_cc) not in RTX_RUNNABLE_CC:
-        status["why"] = (f"TensorRT-RTX {version} cannot run on compute capability {cc_text(gpu_cc)} "
-                         f"(it runs on {', '.join(cc_text(c) for c in RTX_RUNNABLE_CC)})")
+    elif gpu_advice(flavour, gpu_cc) is not None:
+        status["why"] = gpu_advice(flavour, gpu_cc)
     else:
         status["can_run"] = True
     return status
@@ -133,11 +192,16 @@ def trt_status(gpu_cc: tuple[int, int] | None, flavour: str = "auto") -> dict[st
 # --- logging ------------------------------------------------------------------------
 
 _LOGGERS: dict[str, Any] = {}
+# Builder messages below WARNING that sdexport records (build.py): the activation memory TensorRT plans for the
+# profile's largest shape, and each node it assigns to a fused self-attention kernel (TensorRT-RTX 1.7 says so).
+BUILD_FACTS = {"activation_memory": re.compile(r"Total Activation Memory: (\d+) bytes"),
+               "attention_node": re.compile(r"Found (.+) to be part of self-attention pattern")}
 
 
 def capture_logger(trt):
     """One logger per process and flavour (TensorRT keeps the first one registered): it keeps the
-    warnings and errors of the current operation so that a failure can be told in one line."""
+    warnings and errors of the current operation so that a failure can be told in one line, and the
+    BUILD_FACTS of the current build."""
     if trt.__name__ in _LOGGERS:
         return _LOGGERS[trt.__name__]
 
@@ -145,13 +209,21 @@ def capture_logger(trt):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.messages: list[tuple[int, str]] = []
+            self.facts: dict[str, list[str]] = {k: [] for k in BUILD_FACTS}
 
         def log(self, severity, msg):
+            msg = str(msg)
             if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                self.messages.append((int(severity), str(msg)))
+                self.messages.append((int(severity), msg))
+                return
+            for key, pattern in BUILD_FACTS.items():
+                found = pattern.search(msg)
+                if found:
+                    self.facts[key].append(found.group(1))
 
         def clear(self):
             self.messages = []
+            self.facts = {k: [] for k in BUILD_FACTS}
 
         def summary(self, default: str = "no message from TensorRT") -> str:
             errors = [m for s, m in self.messages if s <= int(trt.ILogger.Severity.ERROR)]
@@ -244,7 +316,7 @@ def check_installed(entry: dict[str, Any], component: str, root) -> Any:
         raise BackendUnavailable(f"the {component} engine was built with {built}, which is not installed{have}; "
                                  f"{TRT_INSTALL}") from None
     if version_of(trt) != entry["version"]:
-        raise IntegrityError(f"the {component} engine was built with {built}, but {FLAVOUR_NAMES[entry['flavour']]} "
+        raise CannotRunHere(f"the {component} engine was built with {built}, but {FLAVOUR_NAMES[entry['flavour']]} "
                              f"{version_of(trt)} is installed; engines run only on the version that built them: "
                              f"rebuild with 'sdexport build {root} --force' (or install {built})")
     return trt
@@ -263,16 +335,12 @@ def check_gpu(entry: dict[str, Any], component: str, device: str, root) -> None:
     if not device.startswith("cuda"):
         raise CannotRunHere(f"TensorRT engines run on a CUDA device, not '{device}': pass --device cuda")
     cc = gpu_capability(device)
-    gpu = torch.cuda.get_device_name(torch.device(device).index or 0)
-    if entry["flavour"] == "rtx" and cc not in RTX_RUNNABLE_CC:
-        raise CannotRunHere(f"{name} {entry['version']} cannot run on this GPU ({gpu}, compute capability "
-                            f"{cc_text(cc)}); it runs on {', '.join(cc_text(c) for c in RTX_RUNNABLE_CC)}: "
-                            f"build with NVIDIA's tensorrt here (sdexport build {root} --trt tensorrt)")
-    if cc_text(cc) not in entry["compute_capabilities"]:
-        fix = (f"sdexport build {root} --compute-capability {cc_text(cc)}" if entry["flavour"] == "rtx"
-               else f"sdexport build {root} --force on this machine")
-        raise CannotRunHere(f"the {component} engine was built for compute capability {targets}, this GPU "
-                            f"({gpu}) is {cc_text(cc)}: rebuild with '{fix}'")
+    gpu = torch.cuda.get_device_name(device_index(device))
+    runnable = entry["flavour"] != "rtx" or tuple(cc) in RTX_RUNNABLE_CC
+    if cc_text(cc) not in entry["compute_capabilities"] or not runnable:
+        raise CannotRunHere(f"the {component} engine ({name} {entry['version']}) targets compute capability "
+                            f"{targets}, this GPU ({gpu}) is {cc_text(cc)}: "
+                            f"{rebuild_advice(entry['flavour'], cc, root)}")
 
 
 def preflight(export, components: list[str], device: str) -> dict[str, tuple[Any, Path, dict[str, Any]]]:
@@ -293,14 +361,81 @@ def prepare(export, component: str, device: str) -> tuple[Any, Path, dict[str, A
     return preflight(export, [component], device)[component]
 
 
-def deserialize(trt, runtime, path: Path, component: str):
+# Why TensorRT refuses a plan: TensorRT-RTX 1.7's Runtime.get_engine_validity diagnostics (bit flags), else the
+# first error TensorRT logged. (flag, pattern in TensorRT's message, exception, cause, remedy); first match wins.
+PLAN_REFUSALS = (
+    ("OLD_CUDA_DRIVER", r"driver version is insufficient|driver is too old|CUDA driver version", CannotRunHere,
+     "the NVIDIA driver is older than the CUDA this TensorRT was built for",
+     "update the NVIDIA driver (nvidia-smi shows the CUDA version it supports; TensorRT-RTX cu13 needs CUDA 13)"),
+    ("OLD_CUDA_RUNTIME", r"CUDA runtime .*(old|insufficient)", CannotRunHere,
+     "the CUDA runtime is older than this TensorRT needs", "install the CUDA runtime its wheel names"),
+    ("UNSUPPORTED_CC", r"incompatible device|compute capability|not supported on this (GPU|device)", CannotRunHere,
+     "the plan was built for another compute capability",
+     "rebuild it for this GPU: sdexport build {root} --force (TensorRT-RTX: with this GPU in --compute-capability)"),
+    ("VERSION_MISMATCH", r"[Vv]ersion tag does not match|not compatible with this version|version mismatch",
+     CannotRunHere, "the plan was built by another TensorRT version",
+     "rebuild it with the TensorRT installed here: sdexport build {root} --force"),
+    ("INSUFFICIENT_GPU_MEMORY", r"out of memory|OutOfMemory|insufficient (GPU|device) memory", CannotRunHere,
+     "not enough free GPU memory for the engine's weights", "free GPU memory, or build smaller engines"),
+    ("CUDA_ERROR", r"cudaError|CUDA initialization failure|no CUDA-capable device", CannotRunHere,
+     "CUDA is not usable here (driver or runtime installation)", "check nvidia-smi and the CUDA driver"),
+    ("MALFORMED_ENGINE", r"Serialization|magic|corrupt|malformed", IntegrityError,
+     "the file is not a plan TensorRT can read", "rebuild it: sdexport build {root} --force"),
+)
+
+
+def plan_refusal(trt, path: Path, component: str, diagnostics: int, logged: str) -> Exception:
+    """The one-line error for a plan TensorRT will not load: every cause TensorRT names, the first message it
+    logged, and what to do (CannotRunHere unless the file itself is bad)."""
+    flags = getattr(trt, "EngineInvalidityDiagnostics", None)
+    found = [row for row in PLAN_REFUSALS
+             if flags is not None and hasattr(flags, row[0]) and int(diagnostics) & int(getattr(flags, row[0]))]
+    if not found and logged:
+        found = [row for row in PLAN_REFUSALS if re.search(row[1], logged)][:1]
+    root = path.parent.parent
+    if not found:
+        return IntegrityError(f"{path}: TensorRT could not deserialize the {component} engine ({logged or 'no message'}); "
+                              f"rebuild: sdexport build {root} --force")
+    cls = CannotRunHere if any(row[2] is CannotRunHere for row in found) else IntegrityError
+    causes = "; ".join(row[3] for row in found)
+    remedies = "; ".join(dict.fromkeys(row[4].format(root=root) for row in found))
+    quoted = f" (TensorRT: {logged})" if logged else ""
+    return cls(f"{path}: TensorRT cannot load the {component} engine: {causes}{quoted}; {remedies}")
+
+
+def deserialize(trt, runtime, path: Path, component: str, warn=None):
+    """The engine in ``path``, deserialized on the current CUDA device; where TensorRT can say why a plan is
+    refused before loading it (TensorRT-RTX: ``Runtime.get_engine_validity``), that reason is the error."""
     log = capture_logger(trt)
+    blob = path.read_bytes()
+    check = getattr(runtime, "get_engine_validity", None)
+    if check is not None:
+        log.clear()
+        validity, diagnostics = check(blob)
+        if validity == trt.EngineValidity.INVALID:
+            raise plan_refusal(trt, path, component, diagnostics, log.summary(""))
+        if validity == trt.EngineValidity.SUBOPTIMAL and warn is not None:
+            warn(f"{path.name}: TensorRT says the {component} engine may run slower here than where it was built "
+                 f"(diagnostics {int(diagnostics)})")
     log.clear()
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
-        raise IntegrityError(f"{path}: TensorRT could not deserialize the {component} engine ({log.summary()}); "
-                             f"rebuild: sdexport build {path.parent.parent} --force")
+        raise plan_refusal(trt, path, component, 0, log.summary(""))
     return engine
+
+
+def check_engine_io(trt, engine, spec, path: Path) -> None:
+    """The deserialized engine's I/O tensors (names, input/output, dtypes) against the component spec."""
+    io = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        dtype = engine.get_tensor_dtype(name)
+        io[name] = (mode, TRT_DTYPES.get(getattr(dtype, "name", str(dtype)), str(dtype)))
+    want = {**{t.name: ("input", t.dtype) for t in spec.inputs}, **{t.name: ("output", t.dtype) for t in spec.outputs}}
+    if io != want:
+        raise IntegrityError(f"{path}: the engine's tensors are {io}, the {spec.name} spec declares {want}; "
+                             f"rebuild: sdexport build {path.parent.parent} --force")
 
 
 def profile_geometries(entry: dict[str, Any]):
@@ -320,23 +455,6 @@ def profile_geometries(entry: dict[str, Any]):
     return unique
 
 
-# --- Polygraphy ---------------------------------------------------------------------
-
-def polygraphy_runner(export, component: str, device: str = "cuda"):
-    """Polygraphy's TrtRunner over the engine (after every check ``prepare`` makes)."""
-    trt, path, entry = prepare(export, component, device)
-    if entry["flavour"] == "rtx":
-        # Polygraphy picks tensorrt_rtx from this variable (read into polygraphy.config at import).
-        os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
-        import polygraphy.config
-
-        polygraphy.config.USE_TENSORRT_RTX = True
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    runtime = trt.Runtime(capture_logger(trt))
-    return TrtRunner(EngineFromBytes(path.read_bytes(), runtime=runtime), name=f"tensorrt:{component}")
-
-
 # --- runtime ------------------------------------------------------------------------
 
 def _create_context(trt, engine):
@@ -344,7 +462,7 @@ def _create_context(trt, engine):
     strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
     if strategy is not None:
         return engine.create_execution_context(strategy.USER_MANAGED)  # TensorRT 10+, TensorRT-RTX
-    return engine.create_execution_context_without_device_memory()  # TensorRT < 10
+    return engine.create_execution_context_without_device_memory()
 
 
 def _device_memory_size(engine) -> int:
@@ -353,23 +471,55 @@ def _device_memory_size(engine) -> int:
     return int(engine.device_memory_size)
 
 
+def _warn_stderr(msg: str) -> None:
+    import sys
+
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+class NotCapturable(RuntimeError):
+    """TensorRT says this execution context cannot be captured into a CUDA graph on this stream."""
+
+
 class TrtEngine(Engine):
+    """One TensorRT engine behind the Engine interface.
+
+    ``captures_own_graph``: a static-shape engine captures its call as a CUDA graph on first use and replays it
+    (``cuda_graph=False`` turns that off, as ``--step-graph`` does, whose step graphs capture the engine instead).
+    Inside a caller's capture the engine enqueues into the caller's graph; only static-shape engines allow that
+    (``graph_capture_refusal``), so a context is never captured at more than one input shape."""
+
     backend = "trt"
 
     def __init__(self, export, component: str, device: str, trt, runtime, path: Path, entry: dict[str, Any],
-                 cuda_graph: bool | str = "auto"):
+                 cuda_graph: bool | str = "auto", warn=None):
         super().__init__(export.spec(component), device)
         self.trt, self.path, self.entry = trt, path, entry
+        self.warn = warn or _warn_stderr
         self.axes = {a: tuple(v) for a, v in entry["axes"].items()}
-        self.engine = deserialize(trt, runtime, path, component)
-        self.context = _create_context(trt, self.engine)
+        self.static = all(lo == hi for lo, _, hi in self.axes.values())
+        with on_device(device):  # the engine lives on the device its buffers and stream are on
+            self.engine = deserialize(trt, runtime, path, component, warn=self.warn)
+            check_engine_io(trt, self.engine, self.spec, path)
+            self.context = _create_context(trt, self.engine)
         if self.context is None:
             raise CannotRunHere(f"{path}: TensorRT could not create an execution context "
                                 f"({capture_logger(trt).summary()})")
-        static = all(lo == hi for lo, _, hi in self.axes.values())
-        self.use_graph = static if cuda_graph == "auto" else bool(cuda_graph) and static
+        self.use_graph = self.static if cuda_graph == "auto" else bool(cuda_graph) and self.static
         self.graph = None
         self.memory = None
+
+    @property
+    def captures_own_graph(self) -> bool:
+        return self.use_graph
+
+    def graph_capture_refusal(self) -> str | None:
+        if self.use_graph:
+            return super().graph_capture_refusal()
+        if not self.static:
+            return (f"the {self.spec.name} TensorRT engine has a dynamic-shape profile; capturing one context at "
+                    f"several shapes is not something TensorRT promises to keep valid: build it with --static HxW")
+        return None
 
     @property
     def device_memory_size(self) -> int:
@@ -386,7 +536,7 @@ class TrtEngine(Engine):
 
     @classmethod
     def load_all(cls, export, components: list[str], device: str = "cuda", cuda_graph: bool | str = "auto",
-                 **options):
+                 warn=None, **options):
         import torch
 
         if os.environ.get("SDEXPORT_TRT_CUDA_GRAPH") == "0":
@@ -400,13 +550,16 @@ class TrtEngine(Engine):
         checked = preflight(export, components, device)  # every check before any load
         runtimes: dict[str, Any] = {}
         engines = {}
-        for c, (trt, path, entry) in checked.items():
-            if trt.__name__ not in runtimes:
-                runtimes[trt.__name__] = trt.Runtime(capture_logger(trt))
-            engines[c] = cls(export, c, device, trt, runtimes[trt.__name__], path, entry,
-                             cuda_graph=cuda_graph if c in graph_parts else False)
-        size = max([e.device_memory_size for e in engines.values()] + [256])
-        shared = torch.empty(size, dtype=torch.uint8, device=device)  # torch blocks are 512-byte aligned
+        with on_device(device):
+            for c, (trt, path, entry) in checked.items():
+                if trt.__name__ not in runtimes:
+                    runtimes[trt.__name__] = trt.Runtime(capture_logger(trt))
+                engines[c] = cls(export, c, device, trt, runtimes[trt.__name__], path, entry,
+                                 cuda_graph=cuda_graph if c in graph_parts else False, warn=warn)
+            size = max([e.device_memory_size for e in engines.values()] + [256])
+            if device.startswith("cuda"):
+                check_memory_fits(engines, size, device)
+            shared = torch.empty(size, dtype=torch.uint8, device=device)  # torch blocks are 512-byte aligned
         for e in engines.values():
             e.bind_memory(shared)
         return engines
@@ -417,24 +570,42 @@ class TrtEngine(Engine):
                 raise ShapeError(f"{self.spec.name}: {axis}={dims[axis]} is outside the engine's profile "
                                  f"[{lo}, {hi}] ({self.entry['file']}); rebuild with a profile that covers it")
 
-    def _enqueue(self, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    def _bind(self, inputs: dict[str, Any], dims: dict[str, int]) -> dict[str, Any]:
+        """Set the input shapes and addresses, check the output shapes TensorRT computes against the spec,
+        and return output buffers bound to the context."""
         import torch
 
         ctx = self.context
         for name, t in inputs.items():
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-        for name, t in outputs.items():
-            ctx.set_tensor_address(name, t.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise ShapeError(f"{self.spec.name}: TensorRT refused the shape {tuple(t.shape)} for '{name}' "
+                                 f"({capture_logger(self.trt).summary()})")
+        outputs = {}
+        for t in self.spec.outputs:
+            want = tuple(t.shape(dims))
+            got = tuple(ctx.get_tensor_shape(t.name))
+            if got != want:
+                raise IntegrityError(f"{self.spec.name}: the engine computes '{t.name}' as {got} for inputs "
+                                     f"{ {k: tuple(v.shape) for k, v in inputs.items()} }, the spec says {want} "
+                                     f"({self.entry['file']}); rebuild: sdexport build {self.path.parent.parent} "
+                                     "--force")
+            outputs[t.name] = torch.empty(want, dtype=getattr(torch, t.dtype), device=self.device)
+        for name, t in {**inputs, **outputs}.items():
+            if not ctx.set_tensor_address(name, t.data_ptr()):
+                raise RuntimeError(f"{self.spec.name}: TensorRT refused the address of '{name}' "
+                                   f"({capture_logger(self.trt).summary()})")
+        return outputs
+
+    def _execute(self, stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.spec.name}: TensorRT could not enqueue the engine "
                                f"({capture_logger(self.trt).summary()})")
 
-    def _outputs(self, dims: dict[str, int]) -> dict[str, Any]:
-        import torch
-
-        return {t.name: torch.empty(t.shape(dims), dtype=getattr(torch, t.dtype), device=self.device)
-                for t in self.spec.outputs}
+    def _capturable(self, stream) -> bool:
+        """TensorRT-RTX (1.2+) says whether this context can be captured on ``stream`` (its engine needs
+        user-allocated memory, which sdexport's RTX builds require); TensorRT 10/11 has no such query."""
+        check = getattr(self.context, "is_stream_capturable", None)
+        return True if check is None else bool(check(stream.cuda_stream))
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -443,22 +614,44 @@ class TrtEngine(Engine):
         self.check_profile(dims)
         inputs = {t.name: feed[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
                   for t in self.spec.inputs}
-        if not self.use_graph:
-            outputs = self._outputs(dims)
-            self._enqueue(inputs, outputs)
-            return outputs
-        if self.graph is None:  # first call: run once, then capture (the only synchronisation)
-            self.static_in = {k: v.clone() for k, v in inputs.items()}
-            self.static_out = self._outputs(dims)
-            self._enqueue(self.static_in, self.static_out)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # the capture stream is torch's current stream inside
-                self._enqueue(self.static_in, self.static_out)
-            self.graph = graph
-        else:
+        with on_device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            if torch.cuda.is_current_stream_capturing():  # inside a caller's graph (a step graph)
+                if not self._capturable(stream):
+                    raise NotCapturable(f"TensorRT says the {self.spec.name} context cannot be captured on this "
+                                        "stream")
+                outputs = self._bind(inputs, dims)
+                self._execute(stream)
+                return outputs
+            if not self.use_graph:
+                outputs = self._bind(inputs, dims)
+                self._execute(stream)
+                return outputs
+            if self.graph is None:
+                return self._capture(inputs, dims, stream)
             for k, v in inputs.items():
                 self.static_in[k].copy_(v)
-        self.graph.replay()
+            self.graph.replay()
+            return {k: v.clone() for k, v in self.static_out.items()}
+
+    def _capture(self, inputs, dims, stream):
+        """First call of a graphed engine: run it once (shapes set, lazy work done), then capture the same
+        call on a side stream; where TensorRT says the context cannot be captured, run eagerly from now on."""
+        import torch
+
+        self.static_in = {k: v.clone() for k, v in inputs.items()}
+        self.static_out = self._bind(self.static_in, dims)
+        self._execute(stream)
+        side = torch.cuda.Stream(device=self.device)
+        if not self._capturable(side):
+            self.use_graph = False
+            self.warn(f"{self.spec.name}: TensorRT says this engine cannot be captured as a CUDA graph; "
+                      "running it without one")
+            return {k: v.clone() for k, v in self.static_out.items()}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):  # torch's current stream inside is ``side``
+            self._execute(side)
+        self.graph = graph
         return {k: v.clone() for k, v in self.static_out.items()}
 
     def close(self) -> None:
@@ -466,3 +659,22 @@ class TrtEngine(Engine):
         self.context = None
         self.engine = None
         self.memory = None
+
+
+def check_memory_fits(engines: dict[str, "TrtEngine"], size: int, device: str) -> None:
+    """The shared scratch buffer (the largest engine's ``device_memory_size_v2``: its profile's largest shape)
+    must fit in the free device memory, else a one-line error instead of an allocator traceback."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device_index(device))
+    if size > free:
+        worst = max(engines, key=lambda c: engines[c].device_memory_size)
+        raise CannotRunHere(f"the {worst} engine needs {size / 2**30:.2f} GiB of device memory at its profile's "
+                            f"largest shape and {free / 2**30:.2f} GiB is free on {device}: rebuild it with a "
+                            "smaller profile (--max-size/--max-batch, or --static HxW)")
+
+
+def memory_report(engines: dict[str, "TrtEngine"]) -> dict[str, int]:
+    """Each engine's device memory (``device_memory_size_v2``, bytes): what its context needs at the largest
+    shape of its profile; the pipeline's engines share one buffer of the largest."""
+    return {c: e.device_memory_size for c, e in engines.items()}

@@ -1,0 +1,83 @@
+"""AOTInductor engine: a package compiled by ``sdexport build --backend inductor`` (sdexport/inductor.py).
+
+One static shape per package (the shape it was compiled for); inputs and outputs are FP32 torch tensors on
+the package's device, like every other engine. The package runs on torch's current stream, loaded
+``run_single_threaded`` so that the pipeline's step graphs can capture it. Components without a package
+run on ONNX Runtime (the text encoders run once per image; the UNet is where the time goes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ShapeError
+from .base import Engine
+
+
+class InductorEngine(Engine):
+    backend = "inductor"
+
+    def __init__(self, export, component: str, device: str):
+        import torch
+
+        from ..inductor import check_package
+
+        super().__init__(export.spec(component), device)
+        self.path, self.entry = check_package(export, component, device)
+        index = torch.device(device).index if device.startswith("cuda") else -1
+        self.model = torch._inductor.aoti_load_package(str(self.path), run_single_threaded=True,
+                                                       device_index=index if index is not None else 0)
+        self.static_dims = dict(self.entry["dims"])
+        self.batch_range = self.entry.get("batch_range")  # [lo, hi] rows for a dynamic batch axis
+
+    def fits(self, dims: dict[str, int]) -> bool:
+        if self.batch_range:
+            lo, hi = self.batch_range
+            rest = {k: v for k, v in dims.items() if k != "batch"}
+            return lo <= dims["batch"] <= hi and rest == {k: v for k, v in self.static_dims.items() if k != "batch"}
+        return dims == self.static_dims
+
+    def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        dims = self.dims(feed)
+        if not self.fits(dims):
+            built = dict(self.static_dims, **({"batch": f"{self.batch_range[0]}-{self.batch_range[1]}"}
+                                              if self.batch_range else {}))
+            raise ShapeError(f"{self.spec.name}: the Inductor engine {self.entry['file']} was compiled for "
+                             f"{built}; this request needs {dims} (build one for it with "
+                             f"'sdexport build --backend inductor --static HxW [--batch N | --max-batch N]')")
+        args = [feed[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
+                for t in self.spec.inputs]
+        with torch.inference_mode():
+            outs = self.model(*args)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return dict(zip(self.spec.output_names, outs))
+
+    def close(self) -> None:
+        self.model = None
+
+
+def load_all(export, components: list[str], device: str, **options) -> dict[str, Engine]:
+    """Inductor engines where the export has a package, ONNX Runtime for the rest (said in ``backend``)."""
+    from .ort import OrtEngine
+
+    packages = export.manifest.data.get("inductor", {})
+    engines: dict[str, Engine] = {}
+    for c in components:
+        if c in packages:
+            engines[c] = InductorEngine(export, c, device)
+        else:
+            engine = OrtEngine(export, c, device=device)
+            engine.backend = "ort (no inductor package)"
+            engines[c] = engine
+    if options.get("cuda_graph") and "unet" in engines:
+        from .base import CudaGraphed
+
+        engines["unet"] = CudaGraphed(engines["unet"])
+    if not any(isinstance(getattr(e, "inner", e), InductorEngine) for e in engines.values()):
+        from ..errors import IntegrityError
+
+        raise IntegrityError(f"{export.root}: no Inductor engines; run 'sdexport build {export.root} --backend "
+                             "inductor --static HxW'")
+    return engines

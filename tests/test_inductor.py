@@ -1,0 +1,102 @@
+"""AOTInductor engines (sdexport build --backend inductor): compiled on the CPU here (the CUDA path is the
+same code with device cuda; measured on the GPU machine), checked against PyTorch and ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import assert_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inductor_export(export_fp32, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inductor") / "e"
+    shutil.copytree(export_fp32, out)
+    result = run_cli("build", out, "--backend", "inductor", "--device", "cpu", "--static", "64x64",
+                     "--components", "unet", "--precision", "fp32")
+    assert result.exit_code == 0, result.stderr
+    result = run_cli("build", out, "--backend", "inductor", "--device", "cpu", "--static", "64x64",
+                     "--components", "vae_decoder", "--precision", "fp32", "--max-batch", 2)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_dynamic_batch_package(inductor_export):
+    entry = json.loads((inductor_export / "manifest.json").read_text())["inductor"]["vae_decoder"]
+    assert entry["file"] == "inductor/vae_decoder.cpu.b1-2-64x64.pt2" and entry["batch_range"] == [1, 2]
+    from sdexport.backends.inductor import InductorEngine
+    from sdexport.backends.torch import TorchEngine
+    from sdexport.errors import ShapeError
+    from sdexport.runtime import ExportDir
+
+    export = ExportDir.open(inductor_export)
+    engine = InductorEngine(export, "vae_decoder", "cpu")
+    reference = TorchEngine.load_all(export, ["vae_decoder"])["vae_decoder"]
+    for batch in (1, 2):
+        feed = engine.spec.sample_inputs({"batch": batch, "latent_height": 8, "latent_width": 8}, seed=batch)
+        got, want = engine(feed)["sample"], reference(feed)["sample"]
+        assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-4
+    with pytest.raises(ShapeError, match="compiled for"):
+        engine(engine.spec.sample_inputs({"batch": 3, "latent_height": 8, "latent_width": 8}))
+
+
+def test_package_in_manifest_and_up_to_date(inductor_export):
+    entry = json.loads((inductor_export / "manifest.json").read_text())["inductor"]["unet"]
+    assert entry["file"] == "inductor/unet.cpu.b1-64x64.pt2" and entry["device"] == "cpu"
+    assert entry["dims"] == {"batch": 2, "latent_height": 8, "latent_width": 8}  # one image with guidance
+    assert entry["changes"] == ["fused_qkv", "channels_last"]
+    before = (inductor_export / entry["file"]).read_bytes()
+    result = run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64",
+                     "--components", "unet", "--precision", "fp32")
+    assert result.exit_code == 0 and "up to date" in result.stderr
+    assert (inductor_export / entry["file"]).read_bytes() == before
+
+
+def test_validate_and_same_image_as_onnx_runtime(inductor_export, tmp_path):
+    result = run_cli("validate", inductor_export, "--backend", "inductor", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((inductor_export / "validation.json").read_text())
+    assert report["passed"] and [r["component"] for r in report["results"]] == ["unet", "vae_decoder", "vae_decoder"]
+    assert report["results"][0]["outputs"]["out_sample"]["rel_l2_err"] < 1e-4
+    images = {}
+    for backend in ("inductor", "ort"):
+        out = tmp_path / f"{backend}.png"
+        result = run_cli("infer", inductor_export, "--backend", backend, "--prompt", "a kite", "--height", 64,
+                         "--width", 64, "--steps", 2, "--seed", 3, "-o", out)
+        assert result.exit_code == 0, result.stderr
+        from PIL import Image
+
+        images[backend] = np.asarray(Image.open(out)).astype(np.float64)
+    mse = np.mean((images["inductor"] - images["ort"]) ** 2)
+    assert mse == 0 or 10 * np.log10(255**2 / mse) > 40
+
+
+def test_bad_requests(inductor_export, tmp_path):
+    assert_error(run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu"), 2, "--static")
+    assert_error(run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64"),
+                 2, "fp32")  # the CPU compiles fp32 only (default precision fp16)
+    result = run_cli("infer", inductor_export, "--backend", "inductor", "--prompt", "p", "--height", 128,
+                     "--width", 128, "--steps", 1, "-o", tmp_path / "x.png")
+    assert_error(result, 4, "compiled for")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_foreign_packages_are_refused(inductor_export, tmp_path):
+    out = tmp_path / "e"
+    shutil.copytree(inductor_export, out)
+    data = json.loads((out / "manifest.json").read_text())
+    data["inductor"]["unet"]["torch"] = "1.0.0"
+    (out / "manifest.json").write_text(json.dumps(data))
+    result = run_cli("infer", out, "--backend", "inductor", "--prompt", "p", "--height", 64, "--width", 64,
+                     "--steps", 1, "-o", tmp_path / "x.png")
+    assert_error(result, 5, "torch 1.0.0")
+    data["inductor"]["unet"].update(torch=__import__("torch").__version__, device="cuda", compute_capability="9.0")
+    (out / "manifest.json").write_text(json.dumps(data))
+    result = run_cli("infer", out, "--backend", "inductor", "--prompt", "p", "--height", 64, "--width", 64,
+                     "--steps", 1, "-o", tmp_path / "x.png", "--device", "cpu")
+    assert_error(result, 8, "compiled for cuda")
