@@ -126,7 +126,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
     step_graph = engine_options.pop("step_graph", False)
-    engines = load_engines(export.root, backend, device=device, **engine_options)
+    engines = load_engines(export, backend, device=device, **engine_options)
     load_s = time.perf_counter() - t0
     warnings: list[str] = []
     pipe = Pipeline(engines, export, device=device, warn=warnings.append, step_graph=step_graph)
@@ -176,17 +176,79 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
     return out
 
 
+# p90 of the per-step UNet latency above this multiple of the median: the timings are noise (a busy machine).
+NOISY_SPREAD = 1.5
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> dict[str, Any]:
+    """Set PyTorch's intra-op threads (ONNX Runtime's are set per session from the same number) and
+    describe what the timings ran with: the same count for both, recorded, never each library's default."""
+    import torch
+
+    threads = threads or usable_cores()
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"threads": threads, "torch_intra_op": torch.get_num_threads(), "onnxruntime_intra_op": threads,
+            "usable_cores": usable_cores(), "cpu_count": os.cpu_count(), "load_average_1m_at_start": load}
+
+
+def noise_warnings(results: list[dict[str, Any]], threads: dict[str, Any]) -> list[str]:
+    """Say when the numbers are noise: a p90/median spread of the UNet step above NOISY_SPREAD, or a
+    machine already busier than its cores when the benchmark started."""
+    out = []
+    for r in results:
+        u = r["unet_step_ms"]
+        spread = u["p90_ms"] / u["median_ms"] if u["median_ms"] else 0.0
+        r["unet_step_spread"] = round(spread, 3)
+        if spread > NOISY_SPREAD:
+            out.append(f"{r['label']}: UNet step p90 is {spread:.2f}x the median (n={u['n']}): these timings "
+                       "are noise, not the engine's speed; rerun on an idle machine or with more --runs")
+    load = threads.get("load_average_1m_at_start")
+    if load is not None and load > threads["usable_cores"]:
+        out.append(f"the machine was busy when the benchmark started (load average {load:.1f} on "
+                   f"{threads['usable_cores']} usable cores): ratios between backends are not reliable")
+    return out
+
+
 def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
           width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
-          torch_compile: bool = False, step_graph: bool = False) -> dict[str, Any]:
-    export = ExportDir.open(export_dir)
+          torch_compile: bool = False, step_graph: bool = False, threads: int | None = None,
+          json_path: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    from . import limits
+    from .paths import check_report_output
+
+    limits.count("--runs", runs, 1, limits.MAX_RUNS)
+    limits.count("--warmup", warmup, 0, limits.MAX_WARMUP)
+    if threads is not None:
+        limits.count("--threads", threads, 1, limits.MAX_THREADS)
+    export = ExportDir.open(export_dir, model=model_dir)
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
-                    guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
-                    width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler)
+                    guidance_scale=guidance_scale, seed=0,
+                    height=export.ranges.opt_size if height is None else height,
+                    width=export.ranges.opt_size if width is None else width, batch_size=batch_size,
+                    scheduler=scheduler)
     export.family.check_text_to_image(export.info)
     check_request(export.ranges, steps, guidance_scale, _geometry(export, settings))
+    limits.check_schedule(scheduler, export.info.scheduler_config, steps)
+    if json_path is not None:
+        check_report_output("--json", json_path, export, model_dir)
+    if compare_eager or backend == "torch":
+        export.source_model()  # PyTorch eager runs the source model: find it before timing the engines
+    device = limits.device("--device", device)
+    if (cuda_graph or step_graph) and not device.startswith("cuda"):
+        from .errors import UsageError
+
+        raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
+    thread_info = set_threads(threads)
     unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
     options: dict[str, Any] = dict(unet_option)
     if step_graph:  # whole steps captured by the pipeline (engines without graphs of their own); ONNX Runtime
@@ -197,6 +259,8 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
         options.update(cuda_graph=True, **({"static": _geometry(export, settings)} if backend == "ort" else {}))
     if backend == "torch":
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
+    if backend == "ort":
+        options.update(threads=thread_info["threads"])
     results = [run_backend(export, backend, device, settings, runs, warmup, say, **options)]
     if compare_eager and backend != "torch":
         results.append(run_backend(export, "torch", device, settings, runs, warmup, say, dtype=eager_dtype))
@@ -206,10 +270,19 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
             k: round(eager["stages_ms"][k] / v, 3) if v else None for k, v in engine["stages_ms"].items()}
         engine["speedup_vs_eager"]["unet_step_median"] = round(
             eager["unet_step_ms"]["median_ms"] / engine["unet_step_ms"]["median_ms"], 3)
+    from .pipeline import make_scheduler
+
+    scheduler_used = type(make_scheduler(scheduler, export.info.scheduler_config)).__name__
+    noise = noise_warnings(results, thread_info)
+    for message in noise:
+        say(f"warning: {message}")
     return {
         "export": str(export.root.resolve()), "model": export.manifest.data["model"].get("preset")
         or export.manifest.data["model"]["path"], "export_dtype": export.dtype, "device": device,
-        "settings": {k: v for k, v in settings.items() if k != "prompt"}, "results": results,
+        "settings": {**{k: v for k, v in settings.items() if k != "prompt"},
+                     "scheduler": scheduler or export.info.scheduler_config["_class_name"],
+                     "scheduler_class": scheduler_used},
+        "results": results, "threads": thread_info, "noise_warnings": noise,
         "machine": machine(), "versions": versions(), "command": " ".join(["sdexport"] + sys.argv[1:]),
         "timer": "CUDA events" if device.startswith("cuda") else "time.perf_counter",
     }
@@ -254,9 +327,15 @@ def format_table(report: dict[str, Any]) -> str:
         what = "step (graphed: UNet + guidance + scheduler)" if r.get("loop") == "step-graph" else "UNet step"
         lines.append(f"{r['label']}: {what} median {u['median_ms']:.3f} ms, p90 {u['p90_ms']:.3f} ms (n={u['n']}); "
                      f"loop overhead {r['loop_overhead_ms']:.2f} ms ({r['loop_overhead_pct']:.2f}%); {mem_text}")
+    t = report.get("threads")
+    if t:
+        lines.append(f"threads: torch {t['torch_intra_op']}, onnxruntime {t['onnxruntime_intra_op']} "
+                     f"({t['usable_cores']} usable cores)")
     for r in results:
         for w in r.get("warnings", []):
             lines.append(f"{r['label']}: warning: {w}")
+    for w in report.get("noise_warnings", []):
+        lines.append(f"warning: {w}")
     if len(results) == 2:
         lines.append(f"UNet per-step speed-up vs eager: {results[0]['speedup_vs_eager']['unet_step_median']:.2f}x")
     return "\n".join(lines)

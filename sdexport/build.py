@@ -69,6 +69,11 @@ def profile_request(ranges, static: str | None = None, batch: int | None = None,
                     opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
                     max_batch: int | None = None) -> tuple[str, dict[str, Geometry]]:
     """(kind, {min, opt, max} geometries) of the engines' profile, checked against the export's range."""
+    from .limits import count
+
+    for option, value in (("--batch", batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+        if value is not None:
+            count(option, value, 1)
     if static is not None:
         if any(v is not None for v in (opt_size, opt_batch, min_size, max_size, max_batch)):
             raise UsageError("--static fixes one shape: leave out --min-size/--opt-size/--max-size/--opt-batch/"
@@ -371,6 +376,9 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
         raise UsageError(f"--opt-level {opt_level}: TensorRT's builder optimization levels are 0 to 5")
     if workspace_mib is not None and workspace_mib <= 0:
         raise UsageError(f"--workspace {workspace_mib}: give MiB > 0")
+    from .paths import check_build_outputs
+
+    check_build_outputs(ExportDir.open(export_dir), timing_cache)
     with writing(export_dir, "build", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest

@@ -36,21 +36,43 @@ from .errors import IntegrityError, ShapeError, UsageError
 CALIB_FORMAT = 1
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 INDEX_ARRAYS = ("step", "prompt", "cond")
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.txt"  # package data (data/PROMPTS.md)
 
 
 # --- prompts -------------------------------------------------------------------------
 def load_prompts(path: str | Path) -> list[str]:
-    """Prompts of a prompt file: one per line; ``#`` comment lines and blank lines are skipped."""
+    """Prompts of a prompt file: one per line; ``#`` comment lines and blank lines are skipped.
+
+    Read line by line with bounds (limits.py): the file's bytes and lines, and one prompt's length, so a
+    huge or binary file is refused early instead of filling memory."""
+    from .limits import MAX_PROMPT_CHARS, MAX_PROMPT_FILE_BYTES, MAX_PROMPT_FILE_LINES, human_bytes
+    from .manifest import check_regular
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--prompts {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"--prompts {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+    check_regular(path, UsageError)
+    line_bytes = 4 * MAX_PROMPT_CHARS + 2  # UTF-8 takes at most 4 bytes a character, plus the line end
+    prompts, total = [], 0
+    with open(path, "rb") as handle:
+        for lineno in range(1, MAX_PROMPT_FILE_LINES + 2):
+            raw = handle.readline(line_bytes + 1)
+            if not raw:
+                break
+            total += len(raw)
+            if lineno > MAX_PROMPT_FILE_LINES or total > MAX_PROMPT_FILE_BYTES:
+                raise UsageError(f"--prompts {path}: more than {MAX_PROMPT_FILE_LINES:,} lines or "
+                                 f"{human_bytes(MAX_PROMPT_FILE_BYTES)}; a prompt file is at most that")
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"--prompts {path}: line {lineno} is not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start})") from None
+            if len(raw) > line_bytes or len(line) > MAX_PROMPT_CHARS:
+                raise UsageError(f"--prompts {path}: line {lineno} is longer than {MAX_PROMPT_CHARS:,} characters "
+                                 "(the text encoder reads 77 tokens, about 300 characters)")
+            if line and not line.startswith("#"):
+                prompts.append(line)
     if not prompts:
         raise UsageError(f"--prompts {path}: no prompts (the file is empty or has only comments and blank lines)")
     return prompts
@@ -59,7 +81,7 @@ def load_prompts(path: str | Path) -> list[str]:
 def select_prompts(prompts: list[str], num_prompts: int, seed: int) -> list[str]:
     """``num_prompts`` distinct prompts, drawn with a seeded RNG (the file is ordered by subject,
     so the first N would all be portraits). Asking for more than the file has is an error:
-    repeating prompts adds no information (calibration/README.md)."""
+    repeating prompts adds no information (sdexport/data/PROMPTS.md)."""
     if num_prompts < 1:
         raise UsageError(f"--num-prompts {num_prompts}: must be at least 1")
     if num_prompts > len(prompts):
@@ -192,24 +214,47 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
 
     from tqdm import tqdm
 
-    from . import __version__
+    from . import __version__, limits
+    from .errors import ModelError
     from .manifest import atomic_path, sha256_file, versions
-    from .models import resolve_model
+    from .models import model_path, resolve_model
+    from .paths import Guarded, check_output, model_inputs
+    from .schema import check_loadable
 
-    if steps < 1:
-        raise UsageError(f"--steps {steps}: must be at least 1")
-    if guidance_scale < 0:
-        raise UsageError(f"--guidance-scale {guidance_scale}: must not be negative")
+    limits.count("--steps", steps, 1, limits.MAX_STEPS)
+    limits.guidance("--guidance-scale", guidance_scale)
+    limits.count("--max-samples", max_samples, 1, limits.MAX_SAMPLES)
+    limits.count("--num-prompts", num_prompts, 1, limits.MAX_PROMPT_FILE_LINES)
+    limits.seed("--seed", seed)
+    limits.text("--negative-prompt", negative_prompt)
+    if seed + num_prompts - 1 > limits.MAX_SEED:
+        raise UsageError(f"--seed {seed}: prompt i runs with seed + i, and seed + {num_prompts - 1} passes "
+                         f"2^64-1; use a seed at most {limits.MAX_SEED - num_prompts + 1}")
+    guard = Guarded().file(prompts_file, f"the prompt file {prompts_file}")
+    source = model_path(model)
+    if source is not None:
+        guard = guard | model_inputs(source, f"the model {source}")
+    check_output("-o", out, guard)
     reservoir = Reservoir(max_samples, seed)
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)
     info.family.check_text_to_image(info)  # the capture runs the family's text-to-image reference pipeline
-    height = height or info.image_size
-    width = width or info.image_size
+    height = info.image_size if height is None else height
+    width = info.image_size if width is None else width
     for side, value in (("height", height), ("width", width)):
-        if value <= 0 or value % info.pixel_multiple:
+        limits.check_side(f"--{side}", value, info.image_size)
+        if value % info.pixel_multiple:
             raise ShapeError(f"--{side} {value} is not a positive multiple of {info.pixel_multiple} "
                              "(VAE scale factor x UNet downsampling)")
+    limits.check_schedule(scheduler, info.scheduler_config, steps, ModelError)
+    row_bytes = 4 * (info.latent_channels * (height // info.vae_scale_factor) * (width // info.vae_scale_factor)
+                     + info.tokenizer_max_length * info.cross_attention_dim + 1) + 9
+    limits.check_memory(f"--max-samples {max_samples}: {max_samples} rows of {limits.human_bytes(row_bytes)}",
+                        max_samples * row_bytes, "lower --max-samples, --height or --width")
+    limits.check_disk(out, max_samples * row_bytes, "the calibration file")
+    check_loadable(info)
+    device = limits.device("--device", device)
+    info.weights_sha256  # hashed before the run: the file records which weights it was captured from
     say(f"calibrate: {len(prompts)} prompts x {steps} steps on {info.name} ({height}x{width}, guidance "
         f"{guidance_scale}); keeping at most {max_samples} UNet input rows")
     pipe = load_pipeline(info, scheduler, device)
@@ -287,25 +332,87 @@ class Calibration:
                 for i in range(0, n, rows)]
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file written by ``calibrate``; corrupt or foreign files are refused."""
+MAX_META_CHARS = 2**20
+
+
+def read_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array of an ``.npz`` from its .npy headers, reading no array data."""
     import zipfile
 
-    from .manifest import sha256_file
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if len(members) > 64:
+            raise ValueError(f"{len(members)} members")
+        for member in members:
+            if not member.filename.endswith(".npy"):
+                raise ValueError(f"member {member.filename!r} is not a .npy array")
+            with archive.open(member) as handle:
+                version = np.lib.format.read_magic(handle)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"member {member.filename!r}: .npy format {version}")
+                shape, _, dtype = read(handle)
+            headers[member.filename[:-4]] = (tuple(shape), dtype)
+    return headers
+
+
+def check_headers(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """What a calibration file must be before its arrays are read: the keys, dtypes and ranks that
+    ``calibrate`` writes, one sample count for every input, and a size this machine can hold."""
+    from .limits import MAX_SAMPLES, check_memory
+
+    def bad(what: str) -> IntegrityError:
+        return IntegrityError(f"{path}: not a calibration file written by 'sdexport calibrate' ({what})")
+
+    missing = [k for k in ("meta",) + UNET_INPUTS if k not in headers]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    meta_shape, meta_dtype = headers["meta"]
+    if meta_shape != () or meta_dtype.kind != "U" or meta_dtype.itemsize > 4 * MAX_META_CHARS:
+        raise bad("its 'meta' record is not a JSON string")
+    ranks = {"sample": 4, "timestep": 1, "encoder_hidden_states": 3}
+    for name, (shape, dtype) in headers.items():
+        if dtype.hasobject or dtype.kind not in "fiub" + ("U" if name == "meta" else ""):
+            raise bad(f"'{name}' has dtype {dtype}")
+        if name in ranks and len(shape) != ranks[name]:
+            raise ShapeError(f"{path}: '{name}' has shape {shape}; calibrate writes rank {ranks[name]}")
+    samples = {headers[k][0][0] for k in UNET_INPUTS}
+    if len(samples) != 1:
+        raise IntegrityError(f"{path}: inputs disagree on the number of samples "
+                             f"({ {k: headers[k][0][0] for k in UNET_INPUTS} })")
+    count = samples.pop()
+    if count > MAX_SAMPLES:
+        raise IntegrityError(f"{path}: {count:,} samples; calibrate writes at most {MAX_SAMPLES:,} (--max-samples)")
+    total = sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in headers.values())
+    check_memory(f"{path}: its arrays", total, "as their .npy headers declare them", IntegrityError)
+    return count
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file written by ``calibrate``; corrupt, foreign or oversized files are refused,
+    from the arrays' headers, before any array is read."""
+    import zipfile
+
+    from .manifest import check_regular, sha256_file
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--calib {path}: no such file; write one with 'sdexport calibrate MODEL -o {path}'")
+    check_regular(path, UsageError)
+    try:
+        headers = read_headers(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise IntegrityError(f"{path}: not a calibration file written by 'sdexport calibrate' "
+                             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    check_headers(path, headers)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise IntegrityError(f"{path}: not a calibration file written by 'sdexport calibrate' "
                              f"({str(exc).splitlines()[0][:120]})") from None
-    missing = [k for k in ("meta",) + UNET_INPUTS if k not in arrays]
-    if missing:
-        raise IntegrityError(f"{path}: not a calibration file written by 'sdexport calibrate' "
-                             f"(missing {', '.join(missing)})")
     try:
         meta = json.loads(str(arrays.pop("meta")))
         if not isinstance(meta["model"]["weights_sha256"], str):
@@ -314,7 +421,4 @@ def load_calibration(path: str | Path) -> Calibration:
         raise IntegrityError(f"{path}: its 'meta' record is unreadable; re-run 'sdexport calibrate'") from None
     if meta.get("format") != CALIB_FORMAT:
         raise IntegrityError(f"{path}: calibration format {meta.get('format')} (this sdexport reads {CALIB_FORMAT})")
-    counts = {k: len(arrays[k]) if arrays[k].ndim else -1 for k in UNET_INPUTS}
-    if len(set(counts.values())) != 1:
-        raise IntegrityError(f"{path}: inputs disagree on the number of samples ({counts})")
     return Calibration(path=path, arrays=arrays, meta=meta, sha256=sha256_file(path))

@@ -18,12 +18,19 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import click  # noqa: E402
 
 from . import __version__  # noqa: E402
+from . import limits  # noqa: E402
 from .errors import SdexportError  # noqa: E402
 
 from .families import all_options  # noqa: E402
 from .pipeline import SCHEDULERS  # noqa: E402
 
 SCHEDULER_NAMES = tuple(SCHEDULERS)
+DEVICE_HELP = "auto (CUDA where a GPU is visible, else CPU), cpu, cuda or cuda:N."
+BACKEND_HELP = ("ort: the ONNX graphs in ONNX Runtime; trt: the TensorRT engines of 'sdexport build'; inductor: "
+                "the AOTInductor packages of 'sdexport build --backend inductor'; torch: the source model's own "
+                "PyTorch modules, eager (the reference, no engine; needs the source model)")
+MODEL_HELP = ("The source model directory, when it moved since the export (checked against the weights hash "
+              "in the manifest). Default: the path the manifest records.")
 
 
 def say(msg: str) -> None:
@@ -31,11 +38,22 @@ def say(msg: str) -> None:
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    return limits.device("--device", device)
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def checked(check, *args):
+    """A click callback running one of limits' checks on an option's value while the command line is
+    parsed, so a bad value is refused before anything loads (a value left out stays None)."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        return check(max(param.opts, key=len), value, *args)
+    return callback
+
+
+def _fail(exc: SdexportError):
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
 
 
 def _interrupted(signum: int | None) -> None:
@@ -48,12 +66,14 @@ def _interrupted(signum: int | None) -> None:
 
 def handled(func):
     """Run a command body; turn our errors into one line and an exit code. SIGINT and SIGTERM end the
-    command with 128 + signal (130, 143), also when their exception was swallowed inside a library."""
+    command with 128 + signal (130, 143), also when their exception was swallowed inside a library.
+    A full disk reaches us from any writer, often as a library's own exception: one line, exit 10."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         import warnings
 
         from . import interrupts
+        from .paths import OUTPUTS
 
         interrupts.install()
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -63,10 +83,16 @@ def handled(func):
         except SdexportError as exc:
             if interrupts.received():
                 _interrupted(interrupts.received())
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
         except KeyboardInterrupt:
             _interrupted(interrupts.received())
+        except Exception as exc:
+            if interrupts.received():
+                _interrupted(interrupts.received())
+            message = limits.disk_full_message(exc, OUTPUTS)
+            if message is None:
+                raise
+            _fail(limits.DiskFull(message))
         if interrupts.received():
             _interrupted(interrupts.received())
         return result
@@ -93,9 +119,13 @@ def family_options(command):
 
 
 class OneLineErrors(click.Group):
-    """Click prints usage errors as a usage block; sdexport prints one line (``error: ...``), exit 2."""
+    """Click prints usage errors as a usage block; sdexport prints one line (``error: ...``), exit 2.
+    Errors raised while parsing (the option checks) get their own exit code the same way."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        for stream in (sys.stdout, sys.stderr):  # paths from argv that are not UTF-8 print back as they came
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="surrogateescape")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
@@ -104,20 +134,36 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
+        except SdexportError as exc:
+            _fail(exc)
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
 
 
-@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sdexport")
 def cli():
-    """Stable Diffusion (diffusers layout) -> validated ONNX / TensorRT engines."""
+    """Stable Diffusion (diffusers layout) -> validated ONNX / TensorRT engines.
+
+    \b
+    The usual workflow:
+      sdexport export MODEL -o OUT            # MODEL: a diffusers directory or a preset (tiny)
+      sdexport validate OUT                   # every component against PyTorch; exit 6 if one misses
+      sdexport infer OUT --prompt "a fox" -o fox.png
+      sdexport bench OUT --json bench.json    # engines next to PyTorch eager
+    TensorRT: sdexport build OUT, then --backend trt. INT8: sdexport calibrate, then sdexport quantize.
+    Errors: one line 'error: ...' on stderr and an exit code (2 usage, 3 model, 4 shape, 5 integrity,
+    6 validation failed, 7 backend missing, 8 cannot run here, 9 TensorRT build failed, 10 disk full,
+    130 interrupted); see the README.
+    """
 
 
 @cli.command()
 @click.argument("name")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Directory to write: new, empty, or this preset written before (never another directory's "
+                   "contents, which are refused rather than replaced).")
 @handled
 def preset(name, out):
     """Write a built-in preset (tiny, sd15-random, sdxl-tiny, sdxl-random) as a diffusers model directory."""
@@ -129,15 +175,21 @@ def preset(name, out):
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Export directory.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Export directory: new, empty, or an earlier export (updated in place); never the model "
+                   "directory, inside it, or around it.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: mixed precision, normalizations/softmax/resize/time embedding kept FP32.")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True, callback=checked(limits.count, 14, 21),
+              help="ONNX opset of the graphs, 14 to 21.")
 @click.option("--components", default="text_encoder,unet,vae_decoder,vae_encoder", show_default=True,
               help="Comma-separated subset to export.")
-@click.option("--max-batch", type=int, default=4, show_default=True, help="Most images per call.")
-@click.option("--min-size", type=int, default=None, help="Smallest image side in pixels (default: half native).")
-@click.option("--max-size", type=int, default=None, help="Largest image side in pixels (default: twice native).")
+@click.option("--max-batch", type=int, default=4, show_default=True,
+              callback=checked(limits.count, 1, limits.MAX_EXPORT_IMAGES), help="Most images per call.")
+@click.option("--min-size", type=int, default=None, callback=checked(limits.count, 1),
+              help="Smallest image side in pixels (default: half native).")
+@click.option("--max-size", type=int, default=None, callback=checked(limits.count, 1),
+              help=f"Largest image side in pixels (default: twice native; at most {limits.MAX_SIDE_FACTOR}x native).")
 @click.option("--force", is_flag=True, help="Re-export even if nothing changed.")
 @handled
 def export(model, out, dtype, opset, components, max_batch, min_size, max_size, force):
@@ -160,14 +212,19 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
 @click.option("--compute-capability", "ccs", default=None,
               help="TensorRT-RTX targets, e.g. 8.0,8.6 (default 8.0,8.6,8.9,12.0; T4 needs 7.5).")
 @click.option("--static", default=None, metavar="HxW", help="One static shape (for CUDA graphs and peak speed).")
-@click.option("--batch", type=int, default=None, help="Images per call of a --static engine (default 1).")
+@click.option("--batch", type=int, default=None, callback=checked(limits.count, 1),
+              help="Images per call of a --static engine (default 1).")
 @click.option("--min-size", default=None, metavar="HxW", help="Profile min image size (default: the export's).")
 @click.option("--opt-size", default=None, metavar="HxW", help="Profile opt image size (default: native).")
 @click.option("--max-size", default=None, metavar="HxW", help="Profile max image size (default: the export's).")
-@click.option("--opt-batch", type=int, default=None, help="Profile opt images per call (default 1).")
-@click.option("--max-batch", type=int, default=None, help="Profile max images per call (default: the export's).")
-@click.option("--opt-level", type=int, default=3, show_default=True, help="Builder optimization level, 0-5.")
-@click.option("--workspace", type=int, default=None, help="Workspace limit in MiB (default: TensorRT's).")
+@click.option("--opt-batch", type=int, default=None, callback=checked(limits.count, 1),
+              help="Profile opt images per call (default 1).")
+@click.option("--max-batch", type=int, default=None, callback=checked(limits.count, 1),
+              help="Profile max images per call (default: the export's).")
+@click.option("--opt-level", type=int, default=3, show_default=True, callback=checked(limits.count, 0, 5),
+              help="Builder optimization level, 0-5.")
+@click.option("--workspace", type=int, default=None, callback=checked(limits.count, 1, 2**22),
+              help="Workspace limit in MiB (default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file (default OUT/engines/timing.<trt>.cache; not used by TensorRT-RTX).")
 @click.option("--backend", "engine_backend", type=click.Choice(["trt", "ort", "inductor"]), default="trt",
@@ -216,18 +273,20 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--backend", type=click.Choice(["ort", "trt", "inductor"]), default="ort", show_default=True,
-              help="Engines to check: ONNX Runtime on the ONNX files, TensorRT plans, or Inductor packages.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+              help="What is compared with PyTorch: ort, the ONNX graphs in ONNX Runtime; trt, the TensorRT "
+                   "engines of 'sdexport build' (also against ONNX Runtime); inductor, the AOTInductor packages.")
+@click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
 @click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
 @handled
-def validate(export_dir, backend, device, components):
+def validate(export_dir, backend, device, components, model_dir):
     """Compare every component with PyTorch eager at shapes across the dynamic range."""
     from .errors import ValidationFailed
     from .validate import validate as run
 
     with reading(export_dir):
         report = run(export_dir, backend=backend, device=_device(device),
-                     components=components.split(",") if components else None, say=say)
+                     components=components.split(",") if components else None, say=say, model_dir=model_dir)
     click.echo(f"{export_dir}/validation.json: {'PASSED' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
         failed = sorted({r["component"] for r in report["results"] if not r["pass"]})
@@ -238,23 +297,34 @@ def validate(export_dir, backend, device, components):
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--prompt", required=True)
-@click.option("--negative-prompt", default=None, help="What the image should not show (default: none).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output PNG path.")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default 30; 4 for LCM models).")
-@click.option("--guidance-scale", type=float, default=None,
-              help="Classifier-free guidance scale (default: diffusers' for the model: 7.5 SD, 5.0 SDXL; LCM "
-                   "models take it as their guidance embedding, default 8.5; 0 for Turbo models).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--height", type=int, default=None, help="Pixels (default: the model's native size).")
-@click.option("--width", type=int, default=None, help="Pixels (default: the model's native size).")
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--prompt", required=True, callback=checked(limits.text),
+              help=f"What to draw (UTF-8, at most {limits.MAX_PROMPT_CHARS:,} characters; past the text encoder's "
+                   "77 tokens it is truncated, with a warning naming the dropped words).")
+@click.option("--negative-prompt", default=None, callback=checked(limits.text),
+              help="What the image should not show (default: none; used with guidance above 1).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Output PNG path. A batch writes FILE-0.png, FILE-1.png, ...; the sidecar FILE.json holds "
+                   "the settings and timings. Never onto a file of the export.")
+@click.option("--steps", type=int, default=None, callback=checked(limits.count, 1, limits.MAX_STEPS),
+              help="Denoising steps (default 30; 4 for LCM models; at most the scheduler's num_train_timesteps).")
+@click.option("--guidance-scale", type=float, default=None, callback=checked(limits.guidance),
+              help=f"Classifier-free guidance, 0 to {limits.MAX_GUIDANCE:g}; above 1 the negative prompt is used "
+                   "(default: diffusers' for the model: 7.5 SD, 5.0 SDXL; LCM models take it as their guidance "
+                   "embedding, default 8.5; use 0 for Turbo models).")
+@click.option("--seed", type=int, default=0, show_default=True, callback=checked(limits.seed),
+              help="Seed of the initial noise (0 to 2^64-1; the same image StableDiffusionPipeline gives with "
+                   "torch.Generator('cpu').manual_seed(SEED)).")
+@click.option("--height", type=int, default=None, callback=checked(limits.count, 1),
+              help="Pixels (default: the model's native size).")
+@click.option("--width", type=int, default=None, callback=checked(limits.count, 1),
+              help="Pixels (default: the model's native size).")
+@click.option("--batch-size", type=int, default=1, show_default=True, callback=checked(limits.count, 1),
+              help="Images per call (at most the export's --max-batch).")
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
               help="Default: the model's own scheduler.")
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime on the export; trt: TensorRT plans; inductor: AOTInductor packages; "
-                   "torch: the source model in PyTorch eager (the reference).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+              help=BACKEND_HELP)
+@click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: run the INT8 UNet written by 'sdexport quantize'.")
 @click.option("--cuda-graph", is_flag=True,
@@ -263,26 +333,31 @@ def validate(export_dir, backend, device, components):
               help="Capture each whole denoising step (UNet, guidance, scheduler update) as a CUDA graph for "
                    "this request's shape (GPU only; fastest path; falls back to the eager loop with a warning "
                    "for schedulers that draw host-side noise).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="--backend torch: " + MODEL_HELP)
 @family_options
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet, cuda_graph, step_graph, **request_options):
+          scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, **request_options):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
     with reading(export_dir):
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-               scheduler, backend, device, unet, cuda_graph, step_graph, request_options)
+               scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options)
 
 
 def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-           scheduler, backend, device, unet, cuda_graph, step_graph, request_options):
+           scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options):
     from tqdm import tqdm
 
     from .backends import load_engines
-    from .pipeline import Pipeline, save_images
+    from .components import Geometry
+    from .errors import UsageError
+    from .limits import check_schedule
+    from .paths import check_infer_outputs
+    from .pipeline import Pipeline, check_request, save_images
     from .runtime import ExportDir
 
-    device = _device(device)
-    export = ExportDir.open(export_dir)
+    export = ExportDir.open(export_dir, model=model_dir)
     family, info = export.family, export.info
     family.check_text_to_image(info)  # before any engine is loaded
     request_options = family.check_options(info, request_options)
@@ -291,17 +366,21 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     defaults = family.request_defaults(info)
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if (cuda_graph or step_graph) and not device.startswith(("cuda", "auto")):
+        raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
+    geo = Geometry(batch_size, export.ranges.opt_size if height is None else height,
+                   export.ranges.opt_size if width is None else width,
+                   guidance=export.family.guidance(export.info, guidance_scale).cfg)
+    check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
+    check_infer_outputs(export, out, geo, model_dir if backend == "torch" else None)
+    check_schedule(scheduler, export.info.scheduler_config, steps)
+    if backend == "torch":
+        export.source_model()  # the PyTorch modules come from the source model: find it before any work
+    device = _device(device)
     options: dict = {"unet": unet} if unet != "default" else {}
     if cuda_graph or step_graph:
-        from .components import Geometry
-        from .errors import UsageError
-        from .pipeline import check_request
-
         if not device.startswith("cuda"):
             raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
-        geo = Geometry(batch_size, height or export.ranges.opt_size, width or export.ranges.opt_size,
-                       guidance=export.family.guidance(export.info, guidance_scale).cfg)
-        check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
     engines = load_engines(export, backend, device=device, **options)
@@ -331,17 +410,27 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime on the export; trt: TensorRT plans; inductor: AOTInductor packages; "
-                   "torch: the source model in PyTorch eager (the reference).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--height", type=int, default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
-@click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None)
-@click.option("--runs", type=int, default=3, show_default=True, help="Timed runs (median reported).")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
+              help=BACKEND_HELP + "; PyTorch eager is timed after it unless --no-eager.")
+@click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
+@click.option("--steps", type=int, default=20, show_default=True, callback=checked(limits.count, 1, limits.MAX_STEPS),
+              help="Denoising steps per run.")
+@click.option("--height", type=int, default=None, callback=checked(limits.count, 1),
+              help="Pixels (default: the model's native size).")
+@click.option("--width", type=int, default=None, callback=checked(limits.count, 1),
+              help="Pixels (default: the model's native size).")
+@click.option("--batch-size", type=int, default=1, show_default=True, callback=checked(limits.count, 1),
+              help="Images per run (at most the export's --max-batch).")
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True, callback=checked(limits.guidance),
+              help="Classifier-free guidance; above 1 the UNet sees two rows per image.")
+@click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
+              help="Default: the model's own scheduler (bench.json records the one used).")
+@click.option("--runs", type=int, default=3, show_default=True, callback=checked(limits.count, 1, limits.MAX_RUNS),
+              help="Timed runs (median reported).")
+@click.option("--warmup", type=int, default=1, show_default=True, callback=checked(limits.count, 0, limits.MAX_WARMUP),
+              help="Untimed runs first.")
+@click.option("--threads", type=int, default=None, callback=checked(limits.count, 1, limits.MAX_THREADS),
+              help="CPU threads for PyTorch and ONNX Runtime (default: the cores this process may use); "
+                   "recorded in bench.json.")
 @click.option("--eager-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision of the PyTorch eager baseline.")
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager comparison.")
@@ -349,30 +438,29 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--step-graph", is_flag=True,
               help="Capture each whole denoising step as a CUDA graph (static shape; GPU only).")
 @click.option("--torch-compile", is_flag=True, help="--backend torch: wrap the modules in torch.compile.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the figures, machine, versions and command here (never onto a file of the export).")
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: time the INT8 UNet written by 'sdexport quantize' (eager stays FP32/--eager-dtype).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
-          eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet):
+          threads, eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet, model_dir):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
     from .errors import UsageError
     from .manifest import write_json
 
-    if runs < 1 or warmup < 0:
-        raise UsageError("--runs must be at least 1 and --warmup at least 0")
-    device = _device(device)
     for flag, on in (("--cuda-graph", cuda_graph), ("--step-graph", step_graph)):
-        if on and not device.startswith("cuda"):
+        if on and device == "cpu":
             raise UsageError(f"{flag} needs a CUDA device (--device cuda)")
     with reading(export_dir):
         report = run(export_dir, backend=backend, device=device, steps=steps, height=height, width=width,
                      batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
-                     cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile,
-                     **({"unet": unet} if unet != "default" else {}))
+                     cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile, threads=threads,
+                     json_path=json_path, model_dir=model_dir, **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)
@@ -383,20 +471,31 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
 @click.argument("model")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="Prompt file, one per line; '#' comments and blank lines skipped "
-                   "(default: calibration/prompts.txt).")
-@click.option("--num-prompts", type=int, default=64, show_default=True, help="Distinct prompts drawn from the file.")
-@click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps per prompt.")
+                   f"(default: the 362 prompts sdexport ships, sdexport/data/prompts.txt; at most {limits.MAX_PROMPT_FILE_BYTES // 2**20} MiB and "
+                   f"{limits.MAX_PROMPT_FILE_LINES:,} lines).")
+@click.option("--num-prompts", type=int, default=64, show_default=True,
+              callback=checked(limits.count, 1, limits.MAX_PROMPT_FILE_LINES),
+              help="Distinct prompts drawn from the file.")
+@click.option("--steps", type=int, default=30, show_default=True, callback=checked(limits.count, 1, limits.MAX_STEPS),
+              help="Denoising steps per prompt.")
 @click.option("--max-samples", type=int, default=512, show_default=True,
+              callback=checked(limits.count, 1, limits.MAX_SAMPLES),
               help="UNet input rows kept (reservoir sampling; two rows per step with guidance).")
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True, callback=checked(limits.guidance),
+              help="Classifier-free guidance, as at inference.")
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
               help="Default: the model's own scheduler.")
-@click.option("--height", type=int, default=None, help="Pixels (default: the model's native size).")
-@click.option("--width", type=int, default=None, help="Pixels (default: the model's native size).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Prompt draw and latent noise.")
-@click.option("--negative-prompt", default="", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Calibration file (.npz).")
+@click.option("--height", type=int, default=None, callback=checked(limits.count, 1),
+              help="Pixels (default: the model's native size).")
+@click.option("--width", type=int, default=None, callback=checked(limits.count, 1),
+              help="Pixels (default: the model's native size).")
+@click.option("--seed", type=int, default=0, show_default=True, callback=checked(limits.seed),
+              help="Prompt draw and latent noise (prompt i uses SEED + i).")
+@click.option("--negative-prompt", default="", show_default=True, callback=checked(limits.text),
+              help="Negative prompt for every run, as at inference.")
+@click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Calibration file (.npz); never the prompt file or a file of the model.")
 @handled
 def calibrate(model, prompts_file, num_prompts, steps, max_samples, guidance_scale, scheduler, height, width, seed,
               negative_prompt, device, out):
@@ -405,14 +504,15 @@ def calibrate(model, prompts_file, num_prompts, steps, max_samples, guidance_sca
 
     meta = run(model, out, prompts_file=prompts_file or DEFAULT_PROMPTS, num_prompts=num_prompts, steps=steps,
                max_samples=max_samples, guidance_scale=guidance_scale, scheduler=scheduler, height=height,
-               width=width, seed=seed, negative_prompt=negative_prompt, device=_device(device), say=say)
+               width=width, seed=seed, negative_prompt=negative_prompt, device=device, say=say)
     click.echo(f"{out}: {meta['samples']} samples of {meta['rows_seen']} UNet input rows")
 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--calib", required=True, type=click.Path(dir_okay=False), help="File written by 'sdexport calibrate'.")
-@click.option("--precision", type=click.Choice(["int8"]), default="int8", show_default=True)
+@click.option("--precision", type=click.Choice(["int8"]), default="int8", show_default=True,
+              help="Quantized precision of the UNet (INT8 is the one there is).")
 @click.option("--calibration-method", type=click.Choice(["max", "entropy", "percentile"]), default="max",
               show_default=True, help="percentile runs on ONNX Runtime's quantizer (ModelOpt has max and entropy).")
 @click.option("--quantizer", type=click.Choice(["auto", "modelopt", "ort"]), default="auto", show_default=True,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import __version__
+from . import __version__, limits
 from .artifacts import VARIANT_OF
 from .components import ComponentSpec, ShapeRanges
 from .errors import IntegrityError, UsageError
@@ -200,6 +200,40 @@ def _describe(model: dict[str, Any], ranges: dict[str, Any], dtype: str | None) 
             f"{ranges.get('min_size')}-{ranges.get('max_size')} px, up to {ranges.get('max_images')} per call)")
 
 
+def check_export_output(model: str, out: Path, max_images: int) -> None:
+    """Before any work: ``-o`` is neither the model directory, inside it, nor around it; it is new, empty or
+    an earlier export (anything else it holds would be replaced); it can be written."""
+    from .models import model_path
+    from .paths import Guarded, check_new_or_empty_dir, check_output, is_export_dir
+
+    limits.count("--max-batch", max_images, 1, limits.MAX_EXPORT_IMAGES)
+    source = model_path(model)
+    guard = Guarded().tree(source, f"the model directory {source}") if source is not None else None
+    check_output("-o", out, guard, kind="dir")
+    check_new_or_empty_dir("-o", out, "an sdexport export (no manifest.json)", ok=is_export_dir(out))
+
+
+def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], components: list[str], dtype: str,
+                       out: Path, manifest: Manifest, keys: dict[str, dict]) -> None:
+    """Before any work: the weights fit this machine's memory (the configs are built on the meta device),
+    and the export fits the disk: the ONNX files of the components to export (4 bytes a parameter in FP32,
+    2 in FP16), the largest FP32 graph once more (each component's export holds one beside its result),
+    and the scheduler and tokenizer files."""
+    from .schema import check_loadable
+
+    todo = [c for c in components if (manifest.components.get(c) or {}).get("key") != keys[c]]
+    sources = tuple(dict.fromkeys(specs[c].source for c in todo))
+    params = check_loadable(info, sources)
+    share = {"vae_decoder": 0.6, "vae_encoder": 0.4}  # of the VAE's parameters, roughly (SD 1.5: 0.59 / 0.41)
+    fp32 = {c: 4 * params[specs[c].source] * share.get(c, 1.0) for c in todo}
+    pipeline_files = sum(p.stat().st_size for part in info.root.iterdir() if part.is_dir()
+                         and part.name.startswith(("scheduler", "tokenizer")) for p in part.rglob("*")
+                         if p.is_file()) + (info.root / "model_index.json").stat().st_size
+    need = pipeline_files + (sum(b * (0.5 if dtype == "fp16" else 1.0) for b in fp32.values()) + max(fp32.values())
+                             if fp32 else 0)
+    limits.check_disk(out, need, f"exporting {', '.join(todo) or 'the pipeline files'} ({dtype})")
+
+
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
            components: Iterable[str] | None = None, max_images: int = 4, min_size: int | None = None,
            max_size: int | None = None, force: bool = False,
@@ -208,9 +242,9 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         raise UsageError(f"--dtype {dtype}: choose fp32 or fp16")
     if not 14 <= opset <= 21:
         raise UsageError(f"--opset {opset}: supported opsets are 14 to 21")
-    info = resolve_model(model, progress=say)
     out = Path(out)
-    _check_out_against_model(out, info)
+    check_export_output(model, out, max_images)
+    info = resolve_model(model, progress=say)
     family = info.family
     known = family.components(info)
     components = list(dict.fromkeys(components or known))
@@ -218,11 +252,16 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
     if unknown:
         raise UsageError(f"unknown component(s) {', '.join(unknown)} (a {family.description} model has "
                          f"{', '.join(known)})")
+    for option, value in (("--min-size", min_size), ("--max-size", max_size)):
+        if value is not None:
+            limits.check_side(option, value, info.image_size)
     ranges = ShapeRanges.for_model(info, max_images=max_images, min_size=min_size, max_size=max_size)
     specs = family.specs(info, ranges)
     for part in family.tokenizer_parts:  # an empty or foreign tokenizer would give every prompt the same image
         if part in info.tokenizer_max_lengths:
             info.load_tokenizer(part)
+    check_export_space(info, specs, components, dtype, out, Manifest.load_or_new(out) if out.is_dir() else Manifest(out),
+                       {name: _export_key(info, dtype, opset, ranges, specs[name]) for name in components})
     model_record = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,
                     "family": info.family_name, "pipeline_class": info.pipeline_class,
                     "vae_scale_factor": info.vae_scale_factor, "vae_scaling_factor": info.vae_scaling_factor,
@@ -295,13 +334,3 @@ def _drop_artifact(txn: Transaction, section: str, name: str) -> None:
         for rel, _ in Manifest.entry_files(entry):
             if txn.root.joinpath(rel).exists():
                 txn.remove(rel)
-
-
-def _check_out_against_model(out: Path, info: ModelInfo) -> None:
-    """The export must not write into the model it reads (nor hold it)."""
-    out_r, model_r = out.resolve(), info.root.resolve()
-    if out_r == model_r or model_r in out_r.parents:
-        raise UsageError(f"-o {out}: inside the model directory {info.root}; exporting there would overwrite the "
-                         "source weights: choose another directory")
-    if out_r in model_r.parents:
-        raise UsageError(f"-o {out}: holds the model directory {info.root}; choose a directory outside it")

@@ -12,11 +12,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import re
 import secrets
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +30,24 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+def check_regular(path: str | os.PathLike, error: type = IntegrityError) -> None:
+    """Refuse what is not a regular file (after following links): reading a FIFO blocks forever, and a
+    link to /dev/zero or a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: missing{' (a dangling symbolic link)' if os.path.islink(path) else ''}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a regular file")
+        raise error(f"{path}: is {kind}, not a regular file; refusing to read it")
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22, error: type = IntegrityError) -> str:
+    check_regular(path, error)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
@@ -36,12 +55,12 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def sha256_files(paths: list[Path], root: Path) -> str:
+def sha256_files(paths: list[Path], root: Path, error: type = IntegrityError) -> str:
     """One digest over several files: their paths relative to ``root`` and contents."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(str(path.relative_to(root)).encode())
-        digest.update(sha256_file(path).encode())
+        digest.update(sha256_file(path, error=error).encode())
     return digest.hexdigest()
 
 
@@ -128,11 +147,22 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def finite_json(data: Any) -> Any:
+    """``data`` with every non-finite float as null: JSON has no NaN or Infinity (an infinite error
+    metric, a PSNR of identical images), and strict readers refuse them."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Strict JSON (a NaN or infinity is a bug upstream, never written), atomically."""
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    """Strict JSON (``allow_nan=False``; non-finite numbers become null), written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(finite_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -177,6 +207,9 @@ class Manifest:
         root = Path(root)
         path = root / MANIFEST_NAME
         if not path.is_file():
+            if (root / "model_index.json").is_file():  # a diffusers model, not an export of one
+                raise IntegrityError(f"{root} is a diffusers model directory, not an export; export it into "
+                                     f"another directory first: sdexport export {root} -o {root}-onnx")
             raise IntegrityError(f"{root}: no {MANIFEST_NAME}; run 'sdexport export MODEL -o {root}' first")
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
@@ -188,6 +221,9 @@ class Manifest:
             raise IntegrityError(f"{path}: cannot be read ({exc.strerror})") from None
         manifest = cls(root, data)
         manifest.check_shape()
+        from .schema import check_manifest
+
+        check_manifest(manifest.data, path)
         return manifest
 
     def check_shape(self) -> None:
@@ -203,7 +239,10 @@ class Manifest:
             for name, entry in value.items():
                 if not isinstance(entry.get("file"), str) or not isinstance(entry.get("sha256"), str):
                     raise IntegrityError(f"{where}: {section}.{name} has no file/sha256; re-export")
-                for extra in entry.get("external_data", []) + entry.get("files", []):
+                extras = [entry.get("external_data", []), entry.get("files", [])]
+                if not all(isinstance(e, list) for e in extras):
+                    raise IntegrityError(f"{where}: {section}.{name} lists its files malformed; re-export")
+                for extra in extras[0] + extras[1]:
                     if not isinstance(extra, dict) or not isinstance(extra.get("file"), str) \
                             or not isinstance(extra.get("sha256"), str):
                         raise IntegrityError(f"{where}: {section}.{name} lists a malformed file; re-export")

@@ -7,8 +7,8 @@ so a real checkpoint that sets them differently exports correctly.
 
 Presets are written as ordinary diffusers directories (``StableDiffusionPipeline
 .save_pretrained``), so tests and benchmarks go through the same loading code as
-real checkpoints. Their tokenizer is the real CLIP BPE vocabulary, taken from
-the ``bpe_simple_vocab_16e6.txt.gz`` file that open_clip_torch's wheel ships.
+real checkpoints. Their tokenizer is the real CLIP BPE vocabulary
+(``bpe_simple_vocab_16e6.txt.gz``, shipped in ``sdexport/data``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .manifest import atomic_dir, sha256_files
+from .manifest import _temp_name, atomic_dir, sha256_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 
@@ -177,29 +178,21 @@ PRESETS: dict[str, Preset] = {
 }
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-BPE_PACKAGE = "open_clip_torch==3.3.0"
 
 
 def clip_bpe_path() -> Path:
-    """Locate the CLIP BPE merges file: ``$SDEXPORT_CLIP_BPE`` or open_clip_torch's wheel.
-
-    The package is found without importing it (open_clip's import pulls torchvision).
-    """
+    """The CLIP BPE merges file: ``$SDEXPORT_CLIP_BPE``, else the copy sdexport ships as package data
+    (``sdexport/data``, MIT, from open_clip_torch's wheel), so no second install step is needed."""
     env = os.environ.get("SDEXPORT_CLIP_BPE")
     if env:
         if not Path(env).is_file():
             raise ModelError(f"SDEXPORT_CLIP_BPE={env}: no such file")
         return Path(env)
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / BPE_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelError(
-        f"the CLIP BPE vocabulary ({BPE_FILE}) was not found: "
-        f"'pip install --no-deps {BPE_PACKAGE}' or set SDEXPORT_CLIP_BPE to the file")
+    shipped = Path(__file__).resolve().parent / "data" / BPE_FILE
+    if not shipped.is_file():
+        raise ModelError(f"the CLIP BPE vocabulary {shipped} is missing from this installation; reinstall "
+                         "sdexport, or set SDEXPORT_CLIP_BPE to a copy of the file")
+    return shipped
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -245,12 +238,30 @@ def build_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
         return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=max_length)
 
 
-def write_preset(name: str, out: str | os.PathLike, progress=None) -> Path:
+PRESET_MARK = "SDEXPORT_PRESET.txt"
+
+
+def is_preset_dir(path: Path, name: str) -> bool:
+    """Whether ``path`` is a directory that ``write_preset(name, ...)`` wrote."""
+    try:
+        return (path / "model_index.json").is_file() and \
+            (path / PRESET_MARK).read_text().startswith(f"sdexport preset '{name}'")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_preset(name: str, out: str | os.PathLike, progress=None, option: str = "-o") -> Path:
     """Write preset ``name`` as a diffusers directory at ``out`` (atomically), with its family's reference
-    pipeline class: what ``from_pretrained`` of that class loads."""
+    pipeline class: what ``from_pretrained`` of that class loads. ``out`` must be new, empty, or already this
+    preset: anything else it holds would be replaced, so it is refused first."""
+    from .paths import check_new_or_empty_dir, check_output
+
     if name not in PRESETS:
         raise ModelError(f"unknown preset '{name}' (presets: {', '.join(PRESETS)})")
     preset = PRESETS[name]
+    out = Path(out)
+    check_output(option, out, kind="dir")
+    check_new_or_empty_dir(option, out, f"the '{name}' preset", ok=is_preset_dir(out, name))
     import diffusers
     import torch
     import transformers
@@ -273,9 +284,10 @@ def write_preset(name: str, out: str | os.PathLike, progress=None) -> Path:
         parts[tokenizer] = build_tokenizer(config["max_position_embeddings"], family.preset_pad_tokens[tokenizer])
     parts["scheduler"] = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
     pipe = getattr(diffusers, family.reference_pipeline)(**parts, **family.preset_pipeline_kwargs)
-    out = Path(out)
     say(f"saving {name} to {out}")
-    with atomic_dir(out) as tmp:
+    # Over this same preset (checked above): written beside it, then swapped in, so it is never half there.
+    target = _temp_name(out) if out.is_dir() and any(out.iterdir()) else out
+    with atomic_dir(target) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Keep keys a scheduler ignores but others read (SD 1.5's file has clip_sample=false).
         sched_path = tmp / "scheduler" / "scheduler_config.json"
@@ -283,13 +295,31 @@ def write_preset(name: str, out: str | os.PathLike, progress=None) -> Path:
         # transformers 5 saves only tokenizer.json; 4.x (and tools pinned to it) need vocab.json + merges.txt.
         for part in preset.text_encoders:
             write_clip_tokenizer_files(tmp / part.replace("text_encoder", "tokenizer"))
-        (tmp / "SDEXPORT_PRESET.txt").write_text(
+        (tmp / PRESET_MARK).write_text(
             f"sdexport preset '{name}': {preset.description}\nseed {preset.seed}\n")
+    if target != out:
+        old = _temp_name(out)
+        os.replace(out, old)
+        os.replace(target, out)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SDEXPORT_CACHE", Path.home() / ".cache" / "sdexport"))
+
+
+def preset_cache_path(name: str) -> Path:
+    from . import __version__
+
+    return cache_dir() / "presets" / f"{name}-{__version__}"
+
+
+def model_path(model: str | os.PathLike) -> Path | None:
+    """Where ``resolve_model`` finds ``model`` (a directory, or a preset's cache), without writing anything."""
+    if Path(model).exists():
+        return Path(model)
+    return preset_cache_path(str(model)) if str(model) in PRESETS else None
 
 
 def resolve_model(model: str | os.PathLike, progress=None) -> "ModelInfo":
@@ -298,38 +328,24 @@ def resolve_model(model: str | os.PathLike, progress=None) -> "ModelInfo":
     if path.exists():
         return ModelInfo.open(path)
     if str(model) in PRESETS:
-        from . import __version__
-
         from .manifest import ExportLock
 
-        cached = cache_dir() / "presets" / f"{model}-{__version__}"
+        cached = preset_cache_path(str(model))
         if not (cached / "model_index.json").is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
             # One writer per preset: concurrent commands wait for the first to write it, then reuse it.
             with ExportLock(cached.parent, True, f"preset {model}", progress):
                 if not (cached / "model_index.json").is_file():
-                    write_preset(str(model), cached, progress)
+                    write_preset(str(model), cached, progress, option="the preset cache")
         return ModelInfo.open(cached, preset=str(model))
     raise ModelError(f"{model}: no such directory, and not a preset name (presets: {', '.join(PRESETS)})")
 
 
-def _read_config(path: Path, what: str = "config") -> dict[str, Any]:
-    """A JSON object from a model directory; anything else is one ModelError naming the file."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing; not a diffusers model directory") from None
-    except IsADirectoryError:
-        raise ModelError(f"{path}: a directory, expected a JSON file") from None
-    except UnicodeDecodeError:
-        raise ModelError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot be read ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: the {what} must be a JSON object, not a {type(data).__name__}")
-    return data
+def _read_config(path: Path, what: str = "") -> dict[str, Any]:
+    """A JSON object from a model directory (schema.read_json_object); anything else is one ModelError."""
+    from .schema import read_json_object
+
+    return read_json_object(path, ModelError, what)
 
 
 # torch classes sdexport loads, by diffusers folder (model_index.json names the class; these are the ones we run).
@@ -363,18 +379,22 @@ class ModelInfo:
         if not root.is_dir():
             raise ModelError(f"{root}: not a directory")
         index_path = root / "model_index.json"
-        if not index_path.is_file():
+        if not index_path.exists() and not index_path.is_symlink():
             if (root / "manifest.json").is_file():
                 raise ModelError(f"{root}: an sdexport export, not a diffusers model; commands that take MODEL "
                                  "need the diffusers directory it was exported from")
             raise ModelError(f"{root}: no model_index.json; not a diffusers pipeline directory")
-        index = _read_config(index_path, "pipeline index")
+        from .schema import check_config, check_regular_files
+
+        index = _read_config(index_path, "the pipeline index")
+        check_config("model_index", index, str(index_path))
         family = family_for(index, root)
         parts = family.parts_of(index)
         missing = [part for part in parts if not (root / part).is_dir()]
         if missing:
             raise ModelError(f"{root}: missing {', '.join(p + '/' for p in missing)}; not a complete "
                              f"{family.description} directory")
+        check_regular_files(root, tuple(parts))
         configs = {part: _read_config(root / part / "config.json") for part in parts
                    if part in TORCH_CLASSES}
         lengths = {}
@@ -484,7 +504,7 @@ class ModelInfo:
         if not files:
             raise ModelError(f"{self.root}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in "
                              f"{', '.join(p for p in self.family.weight_parts if p in self.configs)}")
-        return sha256_files(files, self.root)
+        return sha256_files(files, self.root, error=ModelError)
 
     # --- loading -------------------------------------------------------------------
     def load_tokenizer(self, part: str = "tokenizer"):
@@ -519,7 +539,10 @@ class ModelInfo:
         """Load one torch module (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) in eval mode."""
         import torch
 
+        from .schema import check_loadable
+
         cls = self.torch_class(part)
+        check_loadable(self, (part,))  # before any allocation: a config it cannot build, or too big for here
         dtype = dtype or torch.float32
         with _quiet_loading():
             try:
@@ -542,53 +565,15 @@ def _tokenizer_length(folder: Path, encoder_config: dict[str, Any]) -> int:
 
 # Bounds for config values that size tensors: beyond them a config is corrupt or hostile (a UNet with
 # 10^9 channels would allocate terabytes before failing).
-_INT_FIELDS = {
-    "unet": {"in_channels": (1, 64), "out_channels": (1, 64), "sample_size": (1, 1024),
-             "cross_attention_dim": (1, 16384), "layers_per_block": (1, 16), "norm_num_groups": (1, 1024)},
-    "vae": {"in_channels": (1, 16), "out_channels": (1, 16), "latent_channels": (1, 64), "sample_size": (1, 8192),
-            "layers_per_block": (1, 16), "norm_num_groups": (1, 1024)},
-    "text_encoder": {"hidden_size": (1, 16384), "vocab_size": (3, 1 << 20), "max_position_embeddings": (1, 4096),
-                     "num_hidden_layers": (1, 128), "intermediate_size": (1, 65536), "num_attention_heads": (1, 256),
-                     "projection_dim": (1, 16384)},
-}
-_INT_FIELDS["text_encoder_2"] = _INT_FIELDS["text_encoder"]
-_MAX_CHANNELS = 16384
-
-
 def check_configs(info: "ModelInfo") -> None:
-    for part, fields in _INT_FIELDS.items():
-        config = info.configs.get(part)
-        if config is None:
-            continue
-        where = info.root / part / "config.json"
-        for key, (lo, hi) in fields.items():
-            if key not in config or (key == "sample_size" and isinstance(config[key], list)):
-                continue
-            value = config[key]
-            if isinstance(value, list) and key == "cross_attention_dim":
-                values = value
-            else:
-                values = [value]
-            for v in values:
-                if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                    raise ModelError(f"{where}: {key} = {json.dumps(value)[:60]} is not an integer in [{lo}, {hi}]")
-        for key in ("block_out_channels",):
-            if key in config:
-                value = config[key]
-                if not isinstance(value, list) or not value or not all(
-                        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_CHANNELS for v in value):
-                    raise ModelError(f"{where}: {key} = {json.dumps(value)[:60]} is not a list of channel counts "
-                                     f"in [1, {_MAX_CHANNELS}]")
-        for key in ("down_block_types", "up_block_types"):
-            if key in config and (not isinstance(config[key], list) or not config[key]
-                                  or not all(isinstance(v, str) for v in config[key])):
-                raise ModelError(f"{where}: {key} must be a non-empty list of block names")
-        if "scaling_factor" in config and (not isinstance(config["scaling_factor"], (int, float))
-                                           or isinstance(config["scaling_factor"], bool)
-                                           or not 0 < config["scaling_factor"] < 1e3):
-            raise ModelError(f"{where}: scaling_factor = {config['scaling_factor']!r} is not a positive number")
-    if not isinstance(info.scheduler_config.get("_class_name"), str):
-        raise ModelError(f"{info.root}/scheduler/scheduler_config.json: no scheduler _class_name")
+    """Every config's fields by type and bound (schema.CONFIG_FIELDS: one table for models and manifests)."""
+    from .schema import check_model_configs
+
+    configs = {part: config for part, config in info.configs.items()}
+    configs["scheduler"] = info.scheduler_config
+    check_model_configs(info.root, configs, where={
+        part: str(info.root / part / ("scheduler_config.json" if part == "scheduler" else "config.json"))
+        for part in configs})
 
 
 @contextlib.contextmanager

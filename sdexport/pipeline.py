@@ -26,7 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import math
+import json
 import sys
 from typing import Any, Callable
 
@@ -77,16 +77,16 @@ def _noise_unused(sched, eta: float = 0.0) -> bool:
 
 def check_request(ranges, steps: int, guidance_scale: float, geo: Geometry, scheduler_config: dict | None = None
                   ) -> None:
-    """Reject a generation request before any work: bad steps/guidance, or a shape outside the export."""
-    if not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"--steps {steps}: must be at least 1")
+    """Reject a generation request before any work: bad steps/guidance (limits.py), or a shape outside the export."""
+    from . import limits
+
+    limits.count("--steps", steps, 1, limits.MAX_STEPS)
     train = int((scheduler_config or {}).get("num_train_timesteps", 1000) or 1000)
     if steps > train:
         raise UsageError(f"--steps {steps}: the scheduler was trained with {train} timesteps; use at most {train}")
-    if not math.isfinite(guidance_scale):
-        raise UsageError(f"--guidance-scale {guidance_scale}: must be a finite number")
-    if guidance_scale < 0:
-        raise UsageError(f"--guidance-scale {guidance_scale}: must not be negative")
+    limits.guidance("--guidance-scale", guidance_scale)
+    for option, value in (("--height", geo.height), ("--width", geo.width), ("--batch-size", geo.images)):
+        limits.count(option, value, 1)
     ranges.check(geo)
 
 
@@ -226,8 +226,8 @@ class Pipeline:
         defaults = self.family.request_defaults(self.info)
         steps = defaults["steps"] if steps is None else steps
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        height = height or self.ranges.opt_size
-        width = width or self.ranges.opt_size
+        height = self.ranges.opt_size if height is None else height
+        width = self.ranges.opt_size if width is None else width
         self.family.check_text_to_image(self.info)
         options = self.family.check_options(self.info, options)
         guidance = self.family.guidance(self.info, guidance_scale)
@@ -416,21 +416,40 @@ class _StepGraphs:
         return self.result.clone()  # the graphs' buffer is overwritten by the next request
 
 
-def save_images(result: GenerationResult, path, metadata: dict[str, Any]) -> list[str]:
-    """Write PNG(s) (``name.png``, or ``name-0.png``... for a batch) and a JSON sidecar, atomically."""
+def image_paths(path, images: int):
+    """What ``infer -o FILE.png`` writes: ``FILE.png`` (or ``FILE-0.png``, ``FILE-1.png``... for a batch)
+    and the sidecar ``FILE.json``."""
     from pathlib import Path
+
+    path = Path(path)
+    if path.suffix.lower() != ".png" or path.name.startswith("."):
+        raise UsageError(f"-o {path}: the output must be a .png file")
+    names = [path] if images == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(images)]
+    return names, path.with_suffix(".json")
+
+
+def save_images(result: GenerationResult, path, metadata: dict[str, Any]) -> list[str]:
+    """Write PNG(s) and the JSON sidecar as one set (paths.write_set): all of them, or none."""
+    import io
 
     from PIL import Image
 
-    from .manifest import atomic_path, write_json
+    from .manifest import finite_json
+    from .paths import write_set
 
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"-o {path}: the output must be a .png file")
+    if not np.isfinite(result.images).all():  # uint8 would turn NaN into black pixels
+        from .errors import ValidationFailed
+
+        raise ValidationFailed("the generation produced NaN/Inf pixels; no image was written (an engine out of "
+                               "its numeric range: run 'sdexport validate' on the export)")
     images = result.uint8()
-    names = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(len(images))]
+    names, sidecar = image_paths(path, len(images))
+    files = []
     for img, name in zip(images, names):
-        with atomic_path(name, suffix=".png") as tmp:
-            Image.fromarray(img).save(tmp, format="PNG")
-    write_json(path.with_suffix(".json"), {**metadata, "images": [str(n) for n in names]})
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="PNG")
+        files.append((name, buffer.getvalue()))
+    meta = {**metadata, "images": [str(n) for n in names]}
+    files.append((sidecar, (json.dumps(finite_json(meta), indent=2, allow_nan=False) + "\n").encode()))
+    write_set(files)  # the sidecar last: it names the images
     return [str(n) for n in names]

@@ -30,7 +30,7 @@ import numpy as np
 from .components import FP32_OP_TYPES, ComponentSpec
 from .errors import BackendUnavailable
 
-MODELOPT_INSTALL = "pip install --no-deps nvidia-modelopt==0.47.0 (see README, Install)"
+MODELOPT_INSTALL = "pip install nvidia-modelopt==0.47.0 (a dependency of sdexport: see README, Install)"
 
 
 def _autocast():

@@ -335,7 +335,7 @@ def _modelopt():
         from modelopt.onnx.quantization import quantize as mo_quantize
     except Exception as exc:  # ImportError, or a dependency that fails at import
         raise BackendUnavailable(f"NVIDIA ModelOpt's ONNX quantizer cannot be imported ({str(exc)[:160]}); "
-                                 "pip install --no-deps nvidia-modelopt==0.47.0 (see README, Install)") from None
+                                 "pip install nvidia-modelopt==0.47.0 (a dependency of sdexport: see README, Install)") from None
     return mo_quantize
 
 
@@ -381,14 +381,17 @@ def _run_modelopt(src: Path, out: Path, batches, method: str, excluded: dict[str
             output_path=str(out), log_level="CRITICAL")
 
 
-def _histogram_ranges(src: Path, work: Path, batches, method, large: bool) -> dict[str, tuple[float, float]]:
-    """Entropy/percentile activation ranges from ONNX Runtime's calibrator, one batch at a time.
+def _calibrated_ranges(src: Path, work: Path, batches, method, large: bool) -> dict[str, tuple[float, float]]:
+    """Activation ranges from ONNX Runtime's calibrator (MinMax, entropy or percentile), one batch at a time.
 
-    ``quantize_static`` hands its calibrator the whole reader, and ORT's histogram calibrators keep every
+    ``quantize_static`` would hand its calibrator the whole reader: the histogram calibrators keep every
     calibrated activation of every batch in memory before building histograms (13.8 GB peak for the tiny
-    UNet and 512 samples). Called once per batch, ``collect_data`` folds the batch into the histograms and
-    drops it, so memory stays at one batch."""
-    from onnxruntime.quantization.calibrate import create_calibrator
+    UNet and 512 samples), and MinMax's only bound on memory, ``CalibMaxIntermediateOutputs``, drops the
+    batches it holds without folding them into the ranges in ONNX Runtime 1.31 (every 4th batch clears
+    the rest; a multiple of 4 batches ends in "No data is collected"). Here each batch is folded into the
+    ranges (MinMax: ``compute_data`` merges; histograms: ``collect_data`` folds) and dropped, so memory
+    stays at one batch and every batch counts."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     calibrator = create_calibrator(
         str(src), op_types_to_calibrate=list(QUANTIZABLE_OPS), augmented_model_path=str(work / "augmented.onnx"),
@@ -396,6 +399,9 @@ def _histogram_ranges(src: Path, work: Path, batches, method, large: bool) -> di
         extra_options={"symmetric": True, "percentile": PERCENTILE})
     for batch in batches:
         calibrator.collect_data(_Reader([batch]))
+        if method == CalibrationMethod.MinMax:
+            calibrator.compute_data()
+            calibrator.clear_collected_data()
     ranges = calibrator.compute_data()
     return {name: (float(np.asarray(r.range_value[0]).min()), float(np.asarray(r.range_value[1]).max()))
             for name, r in ranges.items()}
@@ -409,26 +415,22 @@ def _run_ort(src: Path, out: Path, batches, method: str, to_quantize: list[str],
         "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
         "DedicatedQDQPair": False, "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS),
         "CalibTensorRangeSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
-        "CalibMaxIntermediateOutputs": 4,  # MinMax: fold ranges every few batches, bounded memory
     }
-    reader = _Reader(batches)
     with _quiet():
-        if method != "max":
-            # Histogram ranges computed batch by batch, handed to quantize_static as per-tensor overrides;
-            # its own MinMax pass then runs on one batch only.
-            histogram = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
-            ranges = _histogram_ranges(src, out.parent, batches, histogram, large)
-            import onnx
+        # Every method's ranges are computed batch by batch and handed to quantize_static as per-tensor
+        # overrides; its own MinMax pass then runs on one batch only.
+        calibration = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}[method]
+        ranges = _calibrated_ranges(src, out.parent, batches, calibration, large)
+        import onnx
 
-            graph = onnx.load(str(src), load_external_data=False).graph
-            weights = {i.name for i in graph.initializer}
-            wanted = {i for n in graph.node if n.name in set(to_quantize) for i in n.input[:2] if i not in weights}
-            extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                             for name, (lo, hi) in ranges.items()
-                                             if name in wanted}
-            reader = _Reader(batches[:1])
+        graph = onnx.load(str(src), load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
+        wanted = {i for n in graph.node if n.name in set(to_quantize) for i in n.input[:2] if i not in weights}
+        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for name, (lo, hi) in ranges.items() if name in wanted}
         quantize_static(
-            str(src), str(out), reader, quant_format=QuantFormat.QDQ,
+            str(src), str(out), _Reader(batches[:1]), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=to_quantize,
             nodes_to_exclude=list(excluded), per_channel=True, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -460,6 +462,9 @@ def quantize(export_dir: str | Path, calib: str | Path, precision: str = "int8",
     if quantizer == "modelopt" and method == "percentile":
         raise UsageError("--calibration-method percentile: ModelOpt's INT8 calibration has max and entropy only; "
                          "use --quantizer ort (or auto) for percentile")
+    from .paths import check_quantize_outputs
+
+    check_quantize_outputs(export_dir, calib)
     with writing(export_dir, "quantize", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest
@@ -510,6 +515,10 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
             return {**old, "up_to_date": True}
 
     large = bool(source.get("external_data"))
+    from .limits import check_disk
+
+    # The work copy of the FP32 UNet, the quantizer's FP32 Q/DQ graph (weights INT8 or FP32) and the result.
+    check_disk(out, 2.5 * source.get("size_bytes", src.stat().st_size), f"quantizing {src}")
     batches = calibration.batches(BATCH_ROWS_LARGE if large else BATCH_ROWS)
     t0 = time.perf_counter()
     final_dir = out / COMPONENT
@@ -657,7 +666,7 @@ def _upgrade_opset(model):
         return version_converter.convert_version(model, 19)
     except Exception as exc:  # the converter raises plain RuntimeErrors
         raise BackendUnavailable(f"cannot bring the Q/DQ graph to opset 19 without ModelOpt ({exc}); "
-                                 "pip install --no-deps nvidia-modelopt==0.47.0") from None
+                                 "pip install nvidia-modelopt==0.47.0") from None
 
 
 def _smoke_run(path: Path, feed: dict[str, np.ndarray]) -> None:

@@ -135,11 +135,9 @@ def passes(metrics: dict[str, float], thresholds: dict[str, float]) -> bool:
 
 
 def _device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
+    from .limits import device as resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("--device", device or "auto")
 
 
 def backend_runner(export: ExportDir, component: str, backend: str, device: str):
@@ -167,13 +165,20 @@ def _ort_runner(path: Path, name: str, device: str):
 
 def validate(export_dir: str | Path, backend: str = "ort", device: str | None = None,
              components: list[str] | None = None, geometries: list[Geometry] | None = None,
-             say: Callable[[str], None] = lambda msg: None, write_report: bool = True) -> dict[str, Any]:
+             say: Callable[[str], None] = lambda msg: None, write_report: bool = True,
+             model_dir: str | Path | None = None) -> dict[str, Any]:
     from polygraphy.logger import G_LOGGER
+
+    from .paths import check_output, source_inputs
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
-    export = ExportDir.open(export_dir)
+    export = ExportDir.open(export_dir, model=model_dir)
+    if write_report:
+        check_output("validate", export.root / "validation.json", source_inputs(export, model_dir),
+                     what=f"{export.root}/validation.json (the report validate writes)")
     device = _device(device)
+    export.source_model()  # the PyTorch reference: found (and its weights checked) before any engine runs
     with _true_fp32(device):
         return _validate(export, export_dir, backend, device, components, geometries, say, write_report)
 

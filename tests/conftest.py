@@ -172,6 +172,81 @@ def sdexport_env(**extra) -> dict[str, str]:
     return env
 
 
+# --- the real CLI in a subprocess (tests/test_reliability_*.py) -------------------------------------------
+def cli(*args, timeout: float = 300, env: dict | None = None, **kwargs):
+    """Run this checkout's sdexport CLI in a subprocess; returns the CompletedProcess (text output).
+    A preset cache of the test session's own (``SDEXPORT_CACHE``) keeps presets out of the user's cache."""
+    import subprocess
+
+    return subprocess.run(sdexport_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=sdexport_env(**(env or {})), errors="surrogateescape", **kwargs)
+
+
+def assert_refused(proc, code: int, *needles: str) -> str:
+    """Exit ``code``, no traceback, exactly one ``error: `` line on stderr, last, naming every needle.
+    Returns that line."""
+    err = proc.stderr
+    assert "Traceback" not in err, err[-3000:]
+    assert proc.returncode == code, (proc.returncode, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+LOCK_NAMES = (".sdexport.lock",)  # sdexport.manifest.LOCK_NAME
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``root`` (links followed), and '<dir>' for directories:
+    what must stay byte-identical when a command is refused."""
+    import hashlib
+
+    root = Path(root)
+    if root.is_file():
+        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.name in LOCK_NAMES:  # the export lock's file: every reader and writer rewrites it
+            continue
+        out[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """Mount a small tmpfs (``mount_tmpfs(size='4m', nr_inodes=None)`` -> its path); skips where the machine
+    does not allow mounting one (not root, or no mount privilege in this container). Unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str = "4m", nr_inodes: int | None = None) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root and mount(8)")
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def preset_cache(tmp_path_factory) -> Path:
+    """SDEXPORT_CACHE for subprocesses: a session-private preset cache."""
+    return tmp_path_factory.mktemp("preset-cache")
 def tensorrt_form_problems(path: Path) -> tuple[dict[str, int], list]:
     """The forms TensorRT's fused attention and NVIDIA's diffusion demo expect, read from an ONNX file:
     each Softmax is Mul(Q), Mul(K) -> MatMul -> Cast to FP32 (-> mask Add) -> Softmax (FP32) -> Cast -> MatMul;

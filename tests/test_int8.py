@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from conftest import assert_error, run_cli, tensorrt_form_problems
-from sdexport.calibration import Reservoir, load_calibration, load_prompts, select_prompts
+from sdexport.calibration import DEFAULT_PROMPTS, Reservoir, load_calibration, load_prompts, select_prompts
 from sdexport.components import Geometry
 from sdexport.errors import UsageError
 from sdexport.manifest import sha256_file
@@ -82,7 +82,7 @@ def test_prompt_file_comments_blank_lines_and_selection(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# a comment\n\n  a red kite  \n   \n#another\nblue sky\n# last\n")
     assert load_prompts(path) == ["a red kite", "blue sky"]
-    shipped = load_prompts(os.path.join(os.path.dirname(__file__), "..", "calibration", "prompts.txt"))
+    shipped = load_prompts(DEFAULT_PROMPTS)
     assert len(shipped) == 362 and len(set(shipped)) == 362
     picked = select_prompts(shipped, 20, seed=0)
     assert len(set(picked)) == 20 and picked == select_prompts(shipped, 20, seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -45,21 +46,33 @@ def test_tokenizer_gives_sd15_ids():
 
 
 def test_tokenizer_matches_open_clip_reference():
-    """open_clip's own SimpleTokenizer (loaded from its file, an independent BPE implementation)."""
+    """OpenAI CLIP's own SimpleTokenizer (tests/reference, as open_clip ships it: an independent BPE
+    implementation) over the BPE file sdexport ships."""
     pytest.importorskip("ftfy")
     pytest.importorskip("regex")
-    path = clip_bpe_path().parent / "tokenizer.py"
-    spec = importlib.util.spec_from_file_location("open_clip_tokenizer_ref", path)
+    path = Path(__file__).resolve().parent / "reference" / "clip_simple_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("clip_simple_tokenizer_ref", path)
     ref_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref_mod)
-    ref = ref_mod.SimpleTokenizer()
+    ref = ref_mod.SimpleTokenizer(clip_bpe_path())
     ours = build_tokenizer()
     prompts = ["A watercolor painting of a lighthouse at dusk, soft light",
                "isometric 3d render of a tiny cafe, pastel colours, 8k",
                "Portrait photo, 85mm lens, f/1.8, bokeh; dramatic rim-lighting!!"]
     for prompt in prompts:
-        want = [t for t in ref(prompt)[0].tolist() if t != 0]
-        assert ours(prompt)["input_ids"] == want
+        assert ours(prompt)["input_ids"] == ref.encode(prompt)
+
+
+def test_clip_bpe_ships_with_the_package():
+    """The vocabulary is package data: no second install step (it was open_clip_torch's wheel before)."""
+    import hashlib
+
+    import sdexport
+
+    path = clip_bpe_path()
+    assert path.parent == Path(sdexport.__file__).resolve().parent / "data"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == \
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
 def test_model_facts_come_from_configs(other_model):

@@ -50,8 +50,10 @@ class OrtEngine(Engine):
 
     def __init__(self, export, component: str, device: str = "cpu", session_options: Any = None,
                  providers: list | None = None, variant: str = "auto", cuda_graph: bool = False,
-                 static=None, tf32: bool | None = None, cuda_options: dict[str, str] | None = None):
-        """``cuda_options``: extra CUDA execution provider options (e.g. ``{"fuse_conv_bias": "1"}``)."""
+                 static=None, tf32: bool | None = None, cuda_options: dict[str, str] | None = None,
+                 threads: int | None = None):
+        """``cuda_options``: extra CUDA execution provider options (e.g. ``{"fuse_conv_bias": "1"}``);
+        ``threads``: ONNX Runtime's intra-op threads (bench sets them; the default is every physical core)."""
         import onnxruntime as ort
 
         super().__init__(export.spec(component), device)
@@ -78,6 +80,9 @@ class OrtEngine(Engine):
             # which is what lets ONNX Runtime capture the run as a CUDA graph.
             opts.add_free_dimension_override_by_name(axis, value)
         opts.log_severity_level = 3
+        if threads:  # bench sets it explicitly (ONNX Runtime's default is every physical core)
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
         self.run_options = ort.RunOptions()
         if not self.cuda:
             # ONNX Runtime's idle threads spin by default; between engine calls they would steal

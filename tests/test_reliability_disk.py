@@ -1,0 +1,71 @@
+"""A full disk (issue 9, item 13) on a small tmpfs: one line naming the path (exit 10) and the space needed
+where it can be known before the work; nothing partial under a final name; a batch of images and its
+sidecar written as one set. ENOSPC during the work is made by a tmpfs without free inodes, so that it
+strikes in the middle of real writes (torch.onnx.export, onnx, PIL) with bytes to spare."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from conftest import assert_refused, cli
+
+INFER = ("--prompt", "a kite", "--steps", "1", "--height", "64", "--width", "64")
+
+
+def _leftovers(root):
+    """Temporary names (``.NAME.XXXX.tmp...``) anywhere under ``root``."""
+    return [p for p in root.rglob(".*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def test_export_refused_before_the_work_when_it_cannot_fit(tiny_model, mount_tmpfs):
+    disk = mount_tmpfs("4m")
+    line = assert_refused(cli("export", tiny_model, "-o", disk / "out"), 10, "needs about", "MiB of disk space",
+                          "free there")
+    assert str(disk / "out") in line
+    assert not (disk / "out").exists() and not list(disk.iterdir())
+
+
+@pytest.mark.slow
+def test_export_when_the_disk_fills_during_the_work(tiny_model, mount_tmpfs):
+    disk = mount_tmpfs("200m", nr_inodes=8)  # room for the first component's files, then ENOSPC
+    proc = cli("export", tiny_model, "-o", disk / "out")
+    line = assert_refused(proc, 10, "no space left on device", "nothing was left under a final name")
+    assert str(disk / "out") in line
+    assert not _leftovers(disk)
+    out = disk / "out"
+    if (out / "manifest.json").exists():  # what completed before the disk filled is whole and listed right
+        manifest = json.loads((out / "manifest.json").read_text())
+        for entry in manifest["components"].values():
+            assert hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_infer_refused_before_generating_when_the_images_cannot_fit(export_fp32, mount_tmpfs):
+    disk = mount_tmpfs("16k")
+    assert_refused(cli("infer", export_fp32, *INFER, "--batch-size", "2", "-o", disk / "b.png"), 10,
+                   "needs about", "free there")
+    assert not list(disk.iterdir())
+
+
+def test_a_batch_and_its_sidecar_are_written_as_one_set(export_fp32, mount_tmpfs):
+    """Two PNGs and the sidecar need three new files; the filesystem has inodes for two: none is written."""
+    disk = mount_tmpfs("8m", nr_inodes=3)
+    proc = cli("infer", export_fp32, *INFER, "--batch-size", "2", "-o", disk / "b.png")
+    assert_refused(proc, 10, "no space left on device", "none was written")
+    assert not list(disk.iterdir())
+
+
+def test_calibrate_refused_before_the_capture(tiny_model, mount_tmpfs):
+    disk = mount_tmpfs("1m")
+    assert_refused(cli("calibrate", tiny_model, "--num-prompts", "1", "-o", disk / "c.npz"), 10, "needs about",
+                   "calibration file")
+    assert not list(disk.iterdir())
+
+
+def test_bench_report_refused_before_timing(export_fp32, mount_tmpfs):
+    disk = mount_tmpfs("16k")
+    (disk / "filler").write_bytes(b"\0" * 12 * 1024)
+    proc = cli("bench", export_fp32, "--steps", "1", "--json", disk / "bench.json")
+    assert_refused(proc, 10, "the report")
+    assert "loading engines" not in proc.stderr and not (disk / "bench.json").exists()

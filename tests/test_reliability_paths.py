@@ -1,0 +1,259 @@
+"""Output paths against every input and artifact, and writability, checked before any work (issue 9:
+items 1, 2, 3, 12 and 20's model-directory hint). Each case runs the real CLI in a subprocess and checks
+the exit code, exactly one ``error:`` line, no traceback, that nothing was created, and that the source
+model and the export are byte-identical afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import assert_refused, cli, tree_digest
+
+
+@pytest.fixture
+def model(tiny_model, tmp_path):
+    """A private copy of the tiny preset (a command that wrongly wrote into it must not spoil the session's)."""
+    return shutil.copytree(tiny_model, tmp_path / "model")
+
+
+@pytest.fixture
+def export(export_fp32, tmp_path):
+    return shutil.copytree(export_fp32, tmp_path / "export")
+
+
+def _untouched(*roots):
+    before = {str(r): tree_digest(r) for r in roots}
+    return lambda: all(tree_digest(r) == before[str(r)] for r in roots)
+
+
+# --- export ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where, needle", [
+    ("model", "would overwrite the model directory"),
+    ("model/sub", "would write inside the model directory"),
+    ("model/unet", "would write inside the model directory"),
+    ("parent", "would contain the model directory"),
+    ("link", "would overwrite the model directory"),  # a symbolic link to the model
+])
+def test_export_output_is_not_the_model(model, tmp_path, where, needle):
+    unchanged = _untouched(model)
+    out = {"model": model, "model/sub": model / "sub", "model/unet": model / "unet", "parent": tmp_path,
+           "link": tmp_path / "link"}[where]
+    if where == "link":
+        os.symlink(model, out)
+    assert_refused(cli("export", model, "-o", out), 2, needle)
+    assert unchanged() and not (model / "sub").exists() and not (model / "manifest.json").exists()
+
+
+def test_export_into_a_directory_that_holds_other_things(model, tiny_model, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine\n")
+    other = shutil.copytree(tiny_model, tmp_path / "other")  # another diffusers model: its unet/ would be replaced
+    unchanged = _untouched(model, notes, other)
+    assert_refused(cli("export", model, "-o", notes), 2, "not empty", "todo.txt")
+    assert_refused(cli("export", model, "-o", other), 2, "not empty", "no manifest.json")
+    assert unchanged()
+
+
+@pytest.mark.parametrize("kind, code, needle", [
+    ("file", 2, "is a file"),
+    ("under-file", 2, "Not a directory"),
+    ("proc", 2, "cannot write in /proc"),
+    ("long-name", 2, "too long"),
+])
+def test_export_output_that_cannot_be_written(model, tmp_path, kind, code, needle):
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under-file": tmp_path / "afile" / "out", "proc": "/proc/sdexport-out",
+           "long-name": tmp_path / ("o" * 240)}[kind]
+    assert_refused(cli("export", model, "-o", out), code, needle)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_export_output_on_a_read_only_filesystem(model, mount_tmpfs):
+    ro = mount_tmpfs("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    assert_refused(cli("export", model, "-o", ro / "out"), 2, "cannot write in", "Read-only file system")
+
+
+def test_export_of_a_preset_into_its_own_cache(tmp_path):
+    cache = tmp_path / "cache"
+    from sdexport import __version__
+
+    out = cache / "presets" / f"tiny-{__version__}"
+    assert_refused(cli("export", "tiny", "-o", out, env={"SDEXPORT_CACHE": cache}), 2, "model directory")
+    assert not out.exists()
+
+
+# --- preset ----------------------------------------------------------------------------------------
+def test_preset_never_replaces_what_a_directory_holds(model, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep me\n")
+    unchanged = _untouched(notes, model)
+    assert_refused(cli("preset", "tiny", "-o", notes), 2, "not empty", "a.txt")
+    # A model directory that is not this preset (another preset's mark, or none) is refused too.
+    (model / "SDEXPORT_PRESET.txt").write_text("sdexport preset 'sd15-random': ...\n")
+    unchanged = _untouched(notes, model)
+    assert_refused(cli("preset", "tiny", "-o", model), 2, "not empty", "'tiny' preset")
+    (tmp_path / "f").write_text("x")
+    assert_refused(cli("preset", "tiny", "-o", tmp_path / "f"), 2, "is a file")
+    assert unchanged() and (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_preset_writes_into_an_empty_directory_and_over_itself(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    first = cli("preset", "tiny", "-o", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / "model_index.json").is_file()
+    again = cli("preset", "tiny", "-o", out)  # already this preset: rewritten, same bytes
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# --- infer ------------------------------------------------------------------------------------------
+INFER = ("--prompt", "a kite", "--steps", "1", "--height", "64", "--width", "64")
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("manifest.png", "sidecar"),             # its sidecar would be OUT/manifest.json
+    ("validation.png", "validation.json"),
+    ("model_index.png", "model_index.json"),
+    ("unet/model.png", "would write inside"),
+    ("tokenizer/x.png", "would write inside"),
+    ("scheduler/scheduler_config.png", "would write inside"),
+    ("engines/new.png", "would write inside"),  # build writes there
+])
+def test_infer_output_onto_the_export(export, name, needle):
+    unchanged = _untouched(export)
+    out = export / name
+    assert_refused(cli("infer", export, *INFER, "-o", out), 2, needle)
+    assert unchanged()
+
+
+def test_infer_output_onto_the_source_model(export, tiny_model, tmp_path):
+    recorded = json.loads((export / "manifest.json").read_text())["model"]["path"]
+    unchanged = _untouched(recorded)
+    assert_refused(cli("infer", export, *INFER, "-o", os.path.join(recorded, "unet", "config.png")), 2,
+                   "part of the source model")
+    assert_refused(cli("infer", export, *INFER, "-o", os.path.join(recorded, "model_index.png")), 2,
+                   "model_index.json")
+    assert unchanged()
+
+
+def test_infer_output_through_a_link_and_in_a_batch(export, tmp_path):
+    unchanged = _untouched(export)
+    os.symlink(export / "manifest.json", tmp_path / "img.json")  # the sidecar name is a link to the manifest
+    assert_refused(cli("infer", export, *INFER, "-o", tmp_path / "img.png"), 2, "manifest.json")
+    os.symlink(export / "unet", tmp_path / "u")
+    assert_refused(cli("infer", export, *INFER, "--batch-size", "2", "-o", tmp_path / "u" / "b.png"), 2,
+                   "would write inside")
+    assert unchanged()
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("proc", "cannot write in /proc"),
+    ("under-file", "Not a directory"),
+    ("directory", "is a directory"),
+    ("not-png", "must be a .png"),
+    ("long", "too long"),
+    ("device", "character device"),
+])
+def test_infer_output_that_cannot_be_written(export_fp32, tmp_path, kind, needle):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "d.png").mkdir()
+    out = {"proc": "/proc/x.png", "under-file": tmp_path / "afile" / "x.png", "directory": tmp_path / "d.png",
+           "not-png": tmp_path / "x.jpg", "long": tmp_path / ("i" * 230 + ".png"), "device": "/dev/null"}[kind]
+    if kind == "device":
+        os.symlink("/dev/null", tmp_path / "null.png")
+        out = tmp_path / "null.png"
+    assert_refused(cli("infer", export_fp32, *INFER, "-o", out), 2, needle)
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_infer_on_a_read_only_filesystem_is_refused_before_generating(export_fp32, mount_tmpfs):
+    ro = mount_tmpfs("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    assert_refused(cli("infer", export_fp32, *INFER, "-o", ro / "x.png"), 2, "Read-only file system")
+
+
+def test_infer_writes_into_the_export_root(export, tmp_path):
+    """The neighbour that must keep working: a new file directly in the export (make demo does this)."""
+    unchanged = _untouched(export)
+    proc = cli("infer", export, *INFER, "-o", export / "image.png")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (export / "image.png").is_file() and (export / "image.json").is_file()
+    (export / "image.png").unlink()
+    (export / "image.json").unlink()
+    assert unchanged()
+
+
+def test_infer_on_a_model_directory_says_to_export_elsewhere(tiny_model, tmp_path):
+    line = assert_refused(cli("infer", tiny_model, *INFER, "-o", tmp_path / "x.png"), 5, "diffusers model directory",
+                          "not an export")
+    assert f"-o {tiny_model} " not in line + " " and f"-o {tiny_model}-onnx" in line
+
+
+# --- bench, calibrate, quantize, build, validate ------------------------------------------------------
+@pytest.mark.parametrize("target, needle", [
+    ("manifest.json", "manifest.json"),
+    ("unet/model.onnx", "unet"),
+    ("validation.json", "validation.json"),
+])
+def test_bench_json_onto_the_export(export, target, needle):
+    unchanged = _untouched(export)
+    assert_refused(cli("bench", export, "--steps", "1", "--json", export / target), 2, needle)
+    assert unchanged()
+
+
+def test_bench_json_onto_the_source_model_or_nowhere(export_fp32, tmp_path):
+    recorded = json.loads((export_fp32 / "manifest.json").read_text())["model"]["path"]
+    unchanged = _untouched(recorded)
+    assert_refused(cli("bench", export_fp32, "--json", os.path.join(recorded, "model_index.json")), 2,
+                   "source model")
+    assert_refused(cli("bench", export_fp32, "--json", "/proc/bench.json"), 2, "/proc")
+    (tmp_path / "dir.json").mkdir()
+    assert_refused(cli("bench", export_fp32, "--json", tmp_path / "dir.json"), 2, "directory")
+    assert unchanged()
+
+
+def test_calibrate_output_onto_its_inputs(model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na lighthouse\n")
+    os.symlink(prompts, tmp_path / "link.npz")
+    unchanged = _untouched(model, prompts)
+    for out, needle in ((prompts, "prompt file"), (tmp_path / "link.npz", "prompt file"),
+                        (model / "unet" / "c.npz", "would write inside"),
+                        (model / "model_index.json", "model_index.json")):
+        assert_refused(cli("calibrate", model, "--prompts", prompts, "--num-prompts", "1", "-o", out), 2, needle)
+    assert unchanged()
+
+
+def test_quantize_calibration_file_inside_what_it_replaces(export, tmp_path):
+    (export / "unet_int8").mkdir(exist_ok=True)
+    calib = export / "unet_int8" / "calib.npz"
+    calib.write_bytes(b"not read")
+    unchanged = _untouched(export)
+    assert_refused(cli("quantize", export, "--calib", calib), 2, "would contain the calibration file")
+    assert unchanged()
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "unet/model.onnx", "model_index.json"])
+def test_build_timing_cache_onto_the_export(export, target):
+    unchanged = _untouched(export)
+    assert_refused(cli("build", export, "--timing-cache", export / target), 2, target.split("/")[-1])
+    assert unchanged()
+
+
+def test_validate_on_a_read_only_export_is_refused_before_running(export_fp32, mount_tmpfs):
+    ro = mount_tmpfs("64m")
+    copy = shutil.copytree(export_fp32, ro / "export")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    assert_refused(cli("validate", copy, "--components", "vae_decoder"), 2, "validation.json",
+                   "Read-only file system")
