@@ -69,7 +69,7 @@ def _module(export: ExportDir, info, component: str, precision: str, device: str
     export shares), the graph changes applied, computing in ``precision`` on ``device``."""
     import torch
 
-    spec = export.spec(component)
+    spec = export.specs[component]
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     if spec.keep_fp32:
         dtype = torch.float32
@@ -125,16 +125,18 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     with writing(export_dir, "build --backend inductor", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest
+        # Packages are compiled from the source model, not from the ONNX files: a component need not have been
+        # exported to ONNX to get one (e.g. an SDXL UNet compiled without its 10 GB FP32 ONNX export).
         names = list(dict.fromkeys(components or export.pipeline_components))
-        unknown = [c for c in names if c not in export.pipeline_components + ["vae_encoder"]
-                   or c not in export.manifest.components]
+        unknown = [c for c in names if c not in export.specs]
         if unknown:
-            raise UsageError(f"--components: {', '.join(unknown)} not exported in {export.root}")
+            raise UsageError(f"--components: {', '.join(unknown)} is not a component of a "
+                             f"{export.family.description} model ({', '.join(export.specs)})")
         section = export.manifest.data.setdefault(SECTION, {})
         info = None
         built = []
         for i, component in enumerate(names, 1):
-            spec = export.spec(component)
+            spec = export.specs[component]
             # N images with the family's default guidance (two UNet rows per image under CFG, one for LCM)
             cfg = export.family.guidance(export.info, 7.5).cfg
             geo = Geometry(max_batch or batch or 1, h, w, guidance=cfg)

@@ -112,8 +112,10 @@ class ExportDir:
         return self.family.specs(self.info, self.ranges)
 
     def spec(self, name: str) -> ComponentSpec:
-        self.manifest.component(name)  # raises if it was not exported
+        """The spec of a component of this export's family (exported to ONNX or not: engines that need its
+        ONNX file check the manifest themselves), or of an artifact made from one (``unet_int8``)."""
         if name in VARIANT_OF:  # same interface as the component it was made from, under its own name
+            self.manifest.component(name)  # raises if it was not made
             return dataclasses.replace(self.specs[VARIANT_OF[name]], name=name)
         if name not in self.specs:
             raise IntegrityError(f"{self.root}: component '{name}' is not part of a {self.family.description} export")

@@ -148,7 +148,7 @@ def backend_runner(export: ExportDir, component: str, backend: str, device: str)
     if backend == "inductor":
         from .backends.inductor import InductorEngine
 
-        return _engine_runner_class()(export.spec(component), f"inductor:{component}",
+        return _engine_runner_class()(export.specs[component], f"inductor:{component}",
                                       engine=InductorEngine(export, component, device), device=device)
     raise UsageError(f"validate --backend {backend}: choose ort, trt or inductor")
 
@@ -237,7 +237,6 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
     results, all_pass = [], True
     targets = []  # (component, label, dtype, runner under test)
     for name in components:
-        entry = export.manifest.component(name)
         if name in engines and backend == "trt":
             runner = EngineRunner(export.spec(name), f"tensorrt:{name}", engine=loaded[name], device=device)
             targets.append((name, name, engines[name]["precision"], runner))
@@ -245,6 +244,7 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
         if name in engines:  # inductor
             targets.append((name, name, engines[name]["precision"], backend_runner(export, name, backend, device)))
             continue
+        entry = export.manifest.component(name)
         targets.append((name, name, entry["precision"]["dtype"], backend_runner(export, name, backend, device)))
         variant = export.manifest.data.get("ort_cuda", {}).get(name)
         if backend == "ort" and device.startswith("cuda") and variant:
@@ -254,7 +254,7 @@ def _validate(export, export_dir, backend, device, components, geometries, say, 
                 export.manifest.verified_path(variant), f"onnxruntime:{name}:ort_cuda", device)))
     for name, label, dtype, runner in targets:
         limits = THRESHOLDS[dtype]
-        spec = export.spec(name)
+        spec = export.specs[name] if backend == "inductor" else export.spec(name)
         reference = EngineRunner(spec, f"torch:{name}", device=device, fallback="cpu" if device != "cpu" else None,
                                  load=lambda dev, name=name: TorchEngine.load_all(export, [name], device=dev,
                                                                                   dtype="fp32")[name])

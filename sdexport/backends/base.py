@@ -154,7 +154,7 @@ def load_engines(export_dir, backend: str, components: list[str] | None = None,
         names = [variant if c == "unet" else c for c in components]
         engines = load_engines(export, backend, names, device=device, dtype=dtype, **options)
         return {("unet" if c == variant else c): engine for c, engine in engines.items()}
-    if backend != "torch":
+    if backend not in ("torch", "inductor"):  # inductor: its ONNX fallbacks are checked where it loads them
         export.check_components(components)
     if backend == "ort":
         from .ort import OrtEngine

@@ -22,7 +22,7 @@ class InductorEngine(Engine):
 
         from ..inductor import check_package
 
-        super().__init__(export.spec(component), device)
+        super().__init__(export.specs[component], device)
         self.path, self.entry = check_package(export, component, device)
         index = torch.device(device).index if device.startswith("cuda") else -1
         self.model = torch._inductor.aoti_load_package(str(self.path), run_single_threaded=True,
@@ -63,6 +63,7 @@ def load_all(export, components: list[str], device: str, **options) -> dict[str,
     from .ort import OrtEngine
 
     packages = export.manifest.data.get("inductor", {})
+    export.check_components([c for c in components if c not in packages])
     engines: dict[str, Engine] = {}
     for c in components:
         if c in packages:
