@@ -51,3 +51,9 @@ class CannotRunHere(SdexportError):
     """Engines exist but cannot execute on this host (no GPU, or a GPU the flavour refuses)."""
 
     exit_code = 8
+
+
+class ServeFailed(SdexportError):
+    """The Triton server could not start or stopped on its own (its log says why)."""
+
+    exit_code = 10
