@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,trt]'
+	$(BIN)/python -m pip install -q -e '.[dev,trt,serve]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 

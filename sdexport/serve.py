@@ -301,8 +301,8 @@ class ImageService:
             self.images_total += len(images)
             self.calls_total += 1
             call = {**{k: round(v, 3) for k, v in result.stage_summary().items()}, "images_in_call": len(images),
-                    "text_cache_hits": self.text_cache.hits - hits, "text_cache_misses": self.text_cache.misses - misses,
-                    "loop": result.loop}
+                    "text_cache_hits": self.text_cache.hits - hits,
+                    "text_cache_misses": self.text_cache.misses - misses, "loop": result.loop}
             for (r, i), pixels in zip(group, result.uint8()):
                 done[r, i] = (pixels, call)
         for r, s in enumerate(served):
@@ -512,8 +512,9 @@ def model_config(options: ServeOptions) -> str:
     """``config.pbtxt`` of the served model (options already resolved)."""
 
     def tensor(f: Field, optional: bool) -> str:
+        dims = ", ".join(map(str, f.dims))
         extra = " optional: true" if optional else ""
-        return f'  {{ name: "{f.name}" data_type: {TRITON_TYPES[f.datatype]} dims: [ {", ".join(map(str, f.dims))} ]{extra} }}'
+        return f'  {{ name: "{f.name}" data_type: {TRITON_TYPES[f.datatype]} dims: [ {dims} ]{extra} }}'
 
     if options.gpus:
         instances = f"  {{ count: 1 kind: KIND_GPU gpus: [ {', '.join(map(str, options.gpus))} ] }}"
@@ -582,13 +583,16 @@ class TritonInstall:
 
     @classmethod
     def find(cls) -> "TritonInstall":
+        """The files of the installed nvidia-pytriton wheel (found, not imported: importing pytriton pulls in
+        its whole client stack, which the server does not use)."""
+        import importlib.util
         import sysconfig
         from importlib import metadata
 
-        try:
-            from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
-        except ImportError:
-            raise BackendUnavailable(f"serving needs nvidia-pytriton: {TRITON_PACKAGES}") from None
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise BackendUnavailable(f"serving needs nvidia-pytriton: {TRITON_PACKAGES}")
+        root = Path(list(spec.submodule_search_locations)[0])
         numpy_version = metadata.version("numpy")
         if int(numpy_version.split(".")[0]) >= 2:
             raise BackendUnavailable(
@@ -596,9 +600,13 @@ class TritonInstall:
                 f"{metadata.version('nvidia-pytriton')} needs numpy < 2 (its stub is built with pybind11 2.10): "
                 "pip install 'numpy<2' (nvidia-pytriton's own requirement)")
         version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        root = get_root_module_path() / "tritonserver"
-        found = cls(binary=root / "bin" / "tritonserver", libs=Path(get_libs_path()),
-                    python_backend=root / "backends" / "python", stub=Path(get_stub_path(version)))
+        libs = root.parent / "nvidia_pytriton.libs"  # auditwheel's directory (an editable install has its own)
+        found = cls(binary=root / "tritonserver" / "bin" / "tritonserver",
+                    libs=libs if libs.is_dir() else root / "tritonserver" / "external_libs",
+                    python_backend=root / "tritonserver" / "backends" / "python",
+                    stub=root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub")
+        if not found.binary.is_file():
+            raise BackendUnavailable(f"{found.binary}: missing from the nvidia-pytriton install; {TRITON_PACKAGES}")
         if not found.stub.is_file():
             raise BackendUnavailable(f"nvidia-pytriton has no Python-backend stub for Python {version} "
                                      f"(it ships 3.8 to 3.13)")
@@ -617,19 +625,35 @@ class TritonInstall:
             (python / src.name).symlink_to(src)
         return python.parent
 
-    def environment(self, **extra: str) -> dict[str, str]:
+    @staticmethod
+    def python_prefix(work: Path) -> Path:
+        """A virtual-environment prefix for the stubs that sees modules exactly as this process does.
+
+        The stub's embedded Python ignores PYTHONPATH and takes its prefix (and so its site-packages) from
+        ``python3`` on PATH; a ``.pth`` file here puts this process's ``sys.path`` first, so the stub imports
+        the numpy, torch and sdexport this process imports (also those found through PYTHONPATH)."""
+        prefix = work / "python"
+        (prefix / "bin").mkdir(parents=True, exist_ok=True)
+        (prefix / "bin" / "python3").symlink_to(os.path.realpath(sys.executable))
+        (prefix / "pyvenv.cfg").write_text(f"home = {Path(os.path.realpath(sys.executable)).parent}\n"
+                                           "include-system-site-packages = false\n")
+        site_packages = prefix / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        site_packages.mkdir(parents=True)
+        paths = [str(Path(__file__).resolve().parent.parent)] + [p for p in sys.path if p and Path(p).exists()]
+        paths = list(dict.fromkeys(paths))
+        (site_packages / "_sdexport_paths.pth").write_text(
+            f"import sys; sys.path[:] = list(dict.fromkeys({paths!r} + sys.path))\n")  # one line, no names
+        return prefix
+
+    def environment(self, work: Path, **extra: str) -> dict[str, str]:
         """Environment of tritonserver and so of the stubs: this interpreter's libpython first on the library
-        path (see the module docstring), then the wheel's libraries; this environment's ``bin`` first on PATH
-        (the stub's embedded Python takes its prefix, and so its site-packages, from ``python3`` on PATH); this
-        sdexport first on the stub's import path."""
+        path (see the module docstring), then the wheel's libraries; the stub prefix's ``bin`` first on PATH."""
         import sysconfig
 
         env = dict(os.environ)
         libdirs = [sysconfig.get_config_var("LIBDIR"), str(self.libs), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs if p)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        here = str(Path(__file__).resolve().parent.parent)
-        env["SDEXPORT_PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("SDEXPORT_PYTHONPATH")) if p)
+        env["PATH"] = os.pathsep.join([str(self.python_prefix(work) / "bin"), env.get("PATH", "")])
         env.update(extra)
         return env
 
@@ -711,9 +735,11 @@ class _Supervisor:
         name, headers = self.options.model_name, {ADMIN_HEADER: self.token, "Content-Type": "application/json"}
         deadline = time.monotonic() + self.options.drain_timeout_s
         conn = http.client.HTTPConnection(self.host, self.options.http_port, timeout=self.options.drain_timeout_s)
-        try:
-            conn.connect()
-        except OSError:
+        try:  # a request answered on it makes it a kept-alive connection, which Triton serves while draining
+            conn.request("GET", "/v2/health/live")
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.say(f"warning: no admin connection ({exc}); Triton drains by itself")
             conn = None
         self.proc.send_signal(signal.SIGTERM)
         drained = False
@@ -728,8 +754,8 @@ class _Supervisor:
                         drained = True
                         break
                     time.sleep(0.05)
-        except (OSError, http.client.HTTPException, ValueError):
-            pass  # Triton went away: its own exit status tells
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self.say(f"warning: admin connection lost while draining ({type(exc).__name__}: {exc})")
         finally:
             if conn is not None:
                 conn.close()
@@ -781,8 +807,9 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
                f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
         say(f"starting tritonserver: {options.model_name} from {options.export_dir} ({options.backend} on "
             f"{'GPU ' + ','.join(map(str, options.gpus)) if options.gpus else 'CPU'}, max batch {options.max_batch})")
-        proc = subprocess.Popen(cmd, env=triton.environment(SDEXPORT_SERVE_STATUS=str(status)), stdout=sys.stderr,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_set_parent_death_signal)
+        env = triton.environment(work, SDEXPORT_SERVE_STATUS=str(status))
+        proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_set_parent_death_signal)
         supervisor = _Supervisor(proc, options, host, token, say)
         stopping: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _: stopping.append(signum))

@@ -89,8 +89,12 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def infer_image(export, tmp_path, name, **kw) -> np.ndarray:
@@ -239,6 +243,41 @@ def test_examples_are_in_the_readme():
     assert CURL_EXAMPLE in readme and CLIENT_EXAMPLE in readme
 
 
+# --- the Triton install and the stub's environment ----------------------------------------------------------
+
+def test_stub_environment_finds_this_libpython_numpy_and_sdexport(tmp_path):
+    """The issue's failure: the stub's dynamic linker found the system's libpython (another patch release).
+    Here this interpreter's LIBDIR comes first, and the stub's Python (``python3`` first on PATH) imports the
+    numpy and the sdexport this process imports."""
+    import sysconfig
+
+    from sdexport.serve import TritonInstall
+
+    triton = TritonInstall.find()
+    env = triton.environment(tmp_path)
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[:2] == [sysconfig.get_config_var("LIBDIR"), str(triton.libs)]
+    python3 = Path(env["PATH"].split(os.pathsep)[0]) / "python3"
+    out = subprocess.run([python3, "-I", "-c", "import sys, numpy, sdexport; print(sys.prefix, numpy.__file__, "
+                          "sdexport.__file__)"], capture_output=True, text=True, env={"PATH": env["PATH"]})
+    prefix, numpy_file, sdexport_file = out.stdout.split()
+    import sdexport
+
+    assert prefix == str(tmp_path / "python")
+    assert numpy_file == np.__file__ and sdexport_file == sdexport.__file__
+
+
+def test_numpy_2_is_refused_with_the_reason(monkeypatch):
+    from importlib import metadata
+
+    from sdexport.errors import BackendUnavailable
+    from sdexport.serve import TritonInstall
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "2.1.0" if name == "numpy" else real(name))
+    with pytest.raises(BackendUnavailable, match=r"numpy 2\.1\.0 .* needs numpy < 2"):
+        TritonInstall.find()
+
+
 # --- CLI errors before any server starts -------------------------------------------------------------------
 
 def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
@@ -290,7 +329,7 @@ def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tm
 def server(export_fp32, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     srv = Server(export_fp32, log, "--max-batch", 4, "--max-queue-delay-ms", 300, "--max-queue-size", 6,
-                 "--warmup", "64x64x4")
+                 "--warmup", "64x64x2")
     yield srv
     srv.stop()
 
@@ -392,49 +431,75 @@ def _stubs_of(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_model_instance_is_reloaded(server):
-    """A crash that kills the instance's process (here SIGKILL) fails the requests it had, and the supervisor
-    reloads the model: the server answers again without a restart."""
-    (stub,) = _stubs_of(server.proc.pid)
-    os.kill(stub, signal.SIGKILL)
-    http = server.http_client()
-    deadline = time.monotonic() + STARTUP_S
-    while True:  # each try is a real request; the failures before the reload are errors, not hangs
-        try:
-            result = request(http, tritonclient_http, prompt="after", steps=1, height=64, width=64)
-            break
-        except InferenceServerException as exc:
-            assert time.monotonic() < deadline, exc.message()
-    assert result.as_numpy("image").shape == (1, 64, 64, 3)
-    assert _stubs_of(server.proc.pid) and stub not in _stubs_of(server.proc.pid)
-    assert "reloading the model" in server.log.read_text()
+def test_readme_examples_against_the_server(server, tmp_path):
+    """The README's curl and tritonclient examples as a new user pastes them (the port aside)."""
+    import shutil
+
+    from PIL import Image
+
+    url = f"localhost:{server.http}"
+    run = subprocess.run([sys.executable, "-c", CLIENT_EXAMPLE.replace("localhost:8000", url)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["images_in_call"] == 1
+    first = np.asarray(Image.open(tmp_path / "image.png"))
+    assert first.shape == (128, 128, 3)
+    if shutil.which("curl"):
+        (tmp_path / "image.png").unlink()
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        run = subprocess.run(["bash", "-c", CURL_EXAMPLE.replace("localhost:8000", url)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "image.png")), first)  # same seed, same image
 
 
 @pytest.mark.slow
-def test_sigterm_answers_in_flight_requests_and_exits_0(server):
-    """Three requests wait in the batcher's 300 ms window (pending in Triton's metrics) when SIGTERM comes:
-    all three are answered, and the server exits 0. Runs last: it stops the module's server."""
-    results: list = [None] * 3
+def test_killed_instance_is_reloaded_and_sigterm_answers_in_flight_requests(export_fp32, tmp_path):
+    """A server of its own (it ends it). A crash that kills the instance's process (here SIGKILL) fails the
+    requests it had, and the supervisor reloads the model: the server answers again without a restart. Then
+    three requests wait in the batcher's 300 ms window (pending in Triton's metrics) when SIGTERM comes: all
+    three are answered and the server exits 0, also with the crashed instance's remains in Triton."""
+    server = Server(export_fp32, tmp_path / "server.log", "--max-batch", 4, "--max-queue-delay-ms", 300,
+                    "--warmup", "64x64")
+    try:
+        (stub,) = _stubs_of(server.proc.pid)
+        os.kill(stub, signal.SIGKILL)
+        http = server.http_client()
+        deadline = time.monotonic() + STARTUP_S
+        while True:  # each try is a real request; the failures before the reload are errors, not hangs
+            try:
+                result = request(http, tritonclient_http, prompt="after", steps=1, height=64, width=64)
+                break
+            except InferenceServerException as exc:
+                assert time.monotonic() < deadline, exc.message()
+        http.close()
+        assert result.as_numpy("image").shape == (1, 64, 64, 3)
+        assert _stubs_of(server.proc.pid) and stub not in _stubs_of(server.proc.pid)
+        assert "reloading the model" in server.log.read_text()
 
-    def send(i):
-        try:
-            results[i] = request(server, tritonclient_http, prompt=f"drain {i}", seed=i, steps=8, height=64,
-                                 width=64).as_numpy("image").shape
-        except Exception as exc:  # noqa: BLE001 -- asserted below
-            results[i] = exc
+        results: list = [None] * 3
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while server.metric("nv_inference_pending_request_count") < 3:
-        assert time.monotonic() < deadline, "requests never pending"
-    server.proc.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join()
-    assert results == [(1, 64, 64, 3)] * 3, results
-    assert server.proc.wait(timeout=60) == 0, server.log_tail()
-    assert "stopped: in-flight requests answered" in server.log.read_text()
+        def send(i):
+            try:
+                results[i] = request(server, tritonclient_http, prompt=f"drain {i}", seed=i, steps=8, height=64,
+                                     width=64).as_numpy("image").shape
+            except Exception as exc:  # noqa: BLE001 -- asserted below
+                results[i] = exc
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while server.metric("nv_inference_pending_request_count") < 3:
+            assert time.monotonic() < deadline, "requests never pending"
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert results == [(1, 64, 64, 3)] * 3, results
+        assert server.proc.wait(timeout=60) == 0, server.log_tail()
+        assert "stopped: in-flight requests answered" in server.log.read_text()
+    finally:
+        server.stop()
 
 
 # --- the repository under the plain tritonserver ------------------------------------------------------------
@@ -490,33 +555,26 @@ def test_written_repository_runs_under_the_bundled_tritonserver(export_fp32, tmp
             proc.wait()
 
 
-# --- the README's examples, as a new user runs them --------------------------------------------------------
-
 @pytest.mark.slow
-def test_readme_examples_against_a_server(export_fp32, tmp_path):
-    import shutil
-
-    log = tmp_path / "server.log"
-    srv = Server(export_fp32, log, "--warmup", "64x64")
-    try:
-        url = f"localhost:{srv.http}"
-        work = tmp_path / "client"
-        work.mkdir()
-        run = subprocess.run([sys.executable, "-c", CLIENT_EXAMPLE.replace("localhost:8000", url)], cwd=work,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert json.loads(run.stdout)["images_in_call"] == 1
-        from PIL import Image
-
-        first = np.asarray(Image.open(work / "image.png"))
-        assert first.shape == (128, 128, 3)
-        if shutil.which("curl"):
-            (work / "image.png").unlink()
-            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-            run = subprocess.run(["bash", "-c", CURL_EXAMPLE.replace("localhost:8000", url)], cwd=work, env=env,
-                                 capture_output=True, text=True, timeout=300)
-            assert run.returncode == 0, run.stderr
-            assert np.array_equal(np.asarray(Image.open(work / "image.png")), first)  # same seed, same image
-    finally:
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(timeout=60) == 0
+def test_load_generator_smoke(server, export_fp32, tmp_path):
+    """benchmarks/serve_load.py end to end on the CPU (the CI smoke level), against the module's server: the
+    bench baseline, two concurrency levels, JSON and Markdown with the run's provenance."""
+    out = tmp_path / "load"
+    args = [export_fp32, "--url", f"127.0.0.1:{server.http}", "--steps", 1, "--size", 64, "--concurrency", "1,2",
+            "--requests-per-client", 2, "--bench-runs", 1, "--compare-concurrency", 1, "--out", out,
+            "--time-limit-s", 300]
+    run = subprocess.run([sys.executable, str(conftest.REPO_ROOT / "benchmarks" / "serve_load.py"), *map(str, args)],
+                         capture_output=True, text=True, timeout=600, env=conftest.sdexport_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "serve_load.json").read_text())
+    for key in ("machine", "versions", "commit", "command"):
+        assert result[key], key
+    (srv,) = result["runs"]
+    assert [lvl["concurrency"] for lvl in srv["levels"]] == [1, 2]
+    for lvl in srv["levels"]:
+        assert lvl["requests"] == 2 * lvl["concurrency"] and lvl["errors"] == 0 and lvl["complete"]
+        la = lvl["latency_ms"]
+        assert 0 < la["p50"] <= la["p90"] <= la["p99"] and lvl["images_per_second"] > 0
+    assert result["baselines"]["1"]["pipeline_total_ms"] > 0
+    assert set(result["targets"]) == {"c1_added_latency", "c1_throughput_vs_bench"}
+    assert "| 1 | 2 | 0 |" in (out / "serve_load.md").read_text()
