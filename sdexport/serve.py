@@ -69,19 +69,19 @@ class Field:
     doc: str = ""
 
 
-INPUTS = (
+INPUTS = (  # the optional ones default to sdexport infer's defaults (request_defaults)
     Field("prompt", "BYTES", required=True, doc="UTF-8 text"),
-    Field("negative_prompt", "BYTES", doc='UTF-8 text (default "")'),
-    Field("seed", "INT64", doc="initial noise (and per-step noise) seed (default 0)"),
-    Field("steps", "INT32", doc="denoising steps (default 30)"),
-    Field("guidance_scale", "FP32", doc="classifier-free guidance, off at <= 1 (default 7.5)"),
-    Field("height", "INT32", doc="pixels (default: the model's native size)"),
-    Field("width", "INT32", doc="pixels (default: the model's native size)"),
-    Field("scheduler", "BYTES", doc='ddim|euler|euler-a|dpm++2m|unipc|pndm ("" or absent: the model\'s own)'),
+    Field("negative_prompt", "BYTES", doc="UTF-8 text"),
+    Field("seed", "INT64", doc="seed of the image's noise (initial, and per step where the scheduler draws it)"),
+    Field("steps", "INT32", doc="denoising steps, 1 to the scheduler's training steps"),
+    Field("guidance_scale", "FP32", doc="classifier-free guidance (off at <= 1), finite, >= 0"),
+    Field("height", "INT32", doc="pixels, inside the export's range (default: native size)"),
+    Field("width", "INT32", doc="pixels, inside the export's range (default: native size)"),
+    Field("scheduler", "BYTES", doc='ddim, euler, euler-a, dpm++2m, unipc or pndm ("": the model\'s own)'),
 )
 OUTPUTS = (
-    Field("image", "UINT8", dims=(-1, -1, 3), doc="height x width x RGB, the pixels infer writes to its PNG"),
-    Field("timings", "BYTES", doc="JSON: per-stage milliseconds of the pipeline call, images in that call, "
+    Field("image", "UINT8", dims=(-1, -1, 3), doc="height x width x RGB: the pixels infer writes to its PNG"),
+    Field("timings", "BYTES", doc="JSON: stage times of the pipeline call that made the image, images in it, "
                                   "text-cache hits"),
 )
 TRITON_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32",
@@ -393,7 +393,7 @@ class TritonPythonModel:
                     t = pb.get_input_tensor_by_name(request, f.name)
                     tensors[f.name] = None if t is None else t.as_numpy()
                 parsed.append(self.service.parse(tensors))
-            except SdexportError as exc:
+            except Exception as exc:  # noqa: BLE001 -- answered as this request's error (_error)
                 parsed.append(exc)
         served = self.service.run(parsed)
         self._count()
@@ -511,10 +511,11 @@ class ServeOptions:
 def model_config(options: ServeOptions) -> str:
     """``config.pbtxt`` of the served model (options already resolved)."""
 
-    def tensor(f: Field, optional: bool) -> str:
+    def tensor(f: Field, optional: bool, last: bool) -> str:
         dims = ", ".join(map(str, f.dims))
         extra = " optional: true" if optional else ""
-        return f'  {{ name: "{f.name}" data_type: {TRITON_TYPES[f.datatype]} dims: [ {dims} ]{extra} }}'
+        return (f'  {{ name: "{f.name}" data_type: {TRITON_TYPES[f.datatype]} dims: [ {dims} ]{extra} }}'
+                f'{"" if last else ","}  # {f.doc}')
 
     if options.gpus:
         instances = f"  {{ count: 1 kind: KIND_GPU gpus: [ {', '.join(map(str, options.gpus))} ] }}"
@@ -527,8 +528,8 @@ def model_config(options: ServeOptions) -> str:
     lines = [
         f"# Written by sdexport serve (sdexport {_version()}). Inputs and outputs: README 'Serving'.",
         f'name: "{options.model_name}"', 'backend: "python"', f"max_batch_size: {options.max_batch}",
-        "input [", ",\n".join(tensor(f, not f.required) for f in INPUTS), "]",
-        "output [", ",\n".join(tensor(f, False) for f in OUTPUTS), "]",
+        "input [", *(tensor(f, not f.required, f is INPUTS[-1]) for f in INPUTS), "]",
+        "output [", *(tensor(f, False, f is OUTPUTS[-1]) for f in OUTPUTS), "]",
         "dynamic_batching {", f"  max_queue_delay_microseconds: {int(options.max_queue_delay_ms * 1000)}",
         f"  default_queue_policy {{ max_queue_size: {options.max_queue_size} }}", "}",
         "instance_group [", instances, "]",
