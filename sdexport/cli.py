@@ -470,11 +470,12 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
                            warmup_steps=warmup_steps, text_cache_size=text_cache_size, step_graph=step_graph,
                            model_name=model_name, address=address, http_port=http_port, grpc_port=grpc_port,
                            metrics_port=metrics_port, drain_timeout_s=drain_timeout_s)
-    if write_repository:
-        path = write(options.resolved(ExportDir.open(export_dir)), write_repository)
-        click.echo(str(path))
-        return
-    sys.exit(run(options, say=say, announce=lambda line: click.echo(line)))
+    with reading(export_dir):  # the export does not change under a running server (writers wait)
+        if write_repository:
+            click.echo(str(write(options.resolved(ExportDir.open(export_dir)), write_repository)))
+            return
+        status = run(options, say=say, announce=lambda line: click.echo(line))
+    sys.exit(status)
 
 
 @cli.command()

@@ -43,14 +43,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import BackendUnavailable, SdexportError, ServeFailed, ShapeError, UsageError
+from .errors import BackendUnavailable, SdexportError, ServeFailed, UsageError
 
 MODEL_NAME = "sdexport"
 # Header that unlocks Triton's model-repository API (model reload) for the supervisor only.
@@ -121,7 +120,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
     """The images of one request (``tensors``: input name -> numpy array of shape [n, 1], or None when absent).
     Raises UsageError/ShapeError whose message starts with the offending input's name."""
     from .components import Geometry
-    from .pipeline import SCHEDULERS
+    from .pipeline import SCHEDULERS, check_request
 
     def bad(name: str, what: str):
         return UsageError(f"{name}: {what}")
@@ -151,12 +150,13 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
                     v = bytes(v).decode("utf-8")
                 except UnicodeDecodeError:
                     raise bad(name, "not UTF-8 text") from None
+            if v is None:  # an absent negative prompt is the empty one
+                v = ""
             if not isinstance(v, str):
                 raise bad(name, f"text expected, got {type(v).__name__}")
             out.append(v)
         return out
 
-    steps_max = export.info.scheduler_config.get("num_train_timesteps", 1000)
     images = []
     for prompt, negative, seed, steps, guidance, height, width, scheduler in zip(
             text("prompt"), text("negative_prompt"), column("seed"), column("steps"), column("guidance_scale"),
@@ -165,16 +165,13 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
         guidance = float(guidance)
         height = int(height) if height is not None else export.ranges.opt_size
         width = int(width) if width is not None else export.ranges.opt_size
-        if not 1 <= steps <= steps_max:
-            raise bad("steps", f"{steps} is outside [1, {steps_max}]")
-        if not math.isfinite(guidance) or guidance < 0:
-            raise bad("guidance_scale", f"{guidance} must be a finite number >= 0")
         if scheduler is not None and scheduler not in SCHEDULERS and scheduler != "":
             raise bad("scheduler", f"unknown '{scheduler}' (choose from {', '.join(SCHEDULERS)})")
-        try:
-            export.ranges.check(Geometry(1, height, width))
-        except ShapeError as exc:
-            raise ShapeError(str(exc)) from None  # "height 72 is not a multiple of ..." names the input
+        try:  # infer's own checks; their messages name the option, here the input
+            check_request(export.ranges, steps, guidance, Geometry(1, height, width), export.info.scheduler_config)
+        except SdexportError as exc:
+            message = str(exc).replace("--guidance-scale", "guidance_scale").replace("--steps", "steps")
+            raise type(exc)(message) from None  # ShapeError's "height 72 is not a multiple ..." names it already
         images.append(ImageRequest(prompt, negative, seed, steps, guidance, height, width, scheduler or None))
     if len({(i.height, i.width) for i in images}) > 1:
         raise bad("height", "the images of one request must share height and width (send one request per size)")

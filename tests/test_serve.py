@@ -161,11 +161,11 @@ def tensors(**values) -> dict:
 
 @pytest.mark.parametrize("values,field", [
     (dict(seed=1), "prompt: missing"),
-    (dict(prompt="x", steps=0), "steps: 0 is outside [1, 1000]"),
-    (dict(prompt="x", steps=1001), "steps: 1001 is outside"),
-    (dict(prompt="x", guidance_scale=float("nan")), "guidance_scale: nan"),
-    (dict(prompt="x", guidance_scale=float("inf")), "guidance_scale: inf"),
-    (dict(prompt="x", guidance_scale=-0.5), "guidance_scale: -0.5"),
+    (dict(prompt="x", steps=0), "steps 0: must be at least 1"),
+    (dict(prompt="x", steps=1001), "steps 1001: the scheduler was trained with 1000"),
+    (dict(prompt="x", guidance_scale=float("nan")), "guidance_scale nan: must be a finite"),
+    (dict(prompt="x", guidance_scale=float("inf")), "guidance_scale inf: must be a finite"),
+    (dict(prompt="x", guidance_scale=-0.5), "guidance_scale -0.5: must not be negative"),
     (dict(prompt="x", scheduler="heun"), "scheduler: unknown 'heun'"),
     (dict(prompt="x", height=72), "height 72 is not a multiple of 16"),
     (dict(prompt="x", width=512), "width 512 is outside the exported range [64, 256]"),
