@@ -497,6 +497,8 @@ class ServeOptions:
             if n > max_batch:
                 raise UsageError(f"--warmup {h}x{w}x{n}: more images than --max-batch {max_batch}")
             ranges.check(Geometry(n, h, w))
+        if not self.model_name or not all(c.isalnum() or c in "._-" for c in self.model_name):
+            raise UsageError(f"--model-name {self.model_name!r}: letters, digits, '.', '_' and '-' only")
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise UsageError(f"ports {ports}: three distinct ports in 1..65535")
@@ -765,6 +767,20 @@ class _Supervisor:
         return drained or self.proc.returncode == 0
 
 
+def _check_ports_free(options: ServeOptions) -> None:
+    """Refuse a port in use now rather than after the engines loaded (Triton binds its ports last)."""
+    import socket
+
+    for flag, port in (("--http-port", options.http_port), ("--grpc-port", options.grpc_port),
+                       ("--metrics-port", options.metrics_port)):
+        with socket.socket(socket.AF_INET6 if ":" in options.address else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((options.address, port))
+            except OSError as exc:
+                raise UsageError(f"{flag} {port}: cannot listen on {options.address}:{port} ({exc.strerror})") from None
+
+
 def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[[str], None]) -> int:
     """Run Triton on the export until SIGTERM/SIGINT; returns 0 once every in-flight request was answered.
     ``announce`` gets one line once the server is ready (engines loaded, warm-up done)."""
@@ -778,6 +794,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
     export = ExportDir.open(options.export_dir)
     options = options.resolved(export)
     triton = TritonInstall.find()
+    _check_ports_free(options)
     if options.device == "cuda":
         import torch
 

@@ -291,6 +291,14 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", export_fp32, "--gpus", "0,x"), 2, "--gpus 0,x")
     assert_error(run_cli("serve", export_fp32, "--http-port", 9000, "--grpc-port", 9000), 2, "distinct ports")
     assert_error(run_cli("serve", export_fp32, "--max-queue-size", 0), 2, "--max-queue-size")
+    assert_error(run_cli("serve", export_fp32, "--model-name", "a/b"), 2, "--model-name 'a/b'")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        http, grpc = free_ports(2)
+        assert_error(run_cli("serve", export_fp32, "--http-port", http, "--grpc-port", grpc, "--metrics-port", port),
+                     2, f"--metrics-port {port}", "cannot listen on 127.0.0.1")
 
 
 def test_write_repository(export_fp32, tmp_path):
