@@ -420,14 +420,19 @@ def test_full_queue_rejects_with_an_overload_error(server):
 
 @pytest.mark.slow
 def test_health_and_prometheus_metrics(server):
-    for path, port in (("/v2/health/live", server.http), ("/v2/health/ready", server.http),
-                       (f"/v2/models/{MODEL}/ready", server.http)):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http}{path}", timeout=10) as resp:
             assert resp.status == 200
-    assert server.metric("sdexport_images_total") >= 5
-    assert server.metric("sdexport_text_cache_hits_total") >= 1
-    assert server.metric("sdexport_text_cache_misses_total") >= 1
-    assert server.metric("nv_inference_request_success") >= 3
+    names = ("sdexport_images_total", "sdexport_pipeline_calls_total", "sdexport_text_cache_hits_total",
+             "sdexport_text_cache_misses_total", "nv_inference_request_success")
+    before = {name: server.metric(name) for name in names}
+    for seed in (1, 2):  # the second request's prompt and negative prompt (new to this server) are cached
+        request(server, tritonclient_http, prompt="metrics, once more", negative_prompt="metrics, negative",
+                seed=seed, steps=1, height=64, width=64)
+    after = {name: server.metric(name) for name in names}
+    assert {name: after[name] - before[name] for name in names} == {
+        "sdexport_images_total": 2, "sdexport_pipeline_calls_total": 2, "sdexport_text_cache_hits_total": 2,
+        "sdexport_text_cache_misses_total": 2, "nv_inference_request_success": 2}
 
 
 def _stubs_of(pid: int) -> list[int]:
