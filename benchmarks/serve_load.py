@@ -266,7 +266,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export")
-    parser.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"])
+    parser.add_argument("--backend", default="ort", choices=["ort", "trt", "torch", "inductor"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--gpus", action="append", default=None, help="one server configuration (repeatable)")
     parser.add_argument("--steps", type=int, default=30)

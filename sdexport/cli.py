@@ -423,7 +423,8 @@ def _ints(text: str | None) -> tuple[int, ...]:
 
 @cli.command(epilog=_serve_epilog())
 @click.argument("export_dir", type=click.Path())
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
+              help="The engines infer runs with this name.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--gpus", default=None, metavar="0,1,...",
               help="One model instance per listed GPU (default with cuda: GPU 0); Triton spreads requests.")
