@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,trt]'
+	$(BIN)/python -m pip install -q -e '.[dev,trt,serve]'
 	touch $@
 
 # Optimum's ORT pipeline needs transformers<4.58, so its interoperability test runs in its own venv.

@@ -532,6 +532,81 @@ def quantize(export_dir, calib, precision, calibration_method, quantizer, exclud
     click.echo(f"{export_dir}/{entry['file']}")
 
 
+def _serve_epilog() -> str:
+    from .serve import CLIENT_EXAMPLE, CURL_EXAMPLE
+
+    block = lambda text: "\b\n" + "\n".join("  " + line for line in text.splitlines())  # noqa: E731
+    return ("\b\nExample request (KServe v2 JSON over HTTP; writes image.png):\n\n" + block(CURL_EXAMPLE)
+            + "\n\n\b\nThe same with tritonclient:\n\n" + block(CLIENT_EXAMPLE))
+
+
+def _ints(text: str | None) -> tuple[int, ...]:
+    from .errors import UsageError
+
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+    except ValueError:
+        raise UsageError(f"--gpus {text}: comma-separated GPU indices, e.g. 0,1") from None
+
+
+@cli.command(epilog=_serve_epilog())
+@click.argument("export_dir", type=click.Path())
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
+              help="The engines infer runs with this name.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--gpus", default=None, metavar="0,1,...",
+              help="One model instance per listed GPU (default with cuda: GPU 0); Triton spreads requests.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Listen address (0.0.0.0: all interfaces).")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics (/metrics).")
+@click.option("--max-batch", type=int, default=None,
+              help="Most images per pipeline call from concurrent requests (default: the export's maximum).")
+@click.option("--max-queue-delay-ms", type=float, default=5.0, show_default=True,
+              help="How long the dynamic batcher waits for more requests when a batch is not full.")
+@click.option("--max-queue-size", type=int, default=32, show_default=True,
+              help="Queued requests beyond this are rejected at once (503, 'Exceeds maximum queue size').")
+@click.option("--warmup", multiple=True, metavar="HxW[xN]",
+              help="Shape to run before reporting ready, N images per call (repeatable; default: native size x1).")
+@click.option("--warmup-steps", type=int, default=2, show_default=True,
+              help="Steps of each warm-up run (with --step-graph: the steps your clients send).")
+@click.option("--text-cache-size", type=int, default=256, show_default=True,
+              help="Prompt embeddings kept (LRU); 0 turns the cache off.")
+@click.option("--step-graph", is_flag=True, help="Capture each denoising step as a CUDA graph (GPU only).")
+@click.option("--model-name", default="sdexport", show_default=True)
+@click.option("--drain-timeout-s", type=int, default=30, show_default=True,
+              help="On SIGTERM/SIGINT: how long in-flight requests may take before the server exits.")
+@click.option("--write-repository", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Write a Triton model repository (config.pbtxt + model.py) for the official Triton container "
+                   "into DIR and exit.")
+@handled
+def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metrics_port, max_batch,
+          max_queue_delay_ms, max_queue_size, warmup, warmup_steps, text_cache_size, step_graph, model_name,
+          drain_timeout_s, write_repository):
+    """Serve EXPORT_DIR on NVIDIA Triton Inference Server (HTTP/gRPC, dynamic batching, metrics).
+
+    Runs the tritonserver shipped in nvidia-pytriton until SIGTERM or Ctrl-C, which drain in-flight requests
+    and exit 0. Prints one 'ready: URL' line on stdout once the engines are loaded and warmed up."""
+    from .runtime import ExportDir
+    from .serve import ServeOptions, parse_warmup, serve as run, write_repository as write
+
+    gpu_list = _ints(gpus)
+    if device == "auto":
+        device = "cuda" if gpu_list else _device("auto")
+    options = ServeOptions(export_dir=export_dir, backend=backend, device=device, gpus=gpu_list,
+                           max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size,
+                           warmup=tuple(parse_warmup(w) for w in warmup) if warmup else None,
+                           warmup_steps=warmup_steps, text_cache_size=text_cache_size, step_graph=step_graph,
+                           model_name=model_name, address=address, http_port=http_port, grpc_port=grpc_port,
+                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s)
+    with reading(export_dir):  # the export does not change under a running server (writers wait)
+        if write_repository:
+            click.echo(str(write(options.resolved(ExportDir.open(export_dir)), write_repository)))
+            return
+        status = run(options, say=say, announce=lambda line: click.echo(line))
+    sys.exit(status)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @handled

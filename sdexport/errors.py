@@ -51,3 +51,15 @@ class CannotRunHere(SdexportError):
     """Engines exist but cannot execute on this host (no GPU, or a GPU the flavour refuses)."""
 
     exit_code = 8
+
+
+class DiskFull(SdexportError):
+    """Not enough disk space for the artifact (found before the work, or the disk filled up during it)."""
+
+    exit_code = 10
+
+
+class ServeFailed(SdexportError):
+    """The Triton server could not start or stopped on its own (its log says why)."""
+
+    exit_code = 11

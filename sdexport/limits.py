@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CannotRunHere, SdexportError, UsageError
+from .errors import CannotRunHere, DiskFull, SdexportError, UsageError  # noqa: F401 (DiskFull: re-exported)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (diffusers' seeds)
 MAX_GUIDANCE = 100.0  # SD uses 1-20; far above, the guided noise overflows into black or NaN images
@@ -31,12 +31,6 @@ MAX_PROMPT_FILE_BYTES = 16 * 2**20
 MAX_PROMPT_FILE_LINES = 200_000
 MEMORY_SHARE = 0.8  # of the memory available now that one allocation may plan to use
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class DiskFull(SdexportError):
-    """Not enough disk space for the artifact (found before the work, or the disk filled up during it)."""
-
-    exit_code = 10
 
 
 # --- option values -----------------------------------------------------------------------------

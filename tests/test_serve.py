@@ -1,0 +1,593 @@
+"""sdexport serve: a real Triton server (the tritonserver binary of nvidia-pytriton) on the tiny preset, in a
+subprocess, driven through tritonclient (HTTP and gRPC); images against `sdexport infer` pixel for pixel.
+
+The module's server waits 300 ms for a batch to fill, so requests fired together are batched, and its queue
+holds 6 requests, so a burst overflows it. Its last test stops it with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import conftest
+from conftest import assert_error, run_cli
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, INPUTS, CachedTextEncoder, ImageService,  # noqa: E402
+                            batch_groups, parse_request)
+
+MODEL = "sdexport"
+STARTUP_S = 180
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    """`sdexport serve` in a subprocess; ready when it prints its 'ready:' line (it prints it only after
+    Triton reports ready, i.e. engines loaded and warm-up done)."""
+
+    def __init__(self, export, log: Path, *args):
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log = log
+        self.proc = subprocess.Popen(
+            conftest.sdexport_cmd("serve", export, "--http-port", self.http, "--grpc-port", self.grpc,
+                                  "--metrics-port", self.metrics, *args),
+            env=conftest.sdexport_env(), stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.ready_line = self._read_ready()
+
+    def _read_ready(self) -> str:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(STARTUP_S)
+        if not lines or not lines[0].startswith("ready:"):
+            self.proc.kill()
+            raise AssertionError(f"server not ready (exit {self.proc.poll()}); log tail:\n{self.log_tail()}")
+        return lines[0]
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def http_client(self):
+        return tritonclient_http.InferenceServerClient(f"127.0.0.1:{self.http}", network_timeout=300,
+                                                       concurrency=16)
+
+    def grpc_client(self):
+        return tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{self.grpc}")
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def metric(self, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics_text().splitlines()
+                   if line.startswith(name + "{") and f'model="{MODEL}"' in line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def infer_image(export, tmp_path, name, **kw) -> np.ndarray:
+    """The image `sdexport infer` writes for these settings (its PNG, decoded)."""
+    from PIL import Image
+
+    out = tmp_path / f"{name}.png"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    result = run_cli("infer", export, "-o", out, *args)
+    assert result.exit_code == 0, result.stderr
+    return np.asarray(Image.open(out))
+
+
+def fire(calls) -> list:
+    """Run the callables at the same moment (a barrier), one thread each; results or exceptions in order."""
+    barrier = threading.Barrier(len(calls))
+    results: list = [None] * len(calls)
+
+    def run(i, call):
+        barrier.wait()
+        try:
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001 -- the test inspects it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def request(server_or_client, module, **values):
+    """One inference; given a Server, on a client of its own (tritonclient clients are not thread-safe)."""
+    from sdexport.serve import client_inputs
+
+    client = server_or_client
+    if isinstance(server_or_client, Server):
+        client = server_or_client.http_client() if module is tritonclient_http else server_or_client.grpc_client()
+    return client.infer(MODEL, client_inputs(module, **values))
+
+
+def timings(result) -> list[dict]:
+    return [json.loads(t[0]) for t in result.as_numpy("timings")]
+
+
+# --- in-process: the service without Triton --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def service(export_fp32):
+    service = ImageService(export_fp32, text_cache_size=3)
+    yield service
+    service.close()
+
+
+def tensors(**values) -> dict:
+    out = {f.name: None for f in INPUTS}
+    for name, value in values.items():
+        out[name] = np.array([[v.encode() if isinstance(v, str) else v] for v in
+                              (value if isinstance(value, list) else [value])], dtype=object)
+    return out
+
+
+@pytest.mark.parametrize("values,field", [
+    (dict(seed=1), "prompt: missing"),
+    (dict(prompt="x", steps=0), "steps 0: must be at least 1"),
+    (dict(prompt="x", steps=1001), "steps 1001: the scheduler was trained with 1000"),
+    (dict(prompt="x", guidance_scale=float("nan")), "guidance_scale nan: must be a finite"),
+    (dict(prompt="x", guidance_scale=float("inf")), "guidance_scale inf: must be a finite"),
+    (dict(prompt="x", guidance_scale=-0.5), "guidance_scale -0.5: must not be negative"),
+    (dict(prompt="x", scheduler="heun"), "scheduler: unknown 'heun'"),
+    (dict(prompt="x", height=72), "height 72 is not a multiple of 16"),
+    (dict(prompt="x", width=512), "width 512 is outside the exported range [64, 256]"),
+    (dict(prompt=b"\xff\xfe"), "prompt: not UTF-8"),
+    (dict(prompt=7), "prompt: text expected"),
+    (dict(prompt=["a", "b"], height=[64, 128]), "height: the images of one request must share"),
+    (dict(prompt=["a", "b"], seed=[1]), "seed: 1 value(s) for the 2 image(s) of 'prompt'"),
+])
+def test_bad_inputs_are_refused_naming_the_input(service, values, field):
+    from sdexport.errors import SdexportError
+
+    with pytest.raises(SdexportError) as exc:
+        service.parse(tensors(**values))
+    assert str(exc.value).startswith(field), str(exc.value)
+
+
+def test_parse_fills_the_infer_defaults_and_accepts_the_edges(service):
+    (image,) = service.parse(tensors(prompt="x"))
+    assert (image.steps, image.guidance_scale, image.seed, image.negative_prompt, image.scheduler) == (30, 7.5, 0, "",
+                                                                                                       None)
+    assert image.height == image.width == 128  # the tiny preset's native size, as in infer
+    edges = service.parse(tensors(prompt=["a", "b"], steps=[1, 1000], guidance_scale=[0.0, 1e6], height=[64, 64],
+                                  width=[256, 256], scheduler=["", "euler-a"], seed=[-(2**63), 2**63 - 1]))
+    assert [e.scheduler for e in edges] == [None, "euler-a"] and edges[1].seed == 2**63 - 1
+
+
+def test_groups_share_shape_steps_scheduler_and_guidance():
+    from sdexport.serve import ImageRequest
+
+    def im(steps=2, h=64, scheduler=None, g=7.5):
+        return ImageRequest("p", "", 0, steps, g, h, 64, scheduler)
+
+    reqs = [[im(), im(steps=3)], [im()], [im(h=128)], [im(scheduler="ddim"), im(g=1.0)], [im(), im()]]
+    groups = batch_groups(reqs, max_images=3)
+    assert groups == [[(0, 0), (1, 0), (4, 0)], [(4, 1)], [(0, 1)], [(2, 0)], [(3, 0)], [(3, 1)]]
+
+
+def test_text_cache_is_bounded_lru_and_gives_the_engines_rows(export_fp32):
+    import torch
+
+    from sdexport.backends import load_engines
+
+    inner = load_engines(export_fp32, "ort", components=["text_encoder"])["text_encoder"]
+    cache = CachedTextEncoder(inner, capacity=2)
+    ids = torch.randint(0, 49407, (4, 77), dtype=torch.int32)
+    first = cache({"input_ids": ids[[0, 1, 0]]})  # row 0 twice: computed once
+    assert (cache.hits, cache.misses, len(cache.rows)) == (1, 2, 2)
+    want = inner({"input_ids": ids[[0, 1, 0]]})
+    for name in want:
+        assert torch.equal(first[name], want[name])
+    cache({"input_ids": ids[[2]]})  # evicts row 1 (least recently used), keeps row 0
+    assert len(cache.rows) == 2 and cache({"input_ids": ids[[0]]}) and cache.hits == 2
+    cache({"input_ids": ids[[1]]})
+    assert cache.misses == 4
+
+
+def test_a_failing_pipeline_call_fails_only_its_requests(service, monkeypatch):
+    call = service.pipe.__call__
+
+    def flaky(prompt, **kw):
+        if kw["steps"] == 2:
+            raise RuntimeError("boom")
+        return call(prompt, **kw)
+
+    monkeypatch.setattr(service, "pipe", flaky)
+    parsed = [service.parse(tensors(prompt="a", steps=1, height=64, width=64)),
+              service.parse(tensors(prompt="b", steps=2, height=64, width=64)), ValueError("bad request")]
+    served = service.run(parsed)
+    assert served[0].error is None and served[0].images.shape == (1, 64, 64, 3)
+    assert isinstance(served[1].error, RuntimeError) and isinstance(served[2].error, ValueError)
+
+
+def test_examples_are_in_the_readme():
+    readme = (conftest.REPO_ROOT / "README.md").read_text()
+    assert CURL_EXAMPLE in readme and CLIENT_EXAMPLE in readme
+
+
+# --- the Triton install and the stub's environment ----------------------------------------------------------
+
+def test_stub_environment_finds_this_libpython_numpy_and_sdexport(tmp_path):
+    """The issue's failure: the stub's dynamic linker found the system's libpython (another patch release).
+    Here this interpreter's LIBDIR comes first, and the stub's Python (``python3`` first on PATH) imports the
+    numpy and the sdexport this process imports."""
+    import sysconfig
+
+    from sdexport.serve import TritonInstall
+
+    triton = TritonInstall.find()
+    env = triton.environment(tmp_path)
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[:2] == [sysconfig.get_config_var("LIBDIR"), str(triton.libs)]
+    python3 = Path(env["PATH"].split(os.pathsep)[0]) / "python3"
+    out = subprocess.run([python3, "-I", "-c", "import sys, numpy, sdexport; print(sys.prefix, numpy.__file__, "
+                          "sdexport.__file__)"], capture_output=True, text=True, env={"PATH": env["PATH"]})
+    prefix, numpy_file, sdexport_file = out.stdout.split()
+    import sdexport
+
+    assert prefix == str(tmp_path / "python")
+    assert numpy_file == np.__file__ and sdexport_file == sdexport.__file__
+
+
+def test_numpy_2_is_refused_with_the_reason(monkeypatch):
+    from importlib import metadata
+
+    from sdexport.errors import BackendUnavailable
+    from sdexport.serve import TritonInstall
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "2.1.0" if name == "numpy" else real(name))
+    with pytest.raises(BackendUnavailable, match=r"numpy 2\.1\.0 .* needs numpy < 2"):
+        TritonInstall.find()
+
+
+# --- CLI errors before any server starts -------------------------------------------------------------------
+
+def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
+    assert_error(run_cli("serve", tmp_path / "nope"), 5, "no such export directory")
+    assert_error(run_cli("serve", export_fp32, "--max-batch", 5), 2, "--max-batch 5", "1 to 4")
+    assert_error(run_cli("serve", export_fp32, "--max-batch", 0), 2, "--max-batch 0")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "72x64"), 4, "height 72")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "64"), 2, "--warmup 64", "HxW")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "64x64x3", "--max-batch", 2), 2, "more images")
+    assert_error(run_cli("serve", export_fp32, "--device", "cpu", "--gpus", "0"), 2, "--gpus needs --device cuda")
+    assert_error(run_cli("serve", export_fp32, "--gpus", "0,x"), 2, "--gpus 0,x")
+    assert_error(run_cli("serve", export_fp32, "--http-port", 9000, "--grpc-port", 9000), 2, "distinct ports")
+    assert_error(run_cli("serve", export_fp32, "--max-queue-size", 0), 2, "--max-queue-size")
+    assert_error(run_cli("serve", export_fp32, "--model-name", "a/b"), 2, "--model-name 'a/b'")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        http, grpc = free_ports(2)
+        assert_error(run_cli("serve", export_fp32, "--http-port", http, "--grpc-port", grpc, "--metrics-port", port),
+                     2, f"--metrics-port {port}", "cannot listen on 127.0.0.1")
+
+
+def test_write_repository(export_fp32, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_cli("serve", export_fp32, "--write-repository", repo, "--device", "cuda", "--gpus", "0,1",
+                     "--max-batch", 3, "--max-queue-delay-ms", 2.5, "--max-queue-size", 7, "--warmup", "64x96x2")
+    assert result.exit_code == 0, result.stderr
+    config = (repo / MODEL / "config.pbtxt").read_text()
+    for needle in ("max_batch_size: 3", "max_queue_delay_microseconds: 2500", "max_queue_size: 7",
+                   "kind: KIND_GPU gpus: [ 0, 1 ]", 'backend: "python"', '"64x96x2"',
+                   f'key: "export_dir" value: {{ string_value: "{Path(export_fp32).resolve()}" }}',
+                   'name: "prompt" data_type: TYPE_STRING dims: [ 1 ] }',
+                   'name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true',
+                   'name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ]'):
+        assert needle in config, needle
+    assert "from sdexport.serve import TritonPythonModel" in (repo / MODEL / "1" / "model.py").read_text()
+    assert sorted(p.name for p in repo.iterdir()) == [MODEL]  # nothing left under a temporary name
+
+
+@pytest.mark.slow
+def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tmp_path):
+    """The TensorRT backend on an export without engines: the model cannot load, and serve says why (the
+    stub's own sdexport error and exit code), instead of a Triton log only."""
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.run(conftest.sdexport_cmd("serve", export_fp32, "--backend", "trt", "--http-port", http,
+                                                "--grpc-port", grpc, "--metrics-port", metrics),
+                          env=conftest.sdexport_env(), capture_output=True, text=True, timeout=STARTUP_S)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode in (5, 7, 8) and last.startswith("error: "), (proc.returncode, proc.stderr[-2000:])
+    assert "ready:" not in proc.stdout
+
+
+# --- the real server ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(export_fp32, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = Server(export_fp32, log, "--max-batch", 4, "--max-queue-delay-ms", 300, "--max-queue-size", 6,
+                 "--warmup", "64x64x2")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_equal_infer(server, export_fp32, tmp_path):
+    """Four images in three concurrent requests (HTTP and gRPC) that send the same set of inputs (Triton
+    batches only those): one execute call; the three that share steps run as one pipeline call."""
+    same = dict(guidance_scale=6.0, height=64, width=96, scheduler="euler-a")
+    calls = [lambda: request(server, tritonclient_http, prompt="a lighthouse", negative_prompt="", seed=1, steps=3,
+                             **same),
+             lambda: request(server, tritonclient_grpc, prompt=["a cat", "a lighthouse"], seed=[2, 3],
+                             negative_prompt=["blurry", ""], steps=3, **same),
+             lambda: request(server, tritonclient_http, prompt="a lighthouse", negative_prompt="", seed=4, steps=2,
+                             **same)]
+    results = fire(calls)
+    for r in results:
+        assert not isinstance(r, Exception), r
+    assert [t["images_in_call"] for r in results for t in timings(r)] == [3, 3, 3, 1]
+    assert results[1].as_numpy("image").shape == (2, 64, 96, 3)
+    assert sum(t["text_cache_hits"] for r in results for t in timings(r)) >= 1  # "a lighthouse" and "" repeat
+    defaults = request(server, tritonclient_http, prompt="a lighthouse", seed=5).as_numpy("image")
+
+    want = [infer_image(export_fp32, tmp_path, "a", prompt="a lighthouse", seed=1, steps=3, **same),
+            infer_image(export_fp32, tmp_path, "b", prompt="a cat", seed=2, negative_prompt="blurry", steps=3,
+                        **same),
+            infer_image(export_fp32, tmp_path, "c", prompt="a lighthouse", seed=3, steps=3, **same),
+            infer_image(export_fp32, tmp_path, "d", prompt="a lighthouse", seed=4, steps=2, **same),
+            infer_image(export_fp32, tmp_path, "e", prompt="a lighthouse", seed=5)]  # infer's defaults
+    got = [results[0].as_numpy("image")[0], *results[1].as_numpy("image"), results[2].as_numpy("image")[0],
+           defaults[0]]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == np.uint8 and g.shape == w.shape and np.array_equal(g, w), \
+            f"image {i}: {(g != w).sum()} pixels differ"
+    assert got[4].shape == (128, 128, 3)  # the tiny preset's native size
+    assert not np.array_equal(got[0], got[2])  # same prompt, other seed
+
+
+@pytest.mark.slow
+def test_bad_requests_get_client_errors_and_the_server_keeps_serving(server):
+    http = server.http_client()
+    import tritonclient.http as h
+
+    def raw(name, datatype, value, shape=(1, 1)):
+        t = h.InferInput(name, list(shape), datatype)
+        t.set_data_from_numpy(np.array(value, dtype={"BYTES": object, "INT32": np.int32, "FP32": np.float32,
+                                                     "INT64": np.int64}[datatype]).reshape(shape))
+        return t
+
+    prompt = raw("prompt", "BYTES", [[b"x"]])
+    cases = [([prompt, raw("scheduler", "BYTES", [[b"heun"]])], "scheduler"),
+             ([prompt, raw("height", "INT32", [[1024]])], "height 1024"),
+             ([prompt, raw("steps", "INT32", [[0]])], "steps"),
+             ([prompt, raw("guidance_scale", "FP32", [[float("nan")]])], "guidance_scale"),
+             ([raw("prompt", "INT32", [[5]])], "'prompt'"),  # Triton checks the datatype: names the input
+             ([raw("seed", "INT64", [[5]])], "prompt: missing"),
+             ([prompt, raw("seed", "FP32", [[1.0]])], "'seed'")]
+    for inputs, needle in cases:
+        with pytest.raises(InferenceServerException) as exc:
+            http.infer(MODEL, inputs)
+        assert exc.value.status() == "400" and needle in exc.value.message(), exc.value.message()
+    # a bad request batched with good ones fails alone
+    results = fire([lambda: request(server, tritonclient_http, prompt="ok", steps=1, height=64, width=64),
+                    lambda: request(server, tritonclient_http, prompt="bad", steps=1, scheduler="nope")])
+    assert results[0].as_numpy("image").shape == (1, 64, 64, 3)
+    assert isinstance(results[1], InferenceServerException) and "scheduler" in results[1].message()
+    assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(MODEL)
+
+
+@pytest.mark.slow
+def test_full_queue_rejects_with_an_overload_error(server):
+    results = fire([lambda i=i: request(server, tritonclient_http, prompt=f"p{i}", seed=i, steps=6, height=64,
+                                        width=64) for i in range(16)])
+    rejected = [r for r in results if isinstance(r, Exception)]
+    answered = [r for r in results if not isinstance(r, Exception)]
+    assert len(answered) >= 4 and len(rejected) >= 6, (len(answered), [str(r) for r in rejected])
+    for r in rejected:
+        assert r.status() == "503" and "Exceeds maximum queue size" in r.message(), r.message()
+
+
+@pytest.mark.slow
+def test_health_and_prometheus_metrics(server):
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http}{path}", timeout=10) as resp:
+            assert resp.status == 200
+    names = ("sdexport_images_total", "sdexport_pipeline_calls_total", "sdexport_text_cache_hits_total",
+             "sdexport_text_cache_misses_total", "nv_inference_request_success")
+    before = {name: server.metric(name) for name in names}
+    for seed in (1, 2):  # the second request's prompt and negative prompt (new to this server) are cached
+        request(server, tritonclient_http, prompt="metrics, once more", negative_prompt="metrics, negative",
+                seed=seed, steps=1, height=64, width=64)
+    after = {name: server.metric(name) for name in names}
+    assert {name: after[name] - before[name] for name in names} == {
+        "sdexport_images_total": 2, "sdexport_pipeline_calls_total": 2, "sdexport_text_cache_hits_total": 2,
+        "sdexport_text_cache_misses_total": 2, "nv_inference_request_success": 2}
+
+
+def _stubs_of(pid: int) -> list[int]:
+    from sdexport.serve import _stub_pids
+
+    tritons = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+               if p.read_text().rsplit(")", 1)[1].split()[1] == str(pid)]
+    return [s for t in tritons for s in _stub_pids(t)]
+
+
+@pytest.mark.slow
+def test_readme_examples_against_the_server(server, tmp_path):
+    """The README's curl and tritonclient examples as a new user pastes them (the port aside)."""
+    import shutil
+
+    from PIL import Image
+
+    url = f"localhost:{server.http}"
+    run = subprocess.run([sys.executable, "-c", CLIENT_EXAMPLE.replace("localhost:8000", url)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["images_in_call"] == 1
+    first = np.asarray(Image.open(tmp_path / "image.png"))
+    assert first.shape == (128, 128, 3)
+    if shutil.which("curl"):
+        (tmp_path / "image.png").unlink()
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        run = subprocess.run(["bash", "-c", CURL_EXAMPLE.replace("localhost:8000", url)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "image.png")), first)  # same seed, same image
+
+
+@pytest.mark.slow
+def test_killed_instance_is_reloaded_and_sigterm_answers_in_flight_requests(export_fp32, tmp_path):
+    """A server of its own (it ends it). A crash that kills the instance's process (here SIGKILL) fails the
+    requests it had, and the supervisor reloads the model: the server answers again without a restart. Then
+    three requests wait in the batcher's 300 ms window (pending in Triton's metrics) when SIGTERM comes: all
+    three are answered and the server exits 0, also with the crashed instance's remains in Triton."""
+    server = Server(export_fp32, tmp_path / "server.log", "--max-batch", 4, "--max-queue-delay-ms", 300,
+                    "--warmup", "64x64")
+    try:
+        (stub,) = _stubs_of(server.proc.pid)
+        os.kill(stub, signal.SIGKILL)
+        http = server.http_client()
+        deadline = time.monotonic() + STARTUP_S
+        while True:  # each try is a real request; the failures before the reload are errors, not hangs
+            try:
+                result = request(http, tritonclient_http, prompt="after", steps=1, height=64, width=64)
+                break
+            except InferenceServerException as exc:
+                assert time.monotonic() < deadline, exc.message()
+        http.close()
+        assert result.as_numpy("image").shape == (1, 64, 64, 3)
+        assert _stubs_of(server.proc.pid) and stub not in _stubs_of(server.proc.pid)
+        assert "reloading the model" in server.log.read_text()
+
+        results: list = [None] * 3
+
+        def send(i):
+            try:
+                results[i] = request(server, tritonclient_http, prompt=f"drain {i}", seed=i, steps=8, height=64,
+                                     width=64).as_numpy("image").shape
+            except Exception as exc:  # noqa: BLE001 -- asserted below
+                results[i] = exc
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while server.metric("nv_inference_pending_request_count") < 3:
+            assert time.monotonic() < deadline, "requests never pending"
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert results == [(1, 64, 64, 3)] * 3, results
+        assert server.proc.wait(timeout=60) == 0, server.log_tail()
+        assert "stopped: in-flight requests answered" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+# --- the repository under the plain tritonserver ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_written_repository_runs_under_the_bundled_tritonserver(export_fp32, tmp_path):
+    """What the official container does with the repository: tritonserver --model-repository DIR, with the
+    Python backend in its backend directory. Built here from the nvidia-pytriton wheel by hand (not through
+    sdexport serve): the stub for this Python, this interpreter's libpython first on the library path, this
+    environment's python3 first on PATH."""
+    import sysconfig
+
+    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+
+    repo = tmp_path / "repo"
+    assert run_cli("serve", export_fp32, "--write-repository", repo, "--warmup", "64x64").exit_code == 0
+    root = get_root_module_path() / "tritonserver"
+    backend = tmp_path / "backends" / "python"
+    backend.mkdir(parents=True)
+    for src in (root / "backends" / "python" / "libtriton_python.so",
+                root / "backends" / "python" / "triton_python_backend_utils.py",
+                get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}")):
+        (backend / Path(src).name).symlink_to(src)
+    http, grpc, metrics = free_ports(3)
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{sysconfig.get_config_var('LIBDIR')}:{get_libs_path()}",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", SDEXPORT_PYTHONPATH=str(conftest.REPO_ROOT))
+    log = tmp_path / "tritonserver.log"
+    proc = subprocess.Popen([str(root / "bin" / "tritonserver"), f"--model-repository={repo}",
+                             f"--backend-directory={backend.parent}", f"--http-port={http}", f"--grpc-port={grpc}",
+                             f"--metrics-port={metrics}", "--allow-gpu-metrics=false"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=300)
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001 -- not listening yet
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        kw = dict(prompt="a quiet harbour", seed=5, steps=2, height=64, width=64)
+        got = request(client, tritonclient_http, **kw).as_numpy("image")[0]
+        assert np.array_equal(got, infer_image(export_fp32, tmp_path, "repo", **kw))
+        with pytest.raises(InferenceServerException, match="steps"):
+            request(client, tritonclient_http, prompt="x", steps=0)
+        client.close()  # plain Triton waits for open client connections before it exits
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_load_generator_smoke(server, export_fp32, tmp_path):
+    """benchmarks/serve_load.py end to end on the CPU (the CI smoke level), against the module's server: the
+    bench baseline, two concurrency levels, JSON and Markdown with the run's provenance."""
+    out = tmp_path / "load"
+    args = [export_fp32, "--url", f"127.0.0.1:{server.http}", "--steps", 1, "--size", 64, "--concurrency", "1,2",
+            "--requests-per-client", 2, "--bench-runs", 1, "--compare-concurrency", 1, "--out", out,
+            "--time-limit-s", 300]
+    run = subprocess.run([sys.executable, str(conftest.REPO_ROOT / "benchmarks" / "serve_load.py"), *map(str, args)],
+                         capture_output=True, text=True, timeout=600, env=conftest.sdexport_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "serve_load.json").read_text())
+    for key in ("machine", "versions", "commit", "command"):
+        assert result[key], key
+    (srv,) = result["runs"]
+    assert [lvl["concurrency"] for lvl in srv["levels"]] == [1, 2]
+    for lvl in srv["levels"]:
+        assert lvl["requests"] == 2 * lvl["concurrency"] and lvl["errors"] == 0 and lvl["complete"]
+        la = lvl["latency_ms"]
+        assert 0 < la["p50"] <= la["p90"] <= la["p99"] and lvl["images_per_second"] > 0
+    assert result["baselines"]["1"]["pipeline_total_ms"] > 0
+    assert set(result["targets"]) == {"c1_added_latency", "c1_throughput_vs_bench"}
+    assert "| 1 | 2 | 0 |" in (out / "serve_load.md").read_text()
