@@ -293,3 +293,12 @@ def tensorrt_form_problems(path: Path) -> tuple[dict[str, int], list]:
     counts = collections.Counter(n.op_type for n in model.graph.node
                                  if n.op_type in ("Softmax", "Resize", "LayerNormalization", "InstanceNormalization"))
     return dict(counts), problems
+
+
+@pytest.fixture(autouse=True)
+def _no_signal_left_over():
+    """A test that records a signal (sdexport.interrupts) must not leave it for the next in-process test."""
+    yield
+    from sdexport import interrupts
+
+    interrupts._received = None
