@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder"]
-OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False)  # set by main()
+OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False, sdxl_onnx_unet=False)  # set by main()
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -86,9 +86,14 @@ def rel_error(got, want) -> dict:
             "ref_max_abs": round(m["max_abs_ref"], 3), "finite": m["finite"]}
 
 
+def _inductor_precision() -> str:
+    return "fp32" if OPTS.device == "cpu" else "fp16"
+
+
 def stage_prepare(work: Path, out: Path) -> None:
     from sdexport import ort_cuda
     from sdexport.export import export
+    from sdexport.inductor import build as build_inductor
     from sdexport.models import write_preset
 
     result = {**header(), "steps": {}}
@@ -103,7 +108,18 @@ def stage_prepare(work: Path, out: Path) -> None:
         timed("export fp16", lambda: export(str(work / "sd15"), work / "e16", dtype="fp16", components=COMPONENTS,
                                             max_images=8, say=log))
     timed("ort_cuda", lambda: ort_cuda.prepare(work / "e32", say=log))
-    for exp in ("e32", "e16"):
+    # Inductor engines (issue 14): the UNet for the four-way table's one shape, and a dynamic-batch UNet for the
+    # sweep in a second, small export (packages compile from the source model; no UNet ONNX needed there)
+    size = "128x128" if OPTS.quick else "512x512"
+    timed("inductor static", lambda: build_inductor(work / "e32", size, batch=1, components=["unet"],
+                                                     precision=_inductor_precision(), device=OPTS.device, say=log))
+    timed("export for the dynamic-batch inductor UNet", lambda: export(
+        str(work / "sd15"), work / "e32i", components=["text_encoder", "vae_decoder"], max_images=8, say=log))
+    timed("ort_cuda (e32i)", lambda: ort_cuda.prepare(work / "e32i", components=("vae_decoder",), say=log))
+    timed("inductor dynamic batch", lambda: build_inductor(work / "e32i", size, batch=None, max_batch=8,
+                                                            components=["unet"], precision=_inductor_precision(),
+                                                            device=OPTS.device, say=log))
+    for exp in ("e32", "e16", "e32i"):
         if not (work / exp / "manifest.json").is_file():
             continue
         manifest = json.loads((work / exp / "manifest.json").read_text())
@@ -113,6 +129,10 @@ def stage_prepare(work: Path, out: Path) -> None:
             if key in manifest:
                 result[f"{exp}_{key}"] = {k: {"fused_ops": v["fused_ops"], "seconds": v["seconds"]}
                                           for k, v in manifest[key].items()}
+        if "inductor" in manifest:
+            result[f"{exp}_inductor"] = {k: {f: v[f] for f in ("file", "size_bytes", "build_seconds", "changes",
+                                                                 "geometry", "batch_range")}
+                                         for k, v in manifest["inductor"].items()}
     save(out, "prepare", result)
 
 
@@ -144,17 +164,20 @@ def configs(work: Path):
     e32, e16 = work / "e32", work / "e16"
     return [
         ("FP32 eager (TF32 off)", e32, "torch", {"dtype": "fp32"}, {"tf32": False}),
-        ("FP32 eager (TF32 on)", e32, "torch", {"dtype": "fp32"}, {"tf32": True}),
         ("FP16 eager (SDPA)", e32, "torch", {"dtype": "fp16"}, {}),
         ("FP32 engine: ORT CUDA, plain export (TF32 off)", e32, "ort", {"variant": "plain", "tf32": False}, {}),
         ("FP16 engine: ORT CUDA, AutoCast export", e16, "ort", {"variant": "plain"}, {}),
         ("FP16 engine: ORT CUDA, fused (dynamic)", e32, "ort", {"variant": "ort_cuda"}, {}),
-        ("FP16 engine: ORT CUDA, fused static + CUDA graph", e32, "ort",
-         {"variant": "ort_cuda", "cuda_graph": True, "static": _static()}, {}),
         ("FP16 engine: ORT CUDA, fused static + step graph", e32, "ort",
          {"variant": "ort_cuda", "step_graph": True, "static": _static()}, {}),
+        ("FP16 engine: ORT CUDA, fused static + step graph, fuse_conv_bias", e32, "ort",
+         {"variant": "ort_cuda", "step_graph": True, "static": _static(), "cuda_options": {"fuse_conv_bias": "1"}},
+         {}),
+        ("FP16 engine: Inductor AOT (fused QKV, channels-last) + CUDA graph", e32, "inductor",
+         {"cuda_graph": True}, {}),
+        ("FP16 engine: Inductor AOT (fused QKV, channels-last) + step graph", e32, "inductor",
+         {"step_graph": True}, {}),
         ("FP16 eager + CUDA graph", e32, "torch", {"dtype": "fp16", "cuda_graph": True}, {}),
-        ("FP16 eager + step graph", e32, "torch", {"dtype": "fp16", "step_graph": True}, {}),
         ("FP16 torch.compile + CUDA graph", e32, "torch", {"dtype": "fp16", "compile": True, "cuda_graph": True}, {}),
         ("FP16 torch.compile + step graph", e32, "torch", {"dtype": "fp16", "compile": True, "step_graph": True}, {}),
     ]
@@ -238,22 +261,28 @@ def stage_fourway(work: Path, out: Path, only: str | None = None, steps_list=(50
 
 
 def stage_sweep(work: Path, out: Path) -> None:
+    """Images/s at batch 1, 2, 4, 8 (512 px, 30 steps): torch.compile + CUDA graph (the peer; automatic dynamic
+    shapes after the first recompile), the ORT-fused static engine with step graphs (one engine per shape) and
+    the dynamic-batch Inductor engine with step graphs; latency at 512/768/1024 px for the ORT engine."""
     result = {**header(), "batch": [], "resolution": []}
     from sdexport.components import Geometry
 
     base = dict(prompt=PROMPT, negative_prompt="", steps=30, guidance_scale=7.5, seed=0, scheduler="euler")
-    requests = [("batch", b, {**base, "height": 512, "width": 512, "batch_size": b}) for b in (1, 2, 4, 8)]
-    requests += [("resolution", px, {**base, "height": px, "width": px, "batch_size": 1}) for px in (512, 768, 1024)]
-    dynamic = [("FP16 eager (SDPA)", "torch", {"dtype": "fp16"}),
-               ("FP16 eager + step graph", "torch", {"dtype": "fp16", "step_graph": True}),
-               ("FP16 engine: ORT CUDA, fused (dynamic)", "ort", {"variant": "ort_cuda"})]
-    for label, backend, options in dynamic:  # one load serves every request
-        rows = run_config(label, work / "e32", backend, options, {}, [r[2] for r in requests], runs=2, warmup=1)
-        for (kind, value, _), row in zip(requests, rows):
+    size = 128 if OPTS.quick else 512
+    batches = [("batch", b, {**base, "height": size, "width": size, "batch_size": b}) for b in (1, 2, 4, 8)]
+    sizes = [("resolution", px, {**base, "height": px, "width": px, "batch_size": 1})
+             for px in ((128, 192, 256) if OPTS.quick else (512, 768, 1024))]
+    dynamic = [("FP16 torch.compile + CUDA graph", work / "e32", "torch",
+                {"dtype": "fp16", "compile": True, "cuda_graph": True}),
+               ("FP16 engine: Inductor AOT dynamic batch + step graph", work / "e32i", "inductor",
+                {"step_graph": True})]
+    for label, exp, backend, options in dynamic:  # one load serves every request
+        rows = run_config(label, exp, backend, options, {}, [r[2] for r in batches], runs=2, warmup=1)
+        for (kind, value, _), row in zip(batches, rows):
             row.pop("image", None)
-            result[kind].append({("batch" if kind == "batch" else "size"): value, **row})
+            result[kind].append({"batch": value, **row})
         save(out, "sweep", result)
-    for kind, value, settings in requests:  # static shapes: one engine per request
+    for kind, value, settings in batches + sizes:  # static shapes: one engine per request
         geo = Geometry(settings["batch_size"], settings["height"], settings["width"])
         label = "FP16 engine: ORT CUDA, fused static + step graph"
         options = {"variant": "ort_cuda", "static": geo, "step_graph": True}
@@ -383,6 +412,7 @@ def stage_sdxl_prepare(work: Path, out: Path) -> None:
     """sdxl-random (written once into --work) and its FP32 export: 512-1536 px (SDXL's default range), one
     image per call (UNet batch 2 with guidance), the components the sampler loop runs."""
     from sdexport.export import export
+    from sdexport.inductor import build as build_inductor
     from sdexport.models import write_preset
 
     result = {**header(), "steps": {}}
@@ -394,7 +424,13 @@ def stage_sdxl_prepare(work: Path, out: Path) -> None:
 
     if not (model / "model_index.json").is_file():
         timed(f"preset {name}", lambda: write_preset(name, model, progress=log))
-    timed("export fp32", lambda: export(str(model), e32, components=SDXL_PARTS, max_images=1, say=log))
+    # The UNet's FP32 ONNX export (10 GB) is left out unless --sdxl-onnx-unet: the engine measured here is the
+    # Inductor package, compiled from the source model; the ORT rows need the ONNX UNet (sdxl-ortprep).
+    parts = SDXL_PARTS if OPTS.sdxl_onnx_unet else [p for p in SDXL_PARTS if p != "unet"]
+    timed("export fp32", lambda: export(str(model), e32, components=parts, max_images=1, say=log))
+    size = SDXL_SIZE // 8 if OPTS.quick else SDXL_SIZE
+    timed("inductor", lambda: build_inductor(e32, f"{size}x{size}", batch=1, components=["unet", "vae_decoder"],
+                                             precision=_inductor_precision(), device=OPTS.device, say=log))
     if (e32 / "manifest.json").is_file():
         manifest = json.loads((e32 / "manifest.json").read_text())
         result["e32_sizes_mib"] = {k: round(v["size_bytes"] / 2**20, 1) for k, v in manifest["components"].items()}
@@ -427,6 +463,7 @@ def sdxl_configs(e32: Path):
         ("FP16 engine: ORT CUDA, fused (dynamic)", "ort", {"variant": "ort_cuda"}, {}),
         ("FP16 engine: ORT CUDA, fused static + step graph", "ort",
          {"variant": "ort_cuda", "step_graph": True, "static": static}, {}),
+        ("FP16 engine: Inductor AOT (fused QKV, channels-last) + step graph", "inductor", {"step_graph": True}, {}),
     ]
 
 
@@ -506,8 +543,11 @@ def main() -> None:
     parser.add_argument("--steps", default="50,30", help="fourway: step counts, comma-separated")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1/4 size, 1 run")
     parser.add_argument("--skip-fp16", action="store_true", help="prepare: no AutoCast FP16 export (saves ~5 min)")
+    parser.add_argument("--sdxl-onnx-unet", action="store_true",
+                        help="sdxl-prepare: also export the SDXL UNet to ONNX (10 GB FP32; the ORT rows need it)")
     args = parser.parse_args()
     OPTS.model, OPTS.device, OPTS.quick, OPTS.skip_fp16 = args.model, args.device, args.quick, args.skip_fp16
+    OPTS.sdxl_onnx_unet = args.sdxl_onnx_unet
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,

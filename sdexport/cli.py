@@ -553,12 +553,13 @@ def _ints(text: str | None) -> tuple[int, ...]:
 @click.argument("export_dir", type=click.Path())
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
               help="The engines infer runs with this name.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the engines run: auto (CUDA where a GPU is visible), cpu or cuda (with --gpus: which GPUs).")
 @click.option("--gpus", default=None, metavar="0,1,...",
               help="One model instance per listed GPU (default with cuda: GPU 0); Triton spreads requests.")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Listen address (0.0.0.0: all interfaces).")
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--http-port", type=int, default=8000, show_default=True, help="Triton's HTTP/REST port (KServe v2).")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="Triton's gRPC port (KServe v2).")
 @click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics (/metrics).")
 @click.option("--max-batch", type=int, default=None,
               help="Most images per pipeline call from concurrent requests (default: the export's maximum).")
@@ -573,7 +574,8 @@ def _ints(text: str | None) -> tuple[int, ...]:
 @click.option("--text-cache-size", type=int, default=256, show_default=True,
               help="Prompt embeddings kept (LRU); 0 turns the cache off.")
 @click.option("--step-graph", is_flag=True, help="Capture each denoising step as a CUDA graph (GPU only).")
-@click.option("--model-name", default="sdexport", show_default=True)
+@click.option("--model-name", default="sdexport", show_default=True,
+              help="Name of the served model in the URLs (/v2/models/NAME) and in the written repository.")
 @click.option("--drain-timeout-s", type=int, default=30, show_default=True,
               help="On SIGTERM/SIGINT: how long in-flight requests may take before the server exits.")
 @click.option("--write-repository", type=click.Path(file_okay=False), default=None, metavar="DIR",

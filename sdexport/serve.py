@@ -102,7 +102,7 @@ class ImageRequest:
     """One image a client asked for, validated against the export."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None
     seed: int
     steps: int
     guidance_scale: float
@@ -150,8 +150,9 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
                     v = bytes(v).decode("utf-8")
                 except UnicodeDecodeError:
                     raise bad(name, "not UTF-8 text") from None
-            if v is None:  # an absent negative prompt is the empty one
-                v = ""
+            if v is None and name == "negative_prompt":  # absent: as infer without --negative-prompt
+                out.append(None)
+                continue
             if not isinstance(v, str):
                 raise bad(name, f"text expected, got {type(v).__name__}")
             out.append(v)
@@ -186,6 +187,25 @@ def batch_groups(requests: list[list[ImageRequest]], max_images: int) -> list[li
         for i, image in enumerate(images):
             groups.setdefault(image.batch_key, []).append((r, i))
     return [members[k:k + max_images] for members in groups.values() for k in range(0, len(members), max_images)]
+
+
+class TextCaches:
+    """The text caches of a model's encoders (SDXL has two) as one: summed counters, one clear."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    @property
+    def hits(self) -> int:
+        return sum(c.hits for c in self.caches)
+
+    @property
+    def misses(self) -> int:
+        return sum(c.misses for c in self.caches)
+
+    def clear(self) -> None:
+        for c in self.caches:
+            c.clear()
 
 
 class CachedTextEncoder:
@@ -256,10 +276,13 @@ class ImageService:
 
         self.export = ExportDir.open(export_dir)
         engines = load_engines(export_dir, backend, device=device)
-        self.text_cache = CachedTextEncoder(engines["text_encoder"], text_cache_size)
-        engines["text_encoder"] = self.text_cache
+        caches = {}
+        for name in [n for n in engines if n.startswith("text_encoder")]:  # SDXL: both encoders cached
+            caches[name] = engines[name] = CachedTextEncoder(engines[name], text_cache_size)
+        self.text_cache = TextCaches(list(caches.values()))
         self.pipe = Pipeline(engines, self.export, device=device, warn=warn, step_graph=step_graph)
-        self.defaults = request_defaults()
+        # infer's defaults: Pipeline.__call__'s, and the family's steps and guidance (LCM: 4 steps at 8.5)
+        self.defaults = {**request_defaults(), **self.export.family.request_defaults(self.export.info)}
         self.images_total = 0
         self.calls_total = 0
 

@@ -348,6 +348,9 @@ def test_bench_step_graph_opens_engines_without_their_own_graph(export_fp32, mon
         raise SystemExit
 
     monkeypatch.setattr(bench, "run_backend", record)
+    from sdexport import limits
+
+    monkeypatch.setattr(limits, "device", lambda option, device: device)  # no GPU here: the options are the point
     with pytest.raises(SystemExit):
         bench.bench(export_fp32, backend="trt", device="cuda", steps=1, step_graph=True)
     assert seen["step_graph"] is True and seen["cuda_graph"] is False
