@@ -126,7 +126,9 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
     step_graph = engine_options.pop("step_graph", False)
-    engines = load_engines(export.root, backend, device=device, **engine_options)
+    image_input = any(s.get("image") is not None for s in settings_list)
+    engines = load_engines(export.root, backend, components=export.components_for(image_input), device=device,
+                           **engine_options)
     load_s = time.perf_counter() - t0
     warnings: list[str] = []
     pipe = Pipeline(engines, export, device=device, warn=warnings.append, step_graph=step_graph)
@@ -153,6 +155,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
                 "loop": "/".join(sorted(loops)), "warnings": sorted(set(warnings)),
                 "load_seconds": round(load_s, 2),
                 "stages_ms": {
+                    **({"vae_encoder": round(med["vae_encoder_ms"], 3)} if image_input else {}),
                     "text_encoder": round(med["text_encoder_ms"], 3),
                     "unet_total": round(med["unet_total_ms"], 3),
                     "vae_decoder": round(med["vae_decoder_ms"], 3),
@@ -180,11 +183,17 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
           width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
-          torch_compile: bool = False, step_graph: bool = False) -> dict[str, Any]:
+          torch_compile: bool = False, step_graph: bool = False, image=None, mask=None,
+          strength: float | None = None) -> dict[str, Any]:
+    """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row."""
     export = ExportDir.open(export_dir)
+    if image is not None and mask is None and (height is None or width is None):
+        f = export.info.vae_scale_factor  # image-to-image keeps the image's size (rounded as diffusers does)
+        height, width = height or image.size[1] // f * f, width or image.size[0] // f * f
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
                     guidance_scale=guidance_scale, seed=0, height=height or export.ranges.opt_size,
-                    width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler)
+                    width=width or export.ranges.opt_size, batch_size=batch_size, scheduler=scheduler,
+                    **({"image": image, "mask": mask, "strength": strength} if image is not None else {}))
     check_request(export.ranges, steps, guidance_scale, _geometry(settings))
     unet_option = {"unet": unet, "label": f"{backend} (INT8 UNet)"} if unet != "default" else {}  # sdexport quantize
     options: dict[str, Any] = dict(unet_option)
@@ -207,7 +216,9 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     return {
         "export": str(export.root.resolve()), "model": export.manifest.data["model"].get("preset")
         or export.manifest.data["model"]["path"], "export_dtype": export.dtype, "device": device,
-        "settings": {k: v for k, v in settings.items() if k != "prompt"}, "results": results,
+        "settings": {k: v for k, v in settings.items() if k not in ("prompt", "image", "mask")},
+        "mode": "inpainting" if mask is not None else "image-to-image" if image is not None else "text-to-image",
+        "results": results,
         "machine": machine(), "versions": versions(), "command": " ".join(["sdexport"] + sys.argv[1:]),
         "timer": "CUDA events" if device.startswith("cuda") else "time.perf_counter",
     }
@@ -225,12 +236,14 @@ def format_table(report: dict[str, Any]) -> str:
     results = report["results"]
     s = report["settings"]
     steps = results[0]["unet_steps"]
-    head = (f"{report['model']} ({report['export_dtype']} export) on {report['device']}: "
+    head = (f"{report['model']} ({report['export_dtype']} export{', ' + report['mode'] if report.get('mode', 'text-to-image') != 'text-to-image' else ''}) on {report['device']}: "
             f"{s['height']}x{s['width']}, batch {s['batch_size']}, {s['steps']} steps, "
             f"guidance {s['guidance_scale']}, median of {results[0]['runs']} runs ({report['timer']})")
     cols = [r["label"] for r in results] + (["speed-up"] if len(results) == 2 else [])
     rows = [("CLIP text encoder", "text_encoder"), (f"UNet x {steps}", "unet_total"),
             ("VAE decode", "vae_decoder"), ("Pipeline total", "pipeline_total")]
+    if "vae_encoder" in results[0]["stages_ms"]:  # image-to-image / inpainting
+        rows.insert(0, ("VAE encode (image)", "vae_encoder"))
     width = max(22, *(len(c) + 2 for c in cols))
     lines = [head, "", f"{'stage':<22}" + "".join(f"{c:>{width}}" for c in cols)]
     for title, key in rows:

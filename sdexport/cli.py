@@ -246,17 +246,30 @@ def validate(export_dir, backend, device, components):
               help="Capture each whole denoising step (UNet, guidance, scheduler update) as a CUDA graph for "
                    "this request's shape (GPU only; fastest path; falls back to the eager loop with a warning "
                    "for schedulers that draw host-side noise).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Start from this image: image-to-image (its size unless --height/--width), or inpainting "
+                   "with --mask.")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="Inpainting mask (grayscale, same size as --image; white = repaint). Inpainting models only.")
+@click.option("--strength", type=float, default=None,
+              help="How much of --image is repainted, in (0, 1] (default 0.8; inpainting 1.0).")
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet, cuda_graph, step_graph):
+          scheduler, backend, device, unet, cuda_graph, step_graph, image_path, mask_path, strength):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
+    from .pipeline import load_image
+
+    image = load_image(image_path, "--image") if image_path else None
+    mask = load_image(mask_path, "--mask") if mask_path else None
     with reading(export_dir):
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-               scheduler, backend, device, unet, cuda_graph, step_graph)
+               scheduler, backend, device, unet, cuda_graph, step_graph, image, mask, strength,
+               {"image": image_path, "mask": mask_path})
 
 
 def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-           scheduler, backend, device, unet, cuda_graph, step_graph):
+           scheduler, backend, device, unet, cuda_graph, step_graph, image=None, mask=None, strength=None,
+           inputs=None):
     from tqdm import tqdm
 
     from .backends import load_engines
@@ -273,27 +286,34 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 
         if not device.startswith("cuda"):
             raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
+        if image is not None and mask is None:  # image-to-image keeps the image's size (rounded as diffusers does)
+            f = export.info.vae_scale_factor
+            height, width = height or image.size[1] // f * f, width or image.size[0] // f * f
         geo = Geometry(batch_size, height or export.ranges.opt_size, width or export.ranges.opt_size,
                        guidance=export.family.guidance(export.info, guidance_scale).cfg)
         check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
-    engines = load_engines(export, backend, device=device, **options)
+    engines = load_engines(export, backend, components=export.components_for(image is not None),
+                           device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                  height=height, width=width, batch_size=batch_size, scheduler=scheduler,
-                  progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
+                  height=height, width=width, batch_size=batch_size, scheduler=scheduler, image=image, mask=mask,
+                  strength=strength, progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
     bar.close()
     summary = result.stage_summary()
     meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
             "scheduler": scheduler or result.scheduler, "guidance_scale": guidance_scale,
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
             "backend": backend, "unet": unet, "device": device, "export": str(export.root),
-            "prompt_truncated": result.truncated, "loop": result.loop,
+            "prompt_truncated": result.truncated, "loop": result.loop, "mode": result.mode,
+            **({"image": (inputs or {}).get("image"), "mask": (inputs or {}).get("mask"), "strength": strength}
+               if image is not None else {}),
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)
-    say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms (text {summary['text_encoder_ms']:.1f}, "
+    encode = f"VAE encode {summary['vae_encoder_ms']:.1f}, " if summary["vae_encoder_ms"] else ""
+    say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms ({encode}text {summary['text_encoder_ms']:.1f}, "
         f"UNet x{summary['unet_steps']} {summary['unet_total_ms']:.1f}, VAE {summary['vae_decoder_ms']:.1f}, "
         f"loop overhead {summary['loop_overhead_ms']:.1f})")
     for name in names:
@@ -324,15 +344,23 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: time the INT8 UNet written by 'sdexport quantize' (eager stays FP32/--eager-dtype).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Time image-to-image from this image (inpainting with --mask); adds the VAE-encode stage.")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Inpainting mask.")
+@click.option("--strength", type=float, default=None, help="With --image: in (0, 1] (default 0.8; inpainting 1.0).")
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
-          eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet):
+          eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet, image_path, mask_path,
+          strength):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
     from .errors import UsageError
     from .manifest import write_json
+    from .pipeline import load_image
 
+    image = load_image(image_path, "--image") if image_path else None
+    mask = load_image(mask_path, "--mask") if mask_path else None
     if runs < 1 or warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
     device = _device(device)
@@ -344,7 +372,7 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
                      batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
                      cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile,
-                     **({"unet": unet} if unet != "default" else {}))
+                     image=image, mask=mask, strength=strength, **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)

@@ -338,8 +338,18 @@ class ModelInfo:
         return self.preset or self.root.name
 
     @property
-    def latent_channels(self) -> int:
+    def unet_in_channels(self) -> int:
         return int(self.unet_config.get("in_channels", 4))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latent space (what the sampler denoises); an inpainting UNet takes more."""
+        return int(self.vae_config.get("latent_channels", self.unet_in_channels))
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: its input is the latents, the mask (1 channel) and the masked image's latents."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
     def unet_out_channels(self) -> int:

@@ -126,8 +126,13 @@ class ExportDir:
 
     @property
     def pipeline_components(self) -> list[str]:
-        """The exported components the sampler loop runs (text encoders, UNet, VAE decoder)."""
-        return [c for c in self.family.components(self.info) if c != "vae_encoder"]
+        """The exported components the sampler loop runs (text encoders, UNet, VAE decoder; and the VAE
+        encoder for an inpainting model, which always starts from an image)."""
+        return self.components_for(image=self.info.inpainting)
+
+    def components_for(self, image: bool) -> list[str]:
+        """The components a request runs: with an input image (image-to-image, inpainting) the VAE encoder too."""
+        return [c for c in self.family.components(self.info) if image or c != "vae_encoder"]
 
     def check_components(self, names: list[str]) -> None:
         """The components a command loads belong together: made from the weights, ranges and dtype this
