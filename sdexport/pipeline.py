@@ -150,7 +150,7 @@ class InitImage:
                 raise UsageError(f"--mask: a {mask.mode} image; a mask is grayscale (modes {', '.join(MASK_MODES)}; "
                                  "white = repaint, black = keep)")
             if mask.size != image.size:
-                raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} px, --image {image.size[0]}x{image.size[1]}: "
+                raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} px, --image {image.size[0]}x{image.size[1]} px: "
                                  "they must be the same size")
         elif height is None or width is None:
             init.height, init.width = init.default_size(pipe, height, width)
