@@ -124,13 +124,15 @@ def preset(name, out):
 @click.option("--min-size", type=int, default=None, help="Smallest image side in pixels (default: half native).")
 @click.option("--max-size", type=int, default=None, help="Largest image side in pixels (default: twice native).")
 @click.option("--force", is_flag=True, help="Re-export even if nothing changed.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse this LoRA (diffusers/PEFT or kohya/A1111 file) into the exported weights; repeatable.")
 @handled
-def export(model, out, dtype, opset, components, max_batch, min_size, max_size, force):
+def export(model, out, dtype, opset, components, max_batch, min_size, max_size, force, loras):
     """Export MODEL (a diffusers directory or preset name) to ONNX in Optimum's layout."""
     from .export import export as run
 
     run(model, out, dtype=dtype, opset=opset, components=[c.strip() for c in components.split(",") if c.strip()],
-        max_images=max_batch, min_size=min_size, max_size=max_size, force=force, say=say)
+        max_images=max_batch, min_size=min_size, max_size=max_size, force=force, loras=list(loras), say=say)
     click.echo(f"{out}/manifest.json")
 
 

@@ -280,9 +280,32 @@ class Pipeline:
         self._warned: set[str] = set()
         self._truncated = False
         self.clock: StageClock | None = None
+        self.loras: list = []  # switched onto the engines (set_loras), on top of any fused at export
         for part in self.family.tokenizer_parts:  # a missing or foreign tokenizer fails here, not as equal images
             if part in self.info.tokenizer_max_lengths:
                 self.tokenizer(part)
+
+    def set_loras(self, loras) -> dict[str, float]:
+        """Switch the engines to the base weights plus ``loras`` (``FILE[:SCALE]`` strings or lora.LoraFile; an
+        empty list: the weights as exported), without re-export or rebuild: diffusers fuses them into the
+        exported base weights of the layers they touch (lora.fused_params) and each engine takes the result
+        (ONNX Runtime: a session with those initializers; TensorRT: a refit; torch: the parameters).
+        Returns the switch's timings in ms. A LoRA that does not fit the model leaves the engines as they were."""
+        import time
+
+        from .lora import fused_params, lora_parts, open_loras
+
+        t0 = time.perf_counter()
+        files = open_loras(loras)
+        parts = lora_parts(self.info)
+        engines = {e.spec.source: e for e in self.engines.values() if e.spec.source in parts}
+        values = fused_params(self.info, files, list(engines), base=lambda part, name: engines[part].base_param(name))
+        t1 = time.perf_counter()
+        for part, engine in engines.items():
+            engine.set_weights(values.get(part, {}))
+        t2 = time.perf_counter()
+        self.loras = files
+        return {"fuse_ms": (t1 - t0) * 1e3, "apply_ms": (t2 - t1) * 1e3, "switch_ms": (t2 - t0) * 1e3}
 
     def tokenizer(self, part: str = "tokenizer"):
         if part not in self._tokenizers:

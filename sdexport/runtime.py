@@ -157,6 +157,8 @@ class ExportDir:
                                 f"{_ranges_text(self.manifest.data['ranges'])})")
             if key.get("dtype") != self.manifest.data.get("dtype"):
                 problems.append(f"dtype ({key.get('dtype')} vs {self.manifest.data.get('dtype')})")
+            if "loras" in key and key["loras"] != model.get("loras", []):
+                problems.append("fused LoRAs")
             if key.get("sdexport") != __version__:
                 problems.append(f"sdexport version ({key.get('sdexport')} vs {__version__})")
             if problems:

@@ -131,6 +131,7 @@ class Family:
     description: str = ""
     pipeline_classes: tuple[str, ...] = ()
     reference_pipeline: str = ""  # diffusers pipeline class: parity tests, calibration
+    lora_loader: str = "StableDiffusionLoraLoaderMixin"  # diffusers' LoRA loader mixin (diffusers.loaders)
     parts: tuple[str, ...] = ()  # diffusers folders the model directory must have
     weight_parts: tuple[str, ...] = ()  # folders whose weights an export is made from (hashed)
     tokenizer_parts: tuple[str, ...] = ()
