@@ -112,16 +112,18 @@ def machine() -> dict[str, Any]:
 
 
 def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str, Any], runs: int, warmup: int,
-                say: Callable[[str], None], label: str | None = None, **engine_options) -> dict[str, Any]:
+                say: Callable[[str], None], label: str | None = None, loras=(), **engine_options) -> dict[str, Any]:
     """Time the full loop on one backend configuration (engine options go to ``load_engines``)."""
-    return run_settings(export, backend, device, [settings], runs, warmup, say, label, **engine_options)[0][0]
+    return run_settings(export, backend, device, [settings], runs, warmup, say, label, loras,
+                        **engine_options)[0][0]
 
 
 def run_settings(export: ExportDir, backend: str, device: str, settings_list: list[dict[str, Any]], runs: int,
-                 warmup: int, say: Callable[[str], None], label: str | None = None,
+                 warmup: int, say: Callable[[str], None], label: str | None = None, loras=(),
                  **engine_options) -> list[tuple[dict[str, Any], Any]]:
     """Load one backend configuration once and time the full loop for each request of ``settings_list``;
-    returns (figures, last GenerationResult) per request."""
+    returns (figures, last GenerationResult) per request. ``loras``: switched onto the engines first; the
+    switch is timed (the first one, which reads the base weights, and then none <-> LoRAs back and forth)."""
     label = label or (backend if backend != "torch" else f"torch eager {engine_options.get('dtype') or 'fp32'}")
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
@@ -133,7 +135,18 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
     warnings: list[str] = []
     pipe = Pipeline(engines, export, device=device, warn=warnings.append, step_graph=step_graph)
     out = []
+    switch: dict[str, Any] | None = None
     try:
+        if loras:
+            first = pipe.set_loras(loras)
+            later = []
+            for _ in range(2):
+                pipe.set_loras([])
+                later.append(pipe.set_loras(loras))
+                say(f"{label}: LoRA switch {later[-1]['switch_ms']:.1f} ms")
+            switch = {"first_ms": round(first["switch_ms"], 3),
+                      **{f"{k}_median": round(statistics.median(t[k] for t in later), 3)
+                         for k in ("switch_ms", "fuse_ms", "apply_ms")}}
         for settings in settings_list:
             summaries, unet_calls, loops = [], [], set()
             with PeakMemory(device) as mem:
@@ -169,6 +182,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
                 "outside_loop_and_engines_ms": round(med["other_ms"], 3),
                 "memory": mem.result(),
                 "runs": runs, "warmup": warmup,
+                **({"lora_switch": switch, "loras": [lora.to_json() for lora in loras]} if switch else {}),
             }
             out.append((figures, result))
     finally:
@@ -184,7 +198,7 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
           torch_compile: bool = False, step_graph: bool = False, image=None, mask=None,
-          strength: float | None = None) -> dict[str, Any]:
+          strength: float | None = None, loras=()) -> dict[str, Any]:
     """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row."""
     export = ExportDir.open(export_dir)
     if image is not None and mask is None and (height is None or width is None):
@@ -204,9 +218,10 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
         options.update(cuda_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
     if backend == "torch":
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
-    results = [run_backend(export, backend, device, settings, runs, warmup, say, **options)]
+    results = [run_backend(export, backend, device, settings, runs, warmup, say, loras=loras, **options)]
     if compare_eager and backend != "torch":
-        results.append(run_backend(export, "torch", device, settings, runs, warmup, say, dtype=eager_dtype))
+        results.append(run_backend(export, "torch", device, settings, runs, warmup, say, loras=loras,
+                                   dtype=eager_dtype))
     if len(results) == 2:
         engine, eager = results
         engine["speedup_vs_eager"] = {
@@ -265,6 +280,11 @@ def format_table(report: dict[str, Any]) -> str:
         what = "step (graphed: UNet + guidance + scheduler)" if r.get("loop") == "step-graph" else "UNet step"
         lines.append(f"{r['label']}: {what} median {u['median_ms']:.3f} ms, p90 {u['p90_ms']:.3f} ms (n={u['n']}); "
                      f"loop overhead {r['loop_overhead_ms']:.2f} ms ({r['loop_overhead_pct']:.2f}%); {mem_text}")
+    for r in results:
+        if r.get("lora_switch"):
+            sw = r["lora_switch"]
+            lines.append(f"{r['label']}: LoRA switch median {sw['switch_ms_median']:.1f} ms (diffusers fuse "
+                         f"{sw['fuse_ms_median']:.1f} + engines {sw['apply_ms_median']:.1f}); first {sw['first_ms']:.1f} ms")
     for r in results:
         for w in r.get("warnings", []):
             lines.append(f"{r['label']}: warning: {w}")

@@ -255,23 +255,31 @@ def validate(export_dir, backend, device, components):
               help="Inpainting mask (grayscale, same size as --image; white = repaint). Inpainting models only.")
 @click.option("--strength", type=float, default=None,
               help="How much of --image is repainted, in (0, 1] (default 0.8; inpainting 1.0).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Switch this LoRA onto the engines (no re-export or rebuild; TensorRT: --refittable engines); "
+                   "repeatable.")
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet, cuda_graph, step_graph, image_path, mask_path, strength):
+          scheduler, backend, device, unet, cuda_graph, step_graph, image_path, mask_path, strength, loras):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
+    from .lora import open_loras
     from .pipeline import load_image
+
+    from .lora import open_loras
 
     image = load_image(image_path, "--image") if image_path else None
     mask = load_image(mask_path, "--mask") if mask_path else None
+    lora_files = open_loras(loras)
+    lora_files = open_loras(loras)
     with reading(export_dir):
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
                scheduler, backend, device, unet, cuda_graph, step_graph, image, mask, strength,
-               {"image": image_path, "mask": mask_path})
+               {"image": image_path, "mask": mask_path}, lora_files)
 
 
 def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
            scheduler, backend, device, unet, cuda_graph, step_graph, image=None, mask=None, strength=None,
-           inputs=None):
+           inputs=None, loras=()):
     from tqdm import tqdm
 
     from .backends import load_engines
@@ -299,6 +307,13 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     engines = load_engines(export, backend, components=export.components_for(image is not None),
                            device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
+    switch = None
+    if loras:
+        from .lora import describe
+
+        switch = pipe.set_loras(loras)
+        say(f"LoRA {describe(list(loras))} switched onto the engines in {switch['switch_ms']:.0f} ms "
+            f"(fuse {switch['fuse_ms']:.0f}, apply {switch['apply_ms']:.0f})")
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
                   height=height, width=width, batch_size=batch_size, scheduler=scheduler, image=image, mask=mask,
@@ -310,6 +325,9 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
             "backend": backend, "unet": unet, "device": device, "export": str(export.root),
             "prompt_truncated": result.truncated, "loop": result.loop, "mode": result.mode,
+            "loras_fused_at_export": export.manifest.data["model"].get("loras", []),
+            "loras_switched": [lora.to_json() for lora in loras],
+            **({"lora_switch_ms": {k: round(v, 3) for k, v in switch.items()}} if switch else {}),
             **({"image": (inputs or {}).get("image"), "mask": (inputs or {}).get("mask"), "strength": strength}
                if image is not None else {}),
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
@@ -350,10 +368,12 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
               help="Time image-to-image from this image (inpainting with --mask); adds the VAE-encode stage.")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Inpainting mask.")
 @click.option("--strength", type=float, default=None, help="With --image: in (0, 1] (default 0.8; inpainting 1.0).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Switch this LoRA onto the engines first (repeatable); reports the switch time.")
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
           eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet, image_path, mask_path,
-          strength):
+          strength, loras):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
@@ -361,8 +381,11 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
     from .manifest import write_json
     from .pipeline import load_image
 
+    from .lora import open_loras
+
     image = load_image(image_path, "--image") if image_path else None
     mask = load_image(mask_path, "--mask") if mask_path else None
+    lora_files = open_loras(loras)
     if runs < 1 or warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
     device = _device(device)
@@ -374,7 +397,8 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
                      batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
                      cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile,
-                     image=image, mask=mask, strength=strength, **({"unet": unet} if unet != "default" else {}))
+                     image=image, mask=mask, strength=strength, loras=lora_files,
+                     **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)
