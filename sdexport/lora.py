@@ -126,8 +126,8 @@ def _host(family, modules: dict[str, Any]):
         hf_device_map = None
 
         def __init__(self):
-            for name, module in modules.items():
-                setattr(self, name, module)
+            for name in mixin._lora_loadable_modules:  # a part not given is None: diffusers skips it
+                setattr(self, name, modules.get(name))
 
         @property
         def components(self):
@@ -145,10 +145,11 @@ def _wrapped_layers(module, adapter: str | None = None):
             yield path, layer
 
 
-def _check_matches(lora: LoraFile, state_dict: dict[str, Any], host, parts: list[str], adapter: str,
-                   family) -> None:
+def _check_matches(lora: LoraFile, state_dict: dict[str, Any], host, parts: list[str], loaded: list[str],
+                   adapter: str, family) -> None:
     """Every layer of the file found its layer in the model: a LoRA for another architecture (other module
-    names, another text encoder) is refused instead of loading the part that happens to match."""
+    names, another text encoder) is refused instead of loading the part that happens to match. ``parts``:
+    the model's LoRA parts; ``loaded``: those given as modules (the others are not checked)."""
     by_part: dict[str, int] = {}
     for key in state_dict:
         part = key.split(".", 1)[0]
@@ -160,6 +161,8 @@ def _check_matches(lora: LoraFile, state_dict: dict[str, Any], host, parts: list
     if not by_part:
         raise IntegrityError(f"--lora {lora.path}: no LoRA layers in it (keys such as {next(iter(state_dict), '?')})")
     for part, want in by_part.items():
+        if part not in loaded:
+            continue
         got = sum(1 for _ in _wrapped_layers(getattr(host, part), adapter))
         if got < want:
             raise IntegrityError(f"--lora {lora.path}: {want - got} of its {want} {part} layers match no layer of "
@@ -174,7 +177,8 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     (the switching path puts the base weights there). Returns the changed parameter names per part.
     A file diffusers cannot read, or one that does not match the model, is exit 5."""
     family = info.family
-    parts = [p for p in lora_parts(info) if p in modules]
+    model_parts = lora_parts(info)
+    parts = [p for p in model_parts if p in modules]
     host = _host(family, {p: modules[p] for p in parts})
     loader = loader_class(family)
     names = []
@@ -189,7 +193,7 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
             except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
                 raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
                                      f"({type(exc).__name__}: {_first_line(exc)})") from None
-            _check_matches(lora, state_dict, host, parts, adapter, family)
+            _check_matches(lora, state_dict, host, model_parts, parts, adapter, family)
             names.append(adapter)
         wrapped = {p: list(_wrapped_layers(modules[p])) for p in parts}
         if before_fuse:
@@ -226,12 +230,13 @@ def empty_module(info: "ModelInfo", part: str):
 def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],
                  base: Callable[[str, str], Any]) -> dict[str, dict[str, Any]]:
     """{part: {parameter name: new value (float32 torch tensor)}} for the parameters ``loras`` change in
-    ``parts``, computed from ``base(part, name)`` (the exported weight) every time."""
+    ``parts``, computed from ``base(part, name)`` (the exported weight) every time. The model's other LoRA
+    parts are loaded too (diffusers' loader expects every part a file names) but not returned."""
     import torch
 
     if not loras:
         return {}
-    modules = {p: empty_module(info, p) for p in parts}
+    modules = {p: empty_module(info, p) for p in lora_parts(info)}
 
     before: dict[tuple[str, str], Any] = {}
 
@@ -240,14 +245,15 @@ def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],
             for path, layer in layers:
                 inner = layer.get_base_layer()
                 for name, param in list(inner.named_parameters(recurse=False)):
-                    value = base(part, f"{path}.{name}").to(torch.float32).reshape(param.shape)
+                    value = (base(part, f"{path}.{name}").to(torch.float32).reshape(param.shape) if part in parts
+                             else torch.zeros(param.shape))
                     before[(part, f"{path}.{name}")] = value
                     setattr(inner, name, torch.nn.Parameter(value.clone(), requires_grad=False))
 
     touched = fuse_loras(info, modules, loras, before_fuse=put_base)
     out: dict[str, dict[str, Any]] = {}
     for part, names in touched.items():
-        for name in names:
+        for name in names if part in parts else ():
             value = modules[part].get_parameter(name).detach()
             if not torch.equal(value, before[(part, name)]):  # e.g. a bias the LoRA leaves alone
                 out.setdefault(part, {})[name] = value.clone()
@@ -263,35 +269,47 @@ def _digest(data: bytes) -> bytes:
 def build_weight_map(module, onnx_path: Path) -> dict[str, Any]:
     """For each parameter of ``module``, the initializers of the ONNX file holding its values: as stored,
     transposed (2-D weights of folded MatMuls) or reshaped (same bytes, e.g. [C] -> [C, 1, 1]), in the
-    initializer's dtype (FP16 exports). Found by value, because the exporter renames what it folds."""
+    initializer's dtype (FP16 exports). Found by value, because the exporter renames what it folds: first
+    by exact bytes, then, for what is left, by closeness within one FP16 ulp (ModelOpt's FP16 cast keeps
+    values numpy's flushes to zero, e.g. -2.8e-8 -> +6e-8)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path))
     index: dict[tuple[str, bytes], list[str]] = {}
-    shapes: dict[str, list[int]] = {}
+    arrays: dict[str, Any] = {}
+    by_size: dict[int, list[str]] = {}
     dtypes: set[str] = set()
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
         if arr.dtype.kind != "f" or arr.size < 2:
             continue
-        shapes[init.name] = list(arr.shape)
+        arrays[init.name] = arr
+        by_size.setdefault(arr.size, []).append(init.name)
         dtypes.add(arr.dtype.name)
         index.setdefault((arr.dtype.name, _digest(np.ascontiguousarray(arr).tobytes())), []).append(init.name)
     del model
+
+    def entry(name: str, transposed: bool) -> dict[str, Any]:
+        return {"initializer": name, "transpose": transposed, "shape": list(arrays[name].shape),
+                "dtype": arrays[name].dtype.name}
+
     params: dict[str, list[dict[str, Any]]] = {}
     unmapped = []
     for name, param in module.named_parameters():
         value = param.detach().cpu().float().numpy()
-        found = []
-        for dtype in sorted(dtypes):
-            forms = [(value, False)] + ([(value.T, True)] if value.ndim == 2 else [])
-            for form, transposed in forms:
-                data = np.ascontiguousarray(form.astype(dtype)).tobytes()
-                for init_name in index.get((dtype, _digest(data)), []):
-                    found.append({"initializer": init_name, "transpose": transposed, "shape": shapes[init_name],
-                                  "dtype": dtype})
+        forms = [(value, False)] + ([(value.T, True)] if value.ndim == 2 else [])
+        found = [entry(init, transposed) for dtype in sorted(dtypes) for form, transposed in forms
+                 for init in index.get((dtype, _digest(np.ascontiguousarray(form.astype(dtype)).tobytes())), [])]
+        if not found:
+            for init in by_size.get(value.size, []):
+                arr = arrays[init]
+                tol = dict(rtol=2.0**-10, atol=2.0**-23) if arr.dtype == np.float16 else dict(rtol=0, atol=0)
+                for form, transposed in forms:
+                    shaped = arr.reshape(form.shape) if arr.ndim != 2 or not transposed else arr
+                    if shaped.shape == form.shape and np.allclose(shaped.astype(np.float32), form, **tol):
+                        found.append(entry(init, transposed))
         if found:
             params[name] = found
         else:
@@ -348,7 +366,7 @@ class WeightMap:
                                  "instead (sdexport export MODEL --lora FILE)")
         e = entries[0]
         arr = np.asarray(self.base_initializer(e["initializer"]), dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.T if e["transpose"] else arr))  # caller reshapes
+        return torch.from_numpy(np.array(arr.T if e["transpose"] else arr, order="C"))  # caller reshapes
 
     def initializers(self, values: dict[str, Any]) -> dict[str, Any]:
         """{initializer name: numpy array in its dtype and shape} for new parameter values. An initializer the
@@ -365,7 +383,7 @@ class WeightMap:
                 init = e["initializer"]
                 if init in out and not np.array_equal(out[init], arr):
                     raise IntegrityError(f"{self.component}: the exporter stored {name} in {init} together with "
-                                         "another weight the LoRA changes differently; fuse it at export instead "
+                                         "another weight the LoRA changes differently; fuse the LoRA at export instead "
                                          "(sdexport export MODEL --lora FILE)")
                 out[init] = arr
         for init, arr in out.items():

@@ -150,17 +150,22 @@ class OrtEngine(Engine):
     def _open(self, initializers: dict[str, Any]):
         """A session over the engine's file, with ``initializers`` (name -> array) replacing the file's values
         at session creation (``SessionOptions.add_initializer``: no graph rewrite). ONNX Runtime 1.31's
-        NchwcTransformer (CPU, level ALL) lays out Conv weights from the file and ignored the replacements
-        (measured: a replaced Conv weight left the output bit-identical), so it is off for such sessions."""
+        layout-level optimizations (level ALL: NchwcTransformer and the FP16-initializer fusions on the CPU)
+        read weights from the file and ignored the replacements (measured: a replaced Conv weight of an FP32
+        graph, and any replaced weight of an FP16 graph, left the output unchanged), so such sessions run at
+        level EXTENDED, where every replacement took effect."""
         import onnxruntime as ort
 
         opts = self._options()
         values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in initializers.items()}
         for name, value in values.items():
             opts.add_initializer(name, value)
+        if values:
+            opts.graph_optimization_level = min(opts.graph_optimization_level,
+                                                ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                                key=lambda level: int(level))
         try:
-            session = ort.InferenceSession(str(self.path), opts, providers=self.providers,
-                                           disabled_optimizers=["NchwcTransformer"] if values else None)
+            session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise IntegrityError(f"{self.path}: ONNX Runtime cannot load it "
                                  f"({str(exc).splitlines()[0][:200]})") from None
