@@ -166,9 +166,12 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
                    "(default: the current CUDA device); inductor: the device to compile for (cpu or cuda[:N], "
                    "default: cuda where there is one).")
 @click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
+@click.option("--refittable", is_flag=True,
+              help="Keep the weights a LoRA changes refittable (weight-stripped where the flavour can): "
+                   "'infer --lora' then refits instead of rebuilding.")
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
-          max_batch, opt_level, workspace, timing_cache, engine_backend, device, force):
+          max_batch, opt_level, workspace, timing_cache, engine_backend, device, force, refittable):
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
 
@@ -194,7 +197,8 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
                  components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
                  compute_capabilities=ccs, static=static, batch=batch, min_size=min_size, opt_size=opt_size,
                  max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
-                 workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device, say=say)
+                 workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device,
+                 refittable=refittable, say=say)
     click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} engine(s), {len(report['built'])} built, "
                f"{len(report['up_to_date'])} up to date ({report['flavour']} {report['version']}, "
                f"compute capability {', '.join(report['targets'])})")

@@ -338,3 +338,84 @@ def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
     assert "LoRA switch median" in result.stdout
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"][0]["lora_switch"]["switch_ms_median"] > 0
+
+
+# --- TensorRT: refittable engines (up to the GPU boundary here; the rest under -m gpu) ----------------
+
+@pytest.fixture(scope="module")
+def rtx():
+    return pytest.importorskip("tensorrt_rtx")
+
+
+def test_refittable_weight_names_match_the_map(rtx, export_fp16):
+    """The ONNX parser names TensorRT weights after the initializers: every initializer of the weights map is
+    a weight TensorRT can mark refittable (what Refitter.set_named_weights will be called with)."""
+    from sdexport.build import mark_refittable
+
+    export = ExportDir.open(export_fp16)
+    for component in ("unet", "text_encoder"):
+        wmap = WeightMap(export, component)
+        names = sorted({e["initializer"] for entries in wmap.params.values() for e in entries})
+        log = rtx.Logger(rtx.Logger.ERROR)
+        network = rtx.Builder(log).create_network(0)
+        assert rtx.OnnxParser(network, log).parse_from_file(str(wmap.onnx_path))
+        assert not any(network.are_weights_marked_refittable(n) for n in names)
+        assert mark_refittable(rtx, network, names) == "REFIT_INDIVIDUAL"
+        assert all(network.are_weights_marked_refittable(n) for n in names)
+        with pytest.raises(IntegrityError, match="does not know"):
+            mark_refittable(rtx, network, ["onnx::NotAWeight_0"])
+
+
+def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path):
+    """TensorRT-RTX 1.7 builds refittable engines for one target, and only where CUDA runs: both are one
+    line, and nothing is written. (With a GPU: test_refit_on_the_gpu.)"""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the refittable build runs (test_refit_on_the_gpu)")
+    out = tmp_path / "e"
+    shutil.copytree(export_fp16, out, ignore=shutil.ignore_patterns("engines"))
+    manifest = (out / "manifest.json").read_text()
+    result = run_cli("build", out, "--refittable", "--components", "text_encoder")
+    assert_error(result, 2, "one compute capability", "--compute-capability")
+    result = run_cli("build", out, "--refittable", "--components", "text_encoder", "--compute-capability", "8.6")
+    assert_error(result, 8, "only where CUDA runs")
+    assert (out / "manifest.json").read_text() == manifest and not (out / "engines").exists()
+    result = run_cli("build", out, "--refittable", "--components", "vae_decoder", "--compute-capability", "8.6")
+    assert result.exit_code == 0, result.stderr  # a component no LoRA changes is built as usual
+    entry = load_manifest(out)["engines"]["vae_decoder"]
+    assert entry["refittable"] is False and not entry["file"].endswith(".refit.plan")
+
+
+@pytest.mark.gpu
+def test_refit_on_the_gpu(export_fp16, loras, tmp_path):
+    """Refittable, weight-stripped engines: smaller plans; A -> B -> A -> none by refit gives exactly the
+    images it gave before, and the ORT engines' images for the same LoRAs (FP16)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sdexport.backends.trt import gpu_capability, trt_status
+    from sdexport.build import build
+
+    cc = "{}.{}".format(*gpu_capability())
+    if not trt_status(gpu_capability())["can_run"]:
+        pytest.skip(f"no TensorRT here that runs on compute capability {cc}")
+    out = tmp_path / "e"
+    shutil.copytree(export_fp16, out, ignore=shutil.ignore_patterns("engines"))
+    build(out, precision="fp16", components=["unet"], compute_capabilities=cc, force=True)
+    plain = load_manifest(out)["engines"]["unet"]["size_bytes"]
+    build(out, precision="fp16", compute_capabilities=cc, refittable=True, force=True)
+    entry = load_manifest(out)["engines"]["unet"]
+    assert entry["refittable"] and entry["file"].endswith(".refit.plan")
+    if entry["weights_stripped"]:
+        assert entry["size_bytes"] < plain, (entry["size_bytes"], plain)
+    export = ExportDir.open(out)
+    request = {**REQUEST, "height": 128, "width": 128}
+    pipes = {b: Pipeline(load_engines(export, b, device="cuda"), export, device="cuda") for b in ("trt", "ort")}
+    seen: dict[tuple, np.ndarray] = {}
+    for state in [(("a", 0.8),), (("b", 1.0),), (("a", 0.8),), ()]:
+        images = {}
+        for backend, pipe in pipes.items():
+            print(backend, state, pipe.set_loras([f"{loras[k]}:{s}" for k, s in state]))
+            images[backend] = pipe(**request).images
+        assert psnr(images["trt"], images["ort"]) >= 30, state
+        if state in seen:
+            np.testing.assert_array_equal(images["trt"], seen[state])
+        seen[state] = images["trt"]
