@@ -218,6 +218,8 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
         options.update(cuda_graph=True, **({"static": _geometry(settings)} if backend == "ort" else {}))
     if backend == "torch":
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
+    if loras and backend == "ort":
+        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
     results = [run_backend(export, backend, device, settings, runs, warmup, say, loras=loras, **options)]
     if compare_eager and backend != "torch":
         results.append(run_backend(export, "torch", device, settings, runs, warmup, say, loras=loras,

@@ -269,11 +269,8 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
     from .lora import open_loras
     from .pipeline import load_image
 
-    from .lora import open_loras
-
     image = load_image(image_path, "--image") if image_path else None
     mask = load_image(mask_path, "--mask") if mask_path else None
-    lora_files = open_loras(loras)
     lora_files = open_loras(loras)
     with reading(export_dir):
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
@@ -308,6 +305,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
         check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
+    if loras and backend == "ort":
+        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
     engines = load_engines(export, backend, components=export.components_for(image is not None),
                            device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)

@@ -301,6 +301,7 @@ class Pipeline:
         engines = {e.spec.source: e for e in self.engines.values() if e.spec.source in parts}
         values = fused_params(self.info, files, list(engines), base=lambda part, name: engines[part].base_param(name))
         t1 = time.perf_counter()
+        self._graphs.clear()  # step graphs captured the previous engines' state (ONNX Runtime: its old sessions)
         for part, engine in engines.items():
             engine.set_weights(values.get(part, {}))
         t2 = time.perf_counter()

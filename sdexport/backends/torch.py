@@ -47,8 +47,6 @@ class TorchEngine(Engine):
         return engines
 
     def base_param(self, name: str):
-        import torch
-
         if name in self._base:
             return self._base[name].float()
         try:
