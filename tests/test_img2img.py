@@ -4,6 +4,7 @@ StableDiffusionInpaintPipeline (same seed, same scheduler), and every bad image,
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -248,3 +249,19 @@ def test_cli_bad_inputs_write_nothing(export_fp32, export_inpaint, tmp_path):
         result = run_cli("infer", *args, "--prompt", "x", "-o", out, "--steps", 2)
         assert_error(result, code, needle)
         assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_unet_channels_inpainting_accepted_others_refused(inpaint_model, tmp_path):
+    """9 = 2 x 4 + 1 input channels is an inpainting UNet; the neighbours (8, 10) are refused (exit 3)."""
+    from sdexport.errors import ModelError
+    from sdexport.models import ModelInfo
+
+    info = ModelInfo.open(inpaint_model)
+    assert info.inpainting and info.latent_channels == 4 and info.unet_in_channels == 9
+    for channels in (8, 10):
+        copy = tmp_path / f"c{channels}"
+        shutil.copytree(inpaint_model, copy)
+        config = json.loads((copy / "unet" / "config.json").read_text())
+        (copy / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": channels}))
+        with pytest.raises(ModelError, match=f"VAE latent_channels 4 differs from UNet in_channels {channels}"):
+            ModelInfo.open(copy)
