@@ -187,7 +187,7 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
             adapter = f"lora{i}"
             try:
                 state_dict = loader.lora_state_dict(str(lora.path))[0]
-                host.load_lora_weights(str(lora.path), adapter_name=adapter)
+                host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
             except SdexportError:
                 raise
             except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file

@@ -419,3 +419,24 @@ def test_refit_on_the_gpu(export_fp16, loras, tmp_path):
         if state in seen:
             np.testing.assert_array_equal(images["trt"], seen[state])
         seen[state] = images["trt"]
+
+
+@pytest.mark.gpu
+def test_switching_on_cuda_ort(export_fp32, loras):
+    """ONNX Runtime's CUDA EP takes the replaced initializers too: the switched CUDA image equals the CPU one
+    (FP32, TF32 off) and a repeated state repeats exactly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    export = ExportDir.open(export_fp32)
+    cpu = Pipeline(load_engines(export, "ort"), export)
+    cuda = Pipeline(load_engines(export, "ort", device="cuda", tf32=False, variant="plain"), export, device="cuda")
+    seen = {}
+    for state in [(("a", 0.8),), (), (("a", 0.8),)]:
+        args = [f"{loras[k]}:{s}" for k, s in state]
+        cpu.set_loras(args)
+        print("ort cuda", state, cuda.set_loras(args))
+        image = cuda(**REQUEST).images
+        assert psnr(image, cpu(**REQUEST).images) >= 40.0, state
+        if state in seen:
+            np.testing.assert_array_equal(image, seen[state])
+        seen[state] = image
