@@ -385,12 +385,14 @@ def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path):
     assert entry["refittable"] is False and not entry["file"].endswith(".refit.plan")
 
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.gpu
+@NEEDS_GPU
 def test_refit_on_the_gpu(export_fp16, loras, tmp_path):
     """Refittable, weight-stripped engines: smaller plans; A -> B -> A -> none by refit gives exactly the
     images it gave before, and the ORT engines' images for the same LoRAs (FP16)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from sdexport.backends.trt import gpu_capability, trt_status
     from sdexport.build import build
 
@@ -422,11 +424,10 @@ def test_refit_on_the_gpu(export_fp16, loras, tmp_path):
 
 
 @pytest.mark.gpu
+@NEEDS_GPU
 def test_switching_on_cuda_ort(export_fp32, loras):
     """ONNX Runtime's CUDA EP takes the replaced initializers too: the switched CUDA image equals the CPU one
     (FP32, TF32 off) and a repeated state repeats exactly."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     export = ExportDir.open(export_fp32)
     cpu = Pipeline(load_engines(export, "ort"), export)
     cuda = Pipeline(load_engines(export, "ort", device="cuda", tf32=False, variant="plain"), export, device="cuda")
