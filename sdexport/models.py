@@ -270,6 +270,9 @@ class ModelInfo:
     scheduler_config: dict[str, Any]
     index: dict[str, Any]  # model_index.json
     preset: str | None = None
+    # LoRAs (lora.LoraFile) that load_torch fuses into the modules they change: those an export was made
+    # with, so that PyTorch references of that export (validate, --backend torch, re-exports) are what it holds.
+    loras: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def open(cls, root: str | os.PathLike, preset: str | None = None) -> "ModelInfo":
@@ -442,7 +445,20 @@ class ModelInfo:
         return getattr(importlib.import_module(library), cls_name)
 
     def load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
-        """Load one torch module (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) in eval mode."""
+        """Load one torch module (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) in eval mode, with
+        ``self.loras`` fused into it (diffusers' loader needs every part a LoRA names: the others are loaded
+        alongside and dropped)."""
+        module = self._load_torch(part, dtype, device, **kwargs)
+        if self.loras:
+            from .lora import fuse_loras, lora_parts
+
+            parts = lora_parts(self)
+            if part in parts:
+                others = {p: self._load_torch(p, dtype, "cpu") for p in parts if p != part}
+                fuse_loras(self, {part: module, **others}, self.loras)
+        return module
+
+    def _load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
         import torch
 
         cls = self.torch_class(part)

@@ -186,7 +186,23 @@ class ExportDir:
         if info.weights_sha256 != model["weights_sha256"]:
             raise IntegrityError(f"{info.root}: its weights are not the ones {self.root} was exported from "
                                  f"(sha256 {info.weights_sha256[:12]}… vs {model['weights_sha256'][:12]}…)")
+        info.loras = self.fused_loras()
         return info
+
+    def fused_loras(self) -> list:
+        """The LoRAs fused into this export (lora.LoraFile), each file checked against its recorded sha256:
+        a PyTorch reference of the export needs them."""
+        from .lora import LoraFile
+        from .manifest import sha256_file
+
+        out = []
+        for record in self.manifest.data["model"].get("loras", []):
+            path = Path(record["file"])
+            if not path.is_file() or sha256_file(path) != record["sha256"]:
+                raise IntegrityError(f"{path}: the LoRA fused into {self.root} is {'changed' if path.is_file() else 'missing'}"
+                                     f" (sha256 {record['sha256'][:12]}…); the PyTorch reference of this export needs it")
+            out.append(LoraFile(path, float(record["scale"]), record["sha256"]))
+        return out
 
 
 def _ranges_text(ranges: Any) -> str:

@@ -441,3 +441,21 @@ def test_switching_on_cuda_ort(export_fp32, loras):
         if state in seen:
             np.testing.assert_array_equal(image, seen[state])
         seen[state] = image
+
+
+def test_pytorch_reference_of_a_fused_export_has_the_loras(fused_export, loras, tmp_path):
+    """validate and --backend torch compare against the source model with the recorded LoRAs fused (else a
+    LoRA export would fail validation); a recorded LoRA file that changed is one line, exit 5."""
+    from sdexport.validate import validate
+
+    report = validate(fused_export, components=["text_encoder", "unet"])
+    assert report["passed"], [r for r in report["results"] if not r["pass"]]
+    export = ExportDir.open(fused_export)
+    ours = Pipeline(load_engines(export, "ort"), export)(**REQUEST).images
+    assert psnr(Pipeline(load_engines(export, "torch"), export)(**REQUEST).images, ours) >= 40.0
+    copy = tmp_path / "e"
+    shutil.copytree(fused_export, copy)
+    data = load_manifest(copy)
+    data["model"]["loras"][0]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(data))
+    assert_error(run_cli("validate", copy, "--components", "unet"), 5, "the LoRA fused into", "changed")
