@@ -223,7 +223,7 @@ def references(tiny_model, loras):
     return image
 
 
-@pytest.mark.parametrize("backend", ["ort", "torch"])
+@pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.slow)])
 def test_switching_in_every_order(export_fp32, loras, references, backend):
     """A, B, A, none, B, A+B, kohya, none: each image equals diffusers' with those LoRAs fused; a state seen
     before gives exactly the image it gave then (computed from the base weights, never on top of the last)."""
