@@ -510,7 +510,8 @@ class TrtEngine(Engine):
         self.memory = None
         self.export, self.weight_map, self._refitted = export, None, set()
         if entry.get("weights_stripped"):  # a weight-stripped plan gets its weights from the ONNX it was built from
-            self._refit_from_onnx(export.manifest.path(entry["onnx"]["file"]))
+            with on_device(device):
+                self._refit_from_onnx(export.manifest.path(entry["onnx"]["file"]))
 
     # --- refit (LoRA switching; engines built with --refittable) ------------------------------------------
     def _refitter(self):
@@ -570,7 +571,8 @@ class TrtEngine(Engine):
             if not refitter.set_named_weights(name, self.trt.Weights(keep[-1])):
                 raise IntegrityError(f"{self.path}: TensorRT refused new values for {name} "
                                      f"({capture_logger(self.trt).summary()})")
-        self._refit(refitter, "the LoRA weights")
+        with on_device(self.device):
+            self._refit(refitter, "the LoRA weights")
         self._refitted = changed
 
     @property
