@@ -112,26 +112,41 @@ def machine() -> dict[str, Any]:
 
 
 def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str, Any], runs: int, warmup: int,
-                say: Callable[[str], None], label: str | None = None, **engine_options) -> dict[str, Any]:
+                say: Callable[[str], None], label: str | None = None, loras=(), **engine_options) -> dict[str, Any]:
     """Time the full loop on one backend configuration (engine options go to ``load_engines``)."""
-    return run_settings(export, backend, device, [settings], runs, warmup, say, label, **engine_options)[0][0]
+    return run_settings(export, backend, device, [settings], runs, warmup, say, label, loras,
+                        **engine_options)[0][0]
 
 
 def run_settings(export: ExportDir, backend: str, device: str, settings_list: list[dict[str, Any]], runs: int,
-                 warmup: int, say: Callable[[str], None], label: str | None = None,
+                 warmup: int, say: Callable[[str], None], label: str | None = None, loras=(),
                  **engine_options) -> list[tuple[dict[str, Any], Any]]:
     """Load one backend configuration once and time the full loop for each request of ``settings_list``;
-    returns (figures, last GenerationResult) per request."""
+    returns (figures, last GenerationResult) per request. ``loras``: switched onto the engines first; the
+    switch is timed (the first one, which reads the base weights, and then none <-> LoRAs back and forth)."""
     label = label or (backend if backend != "torch" else f"torch eager {engine_options.get('dtype') or 'fp32'}")
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
     step_graph = engine_options.pop("step_graph", False)
-    engines = load_engines(export, backend, device=device, **engine_options)
+    image_input = any(s.get("image") is not None for s in settings_list)
+    engines = load_engines(export, backend, components=export.components_for(image_input), device=device,
+                           **engine_options)
     load_s = time.perf_counter() - t0
     warnings: list[str] = []
     pipe = Pipeline(engines, export, device=device, warn=warnings.append, step_graph=step_graph)
     out = []
+    switch: dict[str, Any] | None = None
     try:
+        if loras:
+            first = pipe.set_loras(loras)
+            later = []
+            for _ in range(2):
+                pipe.set_loras([])
+                later.append(pipe.set_loras(loras))
+                say(f"{label}: LoRA switch {later[-1]['switch_ms']:.1f} ms")
+            switch = {"first_ms": round(first["switch_ms"], 3),
+                      **{f"{k}_median": round(statistics.median(t[k] for t in later), 3)
+                         for k in ("switch_ms", "fuse_ms", "apply_ms")}}
         for settings in settings_list:
             summaries, unet_calls, loops = [], [], set()
             with PeakMemory(device) as mem:
@@ -153,6 +168,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
                 "loop": "/".join(sorted(loops)), "warnings": sorted(set(warnings)),
                 "load_seconds": round(load_s, 2),
                 "stages_ms": {
+                    **({"vae_encoder": round(med["vae_encoder_ms"], 3)} if image_input else {}),
                     "text_encoder": round(med["text_encoder_ms"], 3),
                     "unet_total": round(med["unet_total_ms"], 3),
                     "vae_decoder": round(med["vae_decoder_ms"], 3),
@@ -166,6 +182,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
                 "outside_loop_and_engines_ms": round(med["other_ms"], 3),
                 "memory": mem.result(),
                 "runs": runs, "warmup": warmup,
+                **({"lora_switch": switch, "loras": [lora.to_json() for lora in loras]} if switch else {}),
             }
             out.append((figures, result))
     finally:
@@ -222,7 +239,9 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
           torch_compile: bool = False, step_graph: bool = False, threads: int | None = None,
-          json_path: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+          json_path: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None, image=None,
+          mask=None, strength: float | None = None, loras=()) -> dict[str, Any]:
+    """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row."""
     from . import limits
     from .paths import check_report_output
 
@@ -231,12 +250,17 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     if threads is not None:
         limits.count("--threads", threads, 1, limits.MAX_THREADS)
     export = ExportDir.open(export_dir, model=model_dir)
+    if image is not None and mask is None and (height is None or width is None):
+        f = export.info.vae_scale_factor  # image-to-image keeps the image's size (rounded as diffusers does)
+        height, width = height or image.size[1] // f * f, width or image.size[0] // f * f
     settings = dict(prompt="a photograph of an astronaut riding a horse", negative_prompt="", steps=steps,
                     guidance_scale=guidance_scale, seed=0,
                     height=export.ranges.opt_size if height is None else height,
                     width=export.ranges.opt_size if width is None else width, batch_size=batch_size,
-                    scheduler=scheduler)
-    export.family.check_text_to_image(export.info)
+                    scheduler=scheduler,
+                    **({"image": image, "mask": mask, "strength": strength} if image is not None else {}))
+    if image is None:
+        export.family.check_text_to_image(export.info)
     check_request(export.ranges, steps, guidance_scale, _geometry(export, settings))
     limits.check_schedule(scheduler, export.info.scheduler_config, steps)
     if json_path is not None:
@@ -261,9 +285,12 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
     if backend == "ort":
         options.update(threads=thread_info["threads"])
-    results = [run_backend(export, backend, device, settings, runs, warmup, say, **options)]
+    if loras and backend == "ort":
+        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
+    results = [run_backend(export, backend, device, settings, runs, warmup, say, loras=loras, **options)]
     if compare_eager and backend != "torch":
-        results.append(run_backend(export, "torch", device, settings, runs, warmup, say, dtype=eager_dtype))
+        results.append(run_backend(export, "torch", device, settings, runs, warmup, say, loras=loras,
+                                   dtype=eager_dtype))
     if len(results) == 2:
         engine, eager = results
         engine["speedup_vs_eager"] = {
@@ -279,9 +306,10 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     return {
         "export": str(export.root.resolve()), "model": export.manifest.data["model"].get("preset")
         or export.manifest.data["model"]["path"], "export_dtype": export.dtype, "device": device,
-        "settings": {**{k: v for k, v in settings.items() if k != "prompt"},
+        "settings": {**{k: v for k, v in settings.items() if k not in ("prompt", "image", "mask")},
                      "scheduler": scheduler or export.info.scheduler_config["_class_name"],
                      "scheduler_class": scheduler_used},
+        "mode": "inpainting" if mask is not None else "image-to-image" if image is not None else "text-to-image",
         "results": results, "threads": thread_info, "noise_warnings": noise,
         "machine": machine(), "versions": versions(), "command": " ".join(["sdexport"] + sys.argv[1:]),
         "timer": "CUDA events" if device.startswith("cuda") else "time.perf_counter",
@@ -300,12 +328,14 @@ def format_table(report: dict[str, Any]) -> str:
     results = report["results"]
     s = report["settings"]
     steps = results[0]["unet_steps"]
-    head = (f"{report['model']} ({report['export_dtype']} export) on {report['device']}: "
+    head = (f"{report['model']} ({report['export_dtype']} export{', ' + report['mode'] if report.get('mode', 'text-to-image') != 'text-to-image' else ''}) on {report['device']}: "
             f"{s['height']}x{s['width']}, batch {s['batch_size']}, {s['steps']} steps, "
             f"guidance {s['guidance_scale']}, median of {results[0]['runs']} runs ({report['timer']})")
     cols = [r["label"] for r in results] + (["speed-up"] if len(results) == 2 else [])
     rows = [("CLIP text encoder", "text_encoder"), (f"UNet x {steps}", "unet_total"),
             ("VAE decode", "vae_decoder"), ("Pipeline total", "pipeline_total")]
+    if "vae_encoder" in results[0]["stages_ms"]:  # image-to-image / inpainting
+        rows.insert(0, ("VAE encode (image)", "vae_encoder"))
     width = max(22, *(len(c) + 2 for c in cols))
     lines = [head, "", f"{'stage':<22}" + "".join(f"{c:>{width}}" for c in cols)]
     for title, key in rows:
@@ -331,6 +361,11 @@ def format_table(report: dict[str, Any]) -> str:
     if t:
         lines.append(f"threads: torch {t['torch_intra_op']}, onnxruntime {t['onnxruntime_intra_op']} "
                      f"({t['usable_cores']} usable cores)")
+    for r in results:
+        if r.get("lora_switch"):
+            sw = r["lora_switch"]
+            lines.append(f"{r['label']}: LoRA switch median {sw['switch_ms_median']:.1f} ms (diffusers fuse "
+                         f"{sw['fuse_ms_median']:.1f} + engines {sw['apply_ms_median']:.1f}); first {sw['first_ms']:.1f} ms")
     for r in results:
         for w in r.get("warnings", []):
             lines.append(f"{r['label']}: warning: {w}")

@@ -238,11 +238,27 @@ def set_builder_flags(trt, config, flavour: str) -> dict[str, bool]:
     return applied
 
 
+def mark_refittable(trt, network, names: list[str]) -> str:
+    """Make the weights ``names`` (ONNX initializer names: the parser names TensorRT weights after them)
+    refittable: individually where the flavour can (REFIT_INDIVIDUAL, so TensorRT still optimizes every
+    other weight as a constant), else all weights (REFIT). Returns the flag to set."""
+    if hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL") and hasattr(network, "mark_weights_refittable"):
+        refused = [n for n in names if not network.mark_weights_refittable(n)]
+        if refused:
+            raise IntegrityError(f"TensorRT does not know {refused[0]} (and {len(refused) - 1} more) as weights of "
+                                 "the network; the weights map does not match this ONNX: re-export")
+        return "REFIT_INDIVIDUAL"
+    return "REFIT"
+
+
 def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, profile: dict[str, list],
                  targets: list[str], opt_level: int, workspace_mib: int | None,
-                 timing_cache: tuple[Path, Path] | None, say: Callable[[str], None], label: str) -> dict[str, Any]:
+                 timing_cache: tuple[Path, Path] | None, say: Callable[[str], None], label: str,
+                 refit_weights: list[str] | None = None) -> dict[str, Any]:
     """Parse, configure and build one engine; the plan is written atomically to ``plan_path``.
-    ``timing_cache``: (file to read it from, file to write it to), or None."""
+    ``timing_cache``: (file to read it from, file to write it to), or None. ``refit_weights``: initializers
+    to keep refittable (LoRA switching), stripped from the plan where the flavour can (STRIP_PLAN): the
+    runtime refits them from the ONNX file when it loads the engine."""
     from .backends.trt import capture_logger
 
     log = capture_logger(trt)
@@ -272,6 +288,14 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
         for i, cc in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i)
     flags = set_builder_flags(trt, config, flavour)
+    refit: dict[str, Any] = {}
+    if refit_weights is not None:
+        flag = mark_refittable(trt, network, refit_weights)
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+        stripped = hasattr(trt.BuilderFlag, "STRIP_PLAN")
+        if stripped:
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        refit = {"refit_flag": flag, "refittable_weights": len(refit_weights), "weights_stripped": stripped}
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = opt_level
     if workspace_mib:
@@ -306,6 +330,11 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
             plan = builder.build_serialized_network(network, config)
             interrupts.check()
             if plan is None:
+                if refit and flavour == "rtx" and "CUDA" in log.summary():
+                    raise CannotRunHere(
+                        f"{spec.name}: TensorRT-RTX {trt.__version__} builds refittable engines only where CUDA "
+                        f"runs (its Myelin compiler failed without it: {log.summary()[:160]}); "
+                        "build --refittable on a machine with an NVIDIA GPU and driver (the targets stay the same)")
                 raise BuildFailed(f"{spec.name}: TensorRT could not build the engine for {', '.join(targets)}: "
                                   f"{log.summary()}")
             with open(tmp, "wb") as f:
@@ -318,7 +347,7 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
         with atomic_path(cache_out) as tmp:
             tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     memory = log.facts["activation_memory"]
-    return {"io": io, "profile": accepted, "seconds": seconds, "builder_flags": flags,
+    return {"io": io, "profile": accepted, "seconds": seconds, "builder_flags": flags, "refit": refit,
             "activation_memory_bytes": int(memory[-1]) if memory else None,
             "attention_nodes": list(log.facts["attention_node"])}
 
@@ -365,9 +394,12 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
           opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
           max_batch: int | None = None, compute_capabilities: str | list[str] | None = None, opt_level: int = 3,
           workspace_mib: int | None = None, timing_cache: str | Path | None = None, force: bool = False,
-          device: str | None = None, say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+          device: str | None = None, refittable: bool = False,
+          say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Build the engines; ``device`` ('cuda:N') is the GPU NVIDIA's tensorrt builds for and whose compute
-    capability is checked against the targets (default: torch's current CUDA device)."""
+    capability is checked against the targets (default: torch's current CUDA device). ``refittable``: engines
+    of the components a LoRA changes keep those weights refittable (and, where the flavour can, stripped from
+    the plan), so that ``infer --lora`` refits them instead of rebuilding."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
     if flavour not in ("auto", "tensorrt", "rtx"):
@@ -384,12 +416,26 @@ def build(export_dir: str | Path, precision: str = "fp16", flavour: str = "auto"
         export.manifest = txn.manifest
         return _build(export, txn, precision, flavour, components, static, batch, opt_size, opt_batch, min_size,
                       max_size, max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, device,
-                      say)
+                      say, refittable)
+
+
+def _refit_weights(export, onnx_key: str) -> list[str] | None:
+    """The initializers an engine of ``onnx_key`` keeps refittable under --refittable: those the weights map
+    says hold torch parameters (None: a component no LoRA changes, built as usual)."""
+    from .lora import WeightMap, lora_parts
+
+    if export.spec(onnx_key).source not in lora_parts(export.info):
+        return None
+    if onnx_key != export.spec(onnx_key).source and onnx_key not in export.specs:
+        raise UsageError(f"--refittable: {onnx_key} is not a plain export (its weights are quantized); "
+                         "LoRA switching runs on --precision fp16/fp32 engines")
+    wmap = WeightMap(export, onnx_key)
+    return sorted({e["initializer"] for entries in wmap.params.values() for e in entries})
 
 
 def _build(export, txn, precision, flavour, components, static, batch, opt_size, opt_batch, min_size, max_size,
-           max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, device, say
-           ) -> dict[str, Any]:
+           max_batch, compute_capabilities, opt_level, workspace_mib, timing_cache, force, device, say,
+           refittable=False) -> dict[str, Any]:
     from .backends.trt import FLAVOUR_NAMES, gpu_capability, on_device, select_flavour, version_of
 
     manifest = export.manifest
@@ -412,7 +458,13 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
     version = version_of(trt)
     if isinstance(compute_capabilities, str):
         compute_capabilities = parse_ccs(compute_capabilities)
+    if refittable and flavour == "rtx" and not compute_capabilities and gpu_cc is not None:
+        compute_capabilities = [f"{gpu_cc[0]}.{gpu_cc[1]}"]  # refittable RTX engines have one target (below)
     targets = resolve_targets(trt, flavour, compute_capabilities, gpu_cc)
+    if refittable and flavour == "rtx" and len(targets) > 1:
+        raise UsageError(f"--refittable: TensorRT-RTX {version} builds a refittable engine for one compute "
+                         f"capability (its compiler stops with 'CHECK(sm_vers_.size() == 1)' for {', '.join(targets)}): "
+                         "pass one, e.g. --compute-capability 8.6")
     name = FLAVOUR_NAMES[flavour]
     short = {"tensorrt": "trt", "rtx": "rtx"}[flavour] + "-" + ".".join(version.split(".")[:3])
     cache_paths = None
@@ -439,23 +491,26 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
         onnx_entry = manifest.components[onnx_key]
         onnx_path = manifest.verified_path(onnx_entry)
         profile, axes = component_profile(spec, request)
+        refit_weights = _refit_weights(export, onnx_key) if refittable else None
         key = {"onnx_sha256": onnx_entry["sha256"], "flavour": flavour, "version": version,
                "compute_capabilities": targets, "precision": precisions[component], "profile": profile,
                "opt_level": opt_level, "workspace_mib": workspace_mib, "builder_flags": BUILDER_FLAGS[flavour]}
+        if refit_weights is not None:
+            key["refittable"] = True
         old = manifest.engines.get(component)
         if not force and old and old.get("key") == key and export.manifest.intact(old):
             say(f"{label}: up to date ({old['file']}), not rebuilt")
             current.append(component)
             continue
         rel = (f"{ENGINE_DIR}/{component}.{short}.{precisions[component]}.{profile_tag(kind, request)}."
-               f"{cc_tag(targets)}.plan")
+               f"{cc_tag(targets)}{'.refit' if refit_weights is not None else ''}.plan")
         say(f"{label}: building {name} {version} {precisions[component]} {kind} profile for compute capability "
             f"{', '.join(targets)} (opt level {opt_level})")
         plan = txn.stage(rel)
         try:
             with on_device(device if flavour == "tensorrt" else None):  # NVIDIA's tensorrt builds on the current GPU
                 result = build_engine(trt, flavour, onnx_path, plan, spec, profile, targets, opt_level,
-                                      workspace_mib, cache_paths, say, label)
+                                      workspace_mib, cache_paths, say, label, refit_weights=refit_weights)
         except BuildFailed as exc:
             raise BuildFailed(f"{exc}{_known_failure(export, component, flavour, precisions[component], targets, exc)}"
                               ) from None
@@ -463,6 +518,7 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
             "file": rel, "sha256": sha256_file(plan), "size_bytes": plan.stat().st_size,
             "flavour": flavour, "flavour_name": name, "version": version, "compute_capabilities": targets,
             "precision": precisions[component], "strongly_typed": True,
+            "refittable": refit_weights is not None, **result["refit"],
             "onnx": {"component": onnx_key, "file": onnx_entry["file"], "sha256": onnx_entry["sha256"]},
             "profile_kind": kind, "profile": result["profile"], "axes": axes,
             "request": {k: vars(g) for k, g in request.items()},

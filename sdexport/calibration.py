@@ -286,7 +286,7 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     meta = {
         "format": CALIB_FORMAT, "truncated_prompts": long, "family": info.family_name,
         "model": {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256},
-        "unet": {"in_channels": info.latent_channels, "cross_attention_dim": info.cross_attention_dim,
+        "unet": {"in_channels": info.unet_in_channels, "cross_attention_dim": info.cross_attention_dim,
                  "sequence_length": info.tokenizer_max_length, "latent_height": height // info.vae_scale_factor,
                  "latent_width": width // info.vae_scale_factor},
         "settings": {"prompts_file": str(Path(prompts_file).resolve()), "prompts_sha256": sha256_file(prompts_file),

@@ -191,13 +191,15 @@ def preset(name, out):
 @click.option("--max-size", type=int, default=None, callback=checked(limits.count, 1),
               help=f"Largest image side in pixels (default: twice native; at most {limits.MAX_SIDE_FACTOR}x native).")
 @click.option("--force", is_flag=True, help="Re-export even if nothing changed.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse this LoRA (diffusers/PEFT or kohya/A1111 file) into the exported weights; repeatable.")
 @handled
-def export(model, out, dtype, opset, components, max_batch, min_size, max_size, force):
+def export(model, out, dtype, opset, components, max_batch, min_size, max_size, force, loras):
     """Export MODEL (a diffusers directory or preset name) to ONNX in Optimum's layout."""
     from .export import export as run
 
     run(model, out, dtype=dtype, opset=opset, components=[c.strip() for c in components.split(",") if c.strip()],
-        max_images=max_batch, min_size=min_size, max_size=max_size, force=force, say=say)
+        max_images=max_batch, min_size=min_size, max_size=max_size, force=force, loras=list(loras), say=say)
     click.echo(f"{out}/manifest.json")
 
 
@@ -236,9 +238,12 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
                    "(default: the current CUDA device); inductor: the device to compile for (cpu or cuda[:N], "
                    "default: cuda where there is one).")
 @click.option("--force", is_flag=True, help="Rebuild even if nothing changed.")
+@click.option("--refittable", is_flag=True,
+              help="Keep the weights a LoRA changes refittable (weight-stripped where the flavour can): "
+                   "'infer --lora' then refits instead of rebuilding.")
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
-          max_batch, opt_level, workspace, timing_cache, engine_backend, device, force):
+          max_batch, opt_level, workspace, timing_cache, engine_backend, device, force, refittable):
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
 
@@ -264,7 +269,8 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
                  components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
                  compute_capabilities=ccs, static=static, batch=batch, min_size=min_size, opt_size=opt_size,
                  max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
-                 workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device, say=say)
+                 workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device,
+                 refittable=refittable, say=say)
     click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} engine(s), {len(report['built'])} built, "
                f"{len(report['up_to_date'])} up to date ({report['flavour']} {report['version']}, "
                f"compute capability {', '.join(report['targets'])})")
@@ -335,18 +341,37 @@ def validate(export_dir, backend, device, components, model_dir):
                    "for schedulers that draw host-side noise).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="--backend torch: " + MODEL_HELP)
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Start from this image: image-to-image (its size unless --height/--width), or inpainting "
+                   "with --mask.")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="Inpainting mask (grayscale, same size as --image; white = repaint). Inpainting models only.")
+@click.option("--strength", type=float, default=None,
+              help="How much of --image is repainted, in (0, 1] (default 0.8; inpainting 1.0).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Switch this LoRA onto the engines (no re-export or rebuild; TensorRT: --refittable engines); "
+                   "repeatable.")
 @family_options
 @handled
 def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-          scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, **request_options):
+          scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, image_path, mask_path, strength,
+          loras, **request_options):
     """Generate image(s) with the engines of EXPORT_DIR; writes PNG(s) and a JSON sidecar."""
+    from .lora import open_loras
+    from .pipeline import load_image
+
+    image = load_image(image_path, "--image") if image_path else None
+    mask = load_image(mask_path, "--mask") if mask_path else None
+    lora_files = open_loras(loras)
     with reading(export_dir):
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-               scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options)
+               scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options, image, mask,
+               strength, {"image": image_path, "mask": mask_path}, lora_files)
 
 
 def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
-           scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options):
+           scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options, image=None,
+           mask=None, strength=None, inputs=None, loras=()):
     from tqdm import tqdm
 
     from .backends import load_engines
@@ -359,7 +384,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 
     export = ExportDir.open(export_dir, model=model_dir)
     family, info = export.family, export.info
-    family.check_text_to_image(info)  # before any engine is loaded
+    if image is None:
+        family.check_text_to_image(info)  # before any engine is loaded
     request_options = family.check_options(info, request_options)
     if guidance_scale is not None and family.guidance_note(info, guidance_scale):
         say(f"note: {family.guidance_note(info, guidance_scale)}")
@@ -368,6 +394,10 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if (cuda_graph or step_graph) and not device.startswith(("cuda", "auto")):
         raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
+    if image is not None and mask is None:  # image-to-image keeps the image's size (rounded as diffusers does)
+        f = export.info.vae_scale_factor
+        height = image.size[1] // f * f if height is None else height
+        width = image.size[0] // f * f if width is None else width
     geo = Geometry(batch_size, export.ranges.opt_size if height is None else height,
                    export.ranges.opt_size if width is None else width,
                    guidance=export.family.guidance(export.info, guidance_scale).cfg)
@@ -383,24 +413,41 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
             raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
-    engines = load_engines(export, backend, device=device, **options)
+    if loras and backend == "ort":
+        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
+    engines = load_engines(export, backend, components=export.components_for(image is not None),
+                           device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
+    switch = None
+    if loras:
+        from .lora import describe
+
+        switch = pipe.set_loras(loras)
+        say(f"LoRA {describe(list(loras))} switched onto the engines in {switch['switch_ms']:.0f} ms "
+            f"(fuse {switch['fuse_ms']:.0f}, apply {switch['apply_ms']:.0f})")
     bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
     result = pipe(prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                  height=height, width=width, batch_size=batch_size, scheduler=scheduler,
-                  progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)), **request_options)
+                  height=height, width=width, batch_size=batch_size, scheduler=scheduler, image=image, mask=mask,
+                  strength=strength, progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)),
+                  **request_options)
     bar.close()
     summary = result.stage_summary()
     meta = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
             "scheduler": scheduler or result.scheduler, "guidance_scale": guidance_scale,
             "height": result.images.shape[1], "width": result.images.shape[2], "batch_size": batch_size,
             "backend": backend, "unet": unet, "device": device, "export": str(export.root),
-            "prompt_truncated": result.truncated, "loop": result.loop,
+            "prompt_truncated": result.truncated, "loop": result.loop, "mode": result.mode,
             **({"options": {k: list(v) if isinstance(v, tuple) else v for k, v in request_options.items()}}
                if request_options else {}),
+            "loras_fused_at_export": export.manifest.data["model"].get("loras", []),
+            "loras_switched": [lora.to_json() for lora in loras],
+            **({"lora_switch_ms": {k: round(v, 3) for k, v in switch.items()}} if switch else {}),
+            **({"image": (inputs or {}).get("image"), "mask": (inputs or {}).get("mask"), "strength": strength}
+               if image is not None else {}),
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)
-    say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms (text {summary['text_encoder_ms']:.1f}, "
+    encode = f"VAE encode {summary['vae_encoder_ms']:.1f}, " if summary["vae_encoder_ms"] else ""
+    say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms ({encode}text {summary['text_encoder_ms']:.1f}, "
         f"UNet x{summary['unet_steps']} {summary['unet_total_ms']:.1f}, VAE {summary['vae_decoder_ms']:.1f}, "
         f"loop overhead {summary['loop_overhead_ms']:.1f})")
     for name in names:
@@ -443,15 +490,28 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
               help="int8: time the INT8 UNet written by 'sdexport quantize' (eager stays FP32/--eager-dtype).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Time image-to-image from this image (inpainting with --mask); adds the VAE-encode stage.")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Inpainting mask.")
+@click.option("--strength", type=float, default=None, help="With --image: in (0, 1] (default 0.8; inpainting 1.0).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Switch this LoRA onto the engines first (repeatable); reports the switch time.")
 @handled
 def bench(export_dir, backend, device, steps, height, width, batch_size, guidance_scale, scheduler, runs, warmup,
-          threads, eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet, model_dir):
+          threads, eager_dtype, no_eager, cuda_graph, step_graph, torch_compile, json_path, unet, model_dir,
+          image_path, mask_path, strength, loras):
     """Time the engines against PyTorch eager on the same shapes, in one run."""
     from .bench import bench as run
     from .bench import format_table
     from .errors import UsageError
     from .manifest import write_json
+    from .pipeline import load_image
 
+    from .lora import open_loras
+
+    image = load_image(image_path, "--image") if image_path else None
+    mask = load_image(mask_path, "--mask") if mask_path else None
+    lora_files = open_loras(loras)
     for flag, on in (("--cuda-graph", cuda_graph), ("--step-graph", step_graph)):
         if on and device == "cpu":
             raise UsageError(f"{flag} needs a CUDA device (--device cuda)")
@@ -460,7 +520,8 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
                      batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
                      cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile, threads=threads,
-                     json_path=json_path, model_dir=model_dir, **({"unet": unet} if unet != "default" else {}))
+                     json_path=json_path, model_dir=model_dir, image=image, mask=mask, strength=strength,
+                     loras=lora_files, **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)

@@ -33,9 +33,14 @@ TWO_GB = 2**31
 ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 11: "float64", 3: "int8", 16: "bfloat16"}
 
 
-def _export_key(info: ModelInfo, dtype: str, opset: int, ranges: ShapeRanges, spec: ComponentSpec) -> dict:
+def _export_key(info: ModelInfo, dtype: str, opset: int, ranges: ShapeRanges, spec: ComponentSpec,
+                loras: list[dict[str, Any]] | None = None) -> dict:
+    """What an exported component is made from; the fused LoRAs (file, sha256, scale) are part of it for the
+    components a LoRA changes."""
     key = {"weights_sha256": info.weights_sha256, "dtype": dtype, "opset": opset,
            "ranges": ranges.to_json(), "spec": spec.to_json(), "family": info.family_name, "sdexport": __version__}
+    if loras is not None:
+        key["loras"] = loras
     return json.loads(json.dumps(key))  # as it reads back from manifest.json
 
 
@@ -107,9 +112,10 @@ def save_onnx(model, path: Path) -> list[str]:
 
 
 def export_component(info: ModelInfo, spec: ComponentSpec, module, folder: Path, scratch: Path, dtype: str,
-                     opset: int, say: Callable[[str], None]) -> dict[str, Any]:
+                     opset: int, say: Callable[[str], None], weights_map: bool = False) -> dict[str, Any]:
     """Export one component into ``folder`` (a staged, empty directory); returns its manifest entry,
-    with paths relative to the export root (``<component>/...``)."""
+    with paths relative to the export root (``<component>/...``). ``weights_map``: also record which
+    initializers hold each torch parameter (lora.WEIGHTS_MAP, for switching LoRAs on the engines)."""
     import onnx
 
     feed = spec.sample_inputs(spec.opt_dims(), seed=0)
@@ -154,11 +160,19 @@ def export_component(info: ModelInfo, spec: ComponentSpec, module, folder: Path,
     check_io_against_spec(io, spec, f"{spec.name}/model.onnx")
     shutil.copy(info.root / spec.config_source / "config.json", folder / "config.json")
     name = spec.name
+    extra_files = ["config.json"]
+    if weights_map:
+        from .lora import WEIGHTS_MAP, build_weight_map
+
+        say(f"{spec.name}: mapping torch parameters to ONNX initializers ({WEIGHTS_MAP})")
+        wmap = build_weight_map(module, final_path)
+        (folder / WEIGHTS_MAP).write_text(json.dumps(wmap, indent=1) + "\n")
+        extra_files.append(WEIGHTS_MAP)
     return {
         "file": f"{name}/model.onnx",
         "sha256": sha256_file(final_path),
         "external_data": [{"file": f"{name}/{n}", "sha256": sha256_file(folder / n)} for n in external],
-        "files": [{"file": f"{name}/config.json", "sha256": sha256_file(folder / "config.json")}],
+        "files": [{"file": f"{name}/{n}", "sha256": sha256_file(folder / n)} for n in extra_files],
         "size_bytes": final_path.stat().st_size + sum((folder / n).stat().st_size for n in external),
         "opset": max(o.version for o in header.opset_import if o.domain in ("", "ai.onnx")),
         "nodes": len(header.graph.node),
@@ -236,15 +250,22 @@ def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], compone
 
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
            components: Iterable[str] | None = None, max_images: int = 4, min_size: int | None = None,
-           max_size: int | None = None, force: bool = False,
+           max_size: int | None = None, force: bool = False, loras: list | None = None,
            say: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """``loras``: ``FILE[:SCALE]`` strings (or lora.LoraFile) fused into the exported weights with diffusers'
+    loader, in order; recorded in the manifest and in the export key of the components they change."""
+    from .lora import describe, fuse_loras, lora_parts, open_loras
+
     if dtype not in ("fp32", "fp16"):
         raise UsageError(f"--dtype {dtype}: choose fp32 or fp16")
     if not 14 <= opset <= 21:
         raise UsageError(f"--opset {opset}: supported opsets are 14 to 21")
     out = Path(out)
     check_export_output(model, out, max_images)
+    lora_files = open_loras(loras)
     info = resolve_model(model, progress=say)
+    parts = lora_parts(info)
+    lora_record = [lora.to_json() for lora in lora_files]
     family = info.family
     known = family.components(info)
     components = list(dict.fromkeys(components or known))
@@ -261,18 +282,20 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         if part in info.tokenizer_max_lengths:
             info.load_tokenizer(part)
     check_export_space(info, specs, components, dtype, out, Manifest.load_or_new(out) if out.is_dir() else Manifest(out),
-                       {name: _export_key(info, dtype, opset, ranges, specs[name]) for name in components})
+                       {name: _export_key(info, dtype, opset, ranges, specs[name],
+                                          lora_record if specs[name].source in parts else None)
+                        for name in components})
     model_record = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,
                     "family": info.family_name, "pipeline_class": info.pipeline_class,
                     "vae_scale_factor": info.vae_scale_factor, "vae_scaling_factor": info.vae_scaling_factor,
                     "latent_channels": info.latent_channels, "tokenizer_max_lengths": info.tokenizer_max_lengths,
-                    "configs": info.configs}
+                    "configs": info.configs, "loras": lora_record}
     with writing(out, "export", say) as txn:
         manifest = txn.manifest
         previous = manifest.data.get("model")
         same = (previous and previous.get("weights_sha256") == info.weights_sha256
                 and manifest.data.get("ranges") == ranges.to_json() and manifest.data.get("dtype") == dtype
-                and previous.get("family") == info.family_name)
+                and previous.get("family") == info.family_name and previous.get("loras", []) == lora_record)
         others = [c for c in manifest.components if c not in components]
         if previous and not same:
             if not force and (others or manifest.engines):
@@ -293,18 +316,23 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         loaded: dict[str, Any] = {}
         for i, name in enumerate(components, 1):
             spec = specs[name]
-            key = _export_key(info, dtype, opset, ranges, spec)
+            key = _export_key(info, dtype, opset, ranges, spec, lora_record if spec.source in parts else None)
             old = manifest.components.get(name)
             label = f"[{i}/{len(components)}]"
             if not force and old and old.get("key") == key and manifest.intact(old):
                 say(f"{label} {name}: up to date ({old['file']}), not re-exported")
                 continue
             say(f"{label} {name}: exporting {dtype}")
+            if lora_files and spec.source in parts and spec.source not in loaded:
+                say(f"{label} fusing LoRA {describe(lora_files)} into {', '.join(parts)} (diffusers' loader)")
+                modules = {p: info.load_torch(p) for p in parts}
+                fuse_loras(info, modules, lora_files)
+                loaded.update(modules)
             if spec.source not in loaded:
                 loaded[spec.source] = info.load_torch(spec.source)
             folder = txn.stage(name, folder=True)
             entry = export_component(info, spec, loaded[spec.source], folder, txn.scratch(name), dtype, opset,
-                                     lambda msg, label=label: say(f"{label} {msg}"))
+                                     lambda msg, label=label: say(f"{label} {msg}"), weights_map=spec.source in parts)
             entry["key"] = key
             entry["source"] = {"path": str(info.root), "weights_sha256": info.weights_sha256, "preset": info.preset}
             entry["versions"] = versions()

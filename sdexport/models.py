@@ -370,6 +370,9 @@ class ModelInfo:
     scheduler_config: dict[str, Any]
     index: dict[str, Any]  # model_index.json
     preset: str | None = None
+    # LoRAs (lora.LoraFile) that load_torch fuses into the modules they change: those an export was made
+    # with, so that PyTorch references of that export (validate, --backend torch, re-exports) are what it holds.
+    loras: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def open(cls, root: str | os.PathLike, preset: str | None = None) -> "ModelInfo":
@@ -442,8 +445,18 @@ class ModelInfo:
         return self.preset or self.root.name
 
     @property
-    def latent_channels(self) -> int:
+    def unet_in_channels(self) -> int:
         return int(self.unet_config.get("in_channels", 4))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latent space (what the sampler denoises); an inpainting UNet takes more."""
+        return int(self.vae_config.get("latent_channels", self.unet_in_channels))
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: its input is the latents, the mask (1 channel) and the masked image's latents."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
     def unet_out_channels(self) -> int:
@@ -536,7 +549,20 @@ class ModelInfo:
         return getattr(importlib.import_module(library), cls_name)
 
     def load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
-        """Load one torch module (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) in eval mode."""
+        """Load one torch module (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) in eval mode, with
+        ``self.loras`` fused into it (diffusers' loader needs every part a LoRA names: the others are loaded
+        alongside and dropped)."""
+        module = self._load_torch(part, dtype, device, **kwargs)
+        if self.loras:
+            from .lora import fuse_loras, lora_parts
+
+            parts = lora_parts(self)
+            if part in parts:
+                others = {p: self._load_torch(p, dtype, "cpu") for p in parts if p != part}
+                fuse_loras(self, {part: module, **others}, self.loras)
+        return module
+
+    def _load_torch(self, part: str, dtype=None, device: str = "cpu", **kwargs):
         import torch
 
         from .schema import check_loadable

@@ -27,13 +27,14 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from .components import Geometry
-from .errors import UsageError
+from .errors import ShapeError, UsageError
 from .timing import StageClock
 
 SCHEDULERS = {
@@ -98,6 +99,129 @@ def _as_list(value, n: int, what: str) -> list:
     return [value] * n
 
 
+STRENGTH_DEFAULTS = {"image-to-image": 0.8, "inpainting": 1.0}  # diffusers' pipeline defaults
+MASK_MODES = ("1", "L", "RGB")  # binary, grayscale, or grayscale saved as RGB (white = repaint)
+
+
+def check_strength(strength: float) -> None:
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise UsageError(f"--strength {strength}: must be in (0, 1] (1 repaints everything, small values keep "
+                         "more of the image)")
+
+
+@dataclasses.dataclass
+class InitImage:
+    """The image (and mask) a request starts from, with diffusers' rules for them: preprocessing by
+    ``VaeImageProcessor`` (the image resized to the request's size with Lanczos, scaled to [-1, 1]; the mask
+    made grayscale and binarized at 0.5), the strength's timestep schedule (``get_timesteps``), the generator
+    order (image latents, noise, masked-image latents) and the latents (``add_noise`` at the first kept
+    timestep; pure noise at strength 1 for inpainting), as ``StableDiffusionImg2ImgPipeline`` and
+    ``StableDiffusionInpaintPipeline`` do."""
+
+    mode: str  # "image-to-image" or "inpainting"
+    image: Any  # PIL image
+    mask: Any | None
+    strength: float
+    height: int | None = None  # image-to-image: the image's own size unless the request names one
+    width: int | None = None
+
+    @classmethod
+    def for_request(cls, pipe: "Pipeline", image, mask, strength, height, width) -> "InitImage | None":
+        info, root = pipe.info, pipe.export.root
+        if image is None:
+            if mask is not None:
+                raise UsageError("--mask needs --image (the picture whose masked part is repainted)")
+            if info.inpainting:
+                raise UsageError(f"{root}: an inpainting model (its UNet takes {info.unet_in_channels} channels: latents, "
+                                 "mask, masked image); give --image and --mask")
+            if strength is not None:
+                raise UsageError("--strength applies to --image (image-to-image or inpainting)")
+            return None
+        if mask is None and info.inpainting:
+            raise UsageError(f"{root}: an inpainting model; give --mask (white = repaint) with --image")
+        if mask is not None and not info.inpainting:
+            raise UsageError(f"--mask: {root} is not an inpainting model (its UNet takes {info.unet_in_channels} "
+                             f"channels, an inpainting UNet {2 * info.latent_channels + 1}); leave out --mask for "
+                             "image-to-image, or export an inpainting checkpoint")
+        mode = "inpainting" if mask is not None else "image-to-image"
+        strength = STRENGTH_DEFAULTS[mode] if strength is None else strength
+        check_strength(strength)
+        init = cls(mode, image, mask, float(strength))
+        if mask is not None:
+            if mask.mode not in MASK_MODES:
+                raise UsageError(f"--mask: a {mask.mode} image; a mask is grayscale (modes {', '.join(MASK_MODES)}; "
+                                 "white = repaint, black = keep)")
+            if mask.size != image.size:
+                raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} px, --image {image.size[0]}x{image.size[1]} px: "
+                                 "they must be the same size")
+        elif height is None or width is None:
+            init.height, init.width = init.default_size(pipe, height, width)
+        return init
+
+    def default_size(self, pipe: "Pipeline", height, width) -> tuple[int, int]:
+        """Image-to-image keeps the image's size, rounded down to a multiple of the VAE factor (diffusers'
+        ``get_default_height_width``); a size the export cannot take is refused naming the allowed ones."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        h, w = VaeImageProcessor(vae_scale_factor=pipe.info.vae_scale_factor).get_default_height_width(
+            self.image, height, width)
+        ranges = pipe.ranges
+        for side in (h, w):
+            if side % ranges.pixel_multiple or not ranges.min_size <= side <= ranges.max_size:
+                raise ShapeError(f"--image is {self.image.size[0]}x{self.image.size[1]} px; image-to-image keeps its "
+                                 f"size ({w}x{h} after rounding to the VAE factor {pipe.info.vae_scale_factor}) and this "
+                                 f"export takes sides that are multiples of {ranges.pixel_multiple} in "
+                                 f"[{ranges.min_size}, {ranges.max_size}]: pass --height/--width to resize it")
+        return h, w
+
+    def check_steps(self, steps: int) -> None:
+        if steps - self._t_start(steps) < 1:
+            raise UsageError(f"--strength {self.strength} with --steps {steps} leaves no denoising step "
+                             f"(diffusers runs int(steps x strength) of them): raise --steps or --strength")
+
+    def _t_start(self, steps: int) -> int:
+        return max(steps - min(int(steps * self.strength), steps), 0)
+
+    def timesteps(self, sched, steps: int):
+        """The tail of the schedule that strength keeps (diffusers' ``get_timesteps``)."""
+        begin = self._t_start(steps) * sched.order
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(begin)
+        return sched.timesteps[begin:]
+
+    def latents(self, pipe: "Pipeline", sched, timesteps, shape, generator, cfg: bool):
+        """(initial latents, what an inpainting UNet takes after them or None), drawing from the generator in
+        diffusers' order."""
+        import torch
+        from diffusers.image_processor import VaeImageProcessor
+
+        dev = pipe.device
+        batch, f = shape[0], pipe.info.vae_scale_factor
+        height, width = shape[2] * f, shape[3] * f
+        pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(self.image, height=height, width=width)
+        pixels = pixels.to(dtype=torch.float32, device=dev)
+        first = timesteps[:1].repeat(batch)
+        if self.mode == "image-to-image":
+            if isinstance(generator, list):  # one encoder draw per image, each from its own generator
+                init = pipe.encode_image(torch.cat([pixels] * batch), generator)
+            else:  # one draw for the image, repeated over the batch
+                init = pipe.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
+            noise = pipe.noise(shape, generator).to(dev)
+            return sched.add_noise(init, noise, first), None
+        full = self.strength == 1.0
+        if not full:
+            init = pipe.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
+        noise = pipe.noise(shape, generator).to(dev)
+        latents = noise * sched.init_noise_sigma if full else sched.add_noise(init, noise, first)
+        mask = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True,
+                                 do_convert_grayscale=True).preprocess(self.mask, height=height, width=width)
+        masked = pixels * (mask.to(dev) < 0.5)
+        mask = torch.nn.functional.interpolate(mask, size=(shape[2], shape[3])).to(dev)
+        masked_latents = pipe.encode_image(masked, generator).repeat(batch, 1, 1, 1)
+        concat = torch.cat([mask.repeat(batch, 1, 1, 1), masked_latents], dim=1)
+        return latents, torch.cat([concat] * 2) if cfg else concat
+
+
 @dataclasses.dataclass
 class GenerationResult:
     images: np.ndarray  # float32 (B, H, W, 3) in [0, 1], as diffusers' output_type="np"
@@ -108,6 +232,7 @@ class GenerationResult:
     loop: str = "eager"  # "eager", or "step-graph" (every step one CUDA graph replay; "unet" times whole steps)
     scheduler: str = ""  # the diffusers scheduler class that ran
     guidance_scale: float | None = None  # the scale used (the family's default when the request gave none)
+    mode: str = "text-to-image"  # or "image-to-image", "inpainting"
 
     def uint8(self) -> np.ndarray:
         return (self.images * 255).round().astype("uint8")
@@ -121,9 +246,11 @@ class GenerationResult:
         unet = sum(t.get("unet", []))
         denoise = sum(t.get("denoise", []))
         text = sum(t.get("text_encoder", []))
-        engines = text + sum(t.get("vae_decoder", []))
+        encode = sum(t.get("vae_encoder", []))
+        engines = text + encode + sum(t.get("vae_decoder", []))
         return {
             "text_encoder_ms": text,
+            "vae_encoder_ms": encode,
             "unet_total_ms": unet,
             "unet_steps": len(t.get("unet", [])),
             "vae_decoder_ms": sum(t.get("vae_decoder", [])),
@@ -157,9 +284,33 @@ class Pipeline:
         self._noted: set[str] = set()  # one-time notes of this pipeline (not per request)
         self._truncated = False
         self.clock: StageClock | None = None
+        self.loras: list = []  # switched onto the engines (set_loras), on top of any fused at export
         for part in self.family.tokenizer_parts:  # a missing or foreign tokenizer fails here, not as equal images
             if part in self.info.tokenizer_max_lengths:
                 self.tokenizer(part)
+
+    def set_loras(self, loras) -> dict[str, float]:
+        """Switch the engines to the base weights plus ``loras`` (``FILE[:SCALE]`` strings or lora.LoraFile; an
+        empty list: the weights as exported), without re-export or rebuild: diffusers fuses them into the
+        exported base weights of the layers they touch (lora.fused_params) and each engine takes the result
+        (ONNX Runtime: a session with those initializers; TensorRT: a refit; torch: the parameters).
+        Returns the switch's timings in ms. A LoRA that does not fit the model leaves the engines as they were."""
+        import time
+
+        from .lora import fused_params, lora_parts, open_loras
+
+        t0 = time.perf_counter()
+        files = open_loras(loras)
+        parts = lora_parts(self.info)
+        engines = {e.spec.source: e for e in self.engines.values() if e.spec.source in parts}
+        values = fused_params(self.info, files, list(engines), base=lambda part, name: engines[part].base_param(name))
+        t1 = time.perf_counter()
+        self._graphs.clear()  # step graphs captured the previous engines' state (ONNX Runtime: its old sessions)
+        for part, engine in engines.items():
+            engine.set_weights(values.get(part, {}))
+        t2 = time.perf_counter()
+        self.loras = files
+        return {"fuse_ms": (t1 - t0) * 1e3, "apply_ms": (t2 - t1) * 1e3, "switch_ms": (t2 - t0) * 1e3}
 
     def tokenizer(self, part: str = "tokenizer"):
         if part not in self._tokenizers:
@@ -215,24 +366,30 @@ class Pipeline:
                  steps: int | None = None, guidance_scale: float | None = None, seed: int | list[int] = 0,
                  height: int | None = None, width: int | None = None, batch_size: int = 1,
                  scheduler: str | None = None, progress: Callable[[int, int], None] | None = None,
-                 **options) -> GenerationResult:
+                 image: Any = None, mask: Any = None, strength: float | None = None, **options) -> GenerationResult:
         """Generate ``batch_size`` images. ``prompt``, ``negative_prompt`` and ``seed`` may be lists (one per
         image): with a list of seeds each image's noise comes from its own generator, so image i equals a
         single-image call with seed i; one seed seeds the whole batch, as diffusers' ``num_images_per_prompt``.
-        ``steps``/``guidance_scale`` default to the family's (``Family.request_defaults``). ``options``: the
-        family's own (SDXL micro-conditioning, ``Family.options``)."""
+        ``steps``/``guidance_scale`` default to the family's (``Family.request_defaults``). ``image`` (a PIL
+        image): image-to-image from it, as ``StableDiffusionImg2ImgPipeline``; with ``mask`` (white = repaint)
+        inpainting, as ``StableDiffusionInpaintPipeline`` (inpainting UNets only). ``options``: the family's
+        own (SDXL micro-conditioning, ``Family.options``)."""
         import torch
 
         defaults = self.family.request_defaults(self.info)
         steps = defaults["steps"] if steps is None else steps
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        height = self.ranges.opt_size if height is None else height
-        width = self.ranges.opt_size if width is None else width
-        self.family.check_text_to_image(self.info)
+        init = InitImage.for_request(self, image, mask, strength, height, width)
+        height = init.height if init and init.height else (self.ranges.opt_size if height is None else height)
+        width = init.width if init and init.width else (self.ranges.opt_size if width is None else width)
+        if init is None:
+            self.family.check_text_to_image(self.info)
         options = self.family.check_options(self.info, options)
         guidance = self.family.guidance(self.info, guidance_scale)
         geo = Geometry(batch_size, height, width, guidance=guidance.cfg)
         check_request(self.ranges, steps, guidance_scale, geo, self.info.scheduler_config)
+        if init is not None:
+            init.check_steps(steps)
         prompts = _as_list(prompt, batch_size, "prompt")
         negatives = _as_list(negative_prompt, batch_size, "negative prompt")
         if guidance.embedding_dim and any(n is not None for n in negatives) and "lcm-negative" not in self._noted:
@@ -259,18 +416,19 @@ class Pipeline:
                     cond["timestep_cond"] = guidance_embedding(guidance.scale, geo.rows, guidance.embedding_dim).to(dev)
 
                 shape = (batch_size, self.info.latent_channels, height // f, width // f)
-                if seeds is None:
-                    latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-                else:
-                    latents = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32)
-                                         for g in generator])
-                latents = latents.to(dev)
                 # The scheduler keeps its tables on the CPU: its per-step scalars then enter GPU ops as
                 # host scalars, and no step indexes a CPU table with a GPU tensor (a hidden host sync).
                 # The timesteps the UNet sees are copied to the device once, before the loop.
                 sched.set_timesteps(steps, device="cpu")
-                latents = latents * sched.init_noise_sigma
-                unet_timesteps = sched.timesteps.to(dtype=torch.float32).to(dev)
+                timesteps = sched.timesteps
+                if init is None:
+                    latents = self.noise(shape, generator).to(dev) * sched.init_noise_sigma
+                else:
+                    timesteps = init.timesteps(sched, steps)
+                    latents, concat = init.latents(self, sched, timesteps, shape, generator, guidance.cfg)
+                    if concat is not None:
+                        cond[CONCAT_KEY] = concat
+                unet_timesteps = timesteps.to(dtype=torch.float32).to(dev)
                 step_params = inspect.signature(sched.step).parameters
                 extra = {}
                 if "eta" in step_params:
@@ -279,14 +437,13 @@ class Pipeline:
                     extra["generator"] = generator
                 unet = self.engines["unet"]
                 rows = geo.rows
-                timesteps = sched.timesteps
                 graphs = None
                 if self.step_graph:
                     key = (scheduler, steps, tuple(latents.shape), guidance.cfg, guidance_scale,
                            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items())),
-                           extra.get("eta"), "generator" in extra)
+                           extra.get("eta"), "generator" in extra, init.strength if init else None)
                     graphs = self._step_graphs(key, lambda: _StepGraphs.capture(
-                        self, sched, unet_timesteps, latents, cond, guidance, rows, extra))
+                        self, sched, unet_timesteps, timesteps, latents, cond, guidance, rows, extra))
                 with clock.stage("denoise"):
                     if graphs is not None:
                         latents = graphs.run(latents, cond, clock, progress)
@@ -303,7 +460,51 @@ class Pipeline:
         self.clock = None
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
                                 truncated=self._truncated, loop="step-graph" if graphs is not None else "eager",
-                                scheduler=type(sched).__name__, guidance_scale=guidance_scale)
+                                scheduler=type(sched).__name__, guidance_scale=guidance_scale,
+                                mode=init.mode if init else "text-to-image")
+
+    @staticmethod
+    def noise(shape, generator):
+        """Gaussian noise as diffusers draws it (``randn_tensor`` on the CPU generator(s): one per image for a
+        list), on the CPU."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        import torch
+
+        return randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+
+    def encode_image(self, pixels, generator):
+        """Pixels in [-1, 1] -> scaled latents: the VAE encoder engine's latent distribution, sampled with the
+        generator as diffusers' ``retrieve_latents(..., sample_mode="sample")`` does (one draw per generator
+        and row for a list), then scaled (and normalized, for VAEs with latents_mean/std)."""
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if "vae_encoder" not in self.engines:
+            raise UsageError(f"{self.export.root}: image input needs the vae_encoder engine (export it: "
+                             f"sdexport export MODEL -o {self.export.root} --components ...,vae_encoder)")
+        with self.clock.stage("vae_encoder") if self.clock else contextlib.nullcontext():
+            if isinstance(generator, list):
+                params = [self.engines["vae_encoder"]({"sample": pixels[i:i + 1]})["latent_parameters"].clone()
+                          for i in range(pixels.shape[0])]
+                samples = [DiagonalGaussianDistribution(p).sample(g) for p, g in zip(params, generator)]
+                latents = torch.cat(samples)
+            else:
+                params = self.engines["vae_encoder"]({"sample": pixels})["latent_parameters"]
+                latents = DiagonalGaussianDistribution(params).sample(generator)
+        return self.scale_latents(latents)
+
+    def scale_latents(self, latents):
+        """The VAE's latents -> the UNet's latent space (the inverse of ``unscale_latents``)."""
+        import torch
+
+        vae = self.info.vae_config
+        if vae.get("latents_mean") is not None and vae.get("latents_std") is not None:
+            c = len(vae["latents_mean"])
+            mean = torch.tensor(vae["latents_mean"]).view(1, c, 1, 1).to(latents)
+            std = torch.tensor(vae["latents_std"]).view(1, c, 1, 1).to(latents)
+            return (latents - mean) * self.info.vae_scaling_factor / std
+        return latents * self.info.vae_scaling_factor
 
     def unscale_latents(self, latents):
         """Latents -> the VAE decoder's input: divide by the scaling factor, and (VAEs whose config has
@@ -325,6 +526,9 @@ class Pipeline:
 
         model_in = torch.cat([latents] * 2) if guidance.cfg else latents
         model_in = sched.scale_model_input(model_in, t)
+        if CONCAT_KEY in cond:  # inpainting UNet: mask and masked-image latents after the scaled latents
+            cond = dict(cond)
+            model_in = torch.cat([model_in, cond.pop(CONCAT_KEY)], dim=1)
         t_batch = unet_timesteps[i].expand(rows)
         with clock.stage("unet") if clock else contextlib.nullcontext():
             noise = unet({"sample": model_in, "timestep": t_batch, **cond})["out_sample"]
@@ -352,6 +556,10 @@ class Pipeline:
         return None if isinstance(found, str) else found
 
 
+# The conditioning entry holding what an inpainting UNet takes after the latents (mask, masked-image latents),
+# concatenated on the channel axis each step, as StableDiffusionInpaintPipeline does.
+CONCAT_KEY = "sample_concat"
+
 # Request kinds (shape, steps, scheduler, guidance) whose step graphs are kept; the oldest goes first.
 MAX_STEP_GRAPH_KINDS = 4
 
@@ -371,7 +579,7 @@ class _StepGraphs:
         self.keep = keep  # the scheduler (its multistep history lives in graph memory) and the timesteps
 
     @classmethod
-    def capture(cls, pipe: "Pipeline", sched, unet_timesteps, latents, cond, guidance, rows, extra):
+    def capture(cls, pipe: "Pipeline", sched, unet_timesteps, timesteps, latents, cond, guidance, rows, extra):
         """Capture from the request's scheduler (timesteps set, at step 0), which stays untouched: the
         eager loop still has it if the capture fails."""
         import torch
@@ -390,13 +598,13 @@ class _StepGraphs:
         # shape), on a copy of the scheduler so that the captured one starts at step 0.
         def two_steps():
             warm, x = copy.deepcopy(sched), static_latents.clone()
-            for i, t in list(enumerate(warm.timesteps))[:2]:
+            for i, t in list(enumerate(timesteps))[:2]:
                 x = pipe._step(warm, unet, i, t, x, static_cond, unet_timesteps, guidance, rows, extra)
 
         warm_up(two_steps)
         pool = torch.cuda.graph_pool_handle()
         graphs, x = [], static_latents
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 x = pipe._step(sched, unet, i, t, x, static_cond, unet_timesteps, guidance, rows, extra)
@@ -414,6 +622,24 @@ class _StepGraphs:
             if progress:
                 progress(i + 1, n)
         return self.result.clone()  # the graphs' buffer is overwritten by the next request
+
+
+def load_image(path, flag: str):
+    """A PIL image from ``path`` for ``flag`` (--image, --mask), fully decoded now: a missing file, or one
+    that is not an image PIL can read (or is truncated), is one UsageError naming it."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise UsageError(f"{flag} {path}: not an image PIL can read ({str(exc).splitlines()[0][:120]})") from None
 
 
 def image_paths(path, images: int):

@@ -128,8 +128,13 @@ class ExportDir:
 
     @property
     def pipeline_components(self) -> list[str]:
-        """The exported components the sampler loop runs (text encoders, UNet, VAE decoder)."""
-        return [c for c in self.family.components(self.info) if c != "vae_encoder"]
+        """The exported components the sampler loop runs (text encoders, UNet, VAE decoder; and the VAE
+        encoder for an inpainting model, which always starts from an image)."""
+        return self.components_for(image=self.info.inpainting)
+
+    def components_for(self, image: bool) -> list[str]:
+        """The components a request runs: with an input image (image-to-image, inpainting) the VAE encoder too."""
+        return [c for c in self.family.components(self.info) if image or c != "vae_encoder"]
 
     def check_components(self, names: list[str]) -> None:
         """The components a command loads belong together: made from the weights, ranges and dtype this
@@ -154,6 +159,8 @@ class ExportDir:
                                 f"{_ranges_text(self.manifest.data['ranges'])})")
             if key.get("dtype") != self.manifest.data.get("dtype"):
                 problems.append(f"dtype ({key.get('dtype')} vs {self.manifest.data.get('dtype')})")
+            if "loras" in key and key["loras"] != model.get("loras", []):
+                problems.append("fused LoRAs")
             if key.get("sdexport") != __version__:
                 problems.append(f"sdexport version ({key.get('sdexport')} vs {__version__})")
             if problems:
@@ -183,8 +190,24 @@ class ExportDir:
         if info.weights_sha256 != model["weights_sha256"]:
             raise IntegrityError(f"{info.root}: its weights are not the ones {self.root} was exported from "
                                  f"(sha256 {info.weights_sha256[:12]}… vs {model['weights_sha256'][:12]}…)")
+        info.loras = self.fused_loras()
         self._source = info
         return info
+
+    def fused_loras(self) -> list:
+        """The LoRAs fused into this export (lora.LoraFile), each file checked against its recorded sha256:
+        a PyTorch reference of the export needs them."""
+        from .lora import LoraFile
+        from .manifest import sha256_file
+
+        out = []
+        for record in self.manifest.data["model"].get("loras", []):
+            path = Path(record["file"])
+            if not path.is_file() or sha256_file(path) != record["sha256"]:
+                raise IntegrityError(f"{path}: the LoRA fused into {self.root} is {'changed' if path.is_file() else 'missing'}"
+                                     f" (sha256 {record['sha256'][:12]}…); the PyTorch reference of this export needs it")
+            out.append(LoraFile(path, float(record["scale"]), record["sha256"]))
+        return out
 
 
 def _ranges_text(ranges: Any) -> str:

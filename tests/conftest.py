@@ -60,6 +60,33 @@ def sdxl_tiny_model(tmp_path_factory) -> Path:
     return write_preset("sdxl-tiny", tmp_path_factory.mktemp("models") / "sdxl-tiny")
 
 
+@pytest.fixture(scope="session")
+def inpaint_model(tmp_path_factory) -> Path:
+    """An inpainting model (UNet with 9 input channels: latents, mask, masked-image latents) written with
+    diffusers' StableDiffusionInpaintPipeline alone, tiny-sized."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdexport.models import PRESETS, SD15_SCHEDULER, build_tokenizer
+
+    tiny = PRESETS["tiny"]
+    torch.manual_seed(3)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=AutoencoderKL(**tiny.vae), text_encoder=CLIPTextModel(CLIPTextConfig(**tiny.text_encoder)),
+        tokenizer=build_tokenizer(), unet=UNet2DConditionModel(**{**tiny.unet, "in_channels": 9}),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    out = tmp_path_factory.mktemp("models") / "inpaint"
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_inpaint(inpaint_model, tmp_path_factory) -> Path:
+    return _export(inpaint_model, tmp_path_factory.mktemp("exports") / "inpaint-fp32", max_images=2)
+
+
 def _export(src: Path, out: Path, **kw) -> Path:
     from sdexport.export import export
 

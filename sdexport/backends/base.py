@@ -61,6 +61,16 @@ class Engine(abc.ABC):
     def close(self) -> None:
         pass
 
+    # --- weights (LoRA switching: lora.py computes the values, the engine holds them) ------------------
+    def base_param(self, name: str):
+        """The value torch parameter ``name`` of this component has in the engine as built (float32 tensor)."""
+        raise UsageError(f"{self.spec.name}: the {self.backend} backend cannot switch LoRAs")
+
+    def set_weights(self, params: dict[str, Any]) -> None:
+        """Run with these torch parameters changed to these values and every other weight as built: an
+        absolute state (an empty dict restores the built weights), never applied on top of the last one."""
+        raise UsageError(f"{self.spec.name}: the {self.backend} backend cannot switch LoRAs")
+
 
 def warm_up(fn) -> None:
     """Run ``fn`` on a side stream before a CUDA graph capture (autotuning, lazy kernel loading and

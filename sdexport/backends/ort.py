@@ -57,6 +57,8 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         super().__init__(export.spec(component), device)
+        self.export, self.component = export, component
+        self.weight_map = None
         self.cuda = device.startswith("cuda")
         self.variant = "plain"
         path = export.manifest.verified_path(export.manifest.component(component))
@@ -74,20 +76,9 @@ class OrtEngine(Engine):
         self.static_dims = self.spec.dims_for(static) if static is not None else None
         if cuda_graph and not self.static_dims:
             raise UsageError(f"{component}: CUDA graphs need a static shape (pass static=Geometry)")
-        opts = session_options or ort.SessionOptions()
-        for axis, value in (self.static_dims or {}).items():
-            # One geometry: every shape computation folds at session creation (no CPU fallback),
-            # which is what lets ONNX Runtime capture the run as a CUDA graph.
-            opts.add_free_dimension_override_by_name(axis, value)
-        opts.log_severity_level = 3
-        if threads:  # bench sets it explicitly (ONNX Runtime's default is every physical core)
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        self._user_options = session_options
+        self._threads = threads
         self.run_options = ort.RunOptions()
-        if not self.cuda:
-            # ONNX Runtime's idle threads spin by default; between engine calls they would steal
-            # the cores the sampler loop (and any torch work in the same process) needs.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if providers is None:
             if self.cuda:
                 if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -106,11 +97,9 @@ class OrtEngine(Engine):
                 self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             else:
                 providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise IntegrityError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        self.providers = providers
         self.path = path
+        self.session = self._open({})
         self.captures_own_graph = cuda_graph
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_dtypes = {i.name: i.dtype for i in self.spec.inputs}
@@ -145,6 +134,68 @@ class OrtEngine(Engine):
         self.session.run_with_iobinding(binding, self.run_options)
         caller.wait_stream(self.stream)  # the caller sees the outputs only after ONNX Runtime wrote them
         return outputs
+
+    def _options(self):
+        import onnxruntime as ort
+
+        opts = self._user_options or ort.SessionOptions()
+        for axis, value in (self.static_dims or {}).items():
+            # One geometry: every shape computation folds at session creation (no CPU fallback),
+            # which is what lets ONNX Runtime capture the run as a CUDA graph.
+            opts.add_free_dimension_override_by_name(axis, value)
+        opts.log_severity_level = 3
+        if self._threads:  # bench sets it explicitly (ONNX Runtime's default is every physical core)
+            opts.intra_op_num_threads = self._threads
+            opts.inter_op_num_threads = 1
+        if not self.cuda:
+            # ONNX Runtime's idle threads spin by default; between engine calls they would steal
+            # the cores the sampler loop (and any torch work in the same process) needs.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
+    def _open(self, initializers: dict[str, Any]):
+        """A session over the engine's file, with ``initializers`` (name -> array) replacing the file's values
+        at session creation (``SessionOptions.add_initializer``: no graph rewrite). ONNX Runtime 1.31's
+        layout-level optimizations (level ALL: NchwcTransformer and the FP16-initializer fusions on the CPU)
+        read weights from the file and ignored the replacements (measured: a replaced Conv weight of an FP32
+        graph, and any replaced weight of an FP16 graph, left the output unchanged), so such sessions run at
+        level EXTENDED, where every replacement took effect."""
+        import onnxruntime as ort
+
+        opts = self._options()
+        values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in initializers.items()}
+        for name, value in values.items():
+            opts.add_initializer(name, value)
+        if values:
+            opts.graph_optimization_level = min(opts.graph_optimization_level,
+                                                ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                                key=lambda level: int(level))
+        try:
+            session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise IntegrityError(f"{self.path}: ONNX Runtime cannot load it "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+        self._overrides = (initializers, values)  # ONNX Runtime reads them during the session's life
+        return session
+
+    def _weight_map(self):
+        if self.weight_map is None:
+            from ..lora import WeightMap
+
+            if self.variant != "plain":
+                raise UsageError(f"{self.spec.name}: LoRA switching runs on the plain export, not the {self.variant} "
+                                 "variant (its weights were rewritten by ONNX Runtime's fusions)")
+            self.weight_map = WeightMap(self.export, self.component)
+        return self.weight_map
+
+    def base_param(self, name: str):
+        return self._weight_map().base_param(name)
+
+    def set_weights(self, params: dict[str, Any]) -> None:
+        initializers = self._weight_map().initializers(params)
+        self._bound.clear()  # bindings belong to the old session
+        self.session = None
+        self.session = self._open(initializers)
 
     def _bind(self, dims: dict[str, int]):
         import torch

@@ -25,6 +25,8 @@ class TorchEngine(Engine):
         super().__init__(spec, device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         self.module = spec.wrap(module).to(device=device, dtype=self.dtype).eval()
+        self.source = module  # the diffusers/transformers module inside the wrapper (parameter names are its own)
+        self._base: dict[str, Any] = {}  # built values of the parameters set_weights changed
         if compile:
             self.module = torch.compile(self.module)
 
@@ -45,6 +47,26 @@ class TorchEngine(Engine):
             engine = cls(spec, modules[spec.source], device, "fp32" if spec.keep_fp32 else dtype, compile=compile)
             engines[name] = CudaGraphed(engine) if cuda_graph and name == "unet" else engine
         return engines
+
+    def base_param(self, name: str):
+        if name in self._base:
+            return self._base[name].float()
+        try:
+            return self.source.get_parameter(name).detach().float().cpu()
+        except AttributeError:
+            raise UsageError(f"a LoRA changes {self.spec.name}.{name}, which the model does not have") from None
+
+    def set_weights(self, params: dict[str, Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name in list(self._base):
+                if name not in params:
+                    self.source.get_parameter(name).copy_(self._base.pop(name))
+            for name, value in params.items():
+                param = self.source.get_parameter(name)
+                self._base.setdefault(name, param.detach().clone())
+                param.copy_(value.to(param))
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         import torch

@@ -508,6 +508,72 @@ class TrtEngine(Engine):
         self.use_graph = self.static if cuda_graph == "auto" else bool(cuda_graph) and self.static
         self.graph = None
         self.memory = None
+        self.export, self.weight_map, self._refitted = export, None, set()
+        if entry.get("weights_stripped"):  # a weight-stripped plan gets its weights from the ONNX it was built from
+            with on_device(device):
+                self._refit_from_onnx(export.manifest.path(entry["onnx"]["file"]))
+
+    # --- refit (LoRA switching; engines built with --refittable) ------------------------------------------
+    def _refitter(self):
+        if not self.entry.get("refittable"):
+            raise UsageError(f"{self.spec.name}: the TensorRT engine {self.entry['file']} was built without "
+                             f"--refittable; rebuild it to switch LoRAs: sdexport build {self.export.root} "
+                             "--refittable --force")
+        return self.trt.Refitter(self.engine, capture_logger(self.trt))
+
+    def _refit(self, refitter, what: str) -> None:
+        missing = refitter.get_missing_weights()
+        if missing or not refitter.refit_cuda_engine():
+            raise IntegrityError(f"{self.path}: TensorRT could not refit {what} ("
+                                 f"{f'missing weights: {missing[:3]}' if missing else capture_logger(self.trt).summary()})")
+        self.graph = None  # captured with the old weights
+
+    def _refit_from_onnx(self, onnx_path: Path) -> None:
+        trt = self.trt
+        log = capture_logger(trt)
+        log.clear()
+        refitter = self._refitter()
+        parser = trt.OnnxParserRefitter(refitter, log)
+        if not parser.refit_from_file(str(onnx_path)):
+            raise IntegrityError(f"{self.path}: TensorRT could not read the weights of this weight-stripped engine "
+                                 f"from {onnx_path} ({log.summary()}); rebuild: sdexport build {self.export.root} "
+                                 "--refittable --force")
+        self._refit(refitter, f"the weights from {onnx_path.name}")
+
+    def _weight_map(self):
+        if self.weight_map is None:
+            from ..lora import WeightMap
+
+            self.weight_map = WeightMap(self.export, self.entry["onnx"]["component"])
+        return self.weight_map
+
+    def base_param(self, name: str):
+        return self._weight_map().base_param(name)
+
+    def set_weights(self, params: dict[str, Any]) -> None:
+        """Refit the initializers ``params`` map to, and the exported values of those the last call changed
+        and this one does not (an absolute state: A -> B -> A is A's weights, never a blend)."""
+        import numpy as np
+
+        refitter = self._refitter()
+        wmap = self._weight_map()
+        values = wmap.initializers(params)
+        changed = set(values)
+        for name in self._refitted - changed:
+            values[name] = np.ascontiguousarray(wmap.base_initializer(name))
+        refittable = set(refitter.get_all_weights())
+        keep = []  # TensorRT reads the arrays during refit_cuda_engine
+        for name, arr in values.items():
+            if name not in refittable:
+                raise IntegrityError(f"{self.path}: {name} is not a refittable weight of this engine; rebuild: "
+                                     f"sdexport build {self.export.root} --refittable --force")
+            keep.append(np.ascontiguousarray(arr))
+            if not refitter.set_named_weights(name, self.trt.Weights(keep[-1])):
+                raise IntegrityError(f"{self.path}: TensorRT refused new values for {name} "
+                                     f"({capture_logger(self.trt).summary()})")
+        with on_device(self.device):
+            self._refit(refitter, "the LoRA weights")
+        self._refitted = changed
 
     @property
     def captures_own_graph(self) -> bool:

@@ -175,6 +175,7 @@ class Family:
     description: str = ""
     pipeline_classes: tuple[str, ...] = ()
     reference_pipeline: str = ""  # diffusers pipeline class: parity tests, calibration
+    lora_loader: str = "StableDiffusionLoraLoaderMixin"  # diffusers' LoRA loader mixin (diffusers.loaders)
     parts: tuple[str, ...] = ()  # diffusers folders the model directory must have
     weight_parts: tuple[str, ...] = ()  # folders whose weights an export is made from (hashed)
     tokenizer_parts: tuple[str, ...] = ()
@@ -206,14 +207,11 @@ class Family:
         for key, test, feature in UNSUPPORTED_UNET_FEATURES:
             if test(unet.get(key)):
                 raise ModelError(f"{info.root}: the UNet uses {feature}; sdexport does not support it yet")
-        latent = int(info.vae_config.get("latent_channels", 4))
-        if info.latent_channels != latent:
-            if info.latent_channels == 2 * latent + 1:
-                raise ModelError(f"{info.root}: an inpainting UNet ({info.latent_channels} input channels: latents, "
-                                 f"mask and masked-image latents); sdexport does not run inpainting models yet")
+        latent = info.latent_channels
+        if info.unet_in_channels != latent and not info.inpainting:
             raise ModelError(f"{info.root}: VAE latent_channels {latent} differs from UNet in_channels "
-                             f"{info.latent_channels}")
-        out = int(unet.get("out_channels", info.latent_channels))
+                             f"{info.unet_in_channels} (and is not an inpainting UNet's {2 * latent + 1})")
+        out = info.unet_out_channels
         if out != latent:
             raise ModelError(f"{info.root}: UNet out_channels {out} differs from VAE latent_channels {latent}")
 
@@ -302,7 +300,7 @@ class Family:
         ``timestep_cond`` for UNets with a guidance embedding (LCM), in Optimum's names and order."""
         ax = self.axes(info, ranges)
         f = info.vae_scale_factor
-        inputs = [TensorSpec("sample", "float32", ("batch", info.latent_channels, "latent_height", "latent_width")),
+        inputs = [TensorSpec("sample", "float32", ("batch", info.unet_in_channels, "latent_height", "latent_width")),
                   TensorSpec("timestep", "float32", ("batch",), values="timestep"),
                   TensorSpec("encoder_hidden_states", "float32", ("batch", seq, context_dim)), *added]
         if info.unet_config.get("time_cond_proj_dim"):

@@ -1,0 +1,395 @@
+"""LoRA: fused at export, or switched on exported engines without re-export or rebuild.
+
+Loading and fusing is diffusers' own (its LoRA loader mixin for the family: diffusers/PEFT files and the
+kohya/A1111 format, for the UNet and the text encoders; PEFT does the fusing), so a LoRA means here what it
+means in ``pipe.load_lora_weights(...); pipe.set_adapters(names, scales); pipe.fuse_lora(...)``.
+
+Switching without re-export: at export, ``build_weight_map`` records, for every torch parameter of the
+components a LoRA can touch, the ONNX initializer(s) that hold its values (``<component>/weights_map.json``,
+hashed in the manifest). The TorchScript exporter renames what it folds (a Linear weight becomes a transposed
+``onnx::MatMul_N``, a GroupNorm weight an ``onnx::Mul_N`` of shape [C, 1, 1]) and deduplicates equal values,
+so the map is built by matching values (as stored, transposed, any shape with the same bytes) rather than
+names. To switch, ``fused_params`` fuses the LoRAs with diffusers into modules built from the configs with
+no weights, whose LoRA-wrapped layers get the exported base weights: the result is each touched parameter's
+new value, computed from the base every time (A -> B -> A gives A exactly, never a blend). Engines turn them
+into initializers through the map (``WeightMap.initializers``): ONNX Runtime supplies them at session
+creation, TensorRT refits them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import IntegrityError, SdexportError, UsageError
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
+
+WEIGHTS_MAP = "weights_map.json"
+WEIGHTS_MAP_FORMAT = 1
+# Suffixes of the down-projection ("A") matrix of one LoRA layer, in the key formats diffusers' lora_state_dict
+# returns (PEFT, diffusers' older attention-processor format, kohya converted to diffusers).
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_down.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFile:
+    path: Path
+    scale: float
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": str(self.path), "sha256": self.sha256, "scale": self.scale}
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {text}: scale {tail} is not a finite number")
+    return Path(path), scale
+
+
+def open_loras(specs: list[str] | tuple[str, ...] | None) -> list[LoraFile]:
+    """The ``--lora`` arguments as files with their sha256 (a missing one is exit 2, before any work)."""
+    from .manifest import sha256_file
+
+    out = []
+    for spec in specs or ():
+        if isinstance(spec, LoraFile):
+            out.append(spec)
+            continue
+        path, scale = parse_lora(str(spec))
+        if not path.is_file():
+            raise UsageError(f"--lora {spec}: no such file")
+        out.append(LoraFile(path.resolve(), scale, sha256_file(path)))
+    return out
+
+
+def describe(loras: list[LoraFile]) -> str:
+    return ", ".join(f"{lora.name}:{lora.scale:g}" for lora in loras) or "none"
+
+
+# --- diffusers' loader ------------------------------------------------------------------------------
+
+def loader_class(family):
+    import diffusers.loaders
+
+    return getattr(diffusers.loaders, family.lora_loader)
+
+
+def lora_parts(info: "ModelInfo") -> list[str]:
+    """The diffusers folders a LoRA of this family can change that this model has (unet, text_encoder, ...)."""
+    return [p for p in loader_class(info.family)._lora_loadable_modules if p in info.configs]
+
+
+@contextlib.contextmanager
+def _quiet():
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.enable_progress_bar()
+        dlog.set_verbosity(saved[0])
+        tlog.set_verbosity(saved[1])
+
+
+def _host(family, modules: dict[str, Any]):
+    """An object with the family's LoRA loader mixin over our torch modules: diffusers' ``load_lora_weights``,
+    ``set_adapters`` and ``fuse_lora`` need only the modules as attributes (no pipeline, tokenizer or VAE)."""
+    mixin = loader_class(family)
+
+    class Host(mixin):
+        hf_device_map = None
+
+        def __init__(self):
+            for name in mixin._lora_loadable_modules:  # a part not given is None: diffusers skips it
+                setattr(self, name, modules.get(name))
+
+        @property
+        def components(self):
+            return dict(modules)
+
+    return Host()
+
+
+def _wrapped_layers(module, adapter: str | None = None):
+    """(path, PEFT LoRA layer) of every layer that carries ``adapter`` (any adapter if None)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for path, layer in module.named_modules():
+        if isinstance(layer, BaseTunerLayer) and (adapter is None or adapter in getattr(layer, "lora_A", {})):
+            yield path, layer
+
+
+def _check_matches(lora: LoraFile, state_dict: dict[str, Any], host, parts: list[str], loaded: list[str],
+                   adapter: str, family) -> None:
+    """Every layer of the file found its layer in the model: a LoRA for another architecture (other module
+    names, another text encoder) is refused instead of loading the part that happens to match. ``parts``:
+    the model's LoRA parts; ``loaded``: those given as modules (the others are not checked)."""
+    by_part: dict[str, int] = {}
+    for key in state_dict:
+        part = key.split(".", 1)[0]
+        if part not in parts:
+            raise IntegrityError(f"--lora {lora.path}: has weights for '{part}', which a {family.description} "
+                                 f"model does not have ({', '.join(parts)}): a LoRA for another architecture?")
+        if key.endswith(_DOWN_SUFFIXES):
+            by_part[part] = by_part.get(part, 0) + 1
+    if not by_part:
+        raise IntegrityError(f"--lora {lora.path}: no LoRA layers in it (keys such as {next(iter(state_dict), '?')})")
+    for part, want in by_part.items():
+        if part not in loaded:
+            continue
+        got = sum(1 for _ in _wrapped_layers(getattr(host, part), adapter))
+        if got < want:
+            raise IntegrityError(f"--lora {lora.path}: {want - got} of its {want} {part} layers match no layer of "
+                                 f"this model: a LoRA for another architecture?")
+
+
+def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile],
+               before_fuse: Callable[[dict[str, list[tuple[str, Any]]]], None] | None = None) -> dict[str, list[str]]:
+    """Load ``loras`` into ``modules`` ({diffusers folder: torch module}) with diffusers' loader, weighted by
+    their scales (``set_adapters``), fuse them (``fuse_lora``) and unload the adapters: the modules keep the
+    fused weights under their own parameter names. ``before_fuse`` sees the wrapped layers per part first
+    (the switching path puts the base weights there). Returns the changed parameter names per part.
+    A file diffusers cannot read, or one that does not match the model, is exit 5."""
+    family = info.family
+    model_parts = lora_parts(info)
+    parts = [p for p in model_parts if p in modules]
+    host = _host(family, {p: modules[p] for p in parts})
+    loader = loader_class(family)
+    names = []
+    with _quiet():
+        for i, lora in enumerate(loras):
+            adapter = f"lora{i}"
+            try:
+                state_dict = loader.lora_state_dict(str(lora.path))[0]
+                host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
+            except SdexportError:
+                raise
+            except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
+                raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
+                                     f"({type(exc).__name__}: {_first_line(exc)})") from None
+            _check_matches(lora, state_dict, host, model_parts, parts, adapter, family)
+            names.append(adapter)
+        wrapped = {p: list(_wrapped_layers(modules[p])) for p in parts}
+        if before_fuse:
+            before_fuse(wrapped)
+        if names:
+            host.set_adapters(names, [lora.scale for lora in loras])
+            host.fuse_lora(components=[p for p in parts if wrapped[p]], adapter_names=names)
+            host.unload_lora_weights()
+    return {p: [f"{path}.{name}" for path, layer in layers
+                for name, _ in layer.get_base_layer().named_parameters(recurse=False)]
+            for p, layers in wrapped.items() if layers}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:200]
+
+
+def empty_module(info: "ModelInfo", part: str):
+    """The torch module of ``part`` built from its config without initializing weights (uninitialized memory:
+    only the layers a LoRA wraps are ever read, after they get the export's base weights)."""
+    from accelerate import init_empty_weights
+
+    cls = info.torch_class(part)
+    config = info.configs[part]
+    with init_empty_weights(), _quiet():
+        if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
+            module = cls.from_config(config)
+        else:
+            module = cls(cls.config_class.from_dict(config))
+    return module.to_empty(device="cpu").eval().requires_grad_(False)
+
+
+def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],
+                 base: Callable[[str, str], Any]) -> dict[str, dict[str, Any]]:
+    """{part: {parameter name: new value (float32 torch tensor)}} for the parameters ``loras`` change in
+    ``parts``, computed from ``base(part, name)`` (the exported weight) every time. The model's other LoRA
+    parts are loaded too (diffusers' loader expects every part a file names) but not returned."""
+    import torch
+
+    if not loras:
+        return {}
+    modules = {p: empty_module(info, p) for p in lora_parts(info)}
+
+    before: dict[tuple[str, str], Any] = {}
+
+    def put_base(wrapped):
+        for part, layers in wrapped.items():
+            for path, layer in layers:
+                inner = layer.get_base_layer()
+                for name, param in list(inner.named_parameters(recurse=False)):
+                    value = (base(part, f"{path}.{name}").to(torch.float32).reshape(param.shape) if part in parts
+                             else torch.zeros(param.shape))
+                    before[(part, f"{path}.{name}")] = value
+                    setattr(inner, name, torch.nn.Parameter(value.clone(), requires_grad=False))
+
+    touched = fuse_loras(info, modules, loras, before_fuse=put_base)
+    out: dict[str, dict[str, Any]] = {}
+    for part, names in touched.items():
+        for name in names if part in parts else ():
+            value = modules[part].get_parameter(name).detach()
+            if not torch.equal(value, before[(part, name)]):  # e.g. a bias the LoRA leaves alone
+                out.setdefault(part, {})[name] = value.clone()
+    return out
+
+
+# --- the map from torch parameters to ONNX initializers -----------------------------------------------
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def build_weight_map(module, onnx_path: Path) -> dict[str, Any]:
+    """For each parameter of ``module``, the initializers of the ONNX file holding its values: as stored,
+    transposed (2-D weights of folded MatMuls) or reshaped (same bytes, e.g. [C] -> [C, 1, 1]), in the
+    initializer's dtype (FP16 exports). Found by value, because the exporter renames what it folds: first
+    by exact bytes, then, for what is left, by closeness within one FP16 ulp (ModelOpt's FP16 cast keeps
+    values numpy's flushes to zero, e.g. -2.8e-8 -> +6e-8)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    index: dict[tuple[str, bytes], list[str]] = {}
+    arrays: dict[str, Any] = {}
+    by_size: dict[int, list[str]] = {}
+    dtypes: set[str] = set()
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind != "f" or arr.size < 2:
+            continue
+        arrays[init.name] = arr
+        by_size.setdefault(arr.size, []).append(init.name)
+        dtypes.add(arr.dtype.name)
+        index.setdefault((arr.dtype.name, _digest(np.ascontiguousarray(arr).tobytes())), []).append(init.name)
+    del model
+
+    def entry(name: str, transposed: bool) -> dict[str, Any]:
+        return {"initializer": name, "transpose": transposed, "shape": list(arrays[name].shape),
+                "dtype": arrays[name].dtype.name}
+
+    params: dict[str, list[dict[str, Any]]] = {}
+    unmapped = []
+    for name, param in module.named_parameters():
+        value = param.detach().cpu().float().numpy()
+        forms = [(value, False)] + ([(value.T, True)] if value.ndim == 2 else [])
+        found = [entry(init, transposed) for dtype in sorted(dtypes) for form, transposed in forms
+                 for init in index.get((dtype, _digest(np.ascontiguousarray(form.astype(dtype)).tobytes())), [])]
+        if not found:
+            for init in by_size.get(value.size, []):
+                arr = arrays[init]
+                tol = dict(rtol=2.0**-10, atol=2.0**-23) if arr.dtype == np.float16 else dict(rtol=0, atol=0)
+                for form, transposed in forms:
+                    shaped = arr.reshape(form.shape) if arr.ndim != 2 or not transposed else arr
+                    if shaped.shape == form.shape and np.allclose(shaped.astype(np.float32), form, **tol):
+                        found.append(entry(init, transposed))
+        if found:
+            params[name] = found
+        else:
+            unmapped.append(name)
+    users: dict[str, int] = {}
+    for entries in params.values():
+        for e in entries:
+            users[e["initializer"]] = users.get(e["initializer"], 0) + 1
+    return {"format": WEIGHTS_MAP_FORMAT, "params": params, "unmapped": unmapped,
+            "shared": sorted(name for name, n in users.items() if n > 1)}
+
+
+class WeightMap:
+    """One component's weights map (``<component>/weights_map.json``) and the exported initializer values it
+    points at, read once from the ONNX file when first needed."""
+
+    def __init__(self, export, component: str):
+        manifest = export.manifest
+        entry = manifest.component(component)
+        rel = next((f["file"] for f in entry.get("files", []) if f["file"].endswith("/" + WEIGHTS_MAP)), None)
+        if rel is None:
+            raise IntegrityError(f"{export.root}: {component} has no {WEIGHTS_MAP} (exported before LoRA switching, "
+                                 f"or not a component a LoRA changes); re-export to switch LoRAs: sdexport export "
+                                 f"MODEL -o {export.root} --force")
+        manifest.verified_path(entry)  # the map and the ONNX it describes, against their sha256
+        self.component = component
+        self.onnx_path = manifest.path(entry["file"])
+        self.data = json.loads(manifest.path(rel).read_text())
+        self.params: dict[str, list[dict[str, Any]]] = self.data["params"]
+        self._base: dict[str, Any] | None = None
+
+    def _initializers(self) -> dict[str, Any]:
+        if self._base is None:
+            import onnx
+            from onnx import numpy_helper
+
+            wanted = {e["initializer"] for entries in self.params.values() for e in entries}
+            model = onnx.load(str(self.onnx_path))
+            self._base = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+        return self._base
+
+    def base_initializer(self, name: str):
+        return self._initializers()[name]
+
+    def base_param(self, name: str):
+        """The exported value of torch parameter ``name`` (float32 torch tensor in the parameter's layout)."""
+        import numpy as np
+        import torch
+
+        entries = self.params.get(name)
+        if not entries:
+            raise IntegrityError(f"a LoRA changes {self.component}.{name}, which this export does not hold as one "
+                                 "weight (the exporter folded it into other constants): fuse the LoRA at export "
+                                 "instead (sdexport export MODEL --lora FILE)")
+        e = entries[0]
+        arr = np.asarray(self.base_initializer(e["initializer"]), dtype=np.float32)
+        return torch.from_numpy(np.array(arr.T if e["transpose"] else arr, order="C"))  # caller reshapes
+
+    def initializers(self, values: dict[str, Any]) -> dict[str, Any]:
+        """{initializer name: numpy array in its dtype and shape} for new parameter values. An initializer the
+        exporter shares between parameters takes a new value only if all of them agree on it."""
+        import numpy as np
+
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            for e in self.params.get(name) or [None]:
+                if e is None:
+                    self.base_param(name)  # raises: not held as one weight
+                arr = value.detach().cpu().float().numpy()
+                arr = np.ascontiguousarray(arr.T if e["transpose"] else arr).astype(e["dtype"]).reshape(e["shape"])
+                init = e["initializer"]
+                if init in out and not np.array_equal(out[init], arr):
+                    raise IntegrityError(f"{self.component}: the exporter stored {name} in {init} together with "
+                                         "another weight the LoRA changes differently; fuse the LoRA at export instead "
+                                         "(sdexport export MODEL --lora FILE)")
+                out[init] = arr
+        for init, arr in out.items():
+            sharers = [n for n, entries in self.params.items() if n not in values
+                       and any(e["initializer"] == init for e in entries)]
+            if sharers and not np.array_equal(arr, self.base_initializer(init)):
+                raise IntegrityError(f"{self.component}: {init} holds {sharers[0]} too, which the LoRA leaves "
+                                     "unchanged; fuse the LoRA at export instead (sdexport export MODEL --lora FILE)")
+        return out

@@ -1,0 +1,267 @@
+"""Image-to-image and inpainting against diffusers' own StableDiffusionImg2ImgPipeline and
+StableDiffusionInpaintPipeline (same seed, same scheduler), and every bad image, mask and strength."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_error, run_cli
+from sdexport.backends import load_engines
+from sdexport.errors import ShapeError, UsageError
+from sdexport.pipeline import Pipeline, make_scheduler
+from sdexport.runtime import ExportDir
+from test_pipeline import psnr
+
+
+def noise_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Smooth colour ramps plus noise: an image whose every region differs (a flat one would hide misplaced pixels)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    ramp = np.stack([x / width, y / height, (x + y) / (width + height)], -1)
+    pixels = (0.6 * ramp + 0.4 * rng.random((height, width, 3))) * 255
+    return Image.fromarray(pixels.astype("uint8")).convert(mode)
+
+
+def box_mask(height: int, width: int, mode: str = "L") -> Image.Image:
+    mask = np.zeros((height, width), "uint8")
+    mask[height // 4: 3 * height // 4, width // 5: 4 * width // 5] = 255
+    return Image.fromarray(mask).convert(mode)
+
+
+def generators(seed):
+    if isinstance(seed, list):
+        return [torch.Generator("cpu").manual_seed(s) for s in seed]
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def img2img_ref(tiny_model):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inpaint_ref(inpaint_model):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(inpaint_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes(export_fp32):
+    export = ExportDir.open(export_fp32)
+    return {b: Pipeline(load_engines(export, b, components=export.components_for(image=True)), export)
+            for b in ("ort", "torch")}
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipes(export_inpaint):
+    export = ExportDir.open(export_inpaint)
+    return {b: Pipeline(load_engines(export, b), export) for b in ("ort", "torch")}
+
+
+# --- image-to-image --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,scheduler,strength,batch,seed", [
+    ("ort", "euler", 0.6, 1, 3),
+    ("ort", "euler-a", 0.75, 2, 4),  # ancestral: the generator keeps drawing every step
+    ("ort", "dpm++2m", 0.5, 2, [11, 12]),  # a generator per image: one encoder draw each
+    ("ort", "ddim", 1.0, 1, 5),
+    ("torch", "pndm", 0.8, 1, 6),
+])
+def test_img2img_matches_diffusers(tiny_pipes, img2img_ref, export_fp32, backend, scheduler, strength, batch, seed):
+    image = noise_image(128, 96)
+    pipe = tiny_pipes[backend]
+    ours = pipe("a cat on a sofa", negative_prompt="blurry", steps=4, guidance_scale=6.0, seed=seed,
+                batch_size=batch, scheduler=scheduler, image=image, strength=strength)
+    img2img_ref.scheduler = make_scheduler(scheduler, pipe.info.scheduler_config)
+    theirs = img2img_ref("a cat on a sofa", negative_prompt="blurry", image=image, strength=strength,
+                         num_inference_steps=4, guidance_scale=6.0, generator=generators(seed),
+                         num_images_per_prompt=batch, output_type="np").images
+    assert ours.mode == "image-to-image" and ours.images.shape == theirs.shape == (batch, 128, 96, 3)
+    assert psnr(ours.images, theirs) >= 40.0
+    assert ours.stage_summary()["vae_encoder_ms"] > 0
+
+
+def test_img2img_image_and_strength_matter(tiny_pipes):
+    """Neighbours of one request: another strength, another image (the tiny model's weights are random, so
+    what the result should look like is the parity tests' business: here, that each input reaches it)."""
+    pipe = tiny_pipes["ort"]
+    image = noise_image(128, 128, seed=1)
+    kw = dict(prompt="x", steps=10, guidance_scale=1.0, seed=0, scheduler="ddim")
+    low = pipe(image=image, strength=0.1, **kw).images[0]
+    assert psnr(low, pipe(image=image, strength=1.0, **kw).images[0]) < 35
+    assert psnr(low, pipe(image=noise_image(128, 128, seed=2), strength=0.1, **kw).images[0]) < 35
+    assert psnr(low, pipe(image=image, strength=0.1, **kw).images[0]) == float("inf")
+
+
+def test_img2img_resizes_like_diffusers(tiny_pipes, img2img_ref):
+    """--height/--width resize the image with Lanczos (VaeImageProcessor); the reference gets the image resized by PIL."""
+    image = noise_image(90, 100, seed=4)
+    pipe = tiny_pipes["ort"]
+    ours = pipe("a boat", steps=3, guidance_scale=5.0, seed=2, scheduler="euler", image=image, strength=0.7,
+                height=64, width=96).images
+    img2img_ref.scheduler = make_scheduler("euler", pipe.info.scheduler_config)
+    theirs = img2img_ref("a boat", image=image.resize((96, 64), Image.LANCZOS), strength=0.7, num_inference_steps=3,
+                         guidance_scale=5.0, generator=generators(2), output_type="np").images
+    assert ours.shape == (1, 64, 96, 3) and psnr(ours, theirs) >= 40.0
+
+
+def test_img2img_size_the_export_cannot_take_is_refused(tiny_pipes):
+    pipe = tiny_pipes["ort"]
+    with pytest.raises(ShapeError, match=r"100x90 px.*96x88.*multiples of 16 in \[64, 256\].*--height/--width"):
+        pipe("x", steps=2, image=noise_image(90, 100))
+    with pytest.raises(ShapeError, match=r"multiples of 16 in \[64, 256\]"):
+        pipe("x", steps=2, image=noise_image(320, 128))  # a multiple, but above the range
+    # neighbours that fit: 64 (the smallest side) and a side that rounds down onto a multiple of 16 (135 -> 128)
+    assert pipe("x", steps=2, image=noise_image(64, 135), strength=0.5).images.shape == (1, 64, 128, 3)
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.1, 1.0001, float("nan"), float("inf")])
+def test_strength_outside_0_1_is_refused(tiny_pipes, strength):
+    with pytest.raises(UsageError, match=r"must be in \(0, 1\]"):
+        tiny_pipes["ort"]("x", steps=2, image=noise_image(64, 64), strength=strength)
+
+
+def test_strength_that_leaves_no_step_is_refused(tiny_pipes):
+    pipe = tiny_pipes["ort"]
+    with pytest.raises(UsageError, match="leaves no denoising step"):
+        pipe("x", steps=3, image=noise_image(64, 64), strength=0.3, scheduler="euler")  # int(0.9) = 0
+    assert pipe("x", steps=3, image=noise_image(64, 64), strength=0.34, scheduler="euler").images.shape[0] == 1
+
+
+# --- inpainting ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,scheduler,strength,batch,seed,size", [
+    ("ort", "euler", 1.0, 1, 3, (96, 128)),  # strength 1: pure noise, the masked image still encoded
+    ("ort", "euler-a", 0.75, 2, 4, (96, 128)),  # image latents + noise, ancestral steps
+    ("ort", "dpm++2m", 1.0, 2, [1, 2], (96, 128)),
+    ("ort", "ddim", 0.5, 1, 5, (128, 128)),  # the image and mask resized to the request's size
+    ("torch", "pndm", 1.0, 1, 6, (96, 128)),
+])
+def test_inpainting_matches_diffusers(inpaint_pipes, inpaint_ref, backend, scheduler, strength, batch, seed, size):
+    image, mask = noise_image(96, 128), box_mask(96, 128)
+    pipe = inpaint_pipes[backend]
+    ours = pipe("a red door", negative_prompt="dark", steps=4, guidance_scale=6.0, seed=seed, batch_size=batch,
+                scheduler=scheduler, image=image, mask=mask, strength=strength, height=size[0], width=size[1])
+    inpaint_ref.scheduler = make_scheduler(scheduler, pipe.info.scheduler_config)
+    theirs = inpaint_ref("a red door", negative_prompt="dark", image=image, mask_image=mask, strength=strength,
+                         num_inference_steps=4, guidance_scale=6.0, generator=generators(seed),
+                         num_images_per_prompt=batch, height=size[0], width=size[1], output_type="np").images
+    assert ours.mode == "inpainting" and ours.images.shape == theirs.shape == (batch, *size, 3)
+    assert psnr(ours.images, theirs) >= 40.0
+
+
+def test_mask_matters(inpaint_pipes):
+    pipe = inpaint_pipes["ort"]
+    image = noise_image(96, 128)
+    kw = dict(prompt="x", steps=2, seed=0, image=image, height=96, width=128)
+    a = pipe(mask=box_mask(96, 128), **kw).images
+    b = pipe(mask=box_mask(96, 128).transpose(Image.FLIP_LEFT_RIGHT).rotate(90, expand=False), **kw).images
+    assert psnr(a, b) < 40
+
+
+def test_inpainting_model_needs_image_and_mask(inpaint_pipes):
+    pipe = inpaint_pipes["ort"]
+    with pytest.raises(UsageError, match="inpainting model.*--image and --mask"):
+        pipe("x", steps=2)
+    with pytest.raises(UsageError, match="give --mask"):
+        pipe("x", steps=2, image=noise_image(96, 128))
+
+
+def test_bad_masks_are_refused(inpaint_pipes, tiny_pipes):
+    pipe = inpaint_pipes["ort"]
+    image = noise_image(96, 128)
+    with pytest.raises(UsageError, match=r"--mask is 128x64 px, --image 128x96 px"):
+        pipe("x", steps=2, image=image, mask=box_mask(64, 128))
+    with pytest.raises(UsageError, match="a RGBA image; a mask is grayscale"):
+        pipe("x", steps=2, image=image, mask=box_mask(96, 128, mode="RGBA"))
+    for mode in ("1", "RGB"):  # the neighbours diffusers takes: binary and grayscale saved as RGB
+        assert pipe("x", steps=1, image=image, mask=box_mask(96, 128, mode=mode)).images.shape == (1, 128, 128, 3)
+    with pytest.raises(UsageError, match="not an inpainting model"):
+        tiny_pipes["ort"]("x", steps=2, image=image, mask=box_mask(96, 128))
+    with pytest.raises(UsageError, match="--mask needs --image"):
+        tiny_pipes["ort"]("x", steps=2, mask=box_mask(96, 128))
+    with pytest.raises(UsageError, match="--strength applies to --image"):
+        tiny_pipes["ort"]("x", steps=2, strength=0.5)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+def test_cli_img2img_and_inpainting(export_fp32, export_inpaint, tmp_path):
+    noise_image(128, 96).save(tmp_path / "in.png")
+    result = run_cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "a.png", "--steps", 3, "--image",
+                     tmp_path / "in.png", "--strength", 0.7)
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads((tmp_path / "a.json").read_text())
+    assert meta["mode"] == "image-to-image" and meta["strength"] == 0.7 and meta["image"].endswith("in.png")
+    assert Image.open(tmp_path / "a.png").size == (96, 128) and meta["timings_ms"]["vae_encoder_ms"] > 0
+    noise_image(96, 128).save(tmp_path / "in2.png")
+    box_mask(96, 128).save(tmp_path / "mask.png")
+    result = run_cli("infer", export_inpaint, "--prompt", "x", "-o", tmp_path / "b.png", "--steps", 2, "--image",
+                     tmp_path / "in2.png", "--mask", tmp_path / "mask.png")
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads((tmp_path / "b.json").read_text())
+    assert meta["mode"] == "inpainting" and meta["strength"] is None and meta["mask"].endswith("mask.png")
+
+
+def test_bench_times_the_encoder(export_fp32, tmp_path):
+    noise_image(64, 64).save(tmp_path / "in.png")
+    result = run_cli("bench", export_fp32, "--steps", 2, "--runs", 1, "--warmup", 0, "--no-eager", "--image",
+                     tmp_path / "in.png", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.stderr
+    assert "VAE encode (image)" in result.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["mode"] == "image-to-image" and report["results"][0]["stages_ms"]["vae_encoder"] > 0
+
+
+def test_cli_bad_inputs_write_nothing(export_fp32, export_inpaint, tmp_path):
+    noise_image(64, 64).save(tmp_path / "in.png")
+    box_mask(64, 64).save(tmp_path / "mask.png")
+    (tmp_path / "text.png").write_text("not a png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "trunc.png")
+    (tmp_path / "trunc.png").write_bytes((tmp_path / "trunc.png").read_bytes()[:40])
+    out = tmp_path / "o.png"
+    cases = [
+        ((export_fp32, "--image", tmp_path / "missing.png"), 2, "no such file"),
+        ((export_fp32, "--image", tmp_path / "text.png"), 2, "not an image"),
+        ((export_fp32, "--image", tmp_path / "trunc.png"), 2, "not an image"),
+        ((export_fp32, "--image", tmp_path / "in.png", "--mask", tmp_path / "text.png"), 2, "not an image"),
+        ((export_fp32, "--image", tmp_path / "in.png", "--strength", 0), 2, "(0, 1]"),
+        ((export_fp32, "--image", tmp_path / "in.png", "--strength", "nan"), 2, "(0, 1]"),
+        ((export_fp32, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png"), 2, "not an inpainting model"),
+        ((export_fp32, "--strength", 0.5), 2, "--strength applies to --image"),
+        ((export_inpaint,), 2, "--image and --mask"),
+        ((export_inpaint, "--image", tmp_path / "in.png"), 2, "give --mask"),
+    ]
+    for args, code, needle in cases:
+        result = run_cli("infer", *args, "--prompt", "x", "-o", out, "--steps", 2)
+        assert_error(result, code, needle)
+        assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_unet_channels_inpainting_accepted_others_refused(inpaint_model, tmp_path):
+    """9 = 2 x 4 + 1 input channels is an inpainting UNet; the neighbours (8, 10) are refused (exit 3)."""
+    from sdexport.errors import ModelError
+    from sdexport.models import ModelInfo
+
+    info = ModelInfo.open(inpaint_model)
+    assert info.inpainting and info.latent_channels == 4 and info.unet_in_channels == 9
+    for channels in (8, 10):
+        copy = tmp_path / f"c{channels}"
+        shutil.copytree(inpaint_model, copy)
+        config = json.loads((copy / "unet" / "config.json").read_text())
+        (copy / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": channels}))
+        with pytest.raises(ModelError, match=f"VAE latent_channels 4 differs from UNet in_channels {channels}"):
+            ModelInfo.open(copy)

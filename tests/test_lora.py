@@ -1,0 +1,461 @@
+"""LoRA fused at export and switched on the engines, against diffusers' own pipeline with the same LoRAs
+loaded and fused (same seed); LoRA files made here with PEFT (diffusers/PEFT key names) and converted to
+kohya key names; every order of switching; LoRAs that do not fit; the weights map against the ONNX file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_error, load_manifest, run_cli
+from sdexport.backends import load_engines
+from sdexport.errors import IntegrityError, UsageError
+from sdexport.lora import WeightMap, open_loras, parse_lora
+from sdexport.pipeline import Pipeline, make_scheduler
+from sdexport.runtime import ExportDir
+from test_pipeline import psnr
+
+REQUEST = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", steps=3, guidance_scale=6.0, seed=21,
+               scheduler="euler", height=64, width=96)
+
+
+def _peft_lora(model, path, seed, unet_targets, te_targets=(), rank=4, alpha=8, lora_bias=False):
+    """A LoRA in diffusers/PEFT format (``unet.<module>.lora_A.weight``), random (PEFT's default B is zero)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    layers, meta = {}, {}
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(unet_targets))
+    unet.add_adapter(config)
+    layers["unet_lora_layers"] = get_peft_model_state_dict(unet)
+    meta["unet_lora_adapter_metadata"] = config.to_dict()
+    if te_targets:
+        te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        config = LoraConfig(r=rank, lora_alpha=alpha // 2, init_lora_weights=False, target_modules=list(te_targets),
+                            lora_bias=lora_bias)
+        te.add_adapter(config)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
+        meta["text_encoder_lora_adapter_metadata"] = config.to_dict()
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **meta)
+    return path
+
+
+def _kohya(peft_file, path, alpha_per_rank=2.0):
+    """The same layers under kohya/A1111 key names (``lora_unet_down_blocks_0_..._to_q.lora_down.weight`` and
+    ``.alpha``), as sd-scripts writes them."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for key, value in load_file(peft_file).items():
+        part, rest = key.split(".", 1)
+        module, kind = rest.split(".lora_")
+        prefix = "lora_unet_" if part == "unet" else "lora_te_text_model_"
+        name = prefix + module.replace(".", "_")
+        down = kind.startswith("A")
+        out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = value
+        rank = value.shape[0] if down else value.shape[1]
+        out[f"{name}.alpha"] = torch.tensor(rank * alpha_per_rank)
+    save_file(out, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def loras(tiny_model, other_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    a = _peft_lora(tiny_model, folder / "a.safetensors", 1, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"],
+                   ["q_proj", "v_proj", "out_proj"])
+    b = _peft_lora(tiny_model, folder / "b.safetensors", 2, ["to_k", "ff.net.2", "conv2", "time_emb_proj"], rank=2, alpha=2)
+    kohya = _kohya(_peft_lora(tiny_model, folder / "c-src.safetensors", 3, ["to_q", "to_v", "ff.net.0.proj"],
+                              ["k_proj", "fc1"]), folder / "c-kohya.safetensors")
+    foreign = _peft_lora(other_model, folder / "other-model.safetensors", 4, ["to_q", "to_k"])  # other shapes
+    bias = _peft_lora(tiny_model, folder / "bias.safetensors", 5, ["to_q"], ["q_proj"], lora_bias=True)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(a)
+    save_file({k.replace("down_blocks.0", "down_blocks.7"): v for k, v in state.items()}, folder / "missing.safetensors")
+    save_file({k.replace("text_encoder.", "text_encoder_2."): v for k, v in state.items()}, folder / "te2.safetensors")
+    save_file({"something.weight": torch.zeros(3)}, folder / "nolora.safetensors")
+    (folder / "corrupt.safetensors").write_bytes(a.read_bytes()[:300])
+    return {"a": a, "b": b, "kohya": kohya, "foreign": foreign, "bias": bias, "missing": folder / "missing.safetensors",
+            "te2": folder / "te2.safetensors", "nolora": folder / "nolora.safetensors",
+            "corrupt": folder / "corrupt.safetensors"}
+
+
+def diffusers_images(model, loras, **kw):
+    """diffusers' StableDiffusionPipeline with ``loras`` [(file, scale)] loaded, weighted and fused."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    names = []
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+        pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
+    pipe.scheduler = make_scheduler(kw["scheduler"], pipe.scheduler.config)
+    return pipe(kw["prompt"], negative_prompt=kw["negative_prompt"], num_inference_steps=kw["steps"],
+                guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(kw["seed"]),
+                height=kw["height"], width=kw["width"], output_type="np").images
+
+
+# --- parsing ------------------------------------------------------------------------------------------
+
+def test_parse_lora(tmp_path):
+    assert parse_lora("x.safetensors") == (tmp_path.__class__("x.safetensors"), 1.0)
+    assert parse_lora("x.safetensors:0.5")[1] == 0.5 and parse_lora("x:-1")[1] == -1.0
+    assert str(parse_lora("dir:with:colons/x.safetensors")[0]) == "dir:with:colons/x.safetensors"
+    for bad in ("x:nan", "x:inf", "x:-inf"):
+        with pytest.raises(UsageError, match="not a finite number"):
+            parse_lora(bad)
+    with pytest.raises(UsageError, match="no such file"):
+        open_loras([str(tmp_path / "none.safetensors")])
+
+
+# --- fused at export ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fused_export(tiny_model, loras, tmp_path_factory):
+    from sdexport.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-lora"
+    export(str(tiny_model), out, loras=[f"{loras['a']}:0.7", f"{loras['kohya']}:0.5"], max_images=2)
+    return out
+
+
+def test_export_with_loras_matches_diffusers(fused_export, tiny_model, loras):
+    export = ExportDir.open(fused_export)
+    pipe = Pipeline(load_engines(export, "ort"), export)
+    ours = pipe(**REQUEST).images
+    theirs = diffusers_images(tiny_model, [(loras["a"], 0.7), (loras["kohya"], 0.5)], **REQUEST)
+    assert psnr(ours, theirs) >= 40.0
+    base = diffusers_images(tiny_model, [], **REQUEST)
+    assert psnr(ours, base) < 35  # the LoRAs changed the image: the parity above is not the base model's
+
+
+def test_manifest_records_the_loras(fused_export, loras):
+    from sdexport.manifest import sha256_file
+
+    manifest = load_manifest(fused_export)
+    want = [{"file": str(loras["a"].resolve()), "sha256": sha256_file(loras["a"]), "scale": 0.7},
+            {"file": str(loras["kohya"].resolve()), "sha256": sha256_file(loras["kohya"]), "scale": 0.5}]
+    assert manifest["model"]["loras"] == want
+    for name in ("unet", "text_encoder"):
+        assert manifest["components"][name]["key"]["loras"] == want
+    for name in ("vae_decoder", "vae_encoder"):  # a LoRA never changes the VAE
+        assert "loras" not in manifest["components"][name]["key"]
+
+
+def test_changed_lora_means_reexport(tiny_model, loras, tmp_path):
+    from sdexport.export import export
+
+    out = tmp_path / "te"
+    messages: list[str] = []
+    run = lambda lora_args: export(str(tiny_model), out, components=["text_encoder"], loras=lora_args,  # noqa: E731
+                                   say=messages.append)
+    run([f"{loras['a']}:0.7"])
+    messages.clear()
+    run([f"{loras['a']}:0.7"])
+    assert any("up to date" in m for m in messages)
+    for changed in ([f"{loras['a']}:0.6"], [f"{loras['b']}:0.7"], []):  # scale, file, and none at all
+        messages.clear()
+        run(changed)
+        assert any("text_encoder: exporting" in m for m in messages), messages
+    copy = tmp_path / "a-copy.safetensors"  # same path and scale, other contents: the sha256 changes
+    shutil.copy(loras["a"], copy)
+    run([f"{copy}:0.7"])
+    copy.write_bytes(loras["kohya"].read_bytes())
+    messages.clear()
+    run([f"{copy}:0.7"])
+    assert any("text_encoder: exporting" in m for m in messages), messages
+
+
+# --- the weights map ----------------------------------------------------------------------------------
+
+def test_weights_map_against_the_onnx_file(export_fp32, tiny_model):
+    """Every UNet/text encoder parameter is found; a Linear weight sits transposed in a renamed MatMul
+    initializer, a conv weight as itself: read back from the ONNX file and compared with diffusers' module."""
+    import onnx
+    from diffusers import UNet2DConditionModel
+    from onnx import numpy_helper
+
+    export = ExportDir.open(export_fp32)
+    wmap = WeightMap(export, "unet")
+    assert wmap.data["unmapped"] == []
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(wmap.onnx_path)).graph.initializer}
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    (entry,) = wmap.params[q]
+    assert entry["transpose"] and entry["initializer"].startswith("onnx::MatMul")
+    np.testing.assert_array_equal(inits[entry["initializer"]], unet.get_parameter(q).detach().numpy().T)
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    assert wmap.params[conv] == [{"initializer": "unet." + conv, "transpose": False, "shape": [32, 32, 3, 3],
+                                  "dtype": "float32"}]
+    for name, entries in wmap.params.items():  # each entry holds the parameter's bytes
+        value = unet.get_parameter(name).detach().numpy()
+        for e in entries:
+            got = inits[e["initializer"]]
+            np.testing.assert_array_equal(got.T if e["transpose"] else got.reshape(value.shape), value)
+    assert set(wmap.params) == {n for n, _ in unet.named_parameters()}
+    assert WeightMap(export, "text_encoder").data["unmapped"] == []
+    with pytest.raises(IntegrityError, match="no weights_map.json"):
+        WeightMap(export, "vae_decoder")
+
+
+# --- switched on the engines --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def references(tiny_model, loras):
+    cache = {}
+
+    def image(*state):
+        if state not in cache:
+            cache[state] = diffusers_images(tiny_model, [(loras[k], s) for k, s in state], **REQUEST)
+        return cache[state]
+    return image
+
+
+@pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.slow)])
+def test_switching_in_every_order(export_fp32, loras, references, backend):
+    """A, B, A, none, B, A+B, kohya, none: each image equals diffusers' with those LoRAs fused; a state seen
+    before gives exactly the image it gave then (computed from the base weights, never on top of the last)."""
+    export = ExportDir.open(export_fp32)
+    pipe = Pipeline(load_engines(export, backend), export)
+    seen: dict[tuple, np.ndarray] = {}
+    order = [(("a", 0.8),), (("b", 1.0),), (("a", 0.8),), (), (("b", 1.0),), (("a", 0.8), ("b", -0.5)),
+             (("kohya", 0.6),), ()]
+    for state in order:
+        timings = pipe.set_loras([f"{loras[k]}:{s}" for k, s in state])
+        assert timings["switch_ms"] > 0
+        image = pipe(**REQUEST).images
+        assert psnr(image, references(*state)) >= 40.0, state
+        if state in seen:
+            np.testing.assert_array_equal(image, seen[state])
+        seen[state] = image
+    assert psnr(seen[(("a", 0.8),)], seen[()]) < 35 and psnr(seen[(("b", 1.0),)], seen[()]) < 35
+
+
+def test_switched_equals_fused_at_export(export_fp32, fused_export, loras):
+    export = ExportDir.open(export_fp32)
+    pipe = Pipeline(load_engines(export, "ort"), export)
+    pipe.set_loras([f"{loras['a']}:0.7", f"{loras['kohya']}:0.5"])
+    fused = ExportDir.open(fused_export)
+    assert psnr(pipe(**REQUEST).images, Pipeline(load_engines(fused, "ort"), fused)(**REQUEST).images) >= 60
+
+
+@pytest.mark.slow
+def test_switching_on_an_fp16_export(export_fp16, export_fp32, loras):
+    """The map holds FP16 initializers (matched within an FP16 ulp where ModelOpt's cast differs from numpy's);
+    switched, the FP16 engines are as far from the switched FP32 ones as the unswitched are from each other."""
+    wmap = WeightMap(ExportDir.open(export_fp16), "unet")
+    assert wmap.data["unmapped"] == [] and {e["dtype"] for v in wmap.params.values() for e in v} >= {"float16"}
+    images = {}
+    for path in (export_fp16, export_fp32):
+        export = ExportDir.open(path)
+        pipe = Pipeline(load_engines(export, "ort"), export)
+        images[path, "base"] = pipe(**REQUEST).images
+        pipe.set_loras([f"{loras['a']}:0.8"])
+        images[path, "a"] = pipe(**REQUEST).images
+    fp16_error = psnr(images[export_fp16, "base"], images[export_fp32, "base"])
+    assert psnr(images[export_fp16, "a"], images[export_fp32, "a"]) >= fp16_error - 3
+    assert psnr(images[export_fp16, "a"], images[export_fp16, "base"]) < fp16_error - 3
+
+
+def test_shared_initializer_is_refused_and_fused_at_export_instead(export_fp32, tiny_model, loras, tmp_path):
+    """The exporter stores equal tensors once (the tiny text encoder's zero biases): a LoRA that changes one
+    q_proj bias cannot be switched onto it, but fuses at export and matches diffusers there."""
+    export = ExportDir.open(export_fp32)
+    pipe = Pipeline(load_engines(export, "ort"), export)
+    before = pipe(**REQUEST).images
+    with pytest.raises(IntegrityError, match="fuse the LoRA at export instead"):
+        pipe.set_loras([str(loras["bias"])])
+    np.testing.assert_array_equal(pipe(**REQUEST).images, before)
+    from sdexport.export import export as run
+
+    out = run(str(tiny_model), tmp_path / "bias", loras=[str(loras["bias"])], max_images=2).root
+    fused = ExportDir.open(out)
+    ours = Pipeline(load_engines(fused, "ort"), fused)(**REQUEST).images
+    assert psnr(ours, diffusers_images(tiny_model, [(loras["bias"], 1.0)], **REQUEST)) >= 40.0
+
+
+# --- LoRAs that do not fit, bad files -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,needle", [
+    ("foreign", "not a LoRA this model can load"),  # same module names, other shapes
+    ("missing", "match no layer of this model"),
+    ("te2", "'text_encoder_2', which a Stable Diffusion 1.x/2.x model does not have"),
+    ("nolora", "not a LoRA this model can load"),
+    ("corrupt", "not a LoRA this model can load"),
+])
+def test_a_lora_that_does_not_fit_leaves_the_engines_untouched(export_fp32, loras, name, needle):
+    export = ExportDir.open(export_fp32)
+    pipe = Pipeline(load_engines(export, "ort"), export)
+    pipe.set_loras([f"{loras['a']}:0.8"])
+    before = pipe(**REQUEST).images
+    with pytest.raises(IntegrityError, match=needle):
+        pipe.set_loras([str(loras[name])])
+    with pytest.raises(IntegrityError, match=needle):  # with a good one first: still nothing applied
+        pipe.set_loras([str(loras["b"]), str(loras[name])])
+    np.testing.assert_array_equal(pipe(**REQUEST).images, before)
+
+
+def test_cli_lora_errors_write_nothing(export_fp32, tiny_model, loras, tmp_path):
+    out = tmp_path / "o.png"
+    cases = [((f"{loras['a']}:nan",), 2, "not a finite number"),
+             ((str(tmp_path / "none.safetensors"),), 2, "no such file"),
+             ((str(loras["corrupt"]),), 5, "not a LoRA this model can load"),
+             ((str(loras["missing"]),), 5, "match no layer"),
+             ((str(loras["foreign"]),), 5, "not a LoRA this model can load")]
+    for lora_args, code, needle in cases:
+        result = run_cli("infer", export_fp32, "--prompt", "x", "-o", out, "--steps", 1,
+                         *[a for arg in lora_args for a in ("--lora", arg)])
+        assert_error(result, code, needle)
+        assert not out.exists()
+        result = run_cli("export", tiny_model, "-o", tmp_path / "exp", "--components", "text_encoder",
+                         *[a for arg in lora_args for a in ("--lora", arg)])
+        assert_error(result, code, needle)
+        assert not (tmp_path / "exp" / "manifest.json").exists() and not (tmp_path / "exp" / "text_encoder").exists()
+
+
+def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
+    result = run_cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "i.png", "--steps", 2, "--lora",
+                     f"{loras['a']}:0.8")
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads((tmp_path / "i.json").read_text())
+    assert [lora["scale"] for lora in meta["loras_switched"]] == [0.8] and meta["loras_fused_at_export"] == []
+    assert meta["lora_switch_ms"]["switch_ms"] > 0
+    result = run_cli("bench", export_fp32, "--steps", 1, "--runs", 1, "--warmup", 0, "--no-eager", "--lora",
+                     str(loras["b"]), "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.stderr
+    assert "LoRA switch median" in result.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["results"][0]["lora_switch"]["switch_ms_median"] > 0
+
+
+# --- TensorRT: refittable engines (up to the GPU boundary here; the rest under -m gpu) ----------------
+
+@pytest.fixture(scope="module")
+def rtx():
+    return pytest.importorskip("tensorrt_rtx")
+
+
+def test_refittable_weight_names_match_the_map(rtx, export_fp16):
+    """The ONNX parser names TensorRT weights after the initializers: every initializer of the weights map is
+    a weight TensorRT can mark refittable (what Refitter.set_named_weights will be called with)."""
+    from sdexport.build import mark_refittable
+
+    export = ExportDir.open(export_fp16)
+    for component in ("unet", "text_encoder"):
+        wmap = WeightMap(export, component)
+        names = sorted({e["initializer"] for entries in wmap.params.values() for e in entries})
+        log = rtx.Logger(rtx.Logger.ERROR)
+        network = rtx.Builder(log).create_network(0)
+        assert rtx.OnnxParser(network, log).parse_from_file(str(wmap.onnx_path))
+        assert not any(network.are_weights_marked_refittable(n) for n in names)
+        assert mark_refittable(rtx, network, names) == "REFIT_INDIVIDUAL"
+        assert all(network.are_weights_marked_refittable(n) for n in names)
+        with pytest.raises(IntegrityError, match="does not know"):
+            mark_refittable(rtx, network, ["onnx::NotAWeight_0"])
+
+
+def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path):
+    """TensorRT-RTX 1.7 builds refittable engines for one target, and only where CUDA runs: both are one
+    line, and nothing is written. (With a GPU: test_refit_on_the_gpu.)"""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the refittable build runs (test_refit_on_the_gpu)")
+    out = tmp_path / "e"
+    shutil.copytree(export_fp16, out, ignore=shutil.ignore_patterns("engines"))
+    manifest = (out / "manifest.json").read_text()
+    result = run_cli("build", out, "--refittable", "--components", "text_encoder")
+    assert_error(result, 2, "one compute capability", "--compute-capability")
+    result = run_cli("build", out, "--refittable", "--components", "text_encoder", "--compute-capability", "8.6")
+    assert_error(result, 8, "only where CUDA runs")
+    assert (out / "manifest.json").read_text() == manifest and not (out / "engines").exists()
+    result = run_cli("build", out, "--refittable", "--components", "vae_decoder", "--compute-capability", "8.6")
+    assert result.exit_code == 0, result.stderr  # a component no LoRA changes is built as usual
+    entry = load_manifest(out)["engines"]["vae_decoder"]
+    assert entry["refittable"] is False and not entry["file"].endswith(".refit.plan")
+
+
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_refit_on_the_gpu(export_fp16, loras, tmp_path):
+    """Refittable, weight-stripped engines: smaller plans; A -> B -> A -> none by refit gives exactly the
+    images it gave before, and the ORT engines' images for the same LoRAs (FP16)."""
+    from sdexport.backends.trt import gpu_capability, trt_status
+    from sdexport.build import build
+
+    cc = "{}.{}".format(*gpu_capability())
+    if not trt_status(gpu_capability())["can_run"]:
+        pytest.skip(f"no TensorRT here that runs on compute capability {cc}")
+    out = tmp_path / "e"
+    shutil.copytree(export_fp16, out, ignore=shutil.ignore_patterns("engines"))
+    build(out, precision="fp16", components=["unet"], compute_capabilities=cc, force=True)
+    plain = load_manifest(out)["engines"]["unet"]["size_bytes"]
+    build(out, precision="fp16", compute_capabilities=cc, refittable=True, force=True)
+    entry = load_manifest(out)["engines"]["unet"]
+    assert entry["refittable"] and entry["file"].endswith(".refit.plan")
+    if entry["weights_stripped"]:
+        assert entry["size_bytes"] < plain, (entry["size_bytes"], plain)
+    export = ExportDir.open(out)
+    request = {**REQUEST, "height": 128, "width": 128}
+    pipes = {b: Pipeline(load_engines(export, b, device="cuda"), export, device="cuda") for b in ("trt", "ort")}
+    seen: dict[tuple, np.ndarray] = {}
+    for state in [(("a", 0.8),), (("b", 1.0),), (("a", 0.8),), ()]:
+        images = {}
+        for backend, pipe in pipes.items():
+            print(backend, state, pipe.set_loras([f"{loras[k]}:{s}" for k, s in state]))
+            images[backend] = pipe(**request).images
+        assert psnr(images["trt"], images["ort"]) >= 30, state
+        if state in seen:
+            np.testing.assert_array_equal(images["trt"], seen[state])
+        seen[state] = images["trt"]
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+def test_switching_on_cuda_ort(export_fp32, loras):
+    """ONNX Runtime's CUDA EP takes the replaced initializers too: the switched CUDA image equals the CPU one
+    (FP32, TF32 off) and a repeated state repeats exactly."""
+    export = ExportDir.open(export_fp32)
+    cpu = Pipeline(load_engines(export, "ort"), export)
+    cuda = Pipeline(load_engines(export, "ort", device="cuda", tf32=False, variant="plain"), export, device="cuda")
+    seen = {}
+    for state in [(("a", 0.8),), (), (("a", 0.8),)]:
+        args = [f"{loras[k]}:{s}" for k, s in state]
+        cpu.set_loras(args)
+        print("ort cuda", state, cuda.set_loras(args))
+        image = cuda(**REQUEST).images
+        assert psnr(image, cpu(**REQUEST).images) >= 40.0, state
+        if state in seen:
+            np.testing.assert_array_equal(image, seen[state])
+        seen[state] = image
+
+
+def test_pytorch_reference_of_a_fused_export_has_the_loras(fused_export, loras, tmp_path):
+    """validate and --backend torch compare against the source model with the recorded LoRAs fused (else a
+    LoRA export would fail validation); a recorded LoRA file that changed is one line, exit 5."""
+    from sdexport.validate import validate
+
+    report = validate(fused_export, components=["text_encoder", "unet"])
+    assert report["passed"], [r for r in report["results"] if not r["pass"]]
+    export = ExportDir.open(fused_export)
+    ours = Pipeline(load_engines(export, "ort"), export)(**REQUEST).images
+    assert psnr(Pipeline(load_engines(export, "torch"), export)(**REQUEST).images, ours) >= 40.0
+    copy = tmp_path / "e"
+    shutil.copytree(fused_export, copy)
+    data = load_manifest(copy)
+    data["model"]["loras"][0]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(data))
+    assert_error(run_cli("validate", copy, "--components", "unet"), 5, "the LoRA fused into", "changed")
