@@ -63,7 +63,7 @@ engines: $(INSTALL)
 	@echo "$(OUT): ONNX, engines/, manifest.json, validation.json"
 
 test: install optimum-env
-	SDEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -q
+	SDEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -q -n 2 --durations=15
 
 gputest: install  ## the tests that need a CUDA GPU (skipped by `make test` on CPU-only machines)
 	$(BIN)/python -m pytest -q -m gpu

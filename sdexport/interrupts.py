@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 _received: int | None = None
@@ -38,11 +39,20 @@ def _handler(signum, frame):
     raise Interrupted(signum)
 
 
+def _unraisable(unraisable) -> None:
+    """An interrupt raised inside a ``__del__`` or a callback is recorded (``record``), and the command ends
+    with its exit status: Python's report of it ("Exception ignored in ... Traceback") is noise to the user."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def install() -> None:
     """Route SIGINT and SIGTERM to ``Interrupted`` (main thread only, as Python requires); a command
     starts with no signal recorded."""
     global _received
     _received = None
+    sys.unraisablehook = _unraisable
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)

@@ -187,7 +187,7 @@ def test_parse_fills_the_infer_defaults_and_accepts_the_edges(service):
     assert (image.steps, image.guidance_scale, image.seed, image.negative_prompt, image.scheduler) == (30, 7.5, 0, None,
                                                                                                        None)
     assert image.height == image.width == 128  # the tiny preset's native size, as in infer
-    edges = service.parse(tensors(prompt=["a", "b"], steps=[1, 1000], guidance_scale=[0.0, 1e6], height=[64, 64],
+    edges = service.parse(tensors(prompt=["a", "b"], steps=[1, 1000], guidance_scale=[0.0, 100.0], height=[64, 64],
                                   width=[256, 256], scheduler=["", "euler-a"], seed=[-(2**63), 2**63 - 1]))
     assert [e.scheduler for e in edges] == [None, "euler-a"] and edges[1].seed == 2**63 - 1
 

@@ -151,7 +151,7 @@ def test_step_graphs_refuse_dynamic_and_self_graphed_engines(fake, export_fp32):
     assert "dynamic-shape profile" in refusal and "--static" in refusal
     pipe = pl.Pipeline(engines, ExportDir.open(out), device="cuda:0", step_graph=True, warn=lambda m: None)
     with pytest.raises(pl._NotCapturable, match="dynamic-shape profile"):
-        pl._StepGraphs.capture(pipe, None, None, None, {}, None, 1, {})
+        pl._StepGraphs.capture(pipe, None, None, None, None, {}, None, 1, {})
     from sdexport.backends.base import CudaGraphed
 
     class Own(type(engines["unet"])):
