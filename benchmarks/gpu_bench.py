@@ -107,7 +107,8 @@ def stage_prepare(work: Path, out: Path) -> None:
     if not OPTS.skip_fp16:
         timed("export fp16", lambda: export(str(work / "sd15"), work / "e16", dtype="fp16", components=COMPONENTS,
                                             max_images=8, say=log))
-    timed("ort_cuda", lambda: ort_cuda.prepare(work / "e32", say=log))
+    if not OPTS.skip_ort:
+        timed("ort_cuda", lambda: ort_cuda.prepare(work / "e32", say=log))
     # Inductor engines (issue 14): the UNet for the four-way table's one shape, and a dynamic-batch UNet for the
     # sweep in a second, small export (packages compile from the source model; no UNet ONNX needed there)
     size = "128x128" if OPTS.quick else "512x512"
@@ -115,7 +116,8 @@ def stage_prepare(work: Path, out: Path) -> None:
                                                      precision=_inductor_precision(), device=OPTS.device, say=log))
     timed("export for the dynamic-batch inductor UNet", lambda: export(
         str(work / "sd15"), work / "e32i", components=["text_encoder", "vae_decoder"], max_images=8, say=log))
-    timed("ort_cuda (e32i)", lambda: ort_cuda.prepare(work / "e32i", components=("vae_decoder",), say=log))
+    if not OPTS.skip_ort:
+        timed("ort_cuda (e32i)", lambda: ort_cuda.prepare(work / "e32i", components=("vae_decoder",), say=log))
     timed("inductor dynamic batch", lambda: build_inductor(work / "e32i", size, batch=None, max_batch=8,
                                                             components=["unet"], precision=_inductor_precision(),
                                                             device=OPTS.device, say=log))
@@ -144,7 +146,8 @@ def _static():
 
 
 def stage_ortprep(work: Path, out: Path) -> None:
-    """Only the ONNX Runtime CUDA variant (when prepare's exports exist already)."""
+    """Only the ONNX Runtime CUDA variants (when prepare's exports exist already, e.g. made with --skip-ort
+    while onnxruntime-gpu was still on its way to the GPU host)."""
     from sdexport import ort_cuda
 
     t0 = time.perf_counter()
@@ -152,6 +155,8 @@ def stage_ortprep(work: Path, out: Path) -> None:
     try:
         variants = ort_cuda.prepare(work / "e32", say=log)
         result["ort_cuda"] = {k: {"fused_ops": v["fused_ops"], "seconds": v["seconds"]} for k, v in variants.items()}
+        if (work / "e32i" / "manifest.json").is_file():
+            ort_cuda.prepare(work / "e32i", components=("vae_decoder",), say=log)
     except Exception as exc:
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -269,9 +274,9 @@ def stage_sweep(work: Path, out: Path) -> None:
 
     base = dict(prompt=PROMPT, negative_prompt="", steps=30, guidance_scale=7.5, seed=0, scheduler="euler")
     size = 128 if OPTS.quick else 512
-    batches = [("batch", b, {**base, "height": size, "width": size, "batch_size": b}) for b in (1, 2, 4, 8)]
+    batches = [("batch", b, {**base, "height": size, "width": size, "batch_size": b}) for b in OPTS.batches]
     sizes = [("resolution", px, {**base, "height": px, "width": px, "batch_size": 1})
-             for px in ((128, 192, 256) if OPTS.quick else (512, 768, 1024))]
+             for px in ((128, 192, 256) if OPTS.quick else OPTS.sizes)]
     dynamic = [("FP16 torch.compile + CUDA graph", work / "e32", "torch",
                 {"dtype": "fp16", "compile": True, "cuda_graph": True}),
                ("FP16 engine: Inductor AOT dynamic batch + step graph", work / "e32i", "inductor",
@@ -543,11 +548,17 @@ def main() -> None:
     parser.add_argument("--steps", default="50,30", help="fourway: step counts, comma-separated")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1/4 size, 1 run")
     parser.add_argument("--skip-fp16", action="store_true", help="prepare: no AutoCast FP16 export (saves ~5 min)")
+    parser.add_argument("--skip-ort", action="store_true",
+                        help="prepare: no ONNX Runtime CUDA variants (run the ortprep stage later)")
+    parser.add_argument("--batches", default="1,2,4,8", help="sweep: batch sizes")
+    parser.add_argument("--sizes", default="512,768,1024", help="sweep: image sides (empty: none)")
     parser.add_argument("--sdxl-onnx-unet", action="store_true",
                         help="sdxl-prepare: also export the SDXL UNet to ONNX (10 GB FP32; the ORT rows need it)")
     args = parser.parse_args()
     OPTS.model, OPTS.device, OPTS.quick, OPTS.skip_fp16 = args.model, args.device, args.quick, args.skip_fp16
-    OPTS.sdxl_onnx_unet = args.sdxl_onnx_unet
+    OPTS.sdxl_onnx_unet, OPTS.skip_ort = args.sdxl_onnx_unet, args.skip_ort
+    OPTS.batches = [int(b) for b in args.batches.split(",") if b]
+    OPTS.sizes = [int(p) for p in args.sizes.split(",") if p]
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
