@@ -4,7 +4,7 @@
 
 For each component a LoRA touches: the initializers a switch supplies (Pipeline.set_loras on the CPU, the
 reference), then CUDA sessions (FP32, TF32 off) opened with them through SessionOptions.add_initializer at
-each graph optimization level, and through SessionOptions.add_external_initializers; each output is compared
+each graph optimization level (values on the CPU, and on the GPU), and through SessionOptions.add_external_initializers; each output is compared
 with the CPU session with the same replacements and with the CUDA session without any (a replacement that was
 ignored shows as "equals base"). Writes ort_lora_cuda_probe.json.
 """
@@ -52,8 +52,14 @@ def main() -> None:
         def run(how: str, level: str):
             opts = ort.SessionOptions()
             opts.graph_optimization_level = levels[level]
-            values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in inits.items()}
-            if how == "add_initializer":
+            if how == "add_initializer_gpu":  # torch CUDA tensors through DLPack (memory the caller owns)
+                from onnxruntime.capi import _pybind_state as C
+
+                keep = {n: torch.from_numpy(np.ascontiguousarray(a)).cuda() for n, a in inits.items()}
+                values = {n: ort.OrtValue(C.OrtValue.from_dlpack(t.__dlpack__(), False)) for n, t in keep.items()}
+            else:
+                values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in inits.items()}
+            if how in ("add_initializer", "add_initializer_gpu"):
                 for n, v in values.items():
                     opts.add_initializer(n, v)
             elif how == "add_external_initializers":
@@ -66,7 +72,7 @@ def main() -> None:
                     "max_abs_vs_cpu_base": float(np.abs(out - base_cpu).max())}
 
         lora_effect = float(np.abs(ref - base_cpu).max())
-        for how in ("none", "add_initializer", "add_external_initializers"):
+        for how in ("none", "add_initializer", "add_initializer_gpu", "add_external_initializers"):
             for level in levels:
                 if how == "none" and level != "ALL":
                     continue

@@ -194,7 +194,9 @@ def sdexport_cmd(*args) -> list[str]:
 
 def sdexport_env(**extra) -> dict[str, str]:
     """Environment for such a subprocess: this checkout first on PYTHONPATH, quiet libraries."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    # the caller's own PYTHONPATH stays after the checkout (a GPU host's packages may live only there)
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

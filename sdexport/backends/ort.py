@@ -60,6 +60,7 @@ class OrtEngine(Engine):
         self.export, self.component = export, component
         self.weight_map = None
         self.cuda = device.startswith("cuda")
+        self.device_id = int(device.partition(":")[2] or 0) if self.cuda else 0
         self.variant = "plain"
         path = export.manifest.verified_path(export.manifest.component(component))
         if variant == "auto":
@@ -87,7 +88,6 @@ class OrtEngine(Engine):
                         "(and uninstall the CPU onnxruntime)")
                 import torch
 
-                self.device_id = torch.device(device).index or 0
                 self.stream = torch.cuda.Stream(device=self.device_id)  # never 0: see the module docstring
                 options = {"user_compute_stream": str(self.stream.cuda_stream),
                            "arena_extend_strategy": "kSameAsRequested"}
@@ -163,7 +163,24 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         opts = self._options()
-        values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in initializers.items()}
+        # On CUDA the values must already live on the session's GPU, in memory the caller owns: ONNX Runtime
+        # 1.31 skips a supplied initializer whose memory is not where its plan puts it (measured on an H100:
+        # every CPU-side replacement of a CUDA session was ignored at every optimization level, with only a
+        # log warning; benchmarks/ort_lora_cuda_probe.py) and refuses a GPU OrtValue it allocated itself
+        # ("must be owned by the user"). So the GPU copies are torch tensors, handed over through DLPack and
+        # kept alive with the session.
+        keep: list[Any] = []
+        if self.cuda and initializers:
+            import torch
+            from onnxruntime.capi import _pybind_state as C
+
+            values = {}
+            for name, arr in initializers.items():
+                tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(f"cuda:{self.device_id}")
+                keep.append(tensor)
+                values[name] = ort.OrtValue(C.OrtValue.from_dlpack(tensor.__dlpack__(), False))
+        else:
+            values = {name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in initializers.items()}
         for name, value in values.items():
             opts.add_initializer(name, value)
         if values:
@@ -175,7 +192,7 @@ class OrtEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise IntegrityError(f"{self.path}: ONNX Runtime cannot load it "
                                  f"({str(exc).splitlines()[0][:200]})") from None
-        self._overrides = (initializers, values)  # ONNX Runtime reads them during the session's life
+        self._overrides = (initializers, values, keep)  # ONNX Runtime reads them during the session's life
         return session
 
     def _weight_map(self):
