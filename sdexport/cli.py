@@ -347,7 +347,8 @@ def validate(export_dir, backend, device, components, model_dir):
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
               help="Inpainting mask (grayscale, same size as --image; white = repaint). Inpainting models only.")
 @click.option("--strength", type=float, default=None,
-              help="How much of --image is repainted, in (0, 1] (default 0.8; inpainting 1.0).")
+              help="How much of --image is repainted, in (0, 1] (default: diffusers' for the model: 0.8 SD, 0.3 "
+                   "SDXL; inpainting 1.0 SD, 0.9999 SDXL).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Switch this LoRA onto the engines (no re-export or rebuild; TensorRT: --refittable engines); "
                    "repeatable.")
@@ -413,8 +414,10 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
             raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
-    if loras and backend == "ort":
-        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
+    if loras:
+        from .lora import engine_options
+
+        options.update(engine_options(backend))
     engines = load_engines(export, backend, components=export.components_for(image is not None),
                            device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
@@ -493,7 +496,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Time image-to-image from this image (inpainting with --mask); adds the VAE-encode stage.")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Inpainting mask.")
-@click.option("--strength", type=float, default=None, help="With --image: in (0, 1] (default 0.8; inpainting 1.0).")
+@click.option("--strength", type=float, default=None,
+              help="With --image: in (0, 1] (default: 0.8 SD, 0.3 SDXL; inpainting 1.0 SD, 0.9999 SDXL).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Switch this LoRA onto the engines first (repeatable); reports the switch time.")
 @handled
