@@ -646,10 +646,13 @@ def _ints(text: str | None) -> tuple[int, ...]:
 @click.option("--write-repository", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Write a Triton model repository (config.pbtxt + model.py) for the official Triton container "
                    "into DIR and exit.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Serve with this LoRA switched onto the engines (no re-export or rebuild; repeatable). Every "
+                   "request gets it; requests cannot switch LoRAs.")
 @handled
 def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metrics_port, max_batch,
           max_queue_delay_ms, max_queue_size, warmup, warmup_steps, text_cache_size, step_graph, model_name,
-          drain_timeout_s, write_repository):
+          drain_timeout_s, write_repository, loras):
     """Serve EXPORT_DIR on NVIDIA Triton Inference Server (HTTP/gRPC, dynamic batching, metrics).
 
     Runs the tritonserver shipped in nvidia-pytriton until SIGTERM or Ctrl-C, which drain in-flight requests
@@ -665,7 +668,7 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
                            warmup=tuple(parse_warmup(w) for w in warmup) if warmup else None,
                            warmup_steps=warmup_steps, text_cache_size=text_cache_size, step_graph=step_graph,
                            model_name=model_name, address=address, http_port=http_port, grpc_port=grpc_port,
-                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s)
+                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras))
     with reading(export_dir):  # the export does not change under a running server (writers wait)
         if write_repository:
             click.echo(str(write(options.resolved(ExportDir.open(export_dir)), write_repository)))
