@@ -163,21 +163,28 @@ def _wrapped_layers(module, adapter: str | None = None):
             yield path, layer
 
 
-def _check_matches(lora: LoraFile, state_dict: dict[str, Any], host, parts: list[str], loaded: list[str],
-                   adapter: str, info: "ModelInfo") -> None:
-    """Every layer of the file found its layer in the model: a LoRA for another architecture (other module
-    names, another text encoder) is refused instead of loading the part that happens to match. ``parts``:
-    the model's LoRA parts; ``loaded``: those given as modules (the others are not checked)."""
+def _layers_per_part(lora: LoraFile, state_dict: dict[str, Any], parts: list[str], info: "ModelInfo") -> dict[str, int]:
+    """{part: LoRA layers the file has for it}, checked before anything loads: a file with no LoRA layers, or
+    with weights for a part this model does not have (another text encoder: a LoRA for another architecture),
+    is refused instead of loading the part that happens to match. ``parts``: the model's LoRA parts."""
     by_part: dict[str, int] = {}
     for key in state_dict:
-        part = key.split(".", 1)[0]
+        if key.endswith(_DOWN_SUFFIXES):
+            part = key.split(".", 1)[0]
+            by_part[part] = by_part.get(part, 0) + 1
+    if not by_part:
+        raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load (no LoRA layers in it; keys such "
+                             f"as {next(iter(state_dict), '?')})")
+    for part in by_part:
         if part not in parts:
             raise IntegrityError(f"--lora {lora.path}: has weights for '{part}', which {info.family.describe(info)} "
                                  f"does not have ({', '.join(parts)}): a LoRA for another architecture?")
-        if key.endswith(_DOWN_SUFFIXES):
-            by_part[part] = by_part.get(part, 0) + 1
-    if not by_part:
-        raise IntegrityError(f"--lora {lora.path}: no LoRA layers in it (keys such as {next(iter(state_dict), '?')})")
+    return by_part
+
+
+def _check_matches(lora: LoraFile, by_part: dict[str, int], host, loaded: list[str], adapter: str) -> None:
+    """Every layer of the file found its layer in the model (other module names: another architecture).
+    ``loaded``: the parts given as modules (the others are not checked)."""
     for part, want in by_part.items():
         if part not in loaded:
             continue
@@ -208,13 +215,14 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
             try:
                 # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
                 state_dict = loader.lora_state_dict(str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
+                by_part = _layers_per_part(lora, state_dict, model_parts, info)
                 host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
             except SdexportError:
                 raise
             except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
                 raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
                                      f"({type(exc).__name__}: {_first_line(exc)})") from None
-            _check_matches(lora, state_dict, host, model_parts, parts, adapter, info)
+            _check_matches(lora, by_part, host, parts, adapter)
             names.append(adapter)
         wrapped = {p: list(_wrapped_layers(modules[p])) for p in parts}
         if before_fuse:
