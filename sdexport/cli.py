@@ -380,7 +380,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     from .errors import UsageError
     from .limits import check_schedule
     from .paths import check_infer_outputs
-    from .pipeline import Pipeline, check_request, save_images
+    from .pipeline import InitImage, Pipeline, check_request, save_images
     from .runtime import ExportDir
 
     export = ExportDir.open(export_dir, model=model_dir)
@@ -395,10 +395,11 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if (cuda_graph or step_graph) and not device.startswith(("cuda", "auto")):
         raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
-    if image is not None and mask is None:  # image-to-image keeps the image's size (rounded as diffusers does)
-        f = export.info.vae_scale_factor
-        height = image.size[1] // f * f if height is None else height
-        width = image.size[0] // f * f if width is None else width
+    init = InitImage.for_request(export, image, mask, strength, height, width)  # before any engine is loaded
+    if init is not None:
+        init.check_steps(steps)
+        if init.height:  # image-to-image keeps the image's size (rounded as diffusers does)
+            height, width = init.height, init.width
     geo = Geometry(batch_size, export.ranges.opt_size if height is None else height,
                    export.ranges.opt_size if width is None else width,
                    guidance=export.family.guidance(export.info, guidance_scale).cfg)
