@@ -298,6 +298,14 @@ class CachedTextEncoder:
         self.rows.clear()
         self.hits = self.misses = 0
 
+    def base_param(self, name: str):
+        return self.inner.base_param(name)
+
+    def set_weights(self, values: dict[str, Any]) -> None:
+        """LoRA switching (Pipeline.set_loras): rows encoded with the previous weights are dropped."""
+        self.inner.set_weights(values)
+        self.clear()
+
     def close(self) -> None:
         self.inner.close()
 
