@@ -285,8 +285,10 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
         options.update(dtype=eager_dtype, **({"compile": True} if torch_compile else {}))
     if backend == "ort":
         options.update(threads=thread_info["threads"])
-    if loras and backend == "ort":
-        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
+    if loras:
+        from .lora import engine_options
+
+        options.update(engine_options(backend))
     results = [run_backend(export, backend, device, settings, runs, warmup, say, loras=loras, **options)]
     if compare_eager and backend != "torch":
         results.append(run_backend(export, "torch", device, settings, runs, warmup, say, loras=loras,

@@ -347,7 +347,8 @@ def validate(export_dir, backend, device, components, model_dir):
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
               help="Inpainting mask (grayscale, same size as --image; white = repaint). Inpainting models only.")
 @click.option("--strength", type=float, default=None,
-              help="How much of --image is repainted, in (0, 1] (default 0.8; inpainting 1.0).")
+              help="How much of --image is repainted, in (0, 1] (default: diffusers' for the model: 0.8 SD, 0.3 "
+                   "SDXL; inpainting 1.0 SD, 0.9999 SDXL).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Switch this LoRA onto the engines (no re-export or rebuild; TensorRT: --refittable engines); "
                    "repeatable.")
@@ -379,7 +380,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     from .errors import UsageError
     from .limits import check_schedule
     from .paths import check_infer_outputs
-    from .pipeline import Pipeline, check_request, save_images
+    from .pipeline import InitImage, Pipeline, check_request, save_images
     from .runtime import ExportDir
 
     export = ExportDir.open(export_dir, model=model_dir)
@@ -394,10 +395,11 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if (cuda_graph or step_graph) and not device.startswith(("cuda", "auto")):
         raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
-    if image is not None and mask is None:  # image-to-image keeps the image's size (rounded as diffusers does)
-        f = export.info.vae_scale_factor
-        height = image.size[1] // f * f if height is None else height
-        width = image.size[0] // f * f if width is None else width
+    init = InitImage.for_request(export, image, mask, strength, height, width)  # before any engine is loaded
+    if init is not None:
+        init.check_steps(steps)
+        if init.height:  # image-to-image keeps the image's size (rounded as diffusers does)
+            height, width = init.height, init.width
     geo = Geometry(batch_size, export.ranges.opt_size if height is None else height,
                    export.ranges.opt_size if width is None else width,
                    guidance=export.family.guidance(export.info, guidance_scale).cfg)
@@ -413,8 +415,10 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
             raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
         # --step-graph: the pipeline captures whole steps (the engine must not capture its own graph)
         options.update(cuda_graph=not step_graph, **({"static": geo} if backend == "ort" else {}))
-    if loras and backend == "ort":
-        options["variant"] = "plain"  # LoRAs switch on the portable export (the CUDA variant's weights are rewritten)
+    if loras:
+        from .lora import engine_options
+
+        options.update(engine_options(backend))
     engines = load_engines(export, backend, components=export.components_for(image is not None),
                            device=device, **options)
     pipe = Pipeline(engines, export, device=device, warn=lambda m: say(f"warning: {m}"), step_graph=step_graph)
@@ -493,7 +497,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Time image-to-image from this image (inpainting with --mask); adds the VAE-encode stage.")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Inpainting mask.")
-@click.option("--strength", type=float, default=None, help="With --image: in (0, 1] (default 0.8; inpainting 1.0).")
+@click.option("--strength", type=float, default=None,
+              help="With --image: in (0, 1] (default: 0.8 SD, 0.3 SDXL; inpainting 1.0 SD, 0.9999 SDXL).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Switch this LoRA onto the engines first (repeatable); reports the switch time.")
 @handled
@@ -642,10 +647,13 @@ def _ints(text: str | None) -> tuple[int, ...]:
 @click.option("--write-repository", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Write a Triton model repository (config.pbtxt + model.py) for the official Triton container "
                    "into DIR and exit.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Serve with this LoRA switched onto the engines (no re-export or rebuild; repeatable). Every "
+                   "request gets it; requests cannot switch LoRAs.")
 @handled
 def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metrics_port, max_batch,
           max_queue_delay_ms, max_queue_size, warmup, warmup_steps, text_cache_size, step_graph, model_name,
-          drain_timeout_s, write_repository):
+          drain_timeout_s, write_repository, loras):
     """Serve EXPORT_DIR on NVIDIA Triton Inference Server (HTTP/gRPC, dynamic batching, metrics).
 
     Runs the tritonserver shipped in nvidia-pytriton until SIGTERM or Ctrl-C, which drain in-flight requests
@@ -661,7 +669,7 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
                            warmup=tuple(parse_warmup(w) for w in warmup) if warmup else None,
                            warmup_steps=warmup_steps, text_cache_size=text_cache_size, step_graph=step_graph,
                            model_name=model_name, address=address, http_port=http_port, grpc_port=grpc_port,
-                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s)
+                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras))
     with reading(export_dir):  # the export does not change under a running server (writers wait)
         if write_repository:
             click.echo(str(write(options.resolved(ExportDir.open(export_dir)), write_repository)))

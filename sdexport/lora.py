@@ -51,6 +51,18 @@ class LoraFile:
     def to_json(self) -> dict[str, Any]:
         return {"file": str(self.path), "sha256": self.sha256, "scale": self.scale}
 
+    @classmethod
+    def recorded(cls, record: dict[str, Any], what: str, why: str = "") -> "LoraFile":
+        """A LoRA as recorded (``to_json``: an export's manifest, a served model's config), checked against its
+        sha256: a file missing or changed since is exit 5 (``what``: whose LoRA; ``why``: who needs it)."""
+        from .manifest import sha256_file
+
+        path = Path(record["file"])
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            raise IntegrityError(f"{path}: the LoRA {what} is {'changed' if path.is_file() else 'missing'} "
+                                 f"(sha256 {record['sha256'][:12]}…){why}")
+        return cls(path, float(record["scale"]), record["sha256"])
+
 
 def parse_lora(text: str) -> tuple[Path, float]:
     """``FILE[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
@@ -85,6 +97,12 @@ def open_loras(specs: list[str] | tuple[str, ...] | None) -> list[LoraFile]:
 
 def describe(loras: list[LoraFile]) -> str:
     return ", ".join(f"{lora.name}:{lora.scale:g}" for lora in loras) or "none"
+
+
+def engine_options(backend: str) -> dict[str, Any]:
+    """What ``load_engines`` needs to open engines LoRAs are switched onto (infer, bench, serve): ONNX Runtime
+    runs the portable export, whose initializers the weights map names (the CUDA variant's are rewritten)."""
+    return {"variant": "plain"} if backend == "ort" else {}
 
 
 # --- diffusers' loader ------------------------------------------------------------------------------
@@ -145,21 +163,28 @@ def _wrapped_layers(module, adapter: str | None = None):
             yield path, layer
 
 
-def _check_matches(lora: LoraFile, state_dict: dict[str, Any], host, parts: list[str], loaded: list[str],
-                   adapter: str, family) -> None:
-    """Every layer of the file found its layer in the model: a LoRA for another architecture (other module
-    names, another text encoder) is refused instead of loading the part that happens to match. ``parts``:
-    the model's LoRA parts; ``loaded``: those given as modules (the others are not checked)."""
+def _layers_per_part(lora: LoraFile, state_dict: dict[str, Any], parts: list[str], info: "ModelInfo") -> dict[str, int]:
+    """{part: LoRA layers the file has for it}, checked before anything loads: a file with no LoRA layers, or
+    with weights for a part this model does not have (another text encoder: a LoRA for another architecture),
+    is refused instead of loading the part that happens to match. ``parts``: the model's LoRA parts."""
     by_part: dict[str, int] = {}
     for key in state_dict:
-        part = key.split(".", 1)[0]
-        if part not in parts:
-            raise IntegrityError(f"--lora {lora.path}: has weights for '{part}', which a {family.description} "
-                                 f"model does not have ({', '.join(parts)}): a LoRA for another architecture?")
         if key.endswith(_DOWN_SUFFIXES):
+            part = key.split(".", 1)[0]
             by_part[part] = by_part.get(part, 0) + 1
     if not by_part:
-        raise IntegrityError(f"--lora {lora.path}: no LoRA layers in it (keys such as {next(iter(state_dict), '?')})")
+        raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load (no LoRA layers in it; keys such "
+                             f"as {next(iter(state_dict), '?')})")
+    for part in by_part:
+        if part not in parts:
+            raise IntegrityError(f"--lora {lora.path}: has weights for '{part}', which {info.family.describe(info)} "
+                                 f"does not have ({', '.join(parts)}): a LoRA for another architecture?")
+    return by_part
+
+
+def _check_matches(lora: LoraFile, by_part: dict[str, int], host, loaded: list[str], adapter: str) -> None:
+    """Every layer of the file found its layer in the model (other module names: another architecture).
+    ``loaded``: the parts given as modules (the others are not checked)."""
     for part, want in by_part.items():
         if part not in loaded:
             continue
@@ -176,6 +201,8 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     fused weights under their own parameter names. ``before_fuse`` sees the wrapped layers per part first
     (the switching path puts the base weights there). Returns the changed parameter names per part.
     A file diffusers cannot read, or one that does not match the model, is exit 5."""
+    from diffusers.configuration_utils import FrozenDict
+
     family = info.family
     model_parts = lora_parts(info)
     parts = [p for p in model_parts if p in modules]
@@ -186,14 +213,16 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
         for i, lora in enumerate(loras):
             adapter = f"lora{i}"
             try:
-                state_dict = loader.lora_state_dict(str(lora.path))[0]
+                # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
+                state_dict = loader.lora_state_dict(str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
+                by_part = _layers_per_part(lora, state_dict, model_parts, info)
                 host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
             except SdexportError:
                 raise
             except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
                 raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
                                      f"({type(exc).__name__}: {_first_line(exc)})") from None
-            _check_matches(lora, state_dict, host, model_parts, parts, adapter, family)
+            _check_matches(lora, by_part, host, parts, adapter)
             names.append(adapter)
         wrapped = {p: list(_wrapped_layers(modules[p])) for p in parts}
         if before_fuse:

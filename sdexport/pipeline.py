@@ -99,7 +99,6 @@ def _as_list(value, n: int, what: str) -> list:
     return [value] * n
 
 
-STRENGTH_DEFAULTS = {"image-to-image": 0.8, "inpainting": 1.0}  # diffusers' pipeline defaults
 MASK_MODES = ("1", "L", "RGB")  # binary, grayscale, or grayscale saved as RGB (white = repaint)
 
 
@@ -116,7 +115,8 @@ class InitImage:
     made grayscale and binarized at 0.5), the strength's timestep schedule (``get_timesteps``), the generator
     order (image latents, noise, masked-image latents) and the latents (``add_noise`` at the first kept
     timestep; pure noise at strength 1 for inpainting), as ``StableDiffusionImg2ImgPipeline`` and
-    ``StableDiffusionInpaintPipeline`` do."""
+    ``StableDiffusionInpaintPipeline`` do, and their SDXL counterparts (``StableDiffusionXLImg2ImgPipeline``,
+    the refiner's pipeline, and ``StableDiffusionXLInpaintPipeline``), which follow the same rules."""
 
     mode: str  # "image-to-image" or "inpainting"
     image: Any  # PIL image
@@ -126,8 +126,10 @@ class InitImage:
     width: int | None = None
 
     @classmethod
-    def for_request(cls, pipe: "Pipeline", image, mask, strength, height, width) -> "InitImage | None":
-        info, root = pipe.info, pipe.export.root
+    def for_request(cls, export, image, mask, strength, height, width) -> "InitImage | None":
+        """The request's image input checked against the export (runtime.ExportDir), before any work; None for
+        text-to-image. The strength defaults to the family's (diffusers' pipeline default)."""
+        info, root = export.info, export.root
         if image is None:
             if mask is not None:
                 raise UsageError("--mask needs --image (the picture whose masked part is repainted)")
@@ -144,7 +146,7 @@ class InitImage:
                              f"channels, an inpainting UNet {2 * info.latent_channels + 1}); leave out --mask for "
                              "image-to-image, or export an inpainting checkpoint")
         mode = "inpainting" if mask is not None else "image-to-image"
-        strength = STRENGTH_DEFAULTS[mode] if strength is None else strength
+        strength = export.family.default_strength[mode] if strength is None else strength
         check_strength(strength)
         init = cls(mode, image, mask, float(strength))
         if mask is not None:
@@ -155,21 +157,21 @@ class InitImage:
                 raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} px, --image {image.size[0]}x{image.size[1]} px: "
                                  "they must be the same size")
         elif height is None or width is None:
-            init.height, init.width = init.default_size(pipe, height, width)
+            init.height, init.width = init.default_size(export, height, width)
         return init
 
-    def default_size(self, pipe: "Pipeline", height, width) -> tuple[int, int]:
+    def default_size(self, export, height, width) -> tuple[int, int]:
         """Image-to-image keeps the image's size, rounded down to a multiple of the VAE factor (diffusers'
         ``get_default_height_width``); a size the export cannot take is refused naming the allowed ones."""
         from diffusers.image_processor import VaeImageProcessor
 
-        h, w = VaeImageProcessor(vae_scale_factor=pipe.info.vae_scale_factor).get_default_height_width(
+        h, w = VaeImageProcessor(vae_scale_factor=export.info.vae_scale_factor).get_default_height_width(
             self.image, height, width)
-        ranges = pipe.ranges
+        ranges = export.ranges
         for side in (h, w):
             if side % ranges.pixel_multiple or not ranges.min_size <= side <= ranges.max_size:
                 raise ShapeError(f"--image is {self.image.size[0]}x{self.image.size[1]} px; image-to-image keeps its "
-                                 f"size ({w}x{h} after rounding to the VAE factor {pipe.info.vae_scale_factor}) and this "
+                                 f"size ({w}x{h} after rounding to the VAE factor {export.info.vae_scale_factor}) and this "
                                  f"export takes sides that are multiples of {ranges.pixel_multiple} in "
                                  f"[{ranges.min_size}, {ranges.max_size}]: pass --height/--width to resize it")
         return h, w
@@ -379,7 +381,7 @@ class Pipeline:
         defaults = self.family.request_defaults(self.info)
         steps = defaults["steps"] if steps is None else steps
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        init = InitImage.for_request(self, image, mask, strength, height, width)
+        init = InitImage.for_request(self.export, image, mask, strength, height, width)
         height = init.height if init and init.height else (self.ranges.opt_size if height is None else height)
         width = init.width if init and init.width else (self.ranges.opt_size if width is None else width)
         if init is None:
@@ -629,17 +631,25 @@ def load_image(path, flag: str):
     that is not an image PIL can read (or is truncated), is one UsageError naming it."""
     from pathlib import Path
 
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
+    return decode_image(path, f"{flag} {path}")
+
+
+def decode_image(source, what: str):
+    """A PIL image from a path or encoded bytes (PNG, JPEG, ...), fully decoded now; anything PIL cannot read
+    (or a truncated file) is one UsageError starting with ``what``."""
+    import io
+
+    from PIL import Image
+
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
             img.load()
             return img.copy()
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise UsageError(f"{flag} {path}: not an image PIL can read ({str(exc).splitlines()[0][:120]})") from None
+        raise UsageError(f"{what}: not an image PIL can read ({str(exc).splitlines()[0][:120]})") from None
 
 
 def image_paths(path, images: int):

@@ -198,16 +198,9 @@ class ExportDir:
         """The LoRAs fused into this export (lora.LoraFile), each file checked against its recorded sha256:
         a PyTorch reference of the export needs them."""
         from .lora import LoraFile
-        from .manifest import sha256_file
 
-        out = []
-        for record in self.manifest.data["model"].get("loras", []):
-            path = Path(record["file"])
-            if not path.is_file() or sha256_file(path) != record["sha256"]:
-                raise IntegrityError(f"{path}: the LoRA fused into {self.root} is {'changed' if path.is_file() else 'missing'}"
-                                     f" (sha256 {record['sha256'][:12]}…); the PyTorch reference of this export needs it")
-            out.append(LoraFile(path, float(record["scale"]), record["sha256"]))
-        return out
+        return [LoraFile.recorded(record, f"fused into {self.root}", "; the PyTorch reference of this export needs it")
+                for record in self.manifest.data["model"].get("loras", [])]
 
 
 def _ranges_text(ranges: Any) -> str:

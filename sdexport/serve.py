@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -77,6 +79,9 @@ INPUTS = (  # the optional ones default to sdexport infer's defaults (request_de
     Field("height", "INT32", doc="pixels, inside the export's range (default: native size)"),
     Field("width", "INT32", doc="pixels, inside the export's range (default: native size)"),
     Field("scheduler", "BYTES", doc='ddim, euler, euler-a, dpm++2m, unipc or pndm ("": the model\'s own)'),
+    Field("image", "BYTES", doc='encoded image (PNG, JPEG, ...) to start from: image-to-image ("": none)'),
+    Field("mask", "BYTES", doc='encoded grayscale mask, white = repaint, same size as image: inpainting models'),
+    Field("strength", "FP32", doc="with image: how much of it is repainted, in (0, 1] (default: infer's)"),
 )
 OUTPUTS = (
     Field("image", "UINT8", dims=(-1, -1, 3), doc="height x width x RGB: the pixels infer writes to its PNG"),
@@ -109,21 +114,38 @@ class ImageRequest:
     height: int
     width: int
     scheduler: str | None
+    image: Any = dataclasses.field(default=None, compare=False, repr=False)  # PIL image to start from
+    mask: Any = dataclasses.field(default=None, compare=False, repr=False)  # PIL inpainting mask
+    strength: float | None = None
+    image_key: str = ""  # sha256 of the encoded image and mask ("" without an image)
 
     @property
     def batch_key(self) -> tuple:
-        """Images with equal keys run as one pipeline call."""
-        return (self.height, self.width, self.steps, self.scheduler, self.guidance_scale)
+        """Images with equal keys run as one pipeline call: the same shape and schedule, and the same input
+        image and strength (the pipeline starts a call from one image). Inpainting images run one per call:
+        diffusers' inpainting draws the image's latents from the first image's generator of a batch, so a
+        batched image would differ from ``infer`` with its seed; image-to-image draws from each image's own."""
+        key = (self.height, self.width, self.steps, self.scheduler, self.guidance_scale, self.image_key, self.strength)
+        return key + ((self.seed,) if self.mask is not None else ())
 
 
 def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any]) -> list[ImageRequest]:
     """The images of one request (``tensors``: input name -> numpy array of shape [n, 1], or None when absent).
     Raises UsageError/ShapeError whose message starts with the offending input's name."""
     from .components import Geometry
-    from .pipeline import SCHEDULERS, check_request
+    from .errors import ModelError
+    from .pipeline import SCHEDULERS, InitImage, check_request, decode_image
 
     def bad(name: str, what: str):
         return UsageError(f"{name}: {what}")
+
+    def renamed(exc: SdexportError, fallback: str) -> SdexportError:
+        """infer's own check, its message naming the inputs instead of infer's options (--guidance-scale ->
+        guidance_scale) and starting with one (``fallback`` where it starts with something else)."""
+        message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(exc))
+        if not message.startswith(tuple(f.name for f in INPUTS)):
+            message = f"{fallback}: {message}"
+        return (UsageError if isinstance(exc, ModelError) else type(exc))(message)
 
     present = {f.name: tensors[f.name] for f in INPUTS if tensors.get(f.name) is not None}
     for f in INPUTS:
@@ -158,22 +180,47 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
             out.append(v)
         return out
 
+    def encoded(name: str) -> list[bytes | None]:
+        """Encoded images (BYTES); absent or empty: none."""
+        out = []
+        for v in column(name):
+            if v is not None and not isinstance(v, (bytes, bytearray, memoryview)):
+                raise bad(name, f"encoded image bytes expected, got {type(v).__name__}")
+            out.append(bytes(v) or None if v is not None else None)
+        return out
+
+    decoded: dict[bytes, Any] = {}  # one decode per distinct image of the request
+
+    def picture(name: str, data: bytes | None):
+        if data is not None and data not in decoded:
+            decoded[data] = decode_image(data, name)
+        return None if data is None else decoded[data]
+
     images = []
-    for prompt, negative, seed, steps, guidance, height, width, scheduler in zip(
+    for prompt, negative, seed, steps, guidance, height, width, scheduler, image, mask, strength in zip(
             text("prompt"), text("negative_prompt"), column("seed"), column("steps"), column("guidance_scale"),
-            column("height"), column("width"), text("scheduler") if "scheduler" in present else [None] * n):
+            column("height"), column("width"), text("scheduler") if "scheduler" in present else [None] * n,
+            encoded("image"), encoded("mask"), column("strength")):
         steps, seed = int(steps), int(seed)
         guidance = float(guidance)
-        height = int(height) if height is not None else export.ranges.opt_size
-        width = int(width) if width is not None else export.ranges.opt_size
+        strength = float(strength) if strength is not None else None
         if scheduler is not None and scheduler not in SCHEDULERS and scheduler != "":
             raise bad("scheduler", f"unknown '{scheduler}' (choose from {', '.join(SCHEDULERS)})")
-        try:  # infer's own checks; their messages name the option, here the input
+        try:  # infer's own checks
+            init = InitImage.for_request(export, picture("image", image), picture("mask", mask), strength,
+                                         None if height is None else int(height), None if width is None else int(width))
+            if init is None:
+                export.family.check_text_to_image(export.info)
+            height = init.height if init and init.height else (export.ranges.opt_size if height is None else int(height))
+            width = init.width if init and init.width else (export.ranges.opt_size if width is None else int(width))
             check_request(export.ranges, steps, guidance, Geometry(1, height, width), export.info.scheduler_config)
+            if init is not None:
+                init.check_steps(steps)
         except SdexportError as exc:
-            message = str(exc).replace("--guidance-scale", "guidance_scale").replace("--steps", "steps")
-            raise type(exc)(message) from None  # ShapeError's "height 72 is not a multiple ..." names it already
-        images.append(ImageRequest(prompt, negative, seed, steps, guidance, height, width, scheduler or None))
+            raise renamed(exc, "image") from None  # ShapeError's "height 72 is not a multiple ..." names it already
+        key = hashlib.sha256(image + b"\0" + (mask or b"")).hexdigest() if image else ""
+        images.append(ImageRequest(prompt, negative, seed, steps, guidance, height, width, scheduler or None,
+                                   init and init.image, init and init.mask, strength, key))
     if len({(i.height, i.width) for i in images}) > 1:
         raise bad("height", "the images of one request must share height and width (send one request per size)")
     return images
@@ -251,6 +298,14 @@ class CachedTextEncoder:
         self.rows.clear()
         self.hits = self.misses = 0
 
+    def base_param(self, name: str):
+        return self.inner.base_param(name)
+
+    def set_weights(self, values: dict[str, Any]) -> None:
+        """LoRA switching (Pipeline.set_loras): rows encoded with the previous weights are dropped."""
+        self.inner.set_weights(values)
+        self.clear()
+
     def close(self) -> None:
         self.inner.close()
 
@@ -269,18 +324,28 @@ class ImageService:
     No Triton here (TritonPythonModel adapts it), so it runs in tests as it runs in the server."""
 
     def __init__(self, export_dir: str | Path, backend: str = "ort", device: str = "cpu", step_graph: bool = False,
-                 text_cache_size: int = 256, warn: Callable[[str], None] | None = None):
+                 text_cache_size: int = 256, warn: Callable[[str], None] | None = None, loras=()):
+        """``loras``: ``FILE[:SCALE]`` strings or lora.LoraFile, switched onto the engines for every request."""
         from .backends import load_engines
+        from .lora import engine_options, open_loras
         from .pipeline import Pipeline
         from .runtime import ExportDir
 
         self.export = ExportDir.open(export_dir)
-        engines = load_engines(export_dir, backend, device=device)
+        loras = open_loras(loras)
+        manifest = self.export.manifest
+        # the VAE encoder for image inputs, where the export has it for this backend
+        image = "vae_encoder" in manifest.components and (backend != "trt" or "vae_encoder" in manifest.engines)
+        engines = load_engines(self.export, backend, components=self.export.components_for(image), device=device,
+                               **(engine_options(backend) if loras else {}))
         caches = {}
         for name in [n for n in engines if n.startswith("text_encoder")]:  # SDXL: both encoders cached
             caches[name] = engines[name] = CachedTextEncoder(engines[name], text_cache_size)
         self.text_cache = TextCaches(list(caches.values()))
         self.pipe = Pipeline(engines, self.export, device=device, warn=warn, step_graph=step_graph)
+        self.loras = loras
+        if loras:
+            self.pipe.set_loras(loras)  # a LoRA that does not fit is exit 5 before the server is ready
         # infer's defaults: Pipeline.__call__'s, and the family's steps and guidance (LCM: 4 steps at 8.5)
         self.defaults = {**request_defaults(), **self.export.family.request_defaults(self.export.info)}
         self.images_total = 0
@@ -289,9 +354,24 @@ class ImageService:
     def warm_up(self, shapes: list[tuple[int, int, int]], steps: int) -> None:
         """Run each (height, width, images) once before serving (engine allocations, kernels, step graphs),
         then forget the warm-up prompts so the cache counters describe real traffic."""
+        from PIL import Image
+
+        from .errors import ModelError
+
+        info = self.export.info
+        try:
+            self.export.family.check_text_to_image(info)
+            needs_image = info.inpainting
+        except ModelError:  # an SDXL refiner
+            needs_image = True
         for height, width, n in shapes:
+            image = {}
+            if needs_image:  # a mid-grey picture repainted in full (strength 1; the mask: all of it)
+                image = {"image": Image.new("RGB", (width, height), (128, 128, 128)), "strength": 1.0,
+                         "mask": Image.new("L", (width, height), 255) if info.inpainting else None}
             self.pipe([f"warm-up {i}" for i in range(n)], negative_prompt=[""] * n, seed=list(range(n)), steps=steps,
-                      guidance_scale=self.defaults["guidance_scale"], height=height, width=width, batch_size=n)
+                      guidance_scale=self.defaults["guidance_scale"], height=height, width=width, batch_size=n,
+                      **image)
         self.text_cache.clear()
 
     def parse(self, tensors: Mapping[str, Any]) -> list[ImageRequest]:
@@ -313,7 +393,8 @@ class ImageService:
                 result = self.pipe([im.prompt for im in images], negative_prompt=[im.negative_prompt for im in images],
                                    seed=[im.seed for im in images], steps=first.steps,
                                    guidance_scale=first.guidance_scale, height=first.height, width=first.width,
-                                   batch_size=len(images), scheduler=first.scheduler)
+                                   batch_size=len(images), scheduler=first.scheduler, image=first.image,
+                                   mask=first.mask, strength=first.strength)
             except Exception as exc:  # noqa: BLE001 -- one failed call must not fail the other groups
                 for r, _ in group:
                     served[r].error = exc
@@ -347,7 +428,8 @@ class TritonPythonModel:
 
     ``config.pbtxt`` parameters: ``export_dir`` (absolute, or relative to the model's directory), ``backend``,
     ``device`` (``cpu`` or ``cuda``: a KIND_GPU instance runs on its own GPU), ``step_graph``,
-    ``text_cache_size``, ``warmup`` (``HxWxN,...``) and ``warmup_steps``."""
+    ``text_cache_size``, ``warmup`` (``HxWxN,...``), ``warmup_steps`` and ``loras`` (JSON: the LoRAs switched
+    onto the engines, each file checked against its recorded sha256)."""
 
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -366,10 +448,14 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
             torch.cuda.set_device(device)
         try:
+            from .lora import LoraFile
+
+            loras = [LoraFile.recorded(r, f"{export_dir} is served with", "; write the repository again")
+                     for r in json.loads(_param(config, "loras", "[]"))]
             self.service = ImageService(export_dir, backend=_param(config, "backend", "ort"), device=device,
                                         step_graph=_param(config, "step_graph", "false") == "true",
                                         text_cache_size=int(_param(config, "text_cache_size", "256")),
-                                        warn=self.log.log_warn)
+                                        warn=self.log.log_warn, loras=loras)
             t0 = time.perf_counter()
             shapes = [parse_warmup(s) for s in _param(config, "warmup").split(",") if s]
             self.service.warm_up(shapes, steps=int(_param(config, "warmup_steps", "2")))
@@ -378,7 +464,9 @@ class TritonPythonModel:
             if status:  # sdexport serve turns this into its own error line and exit code
                 Path(status).write_text(json.dumps({"exit_code": exc.exit_code, "message": str(exc)}))
             raise
-        self.log.log_info(f"{self.instance}: {export_dir} on {device}, warm-up "
+        from .lora import describe
+
+        self.log.log_info(f"{self.instance}: {export_dir} on {device}, LoRA {describe(loras)}, warm-up "
                           f"{', '.join('x'.join(map(str, s)) for s in shapes) or 'none'} in "
                           f"{time.perf_counter() - t0:.1f} s")
         labels = {"model": args["model_name"], "instance": self.instance}
@@ -492,13 +580,16 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     drain_timeout_s: int = 30
+    loras: tuple = ()  # FILE[:SCALE] strings; resolved: lora.LoraFile (path, scale, sha256)
 
     def resolved(self, export) -> "ServeOptions":
         """Defaults filled in from the export, every value checked (UsageError/ShapeError before Triton starts)."""
         from .backends import BACKENDS
         from .components import Geometry
+        from .lora import open_loras
 
         ranges = export.ranges
+        loras = tuple(open_loras(self.loras))  # a missing file or a scale that is not finite: exit 2, now
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend}: choose from {', '.join(BACKENDS)}")
         if self.device not in ("cpu", "cuda"):
@@ -527,7 +618,7 @@ class ServeOptions:
             raise UsageError(f"ports {ports}: three distinct ports in 1..65535")
         gpus = self.gpus or ((0,) if self.device == "cuda" else ())
         return dataclasses.replace(self, max_batch=max_batch, warmup=tuple(warmup), gpus=gpus,
-                                   export_dir=str(Path(self.export_dir).resolve()))
+                                   export_dir=str(Path(self.export_dir).resolve()), loras=loras)
 
 
 def model_config(options: ServeOptions) -> str:
@@ -546,7 +637,8 @@ def model_config(options: ServeOptions) -> str:
     params = {"export_dir": options.export_dir, "backend": options.backend, "device": options.device,
               "step_graph": "true" if options.step_graph else "false", "text_cache_size": str(options.text_cache_size),
               "warmup": ",".join("x".join(map(str, s)) for s in options.warmup or ()),
-              "warmup_steps": str(options.warmup_steps)}
+              "warmup_steps": str(options.warmup_steps),
+              "loras": json.dumps([lora.to_json() for lora in options.loras])}
     lines = [
         f"# Written by sdexport serve (sdexport {_version()}). Inputs and outputs: README 'Serving'.",
         f'name: "{options.model_name}"', 'backend: "python"', f"max_batch_size: {options.max_batch}",
@@ -812,6 +904,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
     import subprocess
     import tempfile
 
+    from .lora import describe
     from .runtime import ExportDir
 
     export = ExportDir.open(options.export_dir)
@@ -844,7 +937,8 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
                f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
         say(f"starting tritonserver: {options.model_name} from {options.export_dir} ({options.backend} on "
-            f"{'GPU ' + ','.join(map(str, options.gpus)) if options.gpus else 'CPU'}, max batch {options.max_batch})")
+            f"{'GPU ' + ','.join(map(str, options.gpus)) if options.gpus else 'CPU'}, max batch {options.max_batch}"
+            f"{', LoRA ' + describe(options.loras) if options.loras else ''})")
         env = triton.environment(work, SDEXPORT_SERVE_STATUS=str(status))
         proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_set_parent_death_signal)

@@ -60,6 +60,67 @@ def sdxl_tiny_model(tmp_path_factory) -> Path:
     return write_preset("sdxl-tiny", tmp_path_factory.mktemp("models") / "sdxl-tiny")
 
 
+# --- small SDXL modules written with diffusers alone (tests/test_sdxl*.py) -----------------------------------
+def small_sdxl_text_encoders(hidden=(24, 40), layers=(2, 3), projection=16):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=hidden[0], intermediate_size=2 * hidden[0],
+                                      num_hidden_layers=layers[0], num_attention_heads=4, max_position_embeddings=77,
+                                      hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden[1], intermediate_size=2 * hidden[1], num_hidden_layers=layers[1],
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=projection,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    return te, te2
+
+
+def small_sdxl_unet(cross, pooled, time_ids, time_dim=4, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=20, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=cross, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + time_ids * time_dim, norm_num_groups=8, **extra)
+
+
+def small_vae(force_upcast):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                         block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=80,
+                         scaling_factor=0.5, force_upcast=force_upcast)
+
+
+@pytest.fixture(scope="session")
+def refiner(tmp_path_factory) -> Path:
+    """An SDXL refiner: StableDiffusionXLImg2ImgPipeline with only text_encoder_2, aesthetic-score conditioning
+    (5 time ids), force_zeros_for_empty_prompt off, as the real refiner's model_index.json has it; VAE factor 4,
+    native 80 px."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    from sdexport.models import build_tokenizer
+
+    torch.manual_seed(6)
+    _, te2 = small_sdxl_text_encoders()
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=small_vae(True), text_encoder=None, text_encoder_2=te2, tokenizer=None,
+        tokenizer_2=build_tokenizer(pad_token="!"), unet=small_sdxl_unet(40, 16, 5),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    out = tmp_path_factory.mktemp("models") / "refiner"
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_refiner(refiner, tmp_path_factory) -> Path:
+    return _export(refiner, tmp_path_factory.mktemp("exports") / "refiner", max_images=2)
+
+
 @pytest.fixture(scope="session")
 def inpaint_model(tmp_path_factory) -> Path:
     """An inpainting model (UNet with 9 input channels: latents, mask, masked-image latents) written with

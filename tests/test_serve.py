@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -238,6 +239,152 @@ def test_a_failing_pipeline_call_fails_only_its_requests(service, monkeypatch):
     assert isinstance(served[1].error, RuntimeError) and isinstance(served[2].error, ValueError)
 
 
+# --- image inputs and LoRA (in-process) -------------------------------------------------------------------
+
+def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    import io
+
+    from test_img2img import noise_image
+
+    buffer = io.BytesIO()
+    noise_image(height, width, seed, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("values,field", [
+    (dict(prompt="x", image=b"not an image"), "image: not an image PIL can read"),
+    (dict(prompt="x", image=7), "image: encoded image bytes expected, got int"),
+    (dict(prompt="x", image=png_bytes(64, 64), strength=0.0), "strength 0.0: must be in (0, 1]"),
+    (dict(prompt="x", image=png_bytes(64, 64), strength=float("nan")), "strength nan: must be in (0, 1]"),
+    (dict(prompt="x", strength=0.5), "strength applies to image"),
+    (dict(prompt="x", mask=png_bytes(64, 64, mode="L")), "mask needs image"),
+    (dict(prompt="x", image=png_bytes(64, 64), mask=png_bytes(64, 64, mode="L")), "mask: "),
+    (dict(prompt="x", image=png_bytes(320, 128)), "image is 128x320 px"),
+    (dict(prompt="x", image=png_bytes(64, 64), strength=0.3, steps=3), "strength 0.3 with steps 3 leaves no"),
+])
+def test_bad_image_inputs_are_refused_naming_the_input(service, values, field):
+    from sdexport.errors import SdexportError
+
+    with pytest.raises(SdexportError) as exc:
+        service.parse(tensors(**values))
+    assert str(exc.value).startswith(field), str(exc.value)
+    assert "--" not in str(exc.value)  # the inputs' names, not infer's options
+
+
+def test_image_requests_keep_the_image_size_and_batch_by_image(service):
+    a, b = png_bytes(96, 128, seed=1), png_bytes(96, 128, seed=2)
+    (one,) = service.parse(tensors(prompt="x", image=a))
+    assert (one.height, one.width, one.strength) == (96, 128, None)  # infer keeps the image's size
+    (resized,) = service.parse(tensors(prompt="x", image=a, height=64, width=64))
+    assert (resized.height, resized.width) == (64, 64)
+    (empty,) = service.parse(tensors(prompt="x", image=b""))  # "": no image, as absent
+    assert empty.image is None and empty.height == 128
+    reqs = [service.parse(tensors(prompt=["p", "q"], image=[a, a], seed=[1, 2], height=[96, 96], width=[128, 128])),
+            service.parse(tensors(prompt="r", image=b, height=96, width=128)),
+            service.parse(tensors(prompt="s", image=a, strength=0.5, height=96, width=128)),
+            service.parse(tensors(prompt="t", image=a, height=96, width=128))]
+    assert batch_groups(reqs, max_images=4) == [[(0, 0), (0, 1), (3, 0)], [(1, 0)], [(2, 0)]]
+
+
+def test_inpainting_images_run_one_per_call():
+    """diffusers draws an inpainting batch's image latents from its first generator, so batched inpainting
+    images would differ from infer's: they get a group each (image-to-image images share one)."""
+    from sdexport.serve import ImageRequest
+
+    def im(seed, mask):
+        return ImageRequest("p", None, seed, 2, 7.5, 64, 64, None, image="i", mask=mask, image_key="k")
+
+    assert batch_groups([[im(1, "m"), im(2, "m"), im(1, "m")]], 4) == [[(0, 0), (0, 2)], [(0, 1)]]
+    assert batch_groups([[im(1, None), im(2, None)]], 4) == [[(0, 0), (0, 1)]]
+
+
+def test_img2img_images_equal_infer(service, export_fp32, tmp_path):
+    image = png_bytes(96, 128, seed=5)
+    (tmp_path / "in.png").write_bytes(image)
+    kw = dict(steps=3, guidance_scale=6.0, scheduler="euler-a", strength=0.7)
+    (served,) = service.run([service.parse(tensors(prompt=["a boat", "a cat"], seed=[1, 2], image=[image, image],
+                                                   negative_prompt=["", "dark"], **{k: [v, v] for k, v in kw.items()}))])
+    assert served.error is None and served.images.shape == (2, 96, 128, 3)
+    assert [t["images_in_call"] for t in served.timings] == [2, 2] and served.timings[0]["vae_encoder_ms"] > 0
+    for got, prompt, seed, negative in zip(served.images, ["a boat", "a cat"], [1, 2], ["", "dark"]):
+        want = infer_image(export_fp32, tmp_path, f"i{seed}", prompt=prompt, seed=seed, negative_prompt=negative,
+                           image=tmp_path / "in.png", **kw)
+        assert np.array_equal(got, want), f"seed {seed}: {(got != want).sum()} pixels differ"
+
+
+@pytest.fixture(scope="module")
+def serve_lora(tiny_model, tmp_path_factory):
+    from test_lora import _peft_lora
+
+    return _peft_lora(tiny_model, tmp_path_factory.mktemp("serve-lora") / "style.safetensors", 7,
+                      ["to_q", "to_v", "conv1"], ["q_proj"])
+
+
+def test_service_with_a_lora_equals_infer_with_it(export_fp32, serve_lora, tmp_path):
+    service = ImageService(export_fp32, loras=[f"{serve_lora}:0.8"])
+    try:
+        (served,) = service.run([service.parse(tensors(prompt="a kite", seed=3, steps=2, height=64, width=96))])
+    finally:
+        service.close()
+    want = infer_image(export_fp32, tmp_path, "lora", prompt="a kite", seed=3, steps=2, height=64, width=96,
+                       lora=f"{serve_lora}:0.8")
+    plain = infer_image(export_fp32, tmp_path, "plain", prompt="a kite", seed=3, steps=2, height=64, width=96)
+    assert np.array_equal(served.images[0], want) and not np.array_equal(want, plain)
+
+
+def test_a_lora_switched_later_is_not_served_from_the_text_cache(export_fp32, serve_lora, tmp_path):
+    """Text-encoder rows cached before a switch were encoded with the old weights: after set_loras the same
+    prompt gives infer's image with the LoRA, not a blend of cached old rows and the new UNet."""
+    service = ImageService(export_fp32)
+    request = dict(prompt="a kite", seed=3, steps=2, height=64, width=96)
+    try:
+        service.run([service.parse(tensors(**request))])
+        service.pipe.set_loras([f"{serve_lora}:0.8"])
+        (served,) = service.run([service.parse(tensors(**request))])
+    finally:
+        service.close()
+    want = infer_image(export_fp32, tmp_path, "lora", lora=f"{serve_lora}:0.8", **request)
+    assert np.array_equal(served.images[0], want)
+
+
+def test_serve_lora_errors_before_starting(export_fp32, serve_lora, tmp_path):
+    from sdexport.errors import IntegrityError
+    from sdexport.lora import LoraFile, open_loras
+
+    assert_error(run_cli("serve", export_fp32, "--lora", tmp_path / "none.safetensors"), 2, "no such file")
+    assert_error(run_cli("serve", export_fp32, "--lora", f"{serve_lora}:inf"), 2, "not a finite number")
+    repo = tmp_path / "repo"
+    result = run_cli("serve", export_fp32, "--write-repository", repo, "--lora", f"{serve_lora}:0.5")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(json.loads(re.search(r'key: "loras" value: \{ string_value: (".*") \}',
+                                                (repo / MODEL / "config.pbtxt").read_text()).group(1)))
+    assert record == open_loras([f"{serve_lora}:0.5"])[0].to_json()
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(serve_lora.read_bytes())
+    record = {**record, "file": str(changed)}
+    assert LoraFile.recorded(record, "served").scale == 0.5
+    changed.write_bytes(serve_lora.read_bytes()[:-1] + b" ")
+    with pytest.raises(IntegrityError, match="the LoRA served is changed"):
+        LoraFile.recorded(record, "served")
+    changed.write_bytes(serve_lora.read_bytes()[:300])
+    with pytest.raises(IntegrityError, match="not a LoRA this model can load"):  # before any request is served
+        ImageService(export_fp32, loras=[str(changed)])
+
+
+def test_refiner_warms_up_from_an_image_and_refuses_text_only(export_refiner):
+    from sdexport.errors import SdexportError
+
+    service = ImageService(export_refiner)
+    try:
+        service.warm_up([(80, 80, 1)], steps=2)
+        with pytest.raises(SdexportError, match="^image: .*SDXL refiner.*give it image"):
+            service.parse(tensors(prompt="x"))
+        (served,) = service.run([service.parse(tensors(prompt="x", image=png_bytes(80, 80), steps=4))])
+        assert served.error is None and served.images.shape == (1, 80, 80, 3)
+    finally:
+        service.close()
+
+
 def test_examples_are_in_the_readme():
     readme = (conftest.REPO_ROOT / "README.md").read_text()
     assert CURL_EXAMPLE in readme and CLIENT_EXAMPLE in readme
@@ -328,6 +475,21 @@ def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tm
                           env=conftest.sdexport_env(), capture_output=True, text=True, timeout=STARTUP_S)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode in (5, 7, 8) and last.startswith("error: "), (proc.returncode, proc.stderr[-2000:])
+    assert "ready:" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_serve_with_a_lora_that_does_not_fit_is_exit_5(export_fp32, serve_lora, tmp_path):
+    """The LoRA is switched while the model loads: one that does not fit is serve's exit 5, never 'ready'."""
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(serve_lora.read_bytes()[:300])
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.run(conftest.sdexport_cmd("serve", export_fp32, "--lora", broken, "--http-port", http,
+                                                "--grpc-port", grpc, "--metrics-port", metrics),
+                          env=conftest.sdexport_env(), capture_output=True, text=True, timeout=STARTUP_S)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 5 and last.startswith("error: ") and "not a LoRA this model can load" in last, \
+        (proc.returncode, proc.stderr[-2000:])
     assert "ready:" not in proc.stdout
 
 
@@ -511,6 +673,27 @@ def test_killed_instance_is_reloaded_and_sigterm_answers_in_flight_requests(expo
         assert results == [(1, 64, 64, 3)] * 3, results
         assert server.proc.wait(timeout=60) == 0, server.log_tail()
         assert "stopped: in-flight requests answered" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_server_with_a_lora_answers_image_requests_as_infer(export_fp32, serve_lora, tmp_path):
+    """A server started with --lora, an image-to-image request over HTTP and gRPC (the image as PNG bytes): the
+    pixels of `infer --lora --image` with the same settings; a request with bytes that are no image: 400."""
+    server = Server(export_fp32, tmp_path / "server.log", "--lora", f"{serve_lora}:0.8", "--warmup", "64x64")
+    try:
+        image = png_bytes(64, 96, seed=9)
+        (tmp_path / "in.png").write_bytes(image)
+        kw = dict(prompt="a kite", seed=4, steps=3, strength=0.6)
+        want = infer_image(export_fp32, tmp_path, "want", image=tmp_path / "in.png", lora=f"{serve_lora}:0.8", **kw)
+        for module in (tritonclient_http, tritonclient_grpc):
+            got = request(server, module, image=image, **kw).as_numpy("image")
+            assert got.shape == (1, 64, 96, 3) and np.array_equal(got[0], want), module.__name__
+        with pytest.raises(InferenceServerException) as exc:
+            request(server, tritonclient_http, prompt="x", image=b"no image")
+        assert exc.value.status() == "400" and "image: not an image" in exc.value.message(), exc.value.message()
+        assert "LoRA style.safetensors:0.8" in server.log.read_text()
     finally:
         server.stop()
 

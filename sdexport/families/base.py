@@ -182,6 +182,9 @@ class Family:
     # Request options (CLI flags of infer) only this family takes; ``options_for`` picks a model's.
     options: tuple[FamilyOption, ...] = ()
     default_guidance_scale: float = 7.5
+    # Strength when a request with an image gives none: diffusers' default of the family's image-to-image and
+    # inpainting pipelines (StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0).
+    default_strength: dict[str, float] = {"image-to-image": 0.8, "inpainting": 1.0}
     # UNet layers this family keeps out of INT8 besides quantize.DEFAULT_EXCLUDES: (regex, why)
     int8_excludes: tuple[tuple[str, str], ...] = ()
     # Presets of this family: the transformers class of each text encoder and each tokenizer's pad token,

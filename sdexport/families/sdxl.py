@@ -92,14 +92,18 @@ def _text_wrapper(projection: bool, layers: int):
 class StableDiffusionXL(Family):
     name = "sdxl"
     description = "Stable Diffusion XL"
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                        "StableDiffusionXLInpaintPipeline")
     reference_pipeline = "StableDiffusionXLPipeline"
+    lora_loader = "StableDiffusionXLLoraLoaderMixin"  # unet, text_encoder, text_encoder_2; kohya's SGM block names
     parts = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
     optional_parts = ("text_encoder", "tokenizer")  # a refiner has only the second encoder
     weight_parts = ("unet", "vae", "text_encoder", "text_encoder_2")
     tokenizer_parts = ("tokenizer", "tokenizer_2")
     options = SIZE_OPTIONS + AESTHETIC_OPTIONS
     default_guidance_scale = 5.0  # StableDiffusionXLPipeline's
+    # StableDiffusionXLImg2ImgPipeline's 0.3 (the refiner's use) and StableDiffusionXLInpaintPipeline's 0.9999
+    default_strength = {"image-to-image": 0.3, "inpainting": 0.9999}
     honours_force_upcast = True
     int8_excludes = ((r"add_embedding", "SDXL's added-conditioning MLP (pooled text + size embeddings): GEMV-shaped, "
                                         "carries that conditioning"),)
@@ -188,8 +192,8 @@ class StableDiffusionXL(Family):
         if self.is_refiner(info):
             why = "aesthetic-score conditioning" if self.aesthetic(info) else "no first text encoder"
             raise ModelError(f"{info.root}: an SDXL refiner ({why}) refines images (image-to-image) and cannot "
-                             "generate from text; export and validate it, and run text-to-image on an SDXL base "
-                             "model (image-to-image is not in sdexport yet)")
+                             "generate from text: give it --image (e.g. an SDXL base model's output), and run "
+                             "text-to-image on the base model")
 
     # --- components and specs -----------------------------------------------------------
     def components(self, info: "ModelInfo") -> tuple[str, ...]:
