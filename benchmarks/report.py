@@ -12,6 +12,9 @@ from pathlib import Path
 
 TARGET_VS_EAGER = 3.5
 TARGET_E2E_S = 0.40
+SPEED_RATIO = 1.15  # issue 14: the fastest sdexport engine vs torch.compile + CUDA graph, per UNet step
+SDXL_E2E_S = 1.1  # issue 14: a 30-step 1024x1024 SDXL image end to end
+COMPILED = "FP16 torch.compile + CUDA graph"
 
 
 def load(d: Path, name: str):
@@ -21,6 +24,72 @@ def load(d: Path, name: str):
 
 def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def speed_targets(rows, title, e2e_limit=None):
+    """Issue 14's per-step target on one table: the fastest engine row against torch.compile + CUDA graph."""
+    ok = [r for r in rows if "error" not in r]
+    compiled = next((r for r in ok if r["label"] == COMPILED), None)
+    engines = sorted((r for r in ok if "engine" in r["label"] and r["label"].startswith("FP16")),
+                     key=lambda r: r["unet_step_ms"]["median_ms"])
+    if not compiled or not engines:
+        return [f"- {title}: not measured (no torch.compile row or no FP16 engine row)"]
+    best = engines[0]
+    ratio = compiled["unet_step_ms"]["median_ms"] / best["unet_step_ms"]["median_ms"]
+    image = compiled["stages_ms"]["pipeline_total"] / best["stages_ms"]["pipeline_total"]
+    lines = [f"- {title}: fastest engine `{best['label']}` {best['unet_step_ms']['median_ms']:.2f} ms/step vs "
+             f"{compiled['unet_step_ms']['median_ms']:.2f} ms/step for torch.compile + CUDA graph: **{ratio:.3f}x** "
+             f"per step (target {SPEED_RATIO}x: {'met' if ratio >= SPEED_RATIO else 'MISSED'}), {image:.3f}x per "
+             f"image; PSNR vs FP32 eager {best.get('psnr_vs_fp32_eager_db')} dB (torch.compile's: "
+             f"{compiled.get('psnr_vs_fp32_eager_db')} dB)"]
+    if e2e_limit:
+        e2e = best["stages_ms"]["pipeline_total"] / 1e3
+        lines.append(f"- {title}: 30-step image end to end {e2e:.3f} s (target < {e2e_limit} s: "
+                     f"{'met' if e2e < e2e_limit else 'MISSED'})")
+    return lines
+
+
+def throughput_targets(batch_rows):
+    """Issue 14: images/s of the fastest engine at least torch.compile's at every batch."""
+    by_batch: dict[int, dict[str, float]] = {}
+    for r in batch_rows:
+        if "error" not in r:
+            by_batch.setdefault(r["batch"], {})[r["label"]] = r["images_per_second"]
+    lines = []
+    for b, rows in sorted(by_batch.items()):
+        comp = rows.get(COMPILED)
+        engines = {k: v for k, v in rows.items() if "engine" in k}
+        if comp is None or not engines:
+            continue
+        label, best = max(engines.items(), key=lambda kv: kv[1])
+        lines.append(f"- batch {b}: `{label}` {best:.2f} images/s vs torch.compile {comp:.2f}: {best / comp:.2f}x "
+                     f"({'met' if best >= comp else 'MISSED'})")
+    return lines
+
+
+def sdxl_section(sdxl):
+    rows = sdxl.get("results", [])
+    st = sdxl.get("settings", {})
+    md = [f"## SDXL ({st.get('height')}x{st.get('width')}, {st.get('steps')} steps, guidance "
+          f"{st.get('guidance_scale')} (UNet batch 2), {st.get('scheduler')}; `sdxl-random`: SDXL base 1.0 "
+          "architecture, random weights)", "",
+          "| configuration | UNet ms/step (median / p90) | text encoders ms | UNet x N ms | VAE ms | image s | "
+          "device mem +MiB | PSNR vs FP32 eager |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        sm, u = r["stages_ms"], r["unet_step_ms"]
+        te = sum(v for k, v in sm.items() if k.startswith("text_encoder"))
+        md.append(f"| {r['label']} | {u['median_ms']:.2f} / {u['p90_ms']:.2f} | {te:.2f} | {sm['unet_total']:.1f} | "
+                  f"{sm.get('vae_decoder', 0):.2f} | {sm['pipeline_total'] / 1e3:.3f} | "
+                  f"{r['memory'].get('device_used_increase_mib', '-')} | {r.get('psnr_vs_fp32_eager_db', '-')} |")
+    vae = sdxl.get("vae_decoder_1024")
+    if isinstance(vae, dict) and "fp32" in vae:
+        md += ["", f"VAE decoder alone at 1024 px (PyTorch eager): FP32 {vae['fp32'].get('median_ms')} ms, FP16 "
+               f"{vae['fp16'].get('median_ms')} ms; FP16 vs FP32 output rel-L2 {vae['fp16_vs_fp32'].get('rel_l2')} "
+               f"(config force_upcast keeps it FP32: {vae.get('keep_fp32')})"]
+    return md + [""]
 
 
 def fourway_table(rows, steps):
@@ -153,16 +222,19 @@ def chart(rows, path: Path) -> bool:
 
 
 def main(d: Path) -> None:
-    prep, four, sweep, trt, prof, int8 = (load(d, n) for n in ("prepare", "fourway", "sweep", "trt", "profile", "int8"))
-    head = four or prep
+    prep, four, sweep, trt, prof, int8, sdxl = (load(d, n) for n in ("prepare", "fourway", "sweep", "trt", "profile",
+                                                                     "int8", "sdxl"))
+    head = four or prep or sdxl
     m, v = head["machine"], head["versions"]
     md = [f"# GPU results: {m.get('gpu')} ({d.name})", "",
           f"- device: {m.get('gpu')}, compute capability {m.get('compute_capability')}, driver {m.get('driver')}, "
           f"CUDA {m.get('cuda')}, {m.get('cpu_count')} CPUs",
           "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
           f"- commit: {head.get('commit')}; date {head.get('date')}",
-          "- command: `benchmarks/gpu.sh` stages (see each JSON's `command`); model: `sd15-random` "
-          "(exact SD 1.5 architecture, random weights: timings are real, images are noise)",
+          "- command: `benchmarks/gpu.sh` stages (see each JSON's `command`); model: "
+          + ("`sd15-random` (exact SD 1.5 architecture" if (four or prep or sweep) else
+             "`sdxl-random` (exact SDXL base 1.0 architecture")
+          + ", random weights: timings are real, images are noise)",
           "- timing: CUDA events on torch's stream; median of the timed runs after one warm-up; "
           "UNet ms/step = median and p90 over every UNet call of the timed runs", ""]
     notes = d / "NOTES.md"
@@ -181,6 +253,18 @@ def main(d: Path) -> None:
                     md += ["### Targets (issue 5), 50 steps", ""] + targets(ok, eager16) + [""]
         if chart(four["results"].get("50", []), d / "fourway.png"):
             md += ["![50-step seconds per image](fourway.png)", ""]
+    if four or sweep or sdxl:
+        md += ["## Speed targets (issue 14; ratios from rows measured in the same run)", ""]
+        for steps in ("50", "30"):
+            if four and steps in four["results"]:
+                md += speed_targets(four["results"][steps], f"SD 1.5, 512x512, {steps} steps")
+        if sdxl:
+            md += speed_targets(sdxl.get("results", []), "SDXL, 1024x1024, 30 steps", e2e_limit=SDXL_E2E_S)
+        if sweep:
+            md += throughput_targets(sweep.get("batch", []))
+        md.append("")
+    if sdxl:
+        md += sdxl_section(sdxl)
     if prof:
         md += ["## Where the time goes (one UNet step, batch 2, 64x64 latent)", "", prof.get("note", ""), ""]
         for label, err in (prof.get("vs_fp32") or {}).items():
