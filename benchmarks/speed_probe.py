@@ -7,6 +7,8 @@ guidance), each variant captured as one CUDA graph and timed by CUDA events over
   eager+graph        FP16 eager, CUDA graph
   compile+graph      torch.compile (default mode) + CUDA graph: the peer to beat
   compile+qkv+cl     the same with fused QKV projections and channels-last
+  compile+qkv+cl+cudnn-attn / +flash-attn   the same with attention pinned to cuDNN's / flash attention
+                     (not in the default list; for SDXL, the next lever to measure: issue 14's SDXL target)
   autotune           torch.compile max-autotune (no Inductor cudagraphs; ours) + fused QKV + channels-last,
                      Inductor's conv 1x1-as-matmul and coordinate-descent tuning
   aoti               the autotune variant compiled ahead of time (AOTInductor package), loaded and graphed
@@ -188,6 +190,23 @@ def main() -> None:
     run("eager+graph", lambda: (fresh(), {}))
     run("compile+graph", lambda: (torch.compile(fresh()), {"mode": "default"}))
     run("compile+qkv+cl", lambda: (torch.compile(fresh(qkv=True, channels_last=True)), {"mode": "default"}))
+
+    def with_attention(backend_name):
+        """compile+qkv+cl with scaled-dot-product attention pinned to one backend (traced and run inside
+        torch.nn.attention.sdpa_kernel): for SDXL at 1024 px, attention over 4096 tokens is a large share."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        compiled = torch.compile(fresh(qkv=True, channels_last=True))
+
+        def fn(**kw):
+            with sdpa_kernel(backend):
+                return compiled(**kw)
+
+        return fn, {"mode": "default", "sdpa_backend": backend_name}
+
+    run("compile+qkv+cl+cudnn-attn", lambda: with_attention("CUDNN_ATTENTION"))
+    run("compile+qkv+cl+flash-attn", lambda: with_attention("FLASH_ATTENTION"))
 
     def autotune():
         autotune_config()
