@@ -118,21 +118,11 @@ def lora_parts(info: "ModelInfo") -> list[str]:
     return [p for p in loader_class(info.family)._lora_loadable_modules if p in info.configs]
 
 
-@contextlib.contextmanager
 def _quiet():
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    """diffusers' and transformers' notices and progress bars kept out of the CLI output (one home: models.py)."""
+    from .models import _quiet_loading
 
-    saved = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.enable_progress_bar()
-        dlog.set_verbosity(saved[0])
-        tlog.set_verbosity(saved[1])
+    return _quiet_loading()
 
 
 def _host(family, modules: dict[str, Any]):
