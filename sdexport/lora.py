@@ -18,7 +18,6 @@ creation, TensorRT refits them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
