@@ -182,8 +182,9 @@ def preset(name, out):
               help="fp16: mixed precision, normalizations/softmax/resize/time embedding kept FP32.")
 @click.option("--opset", type=int, default=17, show_default=True, callback=checked(limits.count, 14, 21),
               help="ONNX opset of the graphs, 14 to 21.")
-@click.option("--components", default="text_encoder,unet,vae_decoder,vae_encoder", show_default=True,
-              help="Comma-separated subset to export.")
+@click.option("--components", default=None,
+              help="Comma-separated subset to export (default: every component of the model: text_encoder, "
+                   "unet, vae_decoder, vae_encoder; SDXL adds text_encoder_2, a refiner has only that one).")
 @click.option("--max-batch", type=int, default=4, show_default=True,
               callback=checked(limits.count, 1, limits.MAX_EXPORT_IMAGES), help="Most images per call.")
 @click.option("--min-size", type=int, default=None, callback=checked(limits.count, 1),
@@ -198,7 +199,7 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
     """Export MODEL (a diffusers directory or preset name) to ONNX in Optimum's layout."""
     from .export import export as run
 
-    run(model, out, dtype=dtype, opset=opset, components=[c.strip() for c in components.split(",") if c.strip()],
+    run(model, out, dtype=dtype, opset=opset, components=[c.strip() for c in (components or "").split(",") if c.strip()],
         max_images=max_batch, min_size=min_size, max_size=max_size, force=force, loras=list(loras), say=say)
     click.echo(f"{out}/manifest.json")
 
