@@ -380,7 +380,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     from .components import Geometry
     from .errors import UsageError
     from .limits import check_schedule
-    from .paths import check_infer_outputs
+    from .paths import check_infer_outputs, request_inputs
     from .pipeline import InitImage, Pipeline, check_request, save_images
     from .runtime import ExportDir
 
@@ -405,7 +405,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
                    export.ranges.opt_size if width is None else width,
                    guidance=export.family.guidance(export.info, guidance_scale).cfg)
     check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
-    check_infer_outputs(export, out, geo, model_dir if backend == "torch" else None)
+    check_infer_outputs(export, out, geo, model_dir if backend == "torch" else None,
+                        request_inputs(**{k: v for k, v in (inputs or {}).items() if v}, loras=loras))
     check_schedule(scheduler, export.info.scheduler_config, steps)
     if backend == "torch":
         export.source_model()  # the PyTorch modules come from the source model: find it before any work
@@ -511,9 +512,9 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
     from .bench import format_table
     from .errors import UsageError
     from .manifest import write_json
-    from .pipeline import load_image
-
     from .lora import open_loras
+    from .paths import request_inputs
+    from .pipeline import load_image
 
     image = load_image(image_path, "--image") if image_path else None
     mask = load_image(mask_path, "--mask") if mask_path else None
@@ -527,7 +528,7 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
                      cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile, threads=threads,
                      json_path=json_path, model_dir=model_dir, image=image, mask=mask, strength=strength,
-                     loras=lora_files, **({"unet": unet} if unet != "default" else {}))
+                     loras=lora_files, inputs=request_inputs(image_path, mask_path, lora_files), **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)

@@ -264,14 +264,25 @@ def source_inputs(export, model_dir: str | os.PathLike | None = None) -> Guarded
     return guard
 
 
-def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None) -> list[Path]:
-    """``infer -o``: every PNG of the batch and the sidecar, against the export and its source model, and
-    room for them (at most 3 bytes a pixel and a sidecar)."""
+def request_inputs(image=None, mask=None, loras=()) -> Guarded:
+    """The files a generation request reads besides the export: ``--image``, ``--mask`` and ``--lora``."""
+    guard = Guarded()
+    for option, path in (("--image", image), ("--mask", mask)):
+        if path is not None:
+            guard.file(path, f"the {option} file {path}")
+    for lora in loras:
+        guard.file(lora.path, f"the --lora file {lora.path}")
+    return guard
+
+
+def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None, inputs: Guarded | None = None) -> list[Path]:
+    """``infer -o``: every PNG of the batch and the sidecar, against the export, its source model and the
+    request's own inputs (``request_inputs``), and room for them (at most 3 bytes a pixel and a sidecar)."""
     from .limits import check_disk
     from .pipeline import image_paths
 
     names, sidecar = image_paths(out, geo.images)
-    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir)
+    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir) | (inputs or Guarded())
     for name in names:
         what = f"-o {out}" if name == Path(out) else f"-o {out}: its image {name}"
         check_output("-o", name, guard, what=what)
@@ -283,11 +294,13 @@ def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None) -> 
 REPORT_BYTES = 64 * 1024  # bench.json is a few KiB
 
 
-def check_report_output(option: str, path: str | os.PathLike, export, model_dir=None) -> Path:
-    """A report file (``bench --json``) against the export and its source model, with room for it."""
+def check_report_output(option: str, path: str | os.PathLike, export, model_dir=None,
+                        inputs: Guarded | None = None) -> Path:
+    """A report file (``bench --json``) against the export, its source model and the request's own inputs
+    (``request_inputs``), with room for it."""
     from .limits import check_disk
 
-    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir)
+    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir) | (inputs or Guarded())
     out = check_output(option, path, guard)
     check_disk(out.parent, REPORT_BYTES, "the report")
     return out

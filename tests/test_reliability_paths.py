@@ -200,6 +200,41 @@ def test_infer_on_a_model_directory_says_to_export_elsewhere(tiny_model, tmp_pat
     assert f"-o {tiny_model} " not in line + " " and f"-o {tiny_model}-onnx" in line
 
 
+def _picture(path, size=64):
+    from PIL import Image
+
+    Image.new("RGB", (size, size), (200, 120, 40)).save(path, format="PNG")
+    return path
+
+
+@pytest.mark.parametrize("out, inputs, needle", [
+    ("in.png", {"--image": "in.png"}, "--image"),
+    ("b.png", {"--image": "b-1.png", "--batch-size": "2"}, "--image"),  # the batch's second image
+    ("pic.png", {"--image": "in.png", "--lora": "pic.json"}, "--lora"),  # the sidecar onto the LoRA
+])
+def test_infer_output_onto_its_image_or_lora(export_fp32, tmp_path, out, inputs, needle):
+    """infer reads --image/--mask/--lora besides the export: no output (image, batch image, sidecar) may be one."""
+    args = []
+    for option, value in inputs.items():
+        if option in ("--image", "--lora"):
+            path = tmp_path / value
+            _picture(path) if option == "--image" else path.write_bytes(b"a LoRA's bytes")
+            value = path
+        args += [option, value]
+    unchanged = _untouched(tmp_path)
+    assert_refused(cli("infer", export_fp32, "--prompt", "a kite", "--steps", "2", "--strength", "1", *args,
+                       "-o", tmp_path / out), 2, needle, "would overwrite")
+    assert unchanged()
+
+
+def test_bench_json_onto_its_image(export_fp32, tmp_path):
+    image = _picture(tmp_path / "in.json")
+    unchanged = _untouched(tmp_path)
+    assert_refused(cli("bench", export_fp32, "--steps", "2", "--image", image, "--json", image), 2, "--image",
+                   "would overwrite")
+    assert unchanged()
+
+
 # --- bench, calibrate, quantize, build, validate ------------------------------------------------------
 @pytest.mark.parametrize("target, needle", [
     ("manifest.json", "manifest.json"),
