@@ -122,6 +122,10 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     if kind == "cpu" and precision != "fp32":
         raise UsageError(f"--precision {precision}: Inductor engines for the CPU are fp32 (--precision fp32)")
     h, w = parse_hw(static, "--static")
+    from .paths import check_export_writable
+
+    # an export (not a missing path, nor a model directory that would get a lock file) that takes new files
+    check_export_writable(ExportDir.open(export_dir), "build --backend inductor writes inductor/ there")
     with writing(export_dir, "build --backend inductor", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest

@@ -235,6 +235,30 @@ def test_bench_json_onto_its_image(export_fp32, tmp_path):
     assert unchanged()
 
 
+BUILD_OTHER_BACKENDS = [("--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64"),
+                        ("--backend", "ort")]
+
+
+@pytest.mark.parametrize("args", BUILD_OTHER_BACKENDS, ids=["inductor", "ort"])
+def test_build_other_backends_on_no_export(args, tmp_path):
+    """A missing path, a file: exit 5 naming it (the writer's lock file was opened first: a traceback)."""
+    assert_refused(cli("build", tmp_path / "nowhere", *args), 5, "no such export directory")
+    (tmp_path / "file").write_text("x")
+    assert_refused(cli("build", tmp_path / "file", *args), 5, "not an export directory")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.parametrize("command", [["infer", "--prompt", "a", "-o", "OUT/x.png"], ["validate"], ["bench"],
+                                     ["serve", "--write-repository", "OUT/repo"], ["build", *BUILD_OTHER_BACKENDS[0]],
+                                     ["build", *BUILD_OTHER_BACKENDS[1]]], ids=lambda c: " ".join(c[:3]))
+def test_commands_on_a_model_directory_leave_nothing_in_it(model, tmp_path, command):
+    """The source model given where an export belongs: exit 5, and not even a lock file is left in it."""
+    names = sorted(os.listdir(model))
+    args = [str(a).replace("OUT", str(tmp_path)) for a in command]
+    assert_refused(cli(args[0], model, *args[1:]), 5, "not an export")
+    assert sorted(os.listdir(model)) == names
+
+
 # --- bench, calibrate, quantize, build, validate ------------------------------------------------------
 @pytest.mark.parametrize("target, needle", [
     ("manifest.json", "manifest.json"),
