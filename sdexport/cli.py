@@ -204,6 +204,29 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
     click.echo(f"{out}/manifest.json")
 
 
+# What each `build --backend` reads of build's options (None: all of them); another given option is refused
+# rather than silently ignored (a user asking for --refittable or --static must not get something else).
+BUILD_BACKEND_OPTIONS = {"trt": None, "ort": ("components",),
+                         "inductor": ("precision", "components", "static", "batch", "max_batch", "device", "force")}
+
+
+def _check_backend_options(ctx, backend: str) -> None:
+    from click.core import ParameterSource
+
+    from .errors import UsageError
+
+    takes = BUILD_BACKEND_OPTIONS[backend]
+    if takes is None:
+        return
+    for param in ctx.command.params:
+        if param.name in ("export_dir", "engine_backend") or param.name in takes:
+            continue
+        if ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+            flags = [p.opts[0] for p in ctx.command.params if p.name in takes]
+            raise UsageError(f"{param.opts[0]}: not an option of build --backend {backend} "
+                             f"(it takes {', '.join(flags)})")
+
+
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16", show_default=True,
@@ -248,6 +271,7 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
 
+    _check_backend_options(click.get_current_context(), engine_backend)
     if engine_backend == "inductor":
         from .inductor import build as compile_packages
 

@@ -108,6 +108,23 @@ def test_calibrate_options(tiny_model, tmp_path, args, code, needle):
 
 
 @pytest.mark.parametrize("args, needle", [
+    (["--backend", "ort", "--static", "64x64"], "--static"), (["--backend", "ort", "--refittable"], "--refittable"),
+    (["--backend", "ort", "--precision", "fp32"], "--precision"), (["--backend", "ort", "--force"], "--force"),
+    (["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64", "--refittable"],
+     "--refittable"),
+    (["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64", "--min-size", "64"],
+     "--min-size"),
+    (["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64", "--timing-cache",
+      "/tmp/t.cache"], "--timing-cache"),
+])
+def test_build_options_of_another_backend_are_refused(export_fp32, args, needle):
+    """Options that --backend ort/inductor do not read were silently ignored (exit 0 without what was asked)."""
+    unchanged = tree_digest(export_fp32)
+    assert_refused(cli("build", export_fp32, *args), 2, needle, "not an option of build --backend")
+    assert tree_digest(export_fp32) == unchanged
+
+
+@pytest.mark.parametrize("args, needle", [
     (["--batch", "0", "--static", "64x64"], "--batch 0"), (["--max-batch", "0"], "--max-batch 0"),
     (["--opt-batch", "-1"], "--opt-batch -1"), (["--opt-level", "6"], "at most 5"), (["--workspace", "0"], "--workspace 0"),
 ])
