@@ -698,7 +698,8 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
                            metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras))
     with reading(export_dir):  # the export does not change under a running server (writers wait)
         if write_repository:
-            click.echo(str(write(options.resolved(ExportDir.open(export_dir)), write_repository)))
+            export = ExportDir.open(export_dir)
+            click.echo(str(write(options.resolved(export), write_repository, export)))
             return
         status = run(options, say=say, announce=lambda line: click.echo(line))
     sys.exit(status)

@@ -306,6 +306,29 @@ def check_report_output(option: str, path: str | os.PathLike, export, model_dir=
     return out
 
 
+def check_repository_output(directory: str | os.PathLike, model_name: str, export, loras=()) -> Path:
+    """``serve --write-repository DIR``: the model directory ``DIR/<model-name>`` it writes lies nowhere in or
+    around the export, its source model or a ``--lora`` file, can be written, and replaces only a model that
+    ``serve`` wrote before (its config.pbtxt says so), never another directory's contents."""
+    from .serve import REPOSITORY_MARK
+
+    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export) | request_inputs(loras=loras)
+    guard.tree(export.root, f"the export {resolved(export.root)}")
+    recorded = export.manifest.data.get("model", {}).get("path")
+    if recorded:
+        guard.tree(recorded, f"the source model {resolved(recorded)}")
+    final = Path(directory) / model_name
+    out = check_output("--write-repository", final, guard, kind="dir",
+                       what=f"--write-repository {directory}: its model directory {final}")
+    config = out / "config.pbtxt"
+    try:
+        ours = config.is_file() and config.read_text(errors="replace").startswith(REPOSITORY_MARK)
+    except OSError:
+        ours = False
+    check_new_or_empty_dir("--write-repository", out, "a model written by 'sdexport serve'", ok=ours)
+    return out
+
+
 def check_export_writable(export, what: str) -> None:
     """A command that writes into an export directory (validate's report, build's engines, quantize's
     variant): the directory must take new files."""

@@ -259,6 +259,45 @@ def test_commands_on_a_model_directory_leave_nothing_in_it(model, tmp_path, comm
     assert sorted(os.listdir(model)) == names
 
 
+@pytest.mark.parametrize("where, name, needle", [
+    ("EXPORT", "sdexport", "would write inside the export"),
+    ("EXPORT/unet", "sdexport", "a directory of the export"),
+    ("MODEL", "sdexport", "would write inside the source model"),
+    ("MODEL/..", "MODELNAME", "would overwrite the source model"),  # DIR/<model-name> is the model itself
+    ("EXPORT/..", "EXPORTNAME", "would overwrite the export"),
+    ("TMP", "notes", "not a model written by 'sdexport serve'"),  # another directory's contents
+    ("TMP", "file", "not a directory"),
+    ("/proc", "sdexport", "cannot write"),
+    ("TMP/file/sub", "sdexport", "cannot be written"),  # under a regular file
+])
+def test_serve_write_repository_onto_its_inputs(export, tmp_path, where, name, needle):
+    """--write-repository DIR writes (and replaces) DIR/<model-name>: it wrote into the export and the source
+    model, replaced whatever DIR/<model-name> held (the source model itself), and gave a traceback on /proc."""
+    recorded = json.loads((export / "manifest.json").read_text())["model"]["path"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    subs = {"EXPORTNAME": export.name, "MODELNAME": os.path.basename(recorded), "EXPORT": str(export),
+            "MODEL": recorded, "TMP": str(tmp_path)}
+    for key, value in subs.items():
+        where, name = where.replace(key, value), name.replace(key, value)
+    unchanged = _untouched(export, recorded, tmp_path / "notes", tmp_path / "file")
+    assert_refused(cli("serve", export, "--write-repository", where, "--model-name", name), 2, needle)
+    assert unchanged()
+    assert not os.path.exists(os.path.join(where, name)) or name in ("notes", "file", os.path.basename(recorded),
+                                                                      export.name)
+
+
+def test_serve_write_repository_replaces_its_own_model_only(export_fp32, tmp_path):
+    repo = tmp_path / "repo"
+    for _ in range(2):  # the second run replaces the model the first one wrote
+        proc = cli("serve", export_fp32, "--write-repository", repo)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(repo)) == ["sdexport"]
+    assert_refused(cli("serve", export_fp32, "--write-repository", repo, "--max-queue-delay-ms", "nan"), 2,
+                   "--max-queue-delay-ms nan", "finite")
+
+
 # --- bench, calibrate, quantize, build, validate ------------------------------------------------------
 @pytest.mark.parametrize("target, needle", [
     ("manifest.json", "manifest.json"),
