@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import IntegrityError, SdexportError, UsageError
+from .limits import MAX_LORA_SCALE
 
 if TYPE_CHECKING:
     from .models import ModelInfo
@@ -76,6 +77,9 @@ def parse_lora(text: str) -> tuple[Path, float]:
             pass
     if not math.isfinite(scale):
         raise UsageError(f"--lora {text}: scale {tail} is not a finite number")
+    if abs(scale) > MAX_LORA_SCALE:
+        raise UsageError(f"--lora {text}: scale {tail} is outside [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}] (LoRAs are "
+                         "used at -2 to 2; far above, the fused weights overflow into NaN images)")
     return Path(path), scale
 
 
@@ -215,6 +219,7 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
             try:
                 # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
                 state_dict = loader.lora_state_dict(str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
+                _check_finite(lora, state_dict)
                 by_part = _layers_per_part(lora, state_dict, model_parts, info)
                 host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
             except SdexportError:
@@ -231,9 +236,23 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
             host.set_adapters(names, [lora.scale for lora in loras])
             host.fuse_lora(components=[p for p in parts if wrapped[p]], adapter_names=names)
             host.unload_lora_weights()
-    return {p: [f"{path}.{name}" for path, layer in layers
-                for name, _ in layer.get_base_layer().named_parameters(recurse=False)]
-            for p, layers in wrapped.items() if layers}
+    touched = {p: [f"{path}.{name}" for path, layer in layers
+                   for name, _ in layer.get_base_layer().named_parameters(recurse=False)]
+               for p, layers in wrapped.items() if layers}
+    for part, params in touched.items():  # a scale that overflows the weights' dtype (1e30, or 1e5 in FP16)
+        for name in params:
+            if not modules[part].get_parameter(name).isfinite().all():
+                raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not finite "
+                                     "(a scale too large for the weights' precision)")
+    return touched
+
+
+def _check_finite(lora: LoraFile, state_dict: dict[str, Any]) -> None:
+    """A LoRA file holding NaN or Inf would give an export or engines that draw only NaN (exit 0 at export)."""
+    for key, value in state_dict.items():
+        if hasattr(value, "isfinite") and value.is_floating_point() and not value.isfinite().all():
+            raise IntegrityError(f"--lora {lora.path}: holds values that are not finite (NaN/Inf in {key}): "
+                                 "a corrupt LoRA file")
 
 
 def _first_line(exc: BaseException) -> str:
