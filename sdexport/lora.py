@@ -205,22 +205,16 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     fused weights under their own parameter names. ``before_fuse`` sees the wrapped layers per part first
     (the switching path puts the base weights there). Returns the changed parameter names per part.
     A file diffusers cannot read, or one that does not match the model, is exit 5."""
-    from diffusers.configuration_utils import FrozenDict
-
     family = info.family
     model_parts = lora_parts(info)
     parts = [p for p in model_parts if p in modules]
     host = _host(family, {p: modules[p] for p in parts})
-    loader = loader_class(family)
     names = []
     with _quiet():
         for i, lora in enumerate(loras):
             adapter = f"lora{i}"
+            by_part = read_lora(info, lora)
             try:
-                # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
-                state_dict = loader.lora_state_dict(str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
-                _check_finite(lora, state_dict)
-                by_part = _layers_per_part(lora, state_dict, model_parts, info)
                 host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
             except SdexportError:
                 raise
@@ -245,6 +239,25 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
                 raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not finite "
                                      "(a scale too large for the weights' precision)")
     return touched
+
+
+def read_lora(info: "ModelInfo", lora: LoraFile) -> dict[str, int]:
+    """Read ``lora`` with the family's loader, without loading it into any module: a file diffusers cannot read,
+    one holding NaN/Inf, or one for other parts than this model's (another architecture) is exit 5 naming it.
+    Returns {part: LoRA layers the file has for it}. (``serve --write-repository`` checks files this way: it
+    loads no model.)"""
+    from diffusers.configuration_utils import FrozenDict
+
+    with _quiet():
+        try:
+            # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
+            state_dict = loader_class(info.family).lora_state_dict(
+                str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
+        except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
+            raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
+                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+    _check_finite(lora, state_dict)
+    return _layers_per_part(lora, state_dict, lora_parts(info), info)
 
 
 def _check_finite(lora: LoraFile, state_dict: dict[str, Any]) -> None:

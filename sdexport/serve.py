@@ -674,7 +674,11 @@ def write_repository(options: ServeOptions, directory: str | Path, export=None) 
     from .paths import check_repository_output
 
     if export is not None:
+        from .lora import read_lora
+
         check_repository_output(directory, options.model_name, export, options.loras)
+        for lora in options.loras:  # the server loads them at start: a file it cannot use is found now
+            read_lora(export.info, lora)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / options.model_name

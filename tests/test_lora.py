@@ -346,6 +346,21 @@ def test_cli_lora_holding_nan_is_exit_5_and_writes_nothing(export_fp32, tiny_mod
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("name, needle", [("corrupt", "not a LoRA this model can load"), ("nan", "not finite")])
+def test_serve_write_repository_reads_its_loras_first(export_fp32, loras, tmp_path, name, needle):
+    """The repository records the LoRA for the server to load at start: a file it cannot read was written with
+    exit 0 (the server then failed at load). Shapes are checked only when a model loads it (not here)."""
+    from safetensors.torch import load_file, save_file
+
+    path = loras.get(name)
+    if name == "nan":
+        tensors = {k: v.clone().fill_(float("nan")) for k, v in load_file(loras["a"]).items()}
+        save_file(tensors, path := tmp_path / "nan.safetensors")
+    result = run_cli("serve", export_fp32, "--write-repository", tmp_path / "repo", "--lora", path)
+    assert_error(result, 5, needle)
+    assert not (tmp_path / "repo" / "sdexport").exists()
+
+
 def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
     result = run_cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "i.png", "--steps", 2, "--lora",
                      f"{loras['a']}:0.8")
