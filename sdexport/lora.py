@@ -95,6 +95,11 @@ def open_loras(specs: list[str] | tuple[str, ...] | None) -> list[LoraFile]:
         path, scale = parse_lora(str(spec))
         if not path.is_file():
             raise UsageError(f"--lora {spec}: no such file")
+        try:  # safetensors (Rust) opens only UTF-8 paths: the file would be called "not a LoRA" (exit 5)
+            str(path.resolve()).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"--lora {ascii(str(path))[1:-1]}: the path is not valid UTF-8, which diffusers' "
+                             "loader cannot open; rename the file") from None
         out.append(LoraFile(path.resolve(), scale, sha256_file(path)))
     return out
 

@@ -84,6 +84,18 @@ def test_prompts_that_are_not_utf8_text(export_fp32, tmp_path):
     assert not out.exists()
 
 
+def test_lora_path_that_is_not_utf8(export_fp32, tmp_path):
+    """A LoRA file whose name is not UTF-8: diffusers' loader cannot open it, and the file was called
+    "not a LoRA this model can load" (exit 5); the name is the problem (exit 2)."""
+    lora = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff.safetensors")
+    with open(lora, "wb") as f:
+        f.write(b"x")
+    out = tmp_path / "x.png"
+    assert_refused(cli("infer", export_fp32, "--prompt", "p", "--steps", "1", "--lora", lora, "-o", out), 2,
+                   "--lora", "not valid UTF-8")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--runs", "0"], "--runs 0"), (["--runs", "1001"], "at most 1000"), (["--warmup", "-1"], "--warmup -1"),
     (["--threads", "0"], "--threads 0"), (["--guidance-scale", "nan"], "finite"), (["--height", "0"], "--height 0"),
