@@ -13,6 +13,9 @@ VARIANT_OF = {"unet_int8": "unet"}
 # --unet choice -> the artifact that runs in the UNet slot (None: the exported UNet itself)
 UNET_CHOICES = {"default": None, "int8": "unet_int8"}
 INT8_UNET = "unet_int8"
+# manifest sections of engines built from a component (TensorRT, ONNX Runtime CUDA variant, AOTInductor
+# package), keyed by component: a re-export of the component, or of the model, makes them stale
+BUILT_SECTIONS = ("engines", "ort_cuda", "inductor")
 
 
 def unet_artifact(choice: str) -> str:

@@ -240,8 +240,9 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
           torch_compile: bool = False, step_graph: bool = False, threads: int | None = None,
           json_path: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None, image=None,
-          mask=None, strength: float | None = None, loras=()) -> dict[str, Any]:
-    """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row."""
+          mask=None, strength: float | None = None, loras=(), inputs=None) -> dict[str, Any]:
+    """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row.
+    ``inputs``: the request's files (paths.request_inputs), which ``json_path`` must not overwrite."""
     from . import limits
     from .paths import check_report_output
 
@@ -264,7 +265,7 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     check_request(export.ranges, steps, guidance_scale, _geometry(export, settings))
     limits.check_schedule(scheduler, export.info.scheduler_config, steps)
     if json_path is not None:
-        check_report_output("--json", json_path, export, model_dir)
+        check_report_output("--json", json_path, export, model_dir, inputs)
     if compare_eager or backend == "torch":
         export.source_model()  # PyTorch eager runs the source model: find it before timing the engines
     device = limits.device("--device", device)

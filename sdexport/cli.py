@@ -182,8 +182,9 @@ def preset(name, out):
               help="fp16: mixed precision, normalizations/softmax/resize/time embedding kept FP32.")
 @click.option("--opset", type=int, default=17, show_default=True, callback=checked(limits.count, 14, 21),
               help="ONNX opset of the graphs, 14 to 21.")
-@click.option("--components", default="text_encoder,unet,vae_decoder,vae_encoder", show_default=True,
-              help="Comma-separated subset to export.")
+@click.option("--components", default=None,
+              help="Comma-separated subset to export (default: every component of the model: text_encoder, "
+                   "unet, vae_decoder, vae_encoder; SDXL adds text_encoder_2, a refiner has only that one).")
 @click.option("--max-batch", type=int, default=4, show_default=True,
               callback=checked(limits.count, 1, limits.MAX_EXPORT_IMAGES), help="Most images per call.")
 @click.option("--min-size", type=int, default=None, callback=checked(limits.count, 1),
@@ -198,9 +199,32 @@ def export(model, out, dtype, opset, components, max_batch, min_size, max_size, 
     """Export MODEL (a diffusers directory or preset name) to ONNX in Optimum's layout."""
     from .export import export as run
 
-    run(model, out, dtype=dtype, opset=opset, components=[c.strip() for c in components.split(",") if c.strip()],
+    run(model, out, dtype=dtype, opset=opset, components=[c.strip() for c in (components or "").split(",") if c.strip()],
         max_images=max_batch, min_size=min_size, max_size=max_size, force=force, loras=list(loras), say=say)
     click.echo(f"{out}/manifest.json")
+
+
+# What each `build --backend` reads of build's options (None: all of them); another given option is refused
+# rather than silently ignored (a user asking for --refittable or --static must not get something else).
+BUILD_BACKEND_OPTIONS = {"trt": None, "ort": ("components",),
+                         "inductor": ("precision", "components", "static", "batch", "max_batch", "device", "force")}
+
+
+def _check_backend_options(ctx, backend: str) -> None:
+    from click.core import ParameterSource
+
+    from .errors import UsageError
+
+    takes = BUILD_BACKEND_OPTIONS[backend]
+    if takes is None:
+        return
+    for param in ctx.command.params:
+        if param.name in ("export_dir", "engine_backend") or param.name in takes:
+            continue
+        if ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+            flags = [p.opts[0] for p in ctx.command.params if p.name in takes]
+            raise UsageError(f"{param.opts[0]}: not an option of build --backend {backend} "
+                             f"(it takes {', '.join(flags)})")
 
 
 @cli.command()
@@ -247,6 +271,7 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
     """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
     from .build import build as run
 
+    _check_backend_options(click.get_current_context(), engine_backend)
     if engine_backend == "inductor":
         from .inductor import build as compile_packages
 
@@ -379,7 +404,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     from .components import Geometry
     from .errors import UsageError
     from .limits import check_schedule
-    from .paths import check_infer_outputs
+    from .paths import check_infer_outputs, request_inputs
     from .pipeline import InitImage, Pipeline, check_request, save_images
     from .runtime import ExportDir
 
@@ -404,7 +429,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
                    export.ranges.opt_size if width is None else width,
                    guidance=export.family.guidance(export.info, guidance_scale).cfg)
     check_request(export.ranges, steps, guidance_scale, geo, export.info.scheduler_config)
-    check_infer_outputs(export, out, geo, model_dir if backend == "torch" else None)
+    check_infer_outputs(export, out, geo, model_dir if backend == "torch" else None,
+                        request_inputs(**{k: v for k, v in (inputs or {}).items() if v}, loras=loras))
     check_schedule(scheduler, export.info.scheduler_config, steps)
     if backend == "torch":
         export.source_model()  # the PyTorch modules come from the source model: find it before any work
@@ -510,9 +536,9 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
     from .bench import format_table
     from .errors import UsageError
     from .manifest import write_json
-    from .pipeline import load_image
-
     from .lora import open_loras
+    from .paths import request_inputs
+    from .pipeline import load_image
 
     image = load_image(image_path, "--image") if image_path else None
     mask = load_image(mask_path, "--mask") if mask_path else None
@@ -526,7 +552,7 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,
                      cuda_graph=cuda_graph, step_graph=step_graph, torch_compile=torch_compile, threads=threads,
                      json_path=json_path, model_dir=model_dir, image=image, mask=mask, strength=strength,
-                     loras=lora_files, **({"unet": unet} if unet != "default" else {}))
+                     loras=lora_files, inputs=request_inputs(image_path, mask_path, lora_files), **({"unet": unet} if unet != "default" else {}))
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)
@@ -672,7 +698,8 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
                            metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras))
     with reading(export_dir):  # the export does not change under a running server (writers wait)
         if write_repository:
-            click.echo(str(write(options.resolved(ExportDir.open(export_dir)), write_repository)))
+            export = ExportDir.open(export_dir)
+            click.echo(str(write(options.resolved(export), write_repository, export)))
             return
         status = run(options, say=say, announce=lambda line: click.echo(line))
     sys.exit(status)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import __version__, limits
-from .artifacts import VARIANT_OF
+from .artifacts import BUILT_SECTIONS, VARIANT_OF
 from .components import ComponentSpec, ShapeRanges
 from .errors import IntegrityError, UsageError
 from .manifest import Manifest, Transaction, sha256_file, versions, writing
@@ -306,7 +306,7 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
                     "re-export every component with --force to replace it, or choose another -o")
             for name in list(manifest.components):  # a different export: nothing of the old one is reusable
                 _drop_component(txn, name)
-            for section in ("engines", "ort_cuda"):
+            for section in BUILT_SECTIONS:
                 for name in list(manifest.data.get(section, {})):
                     _drop_artifact(txn, section, name)
         manifest.data["manifest_version"] = 2
@@ -336,7 +336,7 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
             entry["key"] = key
             entry["source"] = {"path": str(info.root), "weights_sha256": info.weights_sha256, "preset": info.preset}
             entry["versions"] = versions()
-            for section in ("engines", "ort_cuda"):  # built from the component this replaces
+            for section in BUILT_SECTIONS:  # built from the component this replaces
                 if name in manifest.data.get(section, {}):
                     _drop_artifact(txn, section, name)
             for variant, of in VARIANT_OF.items():

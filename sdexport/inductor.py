@@ -122,6 +122,10 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     if kind == "cpu" and precision != "fp32":
         raise UsageError(f"--precision {precision}: Inductor engines for the CPU are fp32 (--precision fp32)")
     h, w = parse_hw(static, "--static")
+    from .paths import check_export_writable
+
+    # an export (not a missing path, nor a model directory that would get a lock file) that takes new files
+    check_export_writable(ExportDir.open(export_dir), "build --backend inductor writes inductor/ there")
     with writing(export_dir, "build --backend inductor", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest
@@ -148,7 +152,8 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
                 batch_range = [spec.dims_for(Geometry(1, h, w, guidance=cfg))["batch"], dims["batch"]]
                 dims = spec.dims_for(Geometry(2, h, w, guidance=cfg))
             key = json.loads(json.dumps({
-                "weights_sha256": export.manifest.data["model"]["weights_sha256"], "precision": precision,
+                "weights_sha256": export.manifest.data["model"]["weights_sha256"],
+                "loras": export.manifest.data["model"].get("loras", []), "precision": precision,
                 "device": kind, "compute_capability": cc, "dims": dims, "batch_range": batch_range,
                 "torch": torch.__version__,
                 "configs": INDUCTOR_CONFIGS, "changes": graph_changes(component, precision), "sdexport": __version__}))
@@ -204,8 +209,12 @@ def check_package(export: ExportDir, component: str, device: str) -> tuple[Path,
                              f"{export.root} --backend inductor --static HxW'")
     path = export.manifest.verified_path(entry, remedy=f"rebuild: sdexport build {export.root} --backend inductor "
                                                        "--force")
-    if entry.get("key", {}).get("weights_sha256") != export.manifest.data["model"]["weights_sha256"]:
+    model = export.manifest.data["model"]
+    if entry.get("key", {}).get("weights_sha256") != model["weights_sha256"]:
         raise IntegrityError(f"{path}: compiled from other weights than the export's; rebuild with --force")
+    if entry.get("key", {}).get("loras", []) != model.get("loras", []):  # packages are compiled with them fused
+        raise IntegrityError(f"{path}: compiled with other fused LoRAs than the export's (sdexport export --lora); "
+                             f"rebuild: sdexport build {export.root} --backend inductor --force")
     if entry["torch"] != torch.__version__:
         raise IntegrityError(f"{path}: compiled by torch {entry['torch']}, this is torch {torch.__version__}; "
                              f"AOTInductor packages run on the torch that made them: rebuild with --force")

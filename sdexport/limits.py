@@ -19,6 +19,7 @@ from .errors import CannotRunHere, DiskFull, SdexportError, UsageError  # noqa: 
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (diffusers' seeds)
 MAX_GUIDANCE = 100.0  # SD uses 1-20; far above, the guided noise overflows into black or NaN images
+MAX_LORA_SCALE = 100.0  # --lora FILE:SCALE, either sign; LoRAs are used at -2..2, far above the fused weights overflow
 MAX_STEPS = 1000  # besides the scheduler's own num_train_timesteps
 MAX_EXPORT_IMAGES = 64  # export --max-batch: images per call an export can be made for
 MAX_SIDE_FACTOR = 4  # image sides up to 4x the model's native size (2048 px for SD 1.5)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import IntegrityError, SdexportError, UsageError
+from .limits import MAX_LORA_SCALE
 
 if TYPE_CHECKING:
     from .models import ModelInfo
@@ -75,6 +76,9 @@ def parse_lora(text: str) -> tuple[Path, float]:
             pass
     if not math.isfinite(scale):
         raise UsageError(f"--lora {text}: scale {tail} is not a finite number")
+    if abs(scale) > MAX_LORA_SCALE:
+        raise UsageError(f"--lora {text}: scale {tail} is outside [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}] (LoRAs are "
+                         "used at -2 to 2; far above, the fused weights overflow into NaN images)")
     return Path(path), scale
 
 
@@ -90,6 +94,11 @@ def open_loras(specs: list[str] | tuple[str, ...] | None) -> list[LoraFile]:
         path, scale = parse_lora(str(spec))
         if not path.is_file():
             raise UsageError(f"--lora {spec}: no such file")
+        try:  # safetensors (Rust) opens only UTF-8 paths: the file would be called "not a LoRA" (exit 5)
+            str(path.resolve()).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"--lora {ascii(str(path))[1:-1]}: the path is not valid UTF-8, which diffusers' "
+                             "loader cannot open; rename the file") from None
         out.append(LoraFile(path.resolve(), scale, sha256_file(path)))
     return out
 
@@ -190,21 +199,16 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     fused weights under their own parameter names. ``before_fuse`` sees the wrapped layers per part first
     (the switching path puts the base weights there). Returns the changed parameter names per part.
     A file diffusers cannot read, or one that does not match the model, is exit 5."""
-    from diffusers.configuration_utils import FrozenDict
-
     family = info.family
     model_parts = lora_parts(info)
     parts = [p for p in model_parts if p in modules]
     host = _host(family, {p: modules[p] for p in parts})
-    loader = loader_class(family)
     names = []
     with _quiet():
         for i, lora in enumerate(loras):
             adapter = f"lora{i}"
+            by_part = read_lora(info, lora)
             try:
-                # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
-                state_dict = loader.lora_state_dict(str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
-                by_part = _layers_per_part(lora, state_dict, model_parts, info)
                 host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
             except SdexportError:
                 raise
@@ -220,9 +224,42 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
             host.set_adapters(names, [lora.scale for lora in loras])
             host.fuse_lora(components=[p for p in parts if wrapped[p]], adapter_names=names)
             host.unload_lora_weights()
-    return {p: [f"{path}.{name}" for path, layer in layers
-                for name, _ in layer.get_base_layer().named_parameters(recurse=False)]
-            for p, layers in wrapped.items() if layers}
+    touched = {p: [f"{path}.{name}" for path, layer in layers
+                   for name, _ in layer.get_base_layer().named_parameters(recurse=False)]
+               for p, layers in wrapped.items() if layers}
+    for part, params in touched.items():  # a scale that overflows the weights' dtype (1e30, or 1e5 in FP16)
+        for name in params:
+            if not modules[part].get_parameter(name).isfinite().all():
+                raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not finite "
+                                     "(a scale too large for the weights' precision)")
+    return touched
+
+
+def read_lora(info: "ModelInfo", lora: LoraFile) -> dict[str, int]:
+    """Read ``lora`` with the family's loader, without loading it into any module: a file diffusers cannot read,
+    one holding NaN/Inf, or one for other parts than this model's (another architecture) is exit 5 naming it.
+    Returns {part: LoRA layers the file has for it}. (``serve --write-repository`` checks files this way: it
+    loads no model.)"""
+    from diffusers.configuration_utils import FrozenDict
+
+    with _quiet():
+        try:
+            # unet_config: as the SDXL loader passes it (kohya's SDXL files name blocks as in SGM's UNet)
+            state_dict = loader_class(info.family).lora_state_dict(
+                str(lora.path), unet_config=FrozenDict(info.unet_config))[0]
+        except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
+            raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
+                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+    _check_finite(lora, state_dict)
+    return _layers_per_part(lora, state_dict, lora_parts(info), info)
+
+
+def _check_finite(lora: LoraFile, state_dict: dict[str, Any]) -> None:
+    """A LoRA file holding NaN or Inf would give an export or engines that draw only NaN (exit 0 at export)."""
+    for key, value in state_dict.items():
+        if hasattr(value, "isfinite") and value.is_floating_point() and not value.isfinite().all():
+            raise IntegrityError(f"--lora {lora.path}: holds values that are not finite (NaN/Inf in {key}): "
+                                 "a corrupt LoRA file")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -545,8 +545,13 @@ def writing(root: str | os.PathLike, what: str, say: Callable[[str], None] = lam
 
 @contextlib.contextmanager
 def reading(root: str | os.PathLike, say: Callable[[str], None] = lambda msg: None) -> Iterator[None]:
-    """Hold the export's lock shared (after finishing a committed transaction a killed writer left)."""
+    """Hold the export's lock shared (after finishing a committed transaction a killed writer left).
+    A directory that holds no export (a model directory given by mistake) gets no lock file: the reader
+    refuses it, and nothing may be left behind in it."""
     root = Path(root)
+    if not (root / "manifest.json").is_file() and not (root / JOURNAL_NAME).is_file():
+        yield
+        return
     recover_if_needed(root, say)
     with ExportLock(root, False, "read", say):
         yield

@@ -213,7 +213,10 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
         raise BackendUnavailable(f"ONNX Runtime's transformer optimizer is missing ({exc})") from None
     from .export import clean_graph, save_onnx, torch_export
     from .manifest import writing
+    from .paths import check_export_writable
 
+    # an export (not a missing path, nor a model directory that would get a lock file) that takes new files
+    check_export_writable(ExportDir.open(export_dir), "build --backend ort writes ort_cuda/ there")
     with writing(export_dir, "build --backend ort", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest

@@ -264,14 +264,25 @@ def source_inputs(export, model_dir: str | os.PathLike | None = None) -> Guarded
     return guard
 
 
-def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None) -> list[Path]:
-    """``infer -o``: every PNG of the batch and the sidecar, against the export and its source model, and
-    room for them (at most 3 bytes a pixel and a sidecar)."""
+def request_inputs(image=None, mask=None, loras=()) -> Guarded:
+    """The files a generation request reads besides the export: ``--image``, ``--mask`` and ``--lora``."""
+    guard = Guarded()
+    for option, path in (("--image", image), ("--mask", mask)):
+        if path is not None:
+            guard.file(path, f"the {option} file {path}")
+    for lora in loras:
+        guard.file(lora.path, f"the --lora file {lora.path}")
+    return guard
+
+
+def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None, inputs: Guarded | None = None) -> list[Path]:
+    """``infer -o``: every PNG of the batch and the sidecar, against the export, its source model and the
+    request's own inputs (``request_inputs``), and room for them (at most 3 bytes a pixel and a sidecar)."""
     from .limits import check_disk
     from .pipeline import image_paths
 
     names, sidecar = image_paths(out, geo.images)
-    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir)
+    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir) | (inputs or Guarded())
     for name in names:
         what = f"-o {out}" if name == Path(out) else f"-o {out}: its image {name}"
         check_output("-o", name, guard, what=what)
@@ -283,13 +294,38 @@ def check_infer_outputs(export, out: str | os.PathLike, geo, model_dir=None) -> 
 REPORT_BYTES = 64 * 1024  # bench.json is a few KiB
 
 
-def check_report_output(option: str, path: str | os.PathLike, export, model_dir=None) -> Path:
-    """A report file (``bench --json``) against the export and its source model, with room for it."""
+def check_report_output(option: str, path: str | os.PathLike, export, model_dir=None,
+                        inputs: Guarded | None = None) -> Path:
+    """A report file (``bench --json``) against the export, its source model and the request's own inputs
+    (``request_inputs``), with room for it."""
     from .limits import check_disk
 
-    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir)
+    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export, model_dir) | (inputs or Guarded())
     out = check_output(option, path, guard)
     check_disk(out.parent, REPORT_BYTES, "the report")
+    return out
+
+
+def check_repository_output(directory: str | os.PathLike, model_name: str, export, loras=()) -> Path:
+    """``serve --write-repository DIR``: the model directory ``DIR/<model-name>`` it writes lies nowhere in or
+    around the export, its source model or a ``--lora`` file, can be written, and replaces only a model that
+    ``serve`` wrote before (its config.pbtxt says so), never another directory's contents."""
+    from .serve import REPOSITORY_MARK
+
+    guard = export_artifacts(export.root, export.manifest.data) | source_inputs(export) | request_inputs(loras=loras)
+    guard.tree(export.root, f"the export {resolved(export.root)}")
+    recorded = export.manifest.data.get("model", {}).get("path")
+    if recorded:
+        guard.tree(recorded, f"the source model {resolved(recorded)}")
+    final = Path(directory) / model_name
+    out = check_output("--write-repository", final, guard, kind="dir",
+                       what=f"--write-repository {directory}: its model directory {final}")
+    config = out / "config.pbtxt"
+    try:
+        ours = config.is_file() and config.read_text(errors="replace").startswith(REPOSITORY_MARK)
+    except OSError:
+        ours = False
+    check_new_or_empty_dir("--write-repository", out, "a model written by 'sdexport serve'", ok=ours)
     return out
 
 

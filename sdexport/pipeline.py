@@ -102,6 +102,18 @@ def _as_list(value, n: int, what: str) -> list:
 MASK_MODES = ("1", "L", "RGB")  # binary, grayscale, or grayscale saved as RGB (white = repaint)
 
 
+def rgb_image(image, flag: str = "--image"):
+    """The RGB image diffusers' ``load_image`` makes of a file (``convert("RGB")``: grayscale, palette and
+    binary images spread to three channels, alpha dropped); 16-bit and float images are refused, as PIL would
+    clip them to white rather than scale them."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise UsageError(f"{flag}: a {image.mode} image (16/32-bit or float pixels); save it as an 8-bit image "
+                         "(RGB, grayscale, palette or RGBA)")
+    return image.convert("RGB")
+
+
 def check_strength(strength: float) -> None:
     if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 < strength <= 1:
         raise UsageError(f"--strength {strength}: must be in (0, 1] (1 repaints everything, small values keep "
@@ -148,7 +160,7 @@ class InitImage:
         mode = "inpainting" if mask is not None else "image-to-image"
         strength = export.family.default_strength[mode] if strength is None else strength
         check_strength(strength)
-        init = cls(mode, image, mask, float(strength))
+        init = cls(mode, rgb_image(image), mask, float(strength))
         if mask is not None:
             if mask.mode not in MASK_MODES:
                 raise UsageError(f"--mask: a {mask.mode} image; a mask is grayscale (modes {', '.join(MASK_MODES)}; "

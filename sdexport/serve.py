@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -602,8 +603,9 @@ class ServeOptions:
         if not 1 <= max_batch <= ranges.max_images:
             raise UsageError(f"--max-batch {max_batch}: the export runs 1 to {ranges.max_images} images per call "
                              f"(export with --max-batch to raise it)")
-        if self.max_queue_delay_ms < 0 or self.max_queue_size < 1:
-            raise UsageError("--max-queue-delay-ms must be >= 0 and --max-queue-size >= 1")
+        if not math.isfinite(self.max_queue_delay_ms) or self.max_queue_delay_ms < 0 or self.max_queue_size < 1:
+            raise UsageError(f"--max-queue-delay-ms {self.max_queue_delay_ms}, --max-queue-size {self.max_queue_size}: "
+                             "the delay must be a finite number >= 0 and the size >= 1")
         if self.warmup_steps < 1 or self.text_cache_size < 0 or self.drain_timeout_s < 1:
             raise UsageError("--warmup-steps and --drain-timeout-s must be >= 1, --text-cache-size >= 0")
         warmup = self.warmup if self.warmup is not None else ((ranges.opt_size, ranges.opt_size, 1),)
@@ -619,6 +621,9 @@ class ServeOptions:
         gpus = self.gpus or ((0,) if self.device == "cuda" else ())
         return dataclasses.replace(self, max_batch=max_batch, warmup=tuple(warmup), gpus=gpus,
                                    export_dir=str(Path(self.export_dir).resolve()), loras=loras)
+
+
+REPOSITORY_MARK = "# Written by sdexport serve"  # config.pbtxt's first line: a model --write-repository may replace
 
 
 def model_config(options: ServeOptions) -> str:
@@ -640,7 +645,7 @@ def model_config(options: ServeOptions) -> str:
               "warmup_steps": str(options.warmup_steps),
               "loras": json.dumps([lora.to_json() for lora in options.loras])}
     lines = [
-        f"# Written by sdexport serve (sdexport {_version()}). Inputs and outputs: README 'Serving'.",
+        f"{REPOSITORY_MARK} (sdexport {_version()}). Inputs and outputs: README 'Serving'.",
         f'name: "{options.model_name}"', 'backend: "python"', f"max_batch_size: {options.max_batch}",
         "input [", *(tensor(f, not f.required, f is INPUTS[-1]) for f in INPUTS), "]",
         "output [", *(tensor(f, False, f is OUTPUTS[-1]) for f in OUTPUTS), "]",
@@ -658,12 +663,22 @@ def _version() -> str:
     return __version__
 
 
-def write_repository(options: ServeOptions, directory: str | Path) -> Path:
+def write_repository(options: ServeOptions, directory: str | Path, export=None) -> Path:
     """A standard Triton model repository: ``DIR/<model>/config.pbtxt`` and ``DIR/<model>/1/model.py``.
-    The model directory is written under a temporary name and renamed into place."""
+    The model directory is written under a temporary name and renamed into place. ``export`` (a user's DIR;
+    serve's own temporary repository has none): paths.check_repository_output first, never into the export or
+    its source model, never over another directory's contents."""
     import shutil
     import tempfile
 
+    from .paths import check_repository_output
+
+    if export is not None:
+        from .lora import read_lora
+
+        check_repository_output(directory, options.model_name, export, options.loras)
+        for lora in options.loras:  # the server loads them at start: a file it cannot use is found now
+            read_lora(export.info, lora)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / options.model_name

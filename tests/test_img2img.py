@@ -106,6 +106,23 @@ def test_img2img_image_and_strength_matter(tiny_pipes):
     assert psnr(low, pipe(image=image, strength=0.1, **kw).images[0]) == float("inf")
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "1", "CMYK"])
+def test_img2img_takes_other_8bit_modes_as_diffusers_load_image_does(tiny_pipes, mode):
+    """A grayscale, palette, binary or RGBA file is what diffusers' load_image turns into RGB; fed as it was, the
+    VAE encoder got 1 or 4 channels (exit 4 naming the ONNX input)."""
+    image = noise_image(64, 64, seed=5).convert(mode)
+    kw = dict(prompt="x", steps=2, guidance_scale=1.0, seed=0, scheduler="ddim", strength=1.0)
+    ours = tiny_pipes["ort"](image=image, **kw).images
+    assert psnr(ours, tiny_pipes["ort"](image=image.convert("RGB"), **kw).images) == float("inf")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_img2img_refuses_16bit_and_float_images(tiny_pipes, mode):
+    image = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype("uint16")).convert(mode)
+    with pytest.raises(UsageError, match=f"--image: a {mode.replace(';', '.')}"):
+        tiny_pipes["ort"]("x", steps=2, image=image, strength=1.0)
+
+
 def test_img2img_resizes_like_diffusers(tiny_pipes, img2img_ref):
     """--height/--width resize the image with Lanczos (VaeImageProcessor); the reference gets the image resized by PIL."""
     image = noise_image(90, 100, seed=4)

@@ -100,3 +100,28 @@ def test_foreign_packages_are_refused(inductor_export, tmp_path):
     result = run_cli("infer", out, "--backend", "inductor", "--prompt", "p", "--height", 64, "--width", 64,
                      "--steps", 1, "-o", tmp_path / "x.png", "--device", "cpu")
     assert_error(result, 8, "compiled for cuda")
+
+
+def test_packages_follow_the_exports_loras(inductor_export, tiny_model, tmp_path):
+    """Packages are compiled with the export's fused LoRAs: a re-export with another LoRA left them in the
+    manifest, and infer --backend inductor ran the old weights with exit 0."""
+    from test_lora import _peft_lora
+
+    from sdexport.errors import IntegrityError
+    from sdexport.inductor import check_package
+    from sdexport.runtime import ExportDir
+
+    out = shutil.copytree(inductor_export, tmp_path / "e")
+    data = json.loads((out / "manifest.json").read_text())
+    data["model"]["loras"] = [{"file": "/x.safetensors", "sha256": "0" * 64, "scale": 1.0}]  # as if re-exported
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="other fused LoRAs"):
+        check_package(ExportDir.open(out), "unet", "cpu")
+    shutil.copy(inductor_export / "manifest.json", out / "manifest.json")
+    lora = _peft_lora(tiny_model, tmp_path / "l.safetensors", 1, ["to_q"])
+    result = run_cli("export", tiny_model, "-o", out, "--lora", lora)
+    assert result.exit_code == 0, result.stderr
+    assert not json.loads((out / "manifest.json").read_text()).get("inductor")
+    assert not list(out.glob("inductor/*.pt2"))
+    assert_error(run_cli("infer", out, "--backend", "inductor", "--prompt", "x", "--height", 64, "--width", 64,
+                         "--steps", 1, "-o", tmp_path / "x.png"), 5, "no Inductor engine")

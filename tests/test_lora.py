@@ -118,6 +118,10 @@ def test_parse_lora(tmp_path):
             parse_lora(bad)
     with pytest.raises(UsageError, match="no such file"):
         open_loras([str(tmp_path / "none.safetensors")])
+    assert parse_lora("x:100")[1] == 100.0 and parse_lora("x:-100")[1] == -100.0
+    for bad in ("x:100.5", "x:-101", "x:1e30"):  # finite, but the fused weights overflow into NaN images
+        with pytest.raises(UsageError, match=r"outside \[-100, 100\]"):
+            parse_lora(bad)
 
 
 # --- fused at export ---------------------------------------------------------------------------------
@@ -323,6 +327,38 @@ def test_cli_lora_errors_write_nothing(export_fp32, tiny_model, loras, tmp_path)
                          *[a for arg in lora_args for a in ("--lora", arg)])
         assert_error(result, code, needle)
         assert not (tmp_path / "exp" / "manifest.json").exists() and not (tmp_path / "exp" / "text_encoder").exists()
+
+
+def test_cli_lora_holding_nan_is_exit_5_and_writes_nothing(export_fp32, tiny_model, loras, tmp_path):
+    """A LoRA file with a NaN exported with exit 0 (an export that draws only NaN) and inferred into exit 6."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(loras["a"])
+    key = sorted(tensors)[-1]
+    tensors[key] = tensors[key].clone().fill_(float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, bad)
+    result = run_cli("export", tiny_model, "-o", tmp_path / "exp", "--components", "unet", "--lora", bad)
+    assert_error(result, 5, "not finite", "nan.safetensors")
+    assert not (tmp_path / "exp" / "manifest.json").exists()
+    result = run_cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--steps", 1, "--lora", bad)
+    assert_error(result, 5, "not finite", "nan.safetensors")
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("name, needle", [("corrupt", "not a LoRA this model can load"), ("nan", "not finite")])
+def test_serve_write_repository_reads_its_loras_first(export_fp32, loras, tmp_path, name, needle):
+    """The repository records the LoRA for the server to load at start: a file it cannot read was written with
+    exit 0 (the server then failed at load). Shapes are checked only when a model loads it (not here)."""
+    from safetensors.torch import load_file, save_file
+
+    path = loras.get(name)
+    if name == "nan":
+        tensors = {k: v.clone().fill_(float("nan")) for k, v in load_file(loras["a"]).items()}
+        save_file(tensors, path := tmp_path / "nan.safetensors")
+    result = run_cli("serve", export_fp32, "--write-repository", tmp_path / "repo", "--lora", path)
+    assert_error(result, 5, needle)
+    assert not (tmp_path / "repo" / "sdexport").exists()
 
 
 def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):

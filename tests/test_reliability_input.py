@@ -84,6 +84,18 @@ def test_prompts_that_are_not_utf8_text(export_fp32, tmp_path):
     assert not out.exists()
 
 
+def test_lora_path_that_is_not_utf8(export_fp32, tmp_path):
+    """A LoRA file whose name is not UTF-8: diffusers' loader cannot open it, and the file was called
+    "not a LoRA this model can load" (exit 5); the name is the problem (exit 2)."""
+    lora = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff.safetensors")
+    with open(lora, "wb") as f:
+        f.write(b"x")
+    out = tmp_path / "x.png"
+    assert_refused(cli("infer", export_fp32, "--prompt", "p", "--steps", "1", "--lora", lora, "-o", out), 2,
+                   "--lora", "not valid UTF-8")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--runs", "0"], "--runs 0"), (["--runs", "1001"], "at most 1000"), (["--warmup", "-1"], "--warmup -1"),
     (["--threads", "0"], "--threads 0"), (["--guidance-scale", "nan"], "finite"), (["--height", "0"], "--height 0"),
@@ -105,6 +117,23 @@ def test_bench_options(export_fp32, tmp_path, args, needle):
 def test_calibrate_options(tiny_model, tmp_path, args, code, needle):
     assert_refused(cli("calibrate", tiny_model, "-o", tmp_path / "c.npz", *args), code, needle)
     assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backend", "ort", "--static", "64x64"], "--static"), (["--backend", "ort", "--refittable"], "--refittable"),
+    (["--backend", "ort", "--precision", "fp32"], "--precision"), (["--backend", "ort", "--force"], "--force"),
+    (["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64", "--refittable"],
+     "--refittable"),
+    (["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64", "--min-size", "64"],
+     "--min-size"),
+    (["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64", "--timing-cache",
+      "/tmp/t.cache"], "--timing-cache"),
+])
+def test_build_options_of_another_backend_are_refused(export_fp32, args, needle):
+    """Options that --backend ort/inductor do not read were silently ignored (exit 0 without what was asked)."""
+    unchanged = tree_digest(export_fp32)
+    assert_refused(cli("build", export_fp32, *args), 2, needle, "not an option of build --backend")
+    assert tree_digest(export_fp32) == unchanged
 
 
 @pytest.mark.parametrize("args, needle", [

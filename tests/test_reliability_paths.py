@@ -200,6 +200,104 @@ def test_infer_on_a_model_directory_says_to_export_elsewhere(tiny_model, tmp_pat
     assert f"-o {tiny_model} " not in line + " " and f"-o {tiny_model}-onnx" in line
 
 
+def _picture(path, size=64):
+    from PIL import Image
+
+    Image.new("RGB", (size, size), (200, 120, 40)).save(path, format="PNG")
+    return path
+
+
+@pytest.mark.parametrize("out, inputs, needle", [
+    ("in.png", {"--image": "in.png"}, "--image"),
+    ("b.png", {"--image": "b-1.png", "--batch-size": "2"}, "--image"),  # the batch's second image
+    ("pic.png", {"--image": "in.png", "--lora": "pic.json"}, "--lora"),  # the sidecar onto the LoRA
+])
+def test_infer_output_onto_its_image_or_lora(export_fp32, tmp_path, out, inputs, needle):
+    """infer reads --image/--mask/--lora besides the export: no output (image, batch image, sidecar) may be one."""
+    args = []
+    for option, value in inputs.items():
+        if option in ("--image", "--lora"):
+            path = tmp_path / value
+            _picture(path) if option == "--image" else path.write_bytes(b"a LoRA's bytes")
+            value = path
+        args += [option, value]
+    unchanged = _untouched(tmp_path)
+    assert_refused(cli("infer", export_fp32, "--prompt", "a kite", "--steps", "2", "--strength", "1", *args,
+                       "-o", tmp_path / out), 2, needle, "would overwrite")
+    assert unchanged()
+
+
+def test_bench_json_onto_its_image(export_fp32, tmp_path):
+    image = _picture(tmp_path / "in.json")
+    unchanged = _untouched(tmp_path)
+    assert_refused(cli("bench", export_fp32, "--steps", "2", "--image", image, "--json", image), 2, "--image",
+                   "would overwrite")
+    assert unchanged()
+
+
+BUILD_OTHER_BACKENDS = [("--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "64x64"),
+                        ("--backend", "ort")]
+
+
+@pytest.mark.parametrize("args", BUILD_OTHER_BACKENDS, ids=["inductor", "ort"])
+def test_build_other_backends_on_no_export(args, tmp_path):
+    """A missing path, a file: exit 5 naming it (the writer's lock file was opened first: a traceback)."""
+    assert_refused(cli("build", tmp_path / "nowhere", *args), 5, "no such export directory")
+    (tmp_path / "file").write_text("x")
+    assert_refused(cli("build", tmp_path / "file", *args), 5, "not an export directory")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.parametrize("command", [["infer", "--prompt", "a", "-o", "OUT/x.png"], ["validate"], ["bench"],
+                                     ["serve", "--write-repository", "OUT/repo"], ["build", *BUILD_OTHER_BACKENDS[0]],
+                                     ["build", *BUILD_OTHER_BACKENDS[1]]], ids=lambda c: " ".join(c[:3]))
+def test_commands_on_a_model_directory_leave_nothing_in_it(model, tmp_path, command):
+    """The source model given where an export belongs: exit 5, and not even a lock file is left in it."""
+    names = sorted(os.listdir(model))
+    args = [str(a).replace("OUT", str(tmp_path)) for a in command]
+    assert_refused(cli(args[0], model, *args[1:]), 5, "not an export")
+    assert sorted(os.listdir(model)) == names
+
+
+@pytest.mark.parametrize("where, name, needle", [
+    ("EXPORT", "sdexport", "would write inside the export"),
+    ("EXPORT/unet", "sdexport", "a directory of the export"),
+    ("MODEL", "sdexport", "would write inside the source model"),
+    ("MODEL/..", "MODELNAME", "would overwrite the source model"),  # DIR/<model-name> is the model itself
+    ("EXPORT/..", "EXPORTNAME", "would overwrite the export"),
+    ("TMP", "notes", "not a model written by 'sdexport serve'"),  # another directory's contents
+    ("TMP", "file", "not a directory"),
+    ("/proc", "sdexport", "cannot write"),
+    ("TMP/file/sub", "sdexport", "cannot be written"),  # under a regular file
+])
+def test_serve_write_repository_onto_its_inputs(export, tmp_path, where, name, needle):
+    """--write-repository DIR writes (and replaces) DIR/<model-name>: it wrote into the export and the source
+    model, replaced whatever DIR/<model-name> held (the source model itself), and gave a traceback on /proc."""
+    recorded = json.loads((export / "manifest.json").read_text())["model"]["path"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    subs = {"EXPORTNAME": export.name, "MODELNAME": os.path.basename(recorded), "EXPORT": str(export),
+            "MODEL": recorded, "TMP": str(tmp_path)}
+    for key, value in subs.items():
+        where, name = where.replace(key, value), name.replace(key, value)
+    unchanged = _untouched(export, recorded, tmp_path / "notes", tmp_path / "file")
+    assert_refused(cli("serve", export, "--write-repository", where, "--model-name", name), 2, needle)
+    assert unchanged()
+    assert not os.path.exists(os.path.join(where, name)) or name in ("notes", "file", os.path.basename(recorded),
+                                                                      export.name)
+
+
+def test_serve_write_repository_replaces_its_own_model_only(export_fp32, tmp_path):
+    repo = tmp_path / "repo"
+    for _ in range(2):  # the second run replaces the model the first one wrote
+        proc = cli("serve", export_fp32, "--write-repository", repo)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(repo)) == ["sdexport"]
+    assert_refused(cli("serve", export_fp32, "--write-repository", repo, "--max-queue-delay-ms", "nan"), 2,
+                   "--max-queue-delay-ms nan", "finite")
+
+
 # --- bench, calibrate, quantize, build, validate ------------------------------------------------------
 @pytest.mark.parametrize("target, needle", [
     ("manifest.json", "manifest.json"),

@@ -404,6 +404,17 @@ def test_lcm_cli_says_how_the_guidance_scale_is_used(export_lcm_sd, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 4
 
 
+@pytest.mark.parametrize("model, components", [
+    ("sdxl_tiny_model", ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]),
+    ("refiner", ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"])])
+def test_cli_export_defaults_to_every_component_of_the_family(request, model, components, tmp_path):
+    """`sdexport export SDXL -o OUT` without --components: an SD list as the default dropped text_encoder_2
+    (exit 0, then infer failed) and refused a refiner."""
+    result = run_cli("export", request.getfixturevalue(model), "-o", tmp_path / "x", "--max-batch", "1")
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads((tmp_path / "x" / "manifest.json").read_text())["components"]) == components
+
+
 # --- refiner ----------------------------------------------------------------------------------------
 def test_refiner_exports_and_validates(export_refiner):
     from sdexport.validate import validate
