@@ -14,20 +14,15 @@ from ..errors import ShapeError
 from .base import Engine
 
 
-def _prepare_cuda_process(index: int) -> None:
-    """What a process needs before it loads a CUDA package. On an H100 (torch 2.11+cu130, driver 580) a fresh
-    interpreter died with SIGSEGV inside aoti_load_package unless onnxruntime had been imported first
-    (benchmarks/aoti_load_probe.py; infer and bench always had, through the ONNX Runtime engines of the other
-    components; 'validate --backend inductor' had not). Import it where installed, and start CUDA on the
-    package's device."""
-    import torch
-
+def _import_onnxruntime_first() -> None:
+    """On an H100 (torch 2.11+cu130, driver 580) a fresh interpreter died with SIGSEGV inside aoti_load_package
+    unless onnxruntime had been imported first; torch.cuda.init() or a CUDA tensor beforehand did not help
+    (benchmarks/aoti_load_probe.py). infer and bench always had imported it, through the ONNX Runtime engines
+    of the other components; 'validate --backend inductor' had not. Import it where installed."""
     try:
         import onnxruntime  # noqa: F401  (see the docstring)
     except ImportError:
         pass
-    torch.cuda.set_device(index)
-    torch.zeros(1, device=f"cuda:{index}")
 
 
 class InductorEngine(Engine):
@@ -42,7 +37,7 @@ class InductorEngine(Engine):
         self.path, self.entry = check_package(export, component, device)
         index = torch.device(device).index if device.startswith("cuda") else -1
         if device.startswith("cuda"):
-            _prepare_cuda_process(index or 0)
+            _import_onnxruntime_first()
         self.model = torch._inductor.aoti_load_package(str(self.path), run_single_threaded=True,
                                                        device_index=index if index is not None else 0)
         self.static_dims = dict(self.entry["dims"])
