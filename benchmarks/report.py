@@ -26,15 +26,22 @@ def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def peer_row(ok):
+    """torch.compile + CUDA graph: the row every speed target is measured against."""
+    return next((r for r in ok if COMPILED in r["label"]), None)
+
+
+def fastest_engine(ok):
+    engines = [r for r in ok if "engine" in r["label"]]
+    return min(engines, key=lambda r: r["unet_step_ms"]["median_ms"]) if engines else None
+
+
 def speed_targets(rows, title, e2e_limit=None):
     """Issue 14's per-step target on one table: the fastest engine row against torch.compile + CUDA graph."""
     ok = [r for r in rows if "error" not in r]
-    compiled = next((r for r in ok if r["label"] == COMPILED), None)
-    engines = sorted((r for r in ok if "engine" in r["label"] and r["label"].startswith("FP16")),
-                     key=lambda r: r["unet_step_ms"]["median_ms"])
-    if not compiled or not engines:
-        return [f"- {title}: not measured (no torch.compile row or no FP16 engine row)"]
-    best = engines[0]
+    compiled, best = peer_row(ok), fastest_engine(ok)
+    if not compiled or not best:
+        return [f"- {title}: not measured (no torch.compile row or no engine row)"]
     ratio = compiled["unet_step_ms"]["median_ms"] / best["unet_step_ms"]["median_ms"]
     image = compiled["stages_ms"]["pipeline_total"] / best["stages_ms"]["pipeline_total"]
     lines = [f"- {title}: fastest engine `{best['label']}` {best['unet_step_ms']['median_ms']:.2f} ms/step vs "
@@ -123,11 +130,9 @@ def fourway_table(rows, steps):
 
 
 def targets(ok, eager16):
-    engines = [r for r in ok if "engine" in r["label"]]
-    compiled = next((r for r in ok if "torch.compile + CUDA graph" in r["label"]), None)
-    if not engines or not eager16:
+    compiled, best = peer_row(ok), fastest_engine(ok)
+    if not best or not eager16:
         return []
-    best = min(engines, key=lambda r: r["unet_step_ms"]["median_ms"])
     step = best["unet_step_ms"]["median_ms"]
     vs_eager = eager16["unet_step_ms"]["median_ms"] / step
     out = [f"Fastest sdexport engine path: **{best['label']}**, {step:.2f} ms/step.", ""]
