@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder"]
+ROOT = Path(__file__).resolve().parents[1]
 OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False, sdxl_onnx_unet=False)  # set by main()
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -404,6 +405,53 @@ def stage_profile(work: Path, out: Path) -> None:
         save(out, "profile", result)
 
 
+def stage_lora(work: Path, out: Path) -> None:
+    """Issue 11 on the GPU: how long switching a LoRA onto loaded engines takes per backend (no re-export, no
+    rebuild), against the two things it replaces: a re-export with the LoRA fused (sdexport export --lora) and,
+    for the Inductor engines, a rebuild. Runs the user's commands (sdexport bench --lora / export --lora) on
+    prepare's FP32 export, with LoRAs of rank 16 on the UNet's and the text encoder's attention
+    (benchmarks/make_lora.py). A -> B -> A exactness on CUDA is the GPU tests' job (tests/test_lora.py)."""
+    import subprocess
+
+    result = {**header(), "rows": {}}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    loras = []
+    for name, seed in (("lora_a", 1), ("lora_b", 2)):
+        f = work / f"{name}.safetensors"
+        if not f.is_file():
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_lora.py"), str(work / "sd15"), str(f),
+                            "--seed", str(seed)], check=True, env=env)
+        loras.append(f)
+    steps = "2" if OPTS.quick else "30"
+    for label, args in (("ORT CUDA (FP32 graphs)", ["--backend", "ort"]),
+                        ("PyTorch eager FP32 (diffusers' load + fuse)", ["--backend", "torch"])):
+        js = work / f"lora-bench-{len(result['rows'])}.json"
+        cmd = [sys.executable, "-m", "sdexport", "bench", str(work / "e32"), *args, "--device", OPTS.device,
+               "--steps", steps, "--runs", "3", "--no-eager", "--lora", f"{loras[0]}:0.8", "--json", str(js)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        row = {"command": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+        if proc.returncode == 0 and js.is_file():
+            data = json.loads(js.read_text())
+            results = data.get("results") or data.get("rows") or []
+            first = results[0] if results else {}
+            row.update({"lora_switch": first.get("lora_switch"), "stages_ms": first.get("stages_ms"),
+                        "load_seconds": first.get("load_seconds")})
+        else:
+            row["stderr_tail"] = proc.stderr[-2000:]
+        result["rows"][label] = row
+        log(f"lora {label}: {row.get('lora_switch') or row.get('stderr_tail', '')[-300:]}")
+        save(out, "lora", result)
+    # what a switch replaces: re-export with the LoRA fused, and (Inductor) a rebuild of the UNet package
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sdexport", "export", str(work / "sd15"), "-o", str(work / "e32lora"),
+                           "--components", ",".join(COMPONENTS), "--max-batch", "8", "--lora", f"{loras[0]}:0.8"],
+                          env=env, capture_output=True, text=True)
+    result["reexport_with_lora"] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                                    **({"stderr_tail": proc.stderr[-1500:]} if proc.returncode else {})}
+    save(out, "lora", result)
+
+
 # --- SDXL (issue 10) ----------------------------------------------------------------------------------
 SDXL_PARTS = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
 SDXL_SIZE = 1024
@@ -539,7 +587,7 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
-                                          "sdxl-prepare", "sdxl-ortprep", "sdxl"])
+                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "lora"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains one of these (comma-separated)")
@@ -563,7 +611,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
      "profile": stage_profile, "int8": stage_int8, "sdxl-prepare": stage_sdxl_prepare,
-     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
+     "sdxl-ortprep": stage_sdxl_ortprep, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)
 
 

@@ -12,8 +12,17 @@ guidance), each variant captured as one CUDA graph and timed by CUDA events over
   autotune           torch.compile max-autotune (no Inductor cudagraphs; ours) + fused QKV + channels-last,
                      Inductor's conv 1x1-as-matmul and coordinate-descent tuning
   aoti               the autotune variant compiled ahead of time (AOTInductor package), loaded and graphed
+  engine             what `sdexport build --backend inductor` compiles (AOTInductor, fused QKV, channels-last,
+                     freezing, 1x1 convolutions as matrix products; no max-autotune)
+  engine+cudnn-attn  the same, traced with attention pinned to cuDNN's fused attention
+  compile+qkv+cl+fp8 compile+qkv+cl with every nn.Linear quantized to FP8 (e4m3, dynamic per-row activation and
+                     per-channel weight scales, torchao's Float8DynamicActivationFloat8WeightConfig; Hopper)
 
-usage: python benchmarks/speed_probe.py [--model sd15|sdxl] [--variants a,b,...] [--out DIR]
+--profile adds, per variant, the GPU kernel time of one step summed by kernel and by kind (convolution, matrix
+product, attention, normalisation, other) from torch.profiler over 5 calls without a CUDA graph (replays hide
+kernels from the profiler): where the step's time goes, and what a lever moved.
+
+usage: python benchmarks/speed_probe.py [--model sd15|sdxl] [--variants a,b,...] [--profile] [--out DIR]
 Writes OUT/speed_probe-<model>.json after every variant (a crash keeps what was measured).
 """
 
@@ -109,12 +118,60 @@ def graph_time(fn, feed, iters=100):
     return statistics.median(times), sorted(times)[int(0.9 * len(times))], out.clone()
 
 
+KINDS = (("attention", ("flash", "fmha", "attn", "sdpa", "softmax")),
+         ("convolution", ("conv", "fprop", "implicit", "dgrad", "wgrad", "nchw", "nhwc")),
+         ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "_mm", "matmul", "scaled_mm", "f8f8")),
+         ("normalisation", ("group_norm", "layer_norm", "native_layer", "groupnorm", "layernorm", "_red_fused",
+                            "_per_fused")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, marks in KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
+
+
+def kernel_profile(fn, feed, calls=5) -> dict:
+    """GPU kernel time of one call, by kernel (top 15) and by kind, from torch.profiler (no CUDA graph)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(2):
+            fn(**feed)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn(**feed)
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if dev_us > 0 and evt.count:
+            rows.append((evt.key, dev_us / calls / 1e3, evt.count // calls))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows) or 1.0
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    return {"kernel_ms_per_step": round(total, 3), "kernels_per_step": sum(r[2] for r in rows),
+            "by_kind": {k: {"ms": round(v, 3), "share_pct": round(100 * v / total, 1)}
+                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:160], "kind": kernel_kind(k), "ms_per_step": round(ms, 3),
+                     "share_pct": round(100 * ms / total, 1), "calls_per_step": n} for k, ms, n in rows[:15]]}
+
+
 def rel_l2(got, want) -> float:
     got, want = got.double().cpu(), want.double().cpu()
     return float((got - want).norm() / want.norm())
 
 
 def main() -> None:
+    from sdexport.backends.inductor import _import_onnxruntime_first
+
+    _import_onnxruntime_first()  # before any AOTInductor package is loaded (benchmarks/aoti_load_probe.py)
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -123,6 +180,7 @@ def main() -> None:
     p.add_argument("--variants", default="eager+graph,compile+graph,compile+qkv+cl,autotune,aoti")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--profile", action="store_true", help="also record each variant's kernel profile")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,9 +216,12 @@ def main() -> None:
             unet = unet.to(memory_format=torch.channels_last)
         return wrap(unet)
 
-    def run(name, build):
-        if name not in args.variants.split(","):
-            return
+    builders = {}
+
+    def run(name, build):  # registered here, run below in the order --variants names them
+        builders[name] = build
+
+    def measure(name, build):
         import torch._dynamo
 
         torch._dynamo.reset()
@@ -172,6 +233,11 @@ def main() -> None:
             result["variants"][name] = {"ms": round(median, 4), "p90_ms": round(p90, 4),
                                         "rel_l2_vs_fp32": rel_l2(got, ref), "build_s": round(time.perf_counter() - t0, 1),
                                         **extra}
+            if args.profile:
+                try:
+                    result["variants"][name]["profile"] = kernel_profile(fn, feed)
+                except Exception as exc:  # the timing stands without it
+                    result["variants"][name]["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         except Exception as exc:
             traceback.print_exc()
             result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:1500],
@@ -208,6 +274,43 @@ def main() -> None:
     run("compile+qkv+cl+cudnn-attn", lambda: with_attention("CUDNN_ATTENTION"))
     run("compile+qkv+cl+flash-attn", lambda: with_attention("FLASH_ATTENTION"))
 
+    def fp8():
+        """nn.Linear layers in FP8 on Hopper (torchao): the transformer blocks' projections and feed-forward."""
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        module = fresh(qkv=True, channels_last=True)
+        quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        import torchao
+
+        return torch.compile(module), {"mode": "default", "torchao": torchao.__version__,
+                                       "fp8": "e4m3 dynamic per-row activations, per-channel weights, nn.Linear only"}
+
+    run("compile+qkv+cl+fp8", fp8)
+
+    def engine(attention=None):
+        """What sdexport's Inductor backend compiles (sdexport/inductor.py's configs), optionally traced with
+        attention pinned to one SDPA backend (the choice is baked into the exported graph)."""
+        import contextlib
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from sdexport.inductor import INDUCTOR_CONFIGS
+
+        module = fresh(qkv=True, channels_last=True)
+        names = list(feed)
+        pinned = sdpa_kernel(getattr(SDPBackend, attention)) if attention else contextlib.nullcontext()
+        with pinned, torch.no_grad():
+            ep = torch.export.export(module, (), {k: feed[k] for k in names})
+            pkg = torch._inductor.aoti_compile_and_package(
+                ep, package_path=f"/tmp/probe-{args.model}-engine-{attention or 'default'}.pt2",
+                inductor_configs=dict(INDUCTOR_CONFIGS))
+        loaded = torch._inductor.aoti_load_package(pkg, run_single_threaded=True)
+        return (lambda **kw: loaded(**kw)), {"inductor_configs": dict(INDUCTOR_CONFIGS),
+                                             "sdpa_backend": attention or "default"}
+
+    run("engine", lambda: engine())
+    run("engine+cudnn-attn", lambda: engine("CUDNN_ATTENTION"))
+
     def autotune():
         autotune_config()
         return torch.compile(fresh(qkv=True, channels_last=True), mode="max-autotune-no-cudagraphs"), {
@@ -229,7 +332,12 @@ def main() -> None:
         return (lambda **kw: loaded(**kw)), {"package_mib": round(size / 2**20, 1)}
 
     run("aoti", aoti)
-    for name in ("compile+qkv+cl", "autotune", "aoti"):
+    unknown = [n for n in args.variants.split(",") if n not in builders]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(builders)})")
+    for name in args.variants.split(","):
+        measure(name, builders[name])
+    for name in [n for n in result["variants"] if n not in ("eager+graph", "compile+graph")]:
         v = result["variants"].get(name, {})
         base = result["variants"].get("compile+graph", {}).get("ms")
         if "ms" in v and base:
