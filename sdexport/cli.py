@@ -660,7 +660,9 @@ def _ints(text: str | None) -> tuple[int, ...]:
 @click.option("--max-queue-size", type=int, default=32, show_default=True,
               help="Queued requests beyond this are rejected at once (503, 'Exceeds maximum queue size').")
 @click.option("--warmup", multiple=True, metavar="HxW[xN]",
-              help="Shape to run before reporting ready, N images per call (repeatable; default: native size x1).")
+              help="Shape to run before reporting ready, N images per call (repeatable; default: native size). "
+                   "Without N: one image, or with --step-graph every batch size up to --max-batch (each size "
+                   "is its own step graph).")
 @click.option("--warmup-steps", type=int, default=2, show_default=True,
               help="Steps of each warm-up run (with --step-graph: the steps your clients send).")
 @click.option("--text-cache-size", type=int, default=256, show_default=True,

@@ -550,8 +550,9 @@ from sdexport.serve import TritonPythonModel  # noqa: E402,F401
 
 # --- options, repository, launcher ----------------------------------------------------------------------------
 
-def parse_warmup(spec: str) -> tuple[int, int, int]:
-    """``HxW`` or ``HxWxN`` (N images in one call) -> (height, width, images)."""
+def parse_warmup(spec: str) -> tuple[int, int, int | None]:
+    """``HxW`` or ``HxWxN`` (N images in one call) -> (height, width, images); images None for ``HxW`` (one
+    image, or with step graphs every batch size up to --max-batch: ServeOptions.resolved)."""
     parts = spec.lower().strip().split("x")
     try:
         values = [int(p) for p in parts]
@@ -559,7 +560,7 @@ def parse_warmup(spec: str) -> tuple[int, int, int]:
         values = []
     if len(values) not in (2, 3) or min(values) < 1:
         raise UsageError(f"--warmup {spec}: expected HxW or HxWxN (pixels, images), e.g. 512x512x4")
-    return (values[0], values[1], values[2] if len(values) == 3 else 1)
+    return (values[0], values[1], values[2] if len(values) == 3 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -571,7 +572,8 @@ class ServeOptions:
     max_batch: int | None = None  # images per execute; default: the export's maximum
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 32
-    warmup: tuple[tuple[int, int, int], ...] | None = None  # default: native size, one image
+    # default: native size; HxW without N: one image, or with step graphs each batch size 1..max_batch
+    warmup: tuple[tuple[int, int, int | None], ...] | None = None
     warmup_steps: int = 2
     text_cache_size: int = 256
     step_graph: bool = False
@@ -608,7 +610,13 @@ class ServeOptions:
                              "the delay must be a finite number >= 0 and the size >= 1")
         if self.warmup_steps < 1 or self.text_cache_size < 0 or self.drain_timeout_s < 1:
             raise UsageError("--warmup-steps and --drain-timeout-s must be >= 1, --text-cache-size >= 0")
-        warmup = self.warmup if self.warmup is not None else ((ranges.opt_size, ranges.opt_size, 1),)
+        # A step graph is captured per request shape, batch size included, on its first use. Dynamic batching makes
+        # any size from 1 to max_batch: capture them all before reporting ready, or the first requests of each size
+        # pay for a capture while serving (measured on an H100: it hid most of a second GPU's throughput).
+        sizes = range(1, max_batch + 1) if self.step_graph else (1,)
+        warmup = [(h, w, m) for h, w, n in (self.warmup if self.warmup is not None
+                                              else ((ranges.opt_size, ranges.opt_size, None),))
+                  for m in ((n,) if n is not None else sizes)]
         for h, w, n in warmup:
             if n > max_batch:
                 raise UsageError(f"--warmup {h}x{w}x{n}: more images than --max-batch {max_batch}")

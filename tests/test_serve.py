@@ -465,6 +465,23 @@ def test_write_repository(export_fp32, tmp_path):
     assert sorted(p.name for p in repo.iterdir()) == [MODEL]  # nothing left under a temporary name
 
 
+@pytest.mark.parametrize("extra, warmups", [
+    (["--step-graph", "--warmup", "64x96"], "64x96x1,64x96x2,64x96x3"),  # a step graph per batch size
+    (["--step-graph"], "128x128x1,128x128x2,128x128x3"),  # the default shape: the native size (tiny: 128 px)
+    (["--step-graph", "--warmup", "64x96x2"], "64x96x2"),  # N given: that one
+    (["--warmup", "64x96"], "64x96x1"),  # no step graphs: one image
+    ([], "128x128x1"),
+])
+def test_warmup_captures_every_batch_size_with_step_graphs(export_fp32, tmp_path, extra, warmups):
+    """Dynamic batching makes any batch size up to --max-batch, and a step graph is captured per size: with
+    --step-graph, HxW warms up every size before the server reports ready (on an H100, captures left to the
+    first requests of each size took most of a second GPU's throughput)."""
+    repo = tmp_path / "repo"
+    result = run_cli("serve", export_fp32, "--write-repository", repo, "--device", "cuda", "--max-batch", 3, *extra)
+    assert result.exit_code == 0, result.stderr
+    assert f'key: "warmup" value: {{ string_value: "{warmups}" }}' in (repo / MODEL / "config.pbtxt").read_text()
+
+
 @pytest.mark.slow
 def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tmp_path):
     """The TensorRT backend on an export without engines: the model cannot load, and serve says why (the
