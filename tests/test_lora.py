@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_error, load_manifest, run_cli
+from conftest import assert_error, assert_refused, cli, load_manifest, run_cli
 from sdexport.backends import load_engines
 from sdexport.errors import IntegrityError, UsageError
 from sdexport.lora import WeightMap, open_loras, parse_lora
@@ -346,10 +346,13 @@ def test_cli_lora_holding_nan_is_exit_5_and_writes_nothing(export_fp32, tiny_mod
     assert not (tmp_path / "o.png").exists()
 
 
-@pytest.mark.parametrize("name, needle", [("corrupt", "not a LoRA this model can load"), ("nan", "not finite")])
+@pytest.mark.parametrize("name, needle", [("corrupt", "not a LoRA this model can load"), ("nan", "not finite"),
+                                          ("foreign", "size mismatch"), ("missing", "match no layer"),
+                                          ("te2", "has weights for 'text_encoder_2'")])
 def test_serve_write_repository_reads_its_loras_first(export_fp32, loras, tmp_path, name, needle):
-    """The repository records the LoRA for the server to load at start: a file it cannot read was written with
-    exit 0 (the server then failed at load). Shapes are checked only when a model loads it (not here)."""
+    """The repository records the LoRA for the server to load at start: a file it cannot read, or one whose
+    layers do not fit this model (other shapes, other module names), was written with exit 0 (the server then
+    failed at load). Checked as infer checks it, on modules without weights."""
     from safetensors.torch import load_file, save_file
 
     path = loras.get(name)
@@ -359,6 +362,22 @@ def test_serve_write_repository_reads_its_loras_first(export_fp32, loras, tmp_pa
     result = run_cli("serve", export_fp32, "--write-repository", tmp_path / "repo", "--lora", path)
     assert_error(result, 5, needle)
     assert not (tmp_path / "repo" / "sdexport").exists()
+
+
+def test_serve_write_repository_wrong_shapes_one_line(export_fp32, loras, tmp_path):
+    """A LoRA for another model's shapes: one error line, exit 5, nothing written (diffusers logged the whole
+    state-dict error on stderr before it), the same line as infer's; a LoRA that fits still writes."""
+    repo = tmp_path / "repo"
+    line = assert_refused(cli("serve", export_fp32, "--write-repository", repo, "--lora", loras["foreign"]), 5,
+                          "other-model.safetensors", "size mismatch")
+    assert not repo.exists() or not any(repo.iterdir())
+    proc = cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--steps", 1, "--lora",
+               loras["foreign"])
+    assert assert_refused(proc, 5) == line and not (tmp_path / "o.png").exists()
+    assert proc.stderr.strip() == line
+    proc = cli("serve", export_fp32, "--write-repository", repo, "--lora", f"{loras['a']}:0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert (repo / "sdexport" / "config.pbtxt").is_file()
 
 
 def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
