@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_error, assert_refused, cli, load_manifest, run_cli
+from conftest import LORA_REQUEST as REQUEST
+from conftest import (assert_error, assert_refused, cli, diffusers_lora_images, load_manifest, lora_references,
+                      run_cli)
 from sdexport.backends import load_engines
 from sdexport.errors import IntegrityError, UsageError
 from sdexport.lora import WeightMap, open_loras, parse_lora
-from sdexport.pipeline import Pipeline, make_scheduler
+from sdexport.pipeline import Pipeline
 from sdexport.runtime import ExportDir
 from test_pipeline import psnr
 
-REQUEST = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", steps=3, guidance_scale=6.0, seed=21,
-               scheduler="euler", height=64, width=96)
 
 
 def _peft_lora(model, path, seed, unet_targets, te_targets=(), rank=4, alpha=8, lora_bias=False):
@@ -90,21 +90,7 @@ def loras(tiny_model, other_model, tmp_path_factory):
 
 def diffusers_images(model, loras, **kw):
     """diffusers' StableDiffusionPipeline with ``loras`` [(file, scale)] loaded, weighted and fused."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    names = []
-    for i, (path, _) in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
-        names.append(f"l{i}")
-    if names:
-        pipe.set_adapters(names, [scale for _, scale in loras])
-        pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
-    pipe.scheduler = make_scheduler(kw["scheduler"], pipe.scheduler.config)
-    return pipe(kw["prompt"], negative_prompt=kw["negative_prompt"], num_inference_steps=kw["steps"],
-                guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(kw["seed"]),
-                height=kw["height"], width=kw["width"], output_type="np").images
+    return diffusers_lora_images("StableDiffusionPipeline", model, loras, **kw)
 
 
 # --- parsing ------------------------------------------------------------------------------------------
@@ -218,13 +204,7 @@ def test_weights_map_against_the_onnx_file(export_fp32, tiny_model):
 
 @pytest.fixture(scope="module")
 def references(tiny_model, loras):
-    cache = {}
-
-    def image(*state):
-        if state not in cache:
-            cache[state] = diffusers_images(tiny_model, [(loras[k], s) for k, s in state], **REQUEST)
-        return cache[state]
-    return image
+    return lora_references("StableDiffusionPipeline", tiny_model, loras)
 
 
 @pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.slow)])
