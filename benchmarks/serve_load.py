@@ -60,6 +60,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (tests/test_serve.py starts its servers with them too)."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))

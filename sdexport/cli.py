@@ -21,7 +21,7 @@ from . import __version__  # noqa: E402
 from . import limits  # noqa: E402
 from .errors import SdexportError  # noqa: E402
 
-from .families import all_options  # noqa: E402
+from .families import all_options, default_strengths  # noqa: E402
 from .pipeline import SCHEDULERS  # noqa: E402
 
 SCHEDULER_NAMES = tuple(SCHEDULERS)
@@ -372,8 +372,8 @@ def validate(export_dir, backend, device, components, model_dir):
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
               help="Inpainting mask (grayscale, same size as --image; white = repaint). Inpainting models only.")
 @click.option("--strength", type=float, default=None,
-              help="How much of --image is repainted, in (0, 1] (default: diffusers' for the model: 0.8 SD, 0.3 "
-                   "SDXL; inpainting 1.0 SD, 0.9999 SDXL).")
+              help=f"How much of --image is repainted, in (0, 1] (default: diffusers' for the model: "
+                   f"{default_strengths()}).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Switch this LoRA onto the engines (no re-export or rebuild; TensorRT: --refittable engines); "
                    "repeatable.")
@@ -524,7 +524,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
               help="Time image-to-image from this image (inpainting with --mask); adds the VAE-encode stage.")
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None, help="Inpainting mask.")
 @click.option("--strength", type=float, default=None,
-              help="With --image: in (0, 1] (default: 0.8 SD, 0.3 SDXL; inpainting 1.0 SD, 0.9999 SDXL).")
+              help=f"With --image: in (0, 1] (default: {default_strengths()}).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Switch this LoRA onto the engines first (repeatable); reports the switch time.")
 @handled

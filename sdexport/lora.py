@@ -199,24 +199,11 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     fused weights under their own parameter names. ``before_fuse`` sees the wrapped layers per part first
     (the switching path puts the base weights there). Returns the changed parameter names per part.
     A file diffusers cannot read, or one that does not match the model, is exit 5."""
-    family = info.family
-    model_parts = lora_parts(info)
-    parts = [p for p in model_parts if p in modules]
-    host = _host(family, {p: modules[p] for p in parts})
-    names = []
+    parts = [p for p in lora_parts(info) if p in modules]
+    host = _host(info.family, {p: modules[p] for p in parts})
+    names = [f"lora{i}" for i in range(len(loras))]
     with _quiet():
-        for i, lora in enumerate(loras):
-            adapter = f"lora{i}"
-            by_part = read_lora(info, lora)
-            try:
-                host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
-            except SdexportError:
-                raise
-            except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
-                raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
-                                     f"({type(exc).__name__}: {_first_line(exc)})") from None
-            _check_matches(lora, by_part, host, parts, adapter)
-            names.append(adapter)
+        _load_adapters(info, host, parts, loras, names)
         wrapped = {p: list(_wrapped_layers(modules[p])) for p in parts}
         if before_fuse:
             before_fuse(wrapped)
@@ -235,11 +222,44 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     return touched
 
 
+def _load_adapters(info: "ModelInfo", host, parts: list[str], loras: list[LoraFile], names: list[str]) -> None:
+    """Load each LoRA into ``host`` as adapter ``names[i]`` with diffusers' loader: a file it cannot read, or
+    whose layers do not fit the model (other shapes, other module names), is exit 5 naming it. ``parts``: the
+    parts given as modules."""
+    from diffusers.utils import logging as dlog
+
+    for lora, adapter in zip(loras, names):
+        by_part = read_lora(info, lora)
+        saved = dlog.get_verbosity()
+        dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs the whole error it then raises: ours is the one line
+        try:
+            host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
+        except SdexportError:
+            raise
+        except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file
+            raise IntegrityError(f"--lora {lora.path}: not a LoRA this model can load "
+                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+        finally:
+            dlog.set_verbosity(saved)
+        _check_matches(lora, by_part, host, parts, adapter)
+
+
+def check_loras_fit(info: "ModelInfo", loras: list[LoraFile]) -> None:
+    """What fuse_loras checks (the file reads, every layer finds its layer, shapes agree), on modules built from
+    the configs on the meta device: no weights, no memory (``serve --write-repository``, which loads no model,
+    finds now what its server would refuse at start). A LoRA that does not fit is exit 5."""
+    if not loras:
+        return
+    modules = {p: empty_module(info, p, device="meta") for p in lora_parts(info)}
+    with _quiet():
+        _load_adapters(info, _host(info.family, modules), list(modules), loras,
+                       [f"lora{i}" for i in range(len(loras))])
+
+
 def read_lora(info: "ModelInfo", lora: LoraFile) -> dict[str, int]:
     """Read ``lora`` with the family's loader, without loading it into any module: a file diffusers cannot read,
     one holding NaN/Inf, or one for other parts than this model's (another architecture) is exit 5 naming it.
-    Returns {part: LoRA layers the file has for it}. (``serve --write-repository`` checks files this way: it
-    loads no model.)"""
+    Returns {part: LoRA layers the file has for it}."""
     from diffusers.configuration_utils import FrozenDict
 
     with _quiet():
@@ -263,13 +283,17 @@ def _check_finite(lora: LoraFile, state_dict: dict[str, Any]) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else "")[:200]
+    """The message's first line, and its second where the first only announces a list (torch's
+    "Error(s) in loading state_dict for X:" then "size mismatch for ...")."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    head = " ".join(text[:2]) if len(text) > 1 and text[0].endswith(":") else (text[0] if text else "")
+    return head[:300]
 
 
-def empty_module(info: "ModelInfo", part: str):
+def empty_module(info: "ModelInfo", part: str, device: str = "cpu"):
     """The torch module of ``part`` built from its config without initializing weights (uninitialized memory:
-    only the layers a LoRA wraps are ever read, after they get the export's base weights)."""
+    only the layers a LoRA wraps are ever read, after they get the export's base weights; ``device="meta"``:
+    no memory at all, for checks of shapes and names)."""
     from accelerate import init_empty_weights
 
     cls = info.torch_class(part)
@@ -279,7 +303,9 @@ def empty_module(info: "ModelInfo", part: str):
             module = cls.from_config(config)
         else:
             module = cls(cls.config_class.from_dict(config))
-    return module.to_empty(device="cpu").eval().requires_grad_(False)
+    if device != "meta":
+        module = module.to_empty(device=device)
+    return module.eval().requires_grad_(False)
 
 
 def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],

@@ -34,10 +34,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import BackendUnavailable, UsageError
+from .errors import BackendUnavailable, IntegrityError, UsageError
 from .manifest import sha256_file, versions
 from .runtime import ExportDir
 
+VARIANT = "ort_cuda"  # its manifest section and folder
 MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_decoder": "vae"}
 # Only Resize is blocked: ORT's fused normalization kernels (GroupNorm, SkipGroupNorm, LayerNorm,
 # SkipLayerNorm) and its attention kernels accumulate in FP32 internally, and blocking the
@@ -200,6 +201,30 @@ def _drop_variant(txn, variants: dict[str, Any], name: str) -> None:
             txn.remove(rel)
 
 
+def _key(export: ExportDir, opset: int) -> dict[str, Any]:
+    """What a prepared component is made from (its rebuild key): the source model is exported with the LoRAs
+    fused into the export (ExportDir.source_model), so they are part of it as the weights are."""
+    model = export.manifest.data["model"]
+    return json.loads(json.dumps({"weights_sha256": model["weights_sha256"], "loras": model.get("loras", []),
+                                  "opset": opset, "recipe": RECIPE, "ranges": export.ranges.to_json(),
+                                  "versions": versions()}))
+
+
+def check_variant(export: ExportDir, component: str) -> dict[str, Any] | None:
+    """The prepared entry of ``component`` (None: the variant leaves it out), refused (exit 5) when it was made
+    from other weights or other fused LoRAs than the export's: it would run them with exit 0."""
+    entry = export.manifest.data.get(VARIANT, {}).get(component)
+    if entry:
+        model, key = export.manifest.data["model"], entry.get("key", {})
+        remedy = f"rebuild: sdexport build {export.root} --backend ort"
+        if key.get("weights_sha256") != model["weights_sha256"]:
+            raise IntegrityError(f"{export.root / entry['file']}: made from other weights than the export's; {remedy}")
+        if key.get("loras", []) != model.get("loras", []):
+            raise IntegrityError(f"{export.root / entry['file']}: made with other fused LoRAs than the export's "
+                                 f"(sdexport export --lora); {remedy}")
+    return entry
+
+
 def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 17,
             say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Write the ORT CUDA variant of ``components`` under ``OUT/ort_cuda``.
@@ -221,7 +246,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest
         info = export.source_model()
-        vkey = "ort_cuda"
+        vkey = VARIANT
         variants = export.manifest.data.setdefault(vkey, {})
         changed = False
         for name in components:
@@ -234,9 +259,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
                     _drop_variant(txn, variants, name)
                     changed = True
                 continue
-            key = {"weights_sha256": info.weights_sha256, "opset": opset, "recipe": RECIPE,
-                   "ranges": export.ranges.to_json(), "versions": versions()}
-            key = json.loads(json.dumps(key))
+            key = _key(export, opset)
             old = variants.get(name)
             if old and old.get("key") == key and export.manifest.intact(old):
                 say(f"{vkey} {name}: up to date")

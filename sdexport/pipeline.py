@@ -114,10 +114,12 @@ def rgb_image(image, flag: str = "--image"):
     return image.convert("RGB")
 
 
-def check_strength(strength: float) -> None:
+def check_strength(strength: float, family, mode: str) -> None:
+    """``mode``: "image-to-image" or "inpainting"; the message names the family's default for it."""
     if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 < strength <= 1:
         raise UsageError(f"--strength {strength}: must be in (0, 1] (1 repaints everything, small values keep "
-                         "more of the image)")
+                         f"more of the image); without --strength, {family.description} {mode} uses "
+                         f"{family.default_strength[mode]} (diffusers' default)")
 
 
 @dataclasses.dataclass
@@ -159,7 +161,7 @@ class InitImage:
                              "image-to-image, or export an inpainting checkpoint")
         mode = "inpainting" if mask is not None else "image-to-image"
         strength = export.family.default_strength[mode] if strength is None else strength
-        check_strength(strength)
+        check_strength(strength, export.family, mode)
         init = cls(mode, rgb_image(image), mask, float(strength))
         if mask is not None:
             if mask.mode not in MASK_MODES:

@@ -682,11 +682,10 @@ def write_repository(options: ServeOptions, directory: str | Path, export=None) 
     from .paths import check_repository_output
 
     if export is not None:
-        from .lora import read_lora
+        from .lora import check_loras_fit
 
         check_repository_output(directory, options.model_name, export, options.loras)
-        for lora in options.loras:  # the server loads them at start: a file it cannot use is found now
-            read_lora(export.info, lora)
+        check_loras_fit(export.info, list(options.loras))  # the server loads them at start: found now instead
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / options.model_name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,18 @@ def export_inpaint(inpaint_model, tmp_path_factory) -> Path:
     return _export(inpaint_model, tmp_path_factory.mktemp("exports") / "inpaint-fp32", max_images=2)
 
 
+@pytest.fixture
+def model(tiny_model, tmp_path):
+    """A private copy of the tiny preset (a command that wrongly wrote into it must not spoil the session's)."""
+    return shutil.copytree(tiny_model, tmp_path / "model")
+
+
+@pytest.fixture
+def export(export_fp32, tmp_path):
+    """A private copy of the tiny FP32 export, for commands that may (wrongly) change it."""
+    return shutil.copytree(export_fp32, tmp_path / "export")
+
+
 def _export(src: Path, out: Path, **kw) -> Path:
     from sdexport.export import export
 
@@ -185,8 +198,6 @@ def trt():
 
 def copy_export(src: Path, dst: Path, with_engines: bool = True) -> Path:
     """A copy of an export directory (without engines: also none in its manifest)."""
-    import shutil
-
     shutil.copytree(src, dst, ignore=None if with_engines else shutil.ignore_patterns("engines"))
     if not with_engines:
         data = json.loads((dst / "manifest.json").read_text())
@@ -383,6 +394,48 @@ def tensorrt_form_problems(path: Path) -> tuple[dict[str, int], list]:
     counts = collections.Counter(n.op_type for n in model.graph.node
                                  if n.op_type in ("Softmax", "Resize", "LayerNormalization", "InstanceNormalization"))
     return dict(counts), problems
+
+
+# --- LoRA parity with diffusers (tests/test_lora.py, tests/test_sdxl_lora.py) ------------------------------
+LORA_REQUEST = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", steps=3, guidance_scale=6.0, seed=21,
+                    scheduler="euler", height=64, width=96)
+
+
+def diffusers_lora_images(pipeline: str, model, loras, load_kwargs=None, **kw):
+    """diffusers' ``pipeline`` (a class name: StableDiffusionPipeline, StableDiffusionXLPipeline) with ``loras``
+    [(file, scale)] loaded, weighted and fused into every part its loader takes, run on request ``kw``."""
+    import diffusers
+    import torch
+
+    from sdexport.pipeline import make_scheduler
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(model, **(load_kwargs or {}))
+    pipe.set_progress_bar_config(disable=True)
+    names = []
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+        pipe.fuse_lora(components=[p for p in pipe._lora_loadable_modules if getattr(pipe, p, None) is not None],
+                       adapter_names=names)
+    pipe.scheduler = make_scheduler(kw["scheduler"], pipe.scheduler.config)
+    return pipe(kw["prompt"], negative_prompt=kw["negative_prompt"], num_inference_steps=kw["steps"],
+                guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(kw["seed"]),
+                height=kw["height"], width=kw["width"], output_type="np").images
+
+
+def lora_references(pipeline: str, model, loras: dict, load_kwargs=None):
+    """``image(*state)``: diffusers' image of LORA_REQUEST with the LoRAs of ``state`` ((name in ``loras``,
+    scale), ...), each state computed once."""
+    cache = {}
+
+    def image(*state):
+        if state not in cache:
+            cache[state] = diffusers_lora_images(pipeline, model, [(loras[k], s) for k, s in state], load_kwargs,
+                                                 **LORA_REQUEST)
+        return cache[state]
+    return image
 
 
 @pytest.fixture(autouse=True)

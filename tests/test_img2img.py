@@ -216,6 +216,15 @@ def test_bad_masks_are_refused(inpaint_pipes, tiny_pipes):
 
 # --- the command line ------------------------------------------------------------------------------------
 
+def diffusers_strength(pipeline: str) -> float:
+    """The strength a diffusers pipeline uses when given none (its ``__call__`` default)."""
+    import inspect
+
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, pipeline).__call__).parameters["strength"].default
+
+
 def test_cli_img2img_and_inpainting(export_fp32, export_inpaint, tmp_path):
     noise_image(128, 96).save(tmp_path / "in.png")
     result = run_cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "a.png", "--steps", 3, "--image",
@@ -255,16 +264,19 @@ def test_cli_bad_inputs_write_nothing(export_fp32, export_inpaint, tmp_path):
         ((export_fp32, "--image", tmp_path / "text.png"), 2, "not an image"),
         ((export_fp32, "--image", tmp_path / "trunc.png"), 2, "not an image"),
         ((export_fp32, "--image", tmp_path / "in.png", "--mask", tmp_path / "text.png"), 2, "not an image"),
-        ((export_fp32, "--image", tmp_path / "in.png", "--strength", 0), 2, "(0, 1]"),
+        ((export_fp32, "--image", tmp_path / "in.png", "--strength", 0), 2, "(0, 1]",
+         f"Stable Diffusion 1.x/2.x image-to-image uses {diffusers_strength('StableDiffusionImg2ImgPipeline')}"),
         ((export_fp32, "--image", tmp_path / "in.png", "--strength", "nan"), 2, "(0, 1]"),
+        ((export_inpaint, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--strength", 1.5), 2,
+         "(0, 1]", f"Stable Diffusion 1.x/2.x inpainting uses {diffusers_strength('StableDiffusionInpaintPipeline')}"),
         ((export_fp32, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png"), 2, "not an inpainting model"),
         ((export_fp32, "--strength", 0.5), 2, "--strength applies to --image"),
         ((export_inpaint,), 2, "--image and --mask"),
         ((export_inpaint, "--image", tmp_path / "in.png"), 2, "give --mask"),
     ]
-    for args, code, needle in cases:
+    for args, code, *needles in cases:
         result = run_cli("infer", *args, "--prompt", "x", "-o", out, "--steps", 2)
-        assert_error(result, code, needle)
+        assert_error(result, code, *needles)
         assert not out.exists() and not out.with_suffix(".json").exists()
 
 

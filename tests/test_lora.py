@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_error, load_manifest, run_cli
+from conftest import LORA_REQUEST as REQUEST
+from conftest import (assert_error, assert_refused, cli, diffusers_lora_images, load_manifest, lora_references,
+                      run_cli)
 from sdexport.backends import load_engines
 from sdexport.errors import IntegrityError, UsageError
 from sdexport.lora import WeightMap, open_loras, parse_lora
-from sdexport.pipeline import Pipeline, make_scheduler
+from sdexport.pipeline import Pipeline
 from sdexport.runtime import ExportDir
 from test_pipeline import psnr
 
-REQUEST = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", steps=3, guidance_scale=6.0, seed=21,
-               scheduler="euler", height=64, width=96)
 
 
 def _peft_lora(model, path, seed, unet_targets, te_targets=(), rank=4, alpha=8, lora_bias=False):
@@ -90,21 +90,7 @@ def loras(tiny_model, other_model, tmp_path_factory):
 
 def diffusers_images(model, loras, **kw):
     """diffusers' StableDiffusionPipeline with ``loras`` [(file, scale)] loaded, weighted and fused."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    names = []
-    for i, (path, _) in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
-        names.append(f"l{i}")
-    if names:
-        pipe.set_adapters(names, [scale for _, scale in loras])
-        pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
-    pipe.scheduler = make_scheduler(kw["scheduler"], pipe.scheduler.config)
-    return pipe(kw["prompt"], negative_prompt=kw["negative_prompt"], num_inference_steps=kw["steps"],
-                guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(kw["seed"]),
-                height=kw["height"], width=kw["width"], output_type="np").images
+    return diffusers_lora_images("StableDiffusionPipeline", model, loras, **kw)
 
 
 # --- parsing ------------------------------------------------------------------------------------------
@@ -218,13 +204,7 @@ def test_weights_map_against_the_onnx_file(export_fp32, tiny_model):
 
 @pytest.fixture(scope="module")
 def references(tiny_model, loras):
-    cache = {}
-
-    def image(*state):
-        if state not in cache:
-            cache[state] = diffusers_images(tiny_model, [(loras[k], s) for k, s in state], **REQUEST)
-        return cache[state]
-    return image
+    return lora_references("StableDiffusionPipeline", tiny_model, loras)
 
 
 @pytest.mark.parametrize("backend", ["ort", pytest.param("torch", marks=pytest.mark.slow)])
@@ -346,10 +326,13 @@ def test_cli_lora_holding_nan_is_exit_5_and_writes_nothing(export_fp32, tiny_mod
     assert not (tmp_path / "o.png").exists()
 
 
-@pytest.mark.parametrize("name, needle", [("corrupt", "not a LoRA this model can load"), ("nan", "not finite")])
+@pytest.mark.parametrize("name, needle", [("corrupt", "not a LoRA this model can load"), ("nan", "not finite"),
+                                          ("foreign", "size mismatch"), ("missing", "match no layer"),
+                                          ("te2", "has weights for 'text_encoder_2'")])
 def test_serve_write_repository_reads_its_loras_first(export_fp32, loras, tmp_path, name, needle):
-    """The repository records the LoRA for the server to load at start: a file it cannot read was written with
-    exit 0 (the server then failed at load). Shapes are checked only when a model loads it (not here)."""
+    """The repository records the LoRA for the server to load at start: a file it cannot read, or one whose
+    layers do not fit this model (other shapes, other module names), was written with exit 0 (the server then
+    failed at load). Checked as infer checks it, on modules without weights."""
     from safetensors.torch import load_file, save_file
 
     path = loras.get(name)
@@ -359,6 +342,22 @@ def test_serve_write_repository_reads_its_loras_first(export_fp32, loras, tmp_pa
     result = run_cli("serve", export_fp32, "--write-repository", tmp_path / "repo", "--lora", path)
     assert_error(result, 5, needle)
     assert not (tmp_path / "repo" / "sdexport").exists()
+
+
+def test_serve_write_repository_wrong_shapes_one_line(export_fp32, loras, tmp_path):
+    """A LoRA for another model's shapes: one error line, exit 5, nothing written (diffusers logged the whole
+    state-dict error on stderr before it), the same line as infer's; a LoRA that fits still writes."""
+    repo = tmp_path / "repo"
+    line = assert_refused(cli("serve", export_fp32, "--write-repository", repo, "--lora", loras["foreign"]), 5,
+                          "other-model.safetensors", "size mismatch")
+    assert not repo.exists() or not any(repo.iterdir())
+    proc = cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--steps", 1, "--lora",
+               loras["foreign"])
+    assert assert_refused(proc, 5) == line and not (tmp_path / "o.png").exists()
+    assert proc.stderr.strip() == line
+    proc = cli("serve", export_fp32, "--write-repository", repo, "--lora", f"{loras['a']}:0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert (repo / "sdexport" / "config.pbtxt").is_file()
 
 
 def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):

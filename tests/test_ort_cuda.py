@@ -150,3 +150,36 @@ def test_components_the_variant_leaves_out_run_the_plain_export(prepared, export
     assert engine.variant == "plain" and engine.path.parent.name == "text_encoder"
     with pytest.raises(IntegrityError, match="--backend ort"):
         OrtEngine(ExportDir.open(export_fp32), "unet", variant="ort_cuda")
+
+
+def test_variant_follows_the_exports_loras(prepared, tiny_model, tmp_path):
+    """The variant is exported from the source model with the export's fused LoRAs (source_model): its
+    rebuild key held the weights but not the LoRAs, so a variant made with other LoRAs (or none) was 'up to
+    date' and the CUDA engine ran it. Now: prepare rebuilds it, and an engine refuses a variant whose LoRAs
+    are not the export's."""
+    from test_lora import _peft_lora
+
+    from sdexport.backends.ort import OrtEngine
+    from sdexport.errors import IntegrityError
+    from sdexport.lora import open_loras
+    from sdexport.ort_cuda import check_variant
+    from sdexport.runtime import ExportDir
+
+    out = shutil.copytree(prepared, tmp_path / "e")
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["ort_cuda"]["unet"]["key"]["loras"] == data["model"]["loras"] == []
+    lora = _peft_lora(tiny_model, tmp_path / "l.safetensors", 1, ["to_q"])
+    data["model"]["loras"] = [open_loras([f"{lora}:0.7"])[0].to_json()]  # as if re-exported keeping the variant
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="other fused LoRAs"):
+        OrtEngine(ExportDir.open(out), "unet", variant="ort_cuda")
+    OrtEngine(ExportDir.open(out), "text_encoder", variant="ort_cuda")  # not in the variant: the plain export
+    messages = []
+    prepare(out, components=("vae_decoder",), say=messages.append)  # no LoRA part: a rebuild all the same
+    assert not any("up to date" in m for m in messages), messages
+    rebuilt = json.loads((out / "manifest.json").read_text())["ort_cuda"]["vae_decoder"]
+    assert rebuilt["key"]["loras"] == data["model"]["loras"]
+    assert check_variant(ExportDir.open(out), "vae_decoder") == rebuilt  # what the CUDA engine opens
+    messages = []
+    prepare(out, components=("vae_decoder",), say=messages.append)
+    assert any("vae_decoder: up to date" in m for m in messages), messages

@@ -17,16 +17,6 @@ from conftest import assert_refused, cli, tree_digest
 BIG_SEED = str(2**64)
 
 
-@pytest.fixture
-def model(tiny_model, tmp_path):
-    return shutil.copytree(tiny_model, tmp_path / "model")
-
-
-@pytest.fixture
-def export(export_fp32, tmp_path):
-    return shutil.copytree(export_fp32, tmp_path / "export")
-
-
 # --- options ---------------------------------------------------------------------------------------------
 INFER_CASES = [
     (["--guidance-scale", "inf"], 2, "finite"),

@@ -14,17 +14,6 @@ import pytest
 from conftest import assert_refused, cli, tree_digest
 
 
-@pytest.fixture
-def model(tiny_model, tmp_path):
-    """A private copy of the tiny preset (a command that wrongly wrote into it must not spoil the session's)."""
-    return shutil.copytree(tiny_model, tmp_path / "model")
-
-
-@pytest.fixture
-def export(export_fp32, tmp_path):
-    return shutil.copytree(export_fp32, tmp_path / "export")
-
-
 def _untouched(*roots):
     before = {str(r): tree_digest(r) for r in roots}
     return lambda: all(tree_digest(r) == before[str(r)] for r in roots)

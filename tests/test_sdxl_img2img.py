@@ -15,7 +15,7 @@ from conftest import assert_error, run_cli
 from sdexport.backends import load_engines
 from sdexport.pipeline import Pipeline, make_scheduler
 from sdexport.runtime import ExportDir
-from test_img2img import box_mask, generators, noise_image
+from test_img2img import box_mask, diffusers_strength, generators, noise_image
 from test_pipeline import psnr
 
 
@@ -206,7 +206,8 @@ def test_sdxl_image_errors_write_nothing(export_sdxl, export_refiner, tmp_path):
     out = tmp_path / "o.png"
     image = ("--image", tmp_path / "in.png")
     cases = [
-        ((export_sdxl, *image, "--strength", 1.5), 2, "(0, 1]"),
+        ((export_sdxl, *image, "--strength", 1.5), 2, "(0, 1]",
+         f"Stable Diffusion XL image-to-image uses {diffusers_strength('StableDiffusionXLImg2ImgPipeline')}"),
         ((export_sdxl, *image, "--steps", 3), 2, "leaves no denoising step"),  # default 0.3: int(0.9) = 0
         ((export_sdxl, *image, "--mask", tmp_path / "mask.png"), 2, "not an inpainting model"),
         ((export_sdxl, "--image", tmp_path / "big.png"), 4, "multiples of 32 in [64, 192]"),

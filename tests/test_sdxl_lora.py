@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_error, load_manifest, run_cli
+from conftest import LORA_REQUEST as REQUEST
+from conftest import assert_error, load_manifest, lora_references, run_cli
 from sdexport.backends import load_engines
 from sdexport.errors import IntegrityError
 from sdexport.lora import WeightMap
-from sdexport.pipeline import Pipeline, make_scheduler
+from sdexport.pipeline import Pipeline
 from sdexport.runtime import ExportDir
 from test_pipeline import psnr
 
-REQUEST = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", steps=3, guidance_scale=6.0, seed=21,
-               scheduler="euler", height=64, width=96)
 PARTS = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel",
          "text_encoder_2": "CLIPTextModelWithProjection"}
 
@@ -110,34 +109,9 @@ def sdxl_loras(sdxl_tiny_model, tiny_model, tmp_path_factory):
     return {"a": a, "b": b, "kohya": kohya, "sd": sd}
 
 
-def diffusers_images(model, loras, **kw):
-    """StableDiffusionXLPipeline with ``loras`` [(file, scale)] loaded, weighted and fused into all three parts."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    names = []
-    for i, (path, _) in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
-        names.append(f"l{i}")
-    if names:
-        pipe.set_adapters(names, [scale for _, scale in loras])
-        pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
-    pipe.scheduler = make_scheduler(kw["scheduler"], pipe.scheduler.config)
-    return pipe(kw["prompt"], negative_prompt=kw["negative_prompt"], num_inference_steps=kw["steps"],
-                guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(kw["seed"]),
-                height=kw["height"], width=kw["width"], output_type="np").images
-
-
 @pytest.fixture(scope="module")
 def references(sdxl_tiny_model, sdxl_loras):
-    cache = {}
-
-    def image(*state):
-        if state not in cache:
-            cache[state] = diffusers_images(sdxl_tiny_model, [(sdxl_loras[k], s) for k, s in state], **REQUEST)
-        return cache[state]
-    return image
+    return lora_references("StableDiffusionXLPipeline", sdxl_tiny_model, sdxl_loras, {"add_watermarker": False})
 
 
 def test_kohya_file_is_sgm_named_and_diffusers_reads_it(sdxl_loras, sdxl_tiny_model):

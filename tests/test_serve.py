@@ -30,21 +30,13 @@ pytest.importorskip("pytriton")
 
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
+from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
 from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, INPUTS, CachedTextEncoder, ImageService,  # noqa: E402
                             batch_groups, parse_request)
 
 MODEL = "sdexport"
 STARTUP_S = 180
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Server:

@@ -70,7 +70,9 @@ class OrtEngine(Engine):
             if not section:
                 raise IntegrityError(f"{export.root}: no {variant} variant; run 'sdexport build "
                                      f"{export.root} --backend ort'")
-            prepared = section.get(component)
+            from ..ort_cuda import check_variant
+
+            prepared = check_variant(export, component)
             if prepared:  # a component the variant leaves out (e.g. the text encoder) runs the plain export
                 path = export.manifest.verified_path(prepared)
                 self.variant = variant

@@ -22,6 +22,13 @@ def all_options() -> dict[str, FamilyOption]:
     return {o.name: o for f in FAMILIES.values() for o in f.options}
 
 
+def default_strengths() -> str:
+    """Every family's default --strength for the CLI's help ("0.8 SD, 0.3 SDXL; inpainting 1.0 SD, ...")."""
+    return "; ".join(("" if mode == "image-to-image" else f"{mode} ")
+                     + ", ".join(f"{f.default_strength[mode]} {f.name.upper()}" for f in FAMILIES.values())
+                     for mode in ("image-to-image", "inpainting"))
+
+
 def by_name(name: str) -> Family:
     if name not in FAMILIES:
         raise ModelError(f"model family '{name}' is unknown to this sdexport (knows {', '.join(FAMILIES)})")
@@ -38,4 +45,5 @@ def family_for(index: dict[str, Any], where) -> Family:
     raise ModelError(f"{where}: pipeline class '{cls or '?'}' is not supported (supported: {known})")
 
 
-__all__ = ["FAMILIES", "Family", "FamilyOption", "Guidance", "by_name", "family_for", "all_options", "guidance_for", "register"]
+__all__ = ["FAMILIES", "Family", "FamilyOption", "Guidance", "by_name", "default_strengths", "family_for", "all_options",
+           "guidance_for", "register"]
