@@ -101,9 +101,10 @@ def machine() -> dict[str, Any]:
             try:
                 import subprocess
 
-                info["driver"] = subprocess.run(
+                info["driver"] = subprocess.run(  # one line per GPU, the same driver on each: the first
                     ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                    capture_output=True, text=True, timeout=20).stdout.strip()
+                    capture_output=True, text=True, timeout=20).stdout.strip().partition("\n")[0]
+                info["gpu_count"] = torch.cuda.device_count()
             except (OSError, subprocess.SubprocessError):
                 pass
     except ImportError:
