@@ -11,7 +11,10 @@ hashed in the manifest). The TorchScript exporter renames what it folds (a Linea
 so the map is built by matching values (as stored, transposed, any shape with the same bytes) rather than
 names. To switch, ``fused_params`` fuses the LoRAs with diffusers into modules built from the configs with
 no weights, whose LoRA-wrapped layers get the exported base weights: the result is each touched parameter's
-new value, computed from the base every time (A -> B -> A gives A exactly, never a blend). Engines turn them
+new value, computed from the base every time (A -> B -> A gives A exactly, never a blend). A pipeline keeps
+each file's PEFT layers (``LoraFactors``) after its first switch and adds their deltas to the base weights the
+way PEFT's merge does (the same values, without reading the file again: on sd15-random, 1.1 s -> 0.36 s on
+2 CPU cores). Engines turn them
 into initializers through the map (``WeightMap.initializers``): ONNX Runtime supplies them at session
 creation, TensorRT refits them.
 """
@@ -308,15 +311,83 @@ def empty_module(info: "ModelInfo", part: str, device: str = "cpu"):
     return module.eval().requires_grad_(False)
 
 
+class LoraFactors:
+    """One LoRA file as diffusers' loader reads it into PEFT layers, kept between switches: modules built on the
+    meta device around the LoRA layers (no base weights, a few MB of low-rank factors), so that switching to a
+    set that holds this file again computes its layers' deltas with PEFT's own ``set_scale`` and
+    ``get_delta_weight`` -- what ``set_adapters`` and ``fuse_lora`` compute -- instead of loading it again.
+    ``supported`` is False for layer kinds whose merge needs more than the delta (DoRA, LoRA biases): those sets
+    go through ``fuse_loras`` every time."""
+
+    ADAPTER = "lora0"  # the name fuse_loras gives a first file: error messages name it the same way
+
+    def __init__(self, info: "ModelInfo", lora: LoraFile):
+        import torch
+
+        self.sha256 = lora.sha256
+        # uninitialized CPU modules (on the meta device diffusers' loader leaves the LoRA factors on meta too);
+        # untouched pages of torch.empty cost no memory, and the base weights are dropped below
+        modules = {p: empty_module(info, p) for p in lora_parts(info)}
+        with _quiet():
+            _load_adapters(info, _host(info.family, modules), list(modules), [lora], [self.ADAPTER])
+        self.layers = {p: list(_wrapped_layers(m, self.ADAPTER)) for p, m in modules.items()}
+        for layers in self.layers.values():  # only their shapes are read (get_delta_weight of a convolution)
+            for _, layer in layers:
+                inner = layer.get_base_layer()
+                for name, param in list(inner.named_parameters(recurse=False)):
+                    setattr(inner, name, torch.nn.Parameter(torch.empty(param.shape, device="meta"),
+                                                            requires_grad=False))
+        self.supported = all(
+            not getattr(layer, "use_dora", {}).get(self.ADAPTER) and not getattr(layer, "lora_bias", {}).get(self.ADAPTER)
+            and not layer.lora_A[self.ADAPTER].weight.is_meta
+            for layers in self.layers.values() for _, layer in layers)
+
+    def deltas(self, part: str, scale: float):
+        """(parameter name, delta) of each layer of ``part`` at ``scale``, as PEFT would add it at fusing."""
+        for path, layer in self.layers.get(part, []):
+            layer.set_scale(self.ADAPTER, scale)
+            yield f"{path}.weight", layer.get_delta_weight(self.ADAPTER)
+
+
 def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],
-                 base: Callable[[str, str], Any]) -> dict[str, dict[str, Any]]:
+                 base: Callable[[str, str], Any], factors: dict[str, LoraFactors] | None = None,
+                 keep_factors: int = 8) -> dict[str, dict[str, Any]]:
     """{part: {parameter name: new value (float32 torch tensor)}} for the parameters ``loras`` change in
     ``parts``, computed from ``base(part, name)`` (the exported weight) every time. The model's other LoRA
-    parts are loaded too (diffusers' loader expects every part a file names) but not returned."""
+    parts are loaded too (diffusers' loader expects every part a file names) but not returned.
+
+    ``factors`` (sha256 -> LoraFactors, the caller's cache; at most ``keep_factors`` files, oldest dropped):
+    each file is read by diffusers once, and every switch adds PEFT's deltas to the base weights in the order
+    ``fuse_lora`` merges them -- the same arithmetic, so the same values as the full path below."""
     import torch
 
     if not loras:
         return {}
+    if factors is not None:
+        for lora in loras:
+            if lora.sha256 not in factors:
+                factors[lora.sha256] = LoraFactors(info, lora)
+                while len(factors) > keep_factors:
+                    factors.pop(next(iter(factors)))
+        loaded = [factors[lora.sha256] for lora in loras]
+        if all(f.supported for f in loaded):
+            out: dict[str, dict[str, Any]] = {}
+            for part in parts:
+                bases: dict[str, Any] = {}
+                fused: dict[str, Any] = {}
+                for lora, f in zip(loras, loaded):
+                    for name, delta in f.deltas(part, lora.scale):
+                        if name not in fused:
+                            bases[name] = base(part, name).to(torch.float32).reshape(delta.shape)
+                            fused[name] = bases[name].clone()
+                        fused[name] += delta  # PEFT's merge: weight.data += delta, adapter by adapter
+                for name, value in fused.items():
+                    if not value.isfinite().all():
+                        raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not "
+                                             "finite (a scale too large for the weights' precision)")
+                    if not torch.equal(value, bases[name]):
+                        out.setdefault(part, {})[name] = value
+            return out
     modules = {p: empty_module(info, p) for p in lora_parts(info)}
 
     before: dict[tuple[str, str], Any] = {}

@@ -301,6 +301,7 @@ class Pipeline:
         self._truncated = False
         self.clock: StageClock | None = None
         self.loras: list = []  # switched onto the engines (set_loras), on top of any fused at export
+        self._lora_factors: dict[str, Any] = {}  # sha256 -> lora.LoraFactors: each file read by diffusers once
         for part in self.family.tokenizer_parts:  # a missing or foreign tokenizer fails here, not as equal images
             if part in self.info.tokenizer_max_lengths:
                 self.tokenizer(part)
@@ -309,7 +310,8 @@ class Pipeline:
         """Switch the engines to the base weights plus ``loras`` (``FILE[:SCALE]`` strings or lora.LoraFile; an
         empty list: the weights as exported), without re-export or rebuild: diffusers fuses them into the
         exported base weights of the layers they touch (lora.fused_params) and each engine takes the result
-        (ONNX Runtime: a session with those initializers; TensorRT: a refit; torch: the parameters).
+        (ONNX Runtime: a session with those initializers; TensorRT: a refit; torch: the parameters). Each file
+        is read by diffusers' loader on its first switch only (its LoRA factors stay with the pipeline).
         Returns the switch's timings in ms. A LoRA that does not fit the model leaves the engines as they were."""
         import time
 
@@ -319,7 +321,8 @@ class Pipeline:
         files = open_loras(loras)
         parts = lora_parts(self.info)
         engines = {e.spec.source: e for e in self.engines.values() if e.spec.source in parts}
-        values = fused_params(self.info, files, list(engines), base=lambda part, name: engines[part].base_param(name))
+        values = fused_params(self.info, files, list(engines), base=lambda part, name: engines[part].base_param(name),
+                              factors=self._lora_factors)
         t1 = time.perf_counter()
         self._graphs.clear()  # step graphs captured the previous engines' state (ONNX Runtime: its old sessions)
         for part, engine in engines.items():

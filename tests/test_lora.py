@@ -227,6 +227,39 @@ def test_switching_in_every_order(export_fp32, loras, references, backend):
     assert psnr(seen[(("a", 0.8),)], seen[()]) < 35 and psnr(seen[(("b", 1.0),)], seen[()]) < 35
 
 
+@pytest.mark.parametrize("state", [(("a", 0.8),), (("a", 0.7), ("kohya", 0.5)), (("b", 1.0), ("a", -0.5)),
+                                   (("bias", 0.9),)])
+def test_kept_lora_factors_give_the_full_paths_values(tiny_model, loras, state, monkeypatch):
+    """A pipeline keeps each LoRA file's PEFT layers after its first switch (lora.LoraFactors). The values a
+    later switch computes from them are bit-identical to diffusers' load + set_adapters + fuse_lora on the same
+    base weights, and diffusers does not read the file again. A LoRA with biases (whose merge needs more than
+    the delta) takes the full path every time."""
+    import sdexport.lora as lora_mod
+    from sdexport.models import ModelInfo
+
+    info = ModelInfo.open(tiny_model)
+    modules = {p: info.load_torch(p) for p in lora_mod.lora_parts(info)}
+
+    def base(part, name):
+        return modules[part].get_parameter(name).detach()
+
+    files = open_loras([f"{loras[k]}:{s}" for k, s in state])
+    full = lora_mod.fused_params(info, files, list(modules), base=base)
+    factors: dict = {}
+    lora_mod.fused_params(info, files, list(modules), base=base, factors=factors)  # the first switch reads them
+    reads = []
+    real = lora_mod._load_adapters
+    monkeypatch.setattr(lora_mod, "_load_adapters", lambda *a, **k: reads.append(a) or real(*a, **k))
+    kept = lora_mod.fused_params(info, files, list(modules), base=base, factors=factors)
+    assert full and {p: sorted(v) for p, v in kept.items()} == {p: sorted(v) for p, v in full.items()}
+    for part, values in full.items():
+        for name, value in values.items():
+            assert torch.equal(kept[part][name], value), (part, name)
+    has_bias = any(k == "bias" for k, _ in state)
+    assert all(factors[f.sha256].supported for f in files) == (not has_bias)
+    assert bool(reads) == has_bias  # kept factors: no second read by diffusers
+
+
 def test_switched_equals_fused_at_export(export_fp32, fused_export, loras):
     export = ExportDir.open(export_fp32)
     pipe = Pipeline(load_engines(export, "ort"), export)
