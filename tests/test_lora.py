@@ -260,6 +260,25 @@ def test_kept_lora_factors_give_the_full_paths_values(tiny_model, loras, state, 
     assert bool(reads) == has_bias  # kept factors: no second read by diffusers
 
 
+@pytest.mark.parametrize("keep, reads", [(1, 3), (2, 2)])
+def test_kept_lora_factors_are_the_files_used_last(tiny_model, loras, monkeypatch, keep, reads):
+    """A, B, A: with room for one file the third switch reads A again; with room for two it does not."""
+    import sdexport.lora as lora_mod
+    from sdexport.models import ModelInfo
+
+    info = ModelInfo.open(tiny_model)
+    modules = {p: info.load_torch(p) for p in lora_mod.lora_parts(info)}
+    calls = []
+    real = lora_mod._load_adapters
+    monkeypatch.setattr(lora_mod, "_load_adapters", lambda *a, **k: calls.append(a) or real(*a, **k))
+    factors: dict = {}
+    for name in ("a", "b", "a"):
+        lora_mod.fused_params(info, open_loras([str(loras[name])]), list(modules),
+                              base=lambda part, n: modules[part].get_parameter(n).detach(), factors=factors,
+                              keep_factors=keep)
+    assert len(calls) == reads and len(factors) == keep
+
+
 def test_switched_equals_fused_at_export(export_fp32, fused_export, loras):
     export = ExportDir.open(export_fp32)
     pipe = Pipeline(load_engines(export, "ort"), export)
