@@ -608,7 +608,10 @@ def _quiet_loading():
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
+    # restored as they were, not switched back on: an inner use (empty_module inside a LoRA load) must not
+    # turn the bars on again for the rest of the outer one (transformers' "Loading weights" bar leaked so)
     saved = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
     dlog.disable_progress_bar()
@@ -616,7 +619,9 @@ def _quiet_loading():
     try:
         yield
     finally:
-        tlog.enable_progress_bar()
+        for enabled, module in zip(bars, (dlog, tlog)):
+            if enabled:
+                module.enable_progress_bar()
         dlog.set_verbosity(saved[0])
         tlog.set_verbosity(saved[1])
 

@@ -416,6 +416,7 @@ def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
     result = run_cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "i.png", "--steps", 2, "--lora",
                      f"{loras['a']}:0.8")
     assert result.exit_code == 0, result.stderr
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr  # transformers' bar
     meta = json.loads((tmp_path / "i.json").read_text())
     assert [lora["scale"] for lora in meta["loras_switched"]] == [0.8] and meta["loras_fused_at_export"] == []
     assert meta["lora_switch_ms"]["switch_ms"] > 0
@@ -425,6 +426,26 @@ def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
     assert "LoRA switch median" in result.stdout
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"][0]["lora_switch"]["switch_ms_median"] > 0
+
+
+def test_quiet_loading_nests():
+    """An inner quiet block (empty_module inside a LoRA load) leaves the outer one quiet, and the outer one
+    restores the progress bars as they were (the inner one used to switch transformers' back on)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    from sdexport.models import _quiet_loading
+
+    for on in (True, False):
+        for module in (dlog, tlog):
+            module.enable_progress_bar() if on else module.disable_progress_bar()
+        with _quiet_loading():
+            with _quiet_loading():
+                pass
+            assert not dlog.is_progress_bar_enabled() and not tlog.is_progress_bar_enabled()
+        assert dlog.is_progress_bar_enabled() == on and tlog.is_progress_bar_enabled() == on
+    dlog.enable_progress_bar()
+    tlog.enable_progress_bar()
 
 
 # --- TensorRT: refittable engines (up to the GPU boundary here; the rest under -m gpu) ----------------
