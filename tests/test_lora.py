@@ -279,6 +279,30 @@ def test_kept_lora_factors_are_the_files_used_last(tiny_model, loras, monkeypatc
     assert len(calls) == reads and len(factors) == keep
 
 
+def test_a_switch_recreates_only_the_sessions_whose_weights_change(export_fp32, loras):
+    """B changes only the UNet: switching to it keeps the text encoder's ONNX Runtime session; switching to the set
+    the engines hold already changes nothing; A, then none, then B still give their own images."""
+    export = ExportDir.open(export_fp32)
+    pipe = Pipeline(load_engines(export, "ort"), export)
+    base = pipe(**REQUEST).images
+    te, unet = pipe.engines["text_encoder"], pipe.engines["unet"]
+    sessions = (te.session, unet.session)
+    pipe.set_loras([f"{loras['b']}:1.0"])
+    assert te.session is sessions[0] and unet.session is not sessions[1]
+    with_b, sessions = pipe(**REQUEST).images, (te.session, unet.session)
+    timings = pipe.set_loras([f"{loras['b']}:1.0"])  # the same set
+    assert (te.session, unet.session) == sessions and timings["apply_ms"] == 0.0
+    np.testing.assert_array_equal(pipe(**REQUEST).images, with_b)
+    pipe.set_loras([f"{loras['b']}:0.5"])  # another scale is another set
+    assert unet.session is not sessions[1]
+    pipe.set_loras([f"{loras['a']}:0.8"])  # A changes the text encoder too
+    assert te.session is not sessions[0]
+    pipe.set_loras([])
+    np.testing.assert_array_equal(pipe(**REQUEST).images, base)
+    pipe.set_loras([f"{loras['b']}:1.0"])
+    np.testing.assert_array_equal(pipe(**REQUEST).images, with_b)
+
+
 def test_switched_equals_fused_at_export(export_fp32, fused_export, loras):
     export = ExportDir.open(export_fp32)
     pipe = Pipeline(load_engines(export, "ort"), export)

@@ -212,6 +212,8 @@ class OrtEngine(Engine):
 
     def set_weights(self, params: dict[str, Any]) -> None:
         initializers = self._weight_map().initializers(params)
+        if not initializers and not self._overrides[0]:  # the file's own weights, as the session has them
+            return
         self._bound.clear()  # bindings belong to the old session
         self.session = None
         self.session = self._open(initializers)
