@@ -47,6 +47,11 @@ def save(out: Path, name: str, data) -> None:
     (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
 
 
+def environment() -> dict[str, str]:
+    """This checkout's sdexport in the subprocesses."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+
+
 def header() -> dict:
     from sdexport.bench import machine
     from sdexport.manifest import versions
@@ -414,7 +419,7 @@ def stage_lora(work: Path, out: Path) -> None:
     import subprocess
 
     result = {**header(), "rows": {}}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = environment()
     loras = []
     for name, seed in (("lora_a", 1), ("lora_b", 2)):
         f = work / f"{name}.safetensors"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -40,16 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_bench import header, log  # noqa: E402  (machine, versions, commit and command, as every stage records)
+from gpu_bench import environment, header, log  # noqa: E402  (machine, versions, commit, command; the subprocess env)
 
 
 def sdexport(*args) -> list[str]:
     return [sys.executable, "-m", "sdexport", *[str(a) for a in args]]
-
-
-def environment() -> dict[str, str]:
-    """This checkout's sdexport in the subprocesses."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -204,7 +204,7 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     A file diffusers cannot read, or one that does not match the model, is exit 5."""
     parts = [p for p in lora_parts(info) if p in modules]
     host = _host(info.family, {p: modules[p] for p in parts})
-    names = [f"lora{i}" for i in range(len(loras))]
+    names = _adapter_names(len(loras))
     with _quiet():
         _load_adapters(info, host, parts, loras, names)
         wrapped = {p: list(_wrapped_layers(modules[p])) for p in parts}
@@ -217,12 +217,22 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
     touched = {p: [f"{path}.{name}" for path, layer in layers
                    for name, _ in layer.get_base_layer().named_parameters(recurse=False)]
                for p, layers in wrapped.items() if layers}
-    for part, params in touched.items():  # a scale that overflows the weights' dtype (1e30, or 1e5 in FP16)
+    for part, params in touched.items():
         for name in params:
-            if not modules[part].get_parameter(name).isfinite().all():
-                raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not finite "
-                                     "(a scale too large for the weights' precision)")
+            _check_fused_finite(loras, part, name, modules[part].get_parameter(name))
     return touched
+
+
+def _check_fused_finite(loras: list[LoraFile], part: str, name: str, value) -> None:
+    """A scale that overflows the weights' dtype (1e30, or 1e5 in FP16) would give NaN images with exit 0."""
+    if not value.isfinite().all():
+        raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not finite "
+                             "(a scale too large for the weights' precision)")
+
+
+def _adapter_names(count: int) -> list[str]:
+    """The adapter name diffusers' loader gets for each file, in order (error messages quote them)."""
+    return [f"lora{i}" for i in range(count)]
 
 
 def _load_adapters(info: "ModelInfo", host, parts: list[str], loras: list[LoraFile], names: list[str]) -> None:
@@ -255,8 +265,7 @@ def check_loras_fit(info: "ModelInfo", loras: list[LoraFile]) -> None:
         return
     modules = {p: empty_module(info, p, device="meta") for p in lora_parts(info)}
     with _quiet():
-        _load_adapters(info, _host(info.family, modules), list(modules), loras,
-                       [f"lora{i}" for i in range(len(loras))])
+        _load_adapters(info, _host(info.family, modules), list(modules), loras, _adapter_names(len(loras)))
 
 
 def read_lora(info: "ModelInfo", lora: LoraFile) -> dict[str, int]:
@@ -320,7 +329,7 @@ class LoraFactors:
     ``supported`` is False for layer kinds whose merge needs more than the delta (DoRA, LoRA biases): those sets
     go through ``fuse_loras`` every time."""
 
-    ADAPTER = "lora0"  # the name fuse_loras gives a first file: error messages name it the same way
+    ADAPTER = _adapter_names(1)[0]  # as fuse_loras names a first file: error messages name it the same way
 
     def __init__(self, info: "ModelInfo", lora: LoraFile):
         import torch
@@ -382,9 +391,7 @@ def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],
                             fused[name] = bases[name].clone()
                         fused[name] += delta  # PEFT's merge: weight.data += delta, adapter by adapter
                 for name, value in fused.items():
-                    if not value.isfinite().all():
-                        raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not "
-                                             "finite (a scale too large for the weights' precision)")
+                    _check_fused_finite(loras, part, name, value)
                     if not torch.equal(value, bases[name]):
                         out.setdefault(part, {})[name] = value
             return out
