@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder"]
 ROOT = Path(__file__).resolve().parents[1]
-OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False, sdxl_onnx_unet=False)  # set by main()
+OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False, sdxl_onnx_unet=False,
+                          no_inductor=False, no_reexport=False)  # set by main()
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -448,6 +449,8 @@ def stage_lora(work: Path, out: Path) -> None:
         log(f"lora {label}: {row.get('lora_switch') or row.get('stderr_tail', '')[-300:]}")
         save(out, "lora", result)
     # what a switch replaces: re-export with the LoRA fused, and (Inductor) a rebuild of the UNet package
+    if OPTS.no_reexport:
+        return
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "sdexport", "export", str(work / "sd15"), "-o", str(work / "e32lora"),
                            "--components", ",".join(COMPONENTS), "--max-batch", "8", "--lora", f"{loras[0]}:0.8"],
@@ -487,8 +490,9 @@ def stage_sdxl_prepare(work: Path, out: Path) -> None:
     parts = SDXL_PARTS if OPTS.sdxl_onnx_unet else [p for p in SDXL_PARTS if p != "unet"]
     timed("export fp32", lambda: export(str(model), e32, components=parts, max_images=1, say=log))
     size = SDXL_SIZE // 8 if OPTS.quick else SDXL_SIZE
-    timed("inductor", lambda: build_inductor(e32, f"{size}x{size}", batch=1, components=["unet", "vae_decoder"],
-                                             precision=_inductor_precision(), device=OPTS.device, say=log))
+    if not OPTS.no_inductor:
+        timed("inductor", lambda: build_inductor(e32, f"{size}x{size}", batch=1, components=["unet", "vae_decoder"],
+                                                 precision=_inductor_precision(), device=OPTS.device, say=log))
     if (e32 / "manifest.json").is_file():
         manifest = json.loads((e32 / "manifest.json").read_text())
         result["e32_sizes_mib"] = {k: round(v["size_bytes"] / 2**20, 1) for k, v in manifest["components"].items()}
@@ -607,7 +611,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,768,1024", help="sweep: image sides (empty: none)")
     parser.add_argument("--sdxl-onnx-unet", action="store_true",
                         help="sdxl-prepare: also export the SDXL UNet to ONNX (10 GB FP32; the ORT rows need it)")
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="sdxl-prepare: no Inductor package (its rows are left out; saves ~5 min)")
+    parser.add_argument("--no-reexport", action="store_true",
+                        help="lora: leave out the re-export with the LoRA fused (the thing a switch replaces)")
     args = parser.parse_args()
+    OPTS.no_inductor, OPTS.no_reexport = args.no_inductor, args.no_reexport
     OPTS.model, OPTS.device, OPTS.quick, OPTS.skip_fp16 = args.model, args.device, args.quick, args.skip_fp16
     OPTS.sdxl_onnx_unet, OPTS.skip_ort = args.sdxl_onnx_unet, args.skip_ort
     OPTS.batches = [int(b) for b in args.batches.split(",") if b]

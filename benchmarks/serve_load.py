@@ -102,7 +102,10 @@ class Server:
         self.cmd = sdexport("serve", args.export, "--backend", args.backend, *device, "--address", "127.0.0.1",
                             "--http-port", self.http, "--grpc-port", self.grpc, "--metrics-port", self.metrics,
                             "--max-queue-size", max(64, 2 * max(args.levels)), "--warmup-steps", args.steps,
-                            *(["--warmup", f"{args.size}x{args.size}"] if args.size else []), *args.serve_arg)
+                            *(["--warmup", f"{args.size}x{args.size}"] if args.size else []),
+                            # the requests' scheduler is the server's default: the warm-up captures their step graphs
+                            *([] if any(a.startswith("--scheduler") for a in args.serve_arg)
+                              else ["--scheduler", args.scheduler]), *args.serve_arg)
         log(" ".join(map(str, self.cmd)))
         self.proc = subprocess.Popen(self.cmd, env=environment(), stdout=subprocess.PIPE, stderr=log_path.open("w"),
                                      text=True)

@@ -663,8 +663,11 @@ def _ints(text: str | None) -> tuple[int, ...]:
               help="Shape to run before reporting ready, N images per call (repeatable; default: native size). "
                    "Without N: one image, or with --step-graph every batch size up to --max-batch (each size "
                    "is its own step graph).")
-@click.option("--warmup-steps", type=int, default=2, show_default=True,
-              help="Steps of each warm-up run (with --step-graph: the steps your clients send).")
+@click.option("--warmup-steps", type=int, default=None,
+              help="Steps of each warm-up run (default: 2; with --step-graph the default request's steps, so the "
+                   "step graphs captured are the ones requests use: give the steps your clients send).")
+@click.option("--scheduler", "default_scheduler", default=None,
+              help="Scheduler of requests that name none, and of the warm-up (default: the model's own).")
 @click.option("--text-cache-size", type=int, default=256, show_default=True,
               help="Prompt embeddings kept (LRU); 0 turns the cache off.")
 @click.option("--step-graph", is_flag=True, help="Capture each denoising step as a CUDA graph (GPU only).")
@@ -680,8 +683,8 @@ def _ints(text: str | None) -> tuple[int, ...]:
                    "request gets it; requests cannot switch LoRAs.")
 @handled
 def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metrics_port, max_batch,
-          max_queue_delay_ms, max_queue_size, warmup, warmup_steps, text_cache_size, step_graph, model_name,
-          drain_timeout_s, write_repository, loras):
+          max_queue_delay_ms, max_queue_size, warmup, warmup_steps, default_scheduler, text_cache_size, step_graph,
+          model_name, drain_timeout_s, write_repository, loras):
     """Serve EXPORT_DIR on NVIDIA Triton Inference Server (HTTP/gRPC, dynamic batching, metrics).
 
     Runs the tritonserver shipped in nvidia-pytriton until SIGTERM or Ctrl-C, which drain in-flight requests
@@ -695,7 +698,8 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
     options = ServeOptions(export_dir=export_dir, backend=backend, device=device, gpus=gpu_list,
                            max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size,
                            warmup=tuple(parse_warmup(w) for w in warmup) if warmup else None,
-                           warmup_steps=warmup_steps, text_cache_size=text_cache_size, step_graph=step_graph,
+                           warmup_steps=warmup_steps, scheduler=default_scheduler, text_cache_size=text_cache_size,
+                           step_graph=step_graph,
                            model_name=model_name, address=address, http_port=http_port, grpc_port=grpc_port,
                            metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras))
     with reading(export_dir):  # the export does not change under a running server (writers wait)

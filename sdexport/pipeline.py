@@ -287,6 +287,7 @@ class Pipeline:
             raise UsageError("--step-graph needs a CUDA device (--device cuda)")
         self.engines = engines
         self.step_graph = step_graph
+        self.step_graph_kinds = MAX_STEP_GRAPH_KINDS
         self._graphs: dict[tuple, Any] = {}  # request key -> _StepGraphs, or the reason capture failed
         self.export = export
         self.info = export.info
@@ -463,7 +464,9 @@ class Pipeline:
                 rows = geo.rows
                 graphs = None
                 if self.step_graph:
-                    key = (scheduler, steps, tuple(latents.shape), guidance.cfg, guidance_scale,
+                    # the scheduler as resolved (None and the model's own scheduler named are one kind)
+                    key = (type(sched).__name__, json.dumps(dict(sched.config), sort_keys=True, default=str),
+                           steps, tuple(latents.shape), guidance.cfg, guidance_scale,
                            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items())),
                            extra.get("eta"), "generator" in extra, init.strength if init else None)
                     graphs = self._step_graphs(key, lambda: _StepGraphs.capture(
@@ -564,15 +567,17 @@ class Pipeline:
     def _step_graphs(self, key, capture):
         """The captured steps for this request, capturing them on first use; None (and one warning per
         request kind) when they cannot be captured, in which case the eager loop runs."""
-        found = self._graphs.get(key)
-        if found is None:
+        found = self._graphs.pop(key, None)
+        if found is not None:
+            self._graphs[key] = found  # least recently used goes first
+        else:
             try:
                 found = capture()
             except _NotCapturable as exc:
                 found = str(exc)
             except Exception as exc:  # CUDA/ORT raise their own types; the eager loop still works
                 found = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            while len(self._graphs) >= MAX_STEP_GRAPH_KINDS:  # bounded device memory for many request kinds
+            while len(self._graphs) >= self.step_graph_kinds:  # bounded device memory for many request kinds
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = found
             if isinstance(found, str):
@@ -584,7 +589,8 @@ class Pipeline:
 # concatenated on the channel axis each step, as StableDiffusionInpaintPipeline does.
 CONCAT_KEY = "sample_concat"
 
-# Request kinds (shape, steps, scheduler, guidance) whose step graphs are kept; the oldest goes first.
+# Request kinds (shape, steps, scheduler, guidance) whose step graphs are kept by default; the least recently
+# used goes first. A server raises it to hold every kind it warmed up (serve.ImageService.warm_up).
 MAX_STEP_GRAPH_KINDS = 4
 
 

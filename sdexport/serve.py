@@ -220,7 +220,8 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
         except SdexportError as exc:
             raise renamed(exc, "image") from None  # ShapeError's "height 72 is not a multiple ..." names it already
         key = hashlib.sha256(image + b"\0" + (mask or b"")).hexdigest() if image else ""
-        images.append(ImageRequest(prompt, negative, seed, steps, guidance, height, width, scheduler or None,
+        images.append(ImageRequest(prompt, negative, seed, steps, guidance, height, width,
+                                   scheduler or defaults.get("scheduler"),
                                    init and init.image, init and init.mask, strength, key))
     if len({(i.height, i.width) for i in images}) > 1:
         raise bad("height", "the images of one request must share height and width (send one request per size)")
@@ -325,8 +326,10 @@ class ImageService:
     No Triton here (TritonPythonModel adapts it), so it runs in tests as it runs in the server."""
 
     def __init__(self, export_dir: str | Path, backend: str = "ort", device: str = "cpu", step_graph: bool = False,
-                 text_cache_size: int = 256, warn: Callable[[str], None] | None = None, loras=()):
-        """``loras``: ``FILE[:SCALE]`` strings or lora.LoraFile, switched onto the engines for every request."""
+                 text_cache_size: int = 256, warn: Callable[[str], None] | None = None, loras=(),
+                 scheduler: str | None = None):
+        """``loras``: ``FILE[:SCALE]`` strings or lora.LoraFile, switched onto the engines for every request;
+        ``scheduler``: the one of requests that name none (default: the model's own)."""
         from .backends import load_engines
         from .lora import engine_options, open_loras
         from .pipeline import Pipeline
@@ -349,12 +352,17 @@ class ImageService:
             self.pipe.set_loras(loras)  # a LoRA that does not fit is exit 5 before the server is ready
         # infer's defaults: Pipeline.__call__'s, and the family's steps and guidance (LCM: 4 steps at 8.5)
         self.defaults = {**request_defaults(), **self.export.family.request_defaults(self.export.info)}
+        if scheduler is not None:
+            self.defaults["scheduler"] = scheduler
         self.images_total = 0
         self.calls_total = 0
 
-    def warm_up(self, shapes: list[tuple[int, int, int]], steps: int) -> None:
+    def warm_up(self, shapes: list[tuple[int, int, int]], steps: int | None = None) -> None:
         """Run each (height, width, images) once before serving (engine allocations, kernels, step graphs),
-        then forget the warm-up prompts so the cache counters describe real traffic."""
+        then forget the warm-up prompts so the cache counters describe real traffic. Each run is a request
+        with the server's defaults (steps: ``steps``, else the default request's; its guidance and scheduler),
+        so the step graphs it captures are the ones such requests use; the pipeline keeps all of them."""
+        from .pipeline import MAX_STEP_GRAPH_KINDS
         from PIL import Image
 
         from .errors import ModelError
@@ -365,14 +373,16 @@ class ImageService:
             needs_image = info.inpainting
         except ModelError:  # an SDXL refiner
             needs_image = True
+        self.pipe.step_graph_kinds = max(self.pipe.step_graph_kinds, len(shapes) + MAX_STEP_GRAPH_KINDS)
         for height, width, n in shapes:
             image = {}
             if needs_image:  # a mid-grey picture repainted in full (strength 1; the mask: all of it)
                 image = {"image": Image.new("RGB", (width, height), (128, 128, 128)), "strength": 1.0,
                          "mask": Image.new("L", (width, height), 255) if info.inpainting else None}
-            self.pipe([f"warm-up {i}" for i in range(n)], negative_prompt=[""] * n, seed=list(range(n)), steps=steps,
-                      guidance_scale=self.defaults["guidance_scale"], height=height, width=width, batch_size=n,
-                      **image)
+            self.pipe([f"warm-up {i}" for i in range(n)], negative_prompt=[""] * n, seed=list(range(n)),
+                      steps=self.defaults["steps"] if steps is None else steps,
+                      guidance_scale=self.defaults["guidance_scale"], scheduler=self.defaults["scheduler"],
+                      height=height, width=width, batch_size=n, **image)
         self.text_cache.clear()
 
     def parse(self, tensors: Mapping[str, Any]) -> list[ImageRequest]:
@@ -429,7 +439,8 @@ class TritonPythonModel:
 
     ``config.pbtxt`` parameters: ``export_dir`` (absolute, or relative to the model's directory), ``backend``,
     ``device`` (``cpu`` or ``cuda``: a KIND_GPU instance runs on its own GPU), ``step_graph``,
-    ``text_cache_size``, ``warmup`` (``HxWxN,...``), ``warmup_steps`` and ``loras`` (JSON: the LoRAs switched
+    ``text_cache_size``, ``warmup`` (``HxWxN,...``), ``warmup_steps`` (empty: the default request's),
+    ``scheduler`` (of requests that name none; empty: the model's) and ``loras`` (JSON: the LoRAs switched
     onto the engines, each file checked against its recorded sha256)."""
 
     def initialize(self, args: dict[str, str]) -> None:
@@ -456,10 +467,12 @@ class TritonPythonModel:
             self.service = ImageService(export_dir, backend=_param(config, "backend", "ort"), device=device,
                                         step_graph=_param(config, "step_graph", "false") == "true",
                                         text_cache_size=int(_param(config, "text_cache_size", "256")),
-                                        warn=self.log.log_warn, loras=loras)
+                                        warn=self.log.log_warn, loras=loras,
+                                        scheduler=_param(config, "scheduler", "") or None)
             t0 = time.perf_counter()
             shapes = [parse_warmup(s) for s in _param(config, "warmup").split(",") if s]
-            self.service.warm_up(shapes, steps=int(_param(config, "warmup_steps", "2")))
+            steps = _param(config, "warmup_steps", "2")
+            self.service.warm_up(shapes, steps=int(steps) if steps else None)
         except SdexportError as exc:
             status = os.environ.get("SDEXPORT_SERVE_STATUS")
             if status:  # sdexport serve turns this into its own error line and exit code
@@ -574,7 +587,8 @@ class ServeOptions:
     max_queue_size: int = 32
     # default: native size; HxW without N: one image, or with step graphs each batch size 1..max_batch
     warmup: tuple[tuple[int, int, int | None], ...] | None = None
-    warmup_steps: int = 2
+    warmup_steps: int | None = None  # default: with step graphs the default request's steps, else 2
+    scheduler: str | None = None  # of requests that name none (and of the warm-up); default: the model's
     text_cache_size: int = 256
     step_graph: bool = False
     model_name: str = MODEL_NAME
@@ -590,6 +604,7 @@ class ServeOptions:
         from .backends import BACKENDS
         from .components import Geometry
         from .lora import open_loras
+        from .pipeline import SCHEDULERS
 
         ranges = export.ranges
         loras = tuple(open_loras(self.loras))  # a missing file or a scale that is not finite: exit 2, now
@@ -608,7 +623,10 @@ class ServeOptions:
         if not math.isfinite(self.max_queue_delay_ms) or self.max_queue_delay_ms < 0 or self.max_queue_size < 1:
             raise UsageError(f"--max-queue-delay-ms {self.max_queue_delay_ms}, --max-queue-size {self.max_queue_size}: "
                              "the delay must be a finite number >= 0 and the size >= 1")
-        if self.warmup_steps < 1 or self.text_cache_size < 0 or self.drain_timeout_s < 1:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise UsageError(f"--scheduler {self.scheduler}: unknown (choose from {', '.join(SCHEDULERS)})")
+        warmup_steps = self.warmup_steps if self.warmup_steps is not None else (None if self.step_graph else 2)
+        if (warmup_steps is not None and warmup_steps < 1) or self.text_cache_size < 0 or self.drain_timeout_s < 1:
             raise UsageError("--warmup-steps and --drain-timeout-s must be >= 1, --text-cache-size >= 0")
         # A step graph is captured per request shape, batch size included, on its first use. Dynamic batching makes
         # any size from 1 to max_batch: capture them all before reporting ready, or the first requests of each size
@@ -627,7 +645,7 @@ class ServeOptions:
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise UsageError(f"ports {ports}: three distinct ports in 1..65535")
         gpus = self.gpus or ((0,) if self.device == "cuda" else ())
-        return dataclasses.replace(self, max_batch=max_batch, warmup=tuple(warmup), gpus=gpus,
+        return dataclasses.replace(self, max_batch=max_batch, warmup=tuple(warmup), gpus=gpus, warmup_steps=warmup_steps,
                                    export_dir=str(Path(self.export_dir).resolve()), loras=loras)
 
 
@@ -650,7 +668,8 @@ def model_config(options: ServeOptions) -> str:
     params = {"export_dir": options.export_dir, "backend": options.backend, "device": options.device,
               "step_graph": "true" if options.step_graph else "false", "text_cache_size": str(options.text_cache_size),
               "warmup": ",".join("x".join(map(str, s)) for s in options.warmup or ()),
-              "warmup_steps": str(options.warmup_steps),
+              "warmup_steps": "" if options.warmup_steps is None else str(options.warmup_steps),
+              "scheduler": options.scheduler or "",
               "loras": json.dumps([lora.to_json() for lora in options.loras])}
     lines = [
         f"{REPOSITORY_MARK} (sdexport {_version()}). Inputs and outputs: README 'Serving'.",

@@ -471,7 +471,58 @@ def test_warmup_captures_every_batch_size_with_step_graphs(export_fp32, tmp_path
     repo = tmp_path / "repo"
     result = run_cli("serve", export_fp32, "--write-repository", repo, "--device", "cuda", "--max-batch", 3, *extra)
     assert result.exit_code == 0, result.stderr
-    assert f'key: "warmup" value: {{ string_value: "{warmups}" }}' in (repo / MODEL / "config.pbtxt").read_text()
+    config = (repo / MODEL / "config.pbtxt").read_text()
+    assert f'key: "warmup" value: {{ string_value: "{warmups}" }}' in config
+    # with step graphs the warm-up runs the default request's steps (empty: resolved by the model), else 2
+    steps = "" if "--step-graph" in extra else "2"
+    assert f'key: "warmup_steps" value: {{ string_value: "{steps}" }}' in config
+
+
+def test_serve_scheduler_is_the_default_of_requests_and_warm_up(export_fp32, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_cli("serve", export_fp32, "--write-repository", repo, "--scheduler", "euler", "--warmup-steps", 7)
+    assert result.exit_code == 0, result.stderr
+    config = (repo / MODEL / "config.pbtxt").read_text()
+    assert 'key: "scheduler" value: { string_value: "euler" }' in config
+    assert 'key: "warmup_steps" value: { string_value: "7" }' in config
+    assert_error(run_cli("serve", export_fp32, "--write-repository", tmp_path / "r2", "--scheduler", "heun"), 2,
+                 "--scheduler heun: unknown")
+    assert not (tmp_path / "r2").exists()
+
+
+def test_warmed_up_step_graphs_are_the_ones_requests_use(export_fp32, monkeypatch):
+    """Each kind the warm-up captures is kept and is the one a request with the server's defaults uses, the
+    scheduler named or left out: nothing is captured while serving. Before, the warm-up ran the model's own
+    scheduler while clients named theirs, and 4 kinds were kept for up to --max-batch batch sizes, so a
+    server captured while serving (on an H100: most of a second GPU's throughput)."""
+    from sdexport import pipeline
+
+    captured = []
+
+    def capture(cls, pipe, sched, unet_timesteps, timesteps, latents, *rest):
+        captured.append((type(sched).__name__, len(timesteps), tuple(latents.shape)))
+        raise pipeline._NotCapturable("counted only")  # the eager loop runs, as where a capture fails
+
+    monkeypatch.setattr(pipeline._StepGraphs, "capture", classmethod(capture))
+    service = ImageService(export_fp32, scheduler="euler")
+    service.pipe.step_graph = True  # on the CPU nothing is captured; the kinds are what is counted
+    try:
+        shapes = [(64, 96, n) for n in range(1, 5)] + [(96, 64, 1)]  # more kinds than MAX_STEP_GRAPH_KINDS
+        assert len(shapes) > pipeline.MAX_STEP_GRAPH_KINDS
+        service.warm_up(shapes, steps=2)
+        assert len(captured) == len(shapes) and {c[:2] for c in captured} == {("EulerDiscreteScheduler", 2)}
+        for h, w, n in shapes:
+            for named in ({"scheduler": "euler"}, {}):
+                per_image = {k: [v] * n for k, v in dict(steps=2, height=h, width=w, **named).items()}
+                service.run([service.parse(tensors(prompt=["x"] * n, seed=list(range(n)), **per_image))])
+        assert len(captured) == len(shapes), captured
+        service.run([service.parse(tensors(prompt="x", steps=2, height=64, width=96, scheduler="ddim"))])
+        assert captured[-1][0] == "DDIMScheduler" and len(captured) == len(shapes) + 1  # another kind: captured
+        captured.clear()
+        service.warm_up([(64, 64, 1)])  # no steps given: the default request's
+        assert captured == [("EulerDiscreteScheduler", service.defaults["steps"], (1, 4, 8, 8))]
+    finally:
+        service.close()
 
 
 @pytest.mark.slow
