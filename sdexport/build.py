@@ -251,6 +251,13 @@ def mark_refittable(trt, network, names: list[str]) -> str:
     return "REFIT"
 
 
+def _gpu_here() -> tuple[int, int] | None:
+    """The compute capability of the GPU this process builds on (None without one)."""
+    from .backends.trt import gpu_capability
+
+    return gpu_capability(None)
+
+
 def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, profile: dict[str, list],
                  targets: list[str], opt_level: int, workspace_mib: int | None,
                  timing_cache: tuple[Path, Path] | None, say: Callable[[str], None], label: str,
@@ -331,10 +338,19 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
             interrupts.check()
             if plan is None:
                 if refit and flavour == "rtx" and "CUDA" in log.summary():
+                    here = _gpu_here()
+                    if here is None:
+                        raise CannotRunHere(
+                            f"{spec.name}: TensorRT-RTX {trt.__version__} builds refittable engines only where CUDA "
+                            f"runs (its Myelin compiler failed without it: {log.summary()[:160]}); "
+                            "build --refittable on a machine with an NVIDIA GPU and driver (the targets stay the same)")
+                    # Measured on an H100 for target 8.0: "CUDA error 222 loading a module" (Myelin loads the
+                    # target's code on the GPU it builds on), benchmarks/results/2026-11-26-h100-session5.
                     raise CannotRunHere(
-                        f"{spec.name}: TensorRT-RTX {trt.__version__} builds refittable engines only where CUDA "
-                        f"runs (its Myelin compiler failed without it: {log.summary()[:160]}); "
-                        "build --refittable on a machine with an NVIDIA GPU and driver (the targets stay the same)")
+                        f"{spec.name}: TensorRT-RTX {trt.__version__} builds a refittable engine only on a GPU that "
+                        f"can load its target's code (this GPU: compute capability {here[0]}.{here[1]}, target "
+                        f"{', '.join(targets)}: {log.summary()[:160]}); build --refittable on a GPU of compute "
+                        f"capability {', '.join(targets)}, e.g. the one that will run it")
                 raise BuildFailed(f"{spec.name}: TensorRT could not build the engine for {', '.join(targets)}: "
                                   f"{log.summary()}")
             with open(tmp, "wb") as f:

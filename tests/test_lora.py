@@ -311,6 +311,36 @@ def test_switched_equals_fused_at_export(export_fp32, fused_export, loras):
     assert psnr(pipe(**REQUEST).images, Pipeline(load_engines(fused, "ort"), fused)(**REQUEST).images) >= 60
 
 
+def test_fp16_weights_map_equals_comparing_every_initializer_in_full(export_fp16, tiny_model):
+    """The map of an FP16 export (values matched within an FP16 ulp) is the one a full comparison of every
+    parameter with every initializer of its size gives: the sampled pre-check that keeps build_weight_map
+    from being quadratic in same-size weights drops no match and adds none."""
+    import onnx
+    from diffusers import UNet2DConditionModel
+    from onnx import numpy_helper
+
+    wmap = WeightMap(ExportDir.open(export_fp16), "unet")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(wmap.onnx_path)).graph.initializer}
+    inits = {k: v for k, v in inits.items() if v.dtype.kind == "f" and v.size >= 2}
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    ulp_matched = 0
+    for name, param in unet.named_parameters():
+        value = param.detach().numpy()
+        want = set()
+        for init, arr in inits.items():
+            tol = dict(rtol=2.0**-10, atol=2.0**-23) if arr.dtype == np.float16 else dict(rtol=0, atol=0)
+            for form, transposed in [(value, False)] + ([(value.T, True)] if value.ndim == 2 else []):
+                if arr.size == form.size and np.allclose(arr.astype(np.float32).reshape(form.shape), form, **tol) \
+                        and (arr.ndim != 2 or not transposed or arr.shape == form.shape):
+                    want.add((init, transposed))
+        got = {(e["initializer"], e["transpose"]) for e in wmap.params.get(name, [])}
+        assert got == want, name
+        ulp_matched += any(not np.array_equal(inits[i].astype(np.float32).reshape(-1),
+                                              (value.T if t else value).astype(np.float16).astype(np.float32).reshape(-1))
+                           for i, t in got)
+    assert ulp_matched > 0  # the export has weights only the closeness path finds: that path is exercised
+
+
 @pytest.mark.slow
 def test_switching_on_an_fp16_export(export_fp16, export_fp32, loras):
     """The map holds FP16 initializers (matched within an FP16 ulp where ModelOpt's cast differs from numpy's);
@@ -498,7 +528,7 @@ def test_refittable_weight_names_match_the_map(rtx, export_fp16):
             mark_refittable(rtx, network, ["onnx::NotAWeight_0"])
 
 
-def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path):
+def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path, monkeypatch):
     """TensorRT-RTX 1.7 builds refittable engines for one target, and only where CUDA runs: both are one
     line, and nothing is written. (With a GPU: test_refit_on_the_gpu.)"""
     if torch.cuda.is_available():
@@ -510,6 +540,13 @@ def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path):
     assert_error(result, 2, "one compute capability", "--compute-capability")
     result = run_cli("build", out, "--refittable", "--components", "text_encoder", "--compute-capability", "8.6")
     assert_error(result, 8, "only where CUDA runs")
+    assert (out / "manifest.json").read_text() == manifest and not (out / "engines").exists()
+    import sdexport.build as build_module
+
+    with monkeypatch.context() as m:  # a GPU that cannot load the target's code (an H100 for 8.6: CUDA error 222)
+        m.setattr(build_module, "_gpu_here", lambda: (9, 0))
+        result = run_cli("build", out, "--refittable", "--components", "text_encoder", "--compute-capability", "8.6")
+    assert_error(result, 8, "only on a GPU that can load its target's code", "compute capability 9.0", "8.6")
     assert (out / "manifest.json").read_text() == manifest and not (out / "engines").exists()
     result = run_cli("build", out, "--refittable", "--components", "vae_decoder", "--compute-capability", "8.6")
     assert result.exit_code == 0, result.stderr  # a component no LoRA changes is built as usual

@@ -698,3 +698,29 @@ def test_fp16_sdxl_export(export_sdxl, sdxl_tiny_model, tmp_path):
         assert {k: v["precision"] for k, v in engines.items()} == {
             "text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
         assert sum("stays fp32 in this export" in m for m in messages) == 2
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_static_engines_take_the_text_rows_of_any_sdxl_request(export_sdxl, negative):
+    """An engine opened for one static geometry (bench/infer --step-graph: two UNet rows per image) gets one
+    text-encoder row per image from SDXL when the negative prompt is zeros (force_zeros_for_empty_prompt), two
+    when one is given. The shorter call is padded to the static batch and cut back: the image is the dynamic
+    engines'. Before, the SDXL ORT CUDA static row failed on an H100 ('opened for the static shape
+    {'batch': 2}; got {'batch': 1}', benchmarks/results/2026-11-26-h100-session5)."""
+    from sdexport.components import Geometry
+    from sdexport.errors import ShapeError
+
+    export = ExportDir.open(export_sdxl)
+    geo = Geometry(1, 128, 96, guidance=True)
+    static = load_engines(export, "ort", static=geo)
+    request = dict(prompt="a red bicycle", negative_prompt=negative, steps=2, seed=3, height=128, width=96)
+    got = Pipeline(static, export)(**request).images
+    want = Pipeline(load_engines(export, "ort"), export)(**request).images
+    assert np.abs(got - want).max() < 1e-5
+    encoder = static["text_encoder_2"]
+    ids = torch.zeros(3, 77, dtype=torch.int32)
+    with pytest.raises(ShapeError, match="opened for the static shape"):  # more rows than the engine takes
+        encoder({"input_ids": ids})
+    with pytest.raises(ShapeError, match="opened for the static shape"):  # another latent size
+        static["unet"]({k: v[:2] for k, v in export.spec("unet").sample_inputs(
+            export.spec("unet").dims_for(Geometry(1, 64, 64, guidance=True))).items()})

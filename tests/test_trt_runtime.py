@@ -139,6 +139,32 @@ def test_static_engine_replays_its_cuda_graph_with_new_inputs(built, trt, tmp_pa
         engine(feeds[0])
 
 
+def test_static_engine_pads_a_call_with_fewer_rows(built, trt, tmp_path, monkeypatch):
+    """A static text encoder is built for two rows per image (guidance); SDXL sends one when the negative
+    prompt is zeros. The call is padded to the profile's batch and cut back: the row equals ONNX Runtime's on
+    that row alone; more rows than the profile is the engine's ShapeError."""
+    import sdexport.backends.trt as backend
+    from sdexport.build import build
+
+    out = copy_export(built[0], tmp_path / "static-text")
+    build(out, components=["text_encoder"], static="128x64", batch=1)
+    module = fake_trt.fake_tensorrt(version="1.7.1.116")
+    fake_trt.register_plans(module, out)
+    monkeypatch.setattr(backend, "check_installed", lambda entry, component, root: module)
+    monkeypatch.setattr(backend, "check_gpu", lambda *a: None)
+    fake_trt.FakeCuda.install(monkeypatch)
+    engine = backend.TrtEngine.load_all(ExportDir.open(out), ["text_encoder"], device="cpu")["text_encoder"]
+    assert engine.static and engine.axes["batch"][0] == 2
+    feed = engine.spec.sample_inputs({"batch": 1}, seed=4)
+    got = {k: v.clone() for k, v in engine(feed).items()}
+    want = _ort(out, "text_encoder", feed)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k].numpy(), v, rtol=0, atol=1e-3)
+    with pytest.raises(ShapeError, match="outside the engine's profile"):
+        engine(engine.spec.sample_inputs({"batch": 3}, seed=4))
+
+
 def test_step_graphs_refuse_dynamic_and_self_graphed_engines(fake, export_fp32):
     """The pipeline reads one capability of every engine: a dynamic-shape TensorRT engine (one context captured at
     several shapes is not something TensorRT promises to keep valid) and an engine replaying its own graph are

@@ -52,6 +52,33 @@ class Engine(abc.ABC):
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Run the component; inputs and outputs are torch tensors on ``self.device``."""
 
+    def fit_static_batch(self, feed: dict[str, Any], dims: dict[str, int], static: dict[str, int]):
+        """(feed, dims, rows): a call with fewer rows than an engine opened or built for one static shape takes
+        is padded up to its batch by repeating the last row, and ``rows`` says how many output rows are the
+        caller's (None: no padding). Rows never mix in these components, so the caller's rows are exact. It
+        happens where the rows a component gets depend on the request, not on the geometry the engine was made
+        for: SDXL's text encoders get only the prompts when the negative prompt is zeros (diffusers'
+        force_zeros_for_empty_prompt), where the static geometry counts two rows per image."""
+        import torch
+
+        want = static.get("batch")
+        n = dims.get("batch")
+        if want is None or n is None or n >= want or any(dims.get(k, v) != v for k, v in static.items() if k != "batch"):
+            return feed, dims, None
+        padded = dict(feed)
+        for t in self.spec.inputs:
+            if t.dims and t.dims[0] == "batch":
+                x = feed[t.name]
+                padded[t.name] = torch.cat([x, x[-1:].expand(want - n, *x.shape[1:])])
+        return padded, {**dims, "batch": want}, n
+
+    def keep_rows(self, outputs: dict[str, Any], rows: int | None) -> dict[str, Any]:
+        """The caller's rows of outputs computed on a padded batch (fit_static_batch)."""
+        if rows is None:
+            return outputs
+        batched = {t.name for t in self.spec.outputs if t.dims and t.dims[0] == "batch"}
+        return {k: v[:rows] if k in batched else v for k, v in outputs.items()}
+
     def graph_capture_refusal(self) -> str | None:
         """Why a caller may not capture this engine's call into a CUDA graph of its own; None if it may."""
         if self.captures_own_graph:

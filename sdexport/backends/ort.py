@@ -111,14 +111,18 @@ class OrtEngine(Engine):
         import torch
 
         dims = self.dims(feed)
+        rows = None
+        if self.static_dims:
+            feed, dims, rows = self.fit_static_batch(feed, dims, self.static_dims)
+            if dims != {k: v for k, v in self.static_dims.items() if k in dims}:
+                raise ShapeError(f"{self.spec.name}: this engine was opened for the static shape "
+                                 f"{self.static_dims}; got {dims}")
         if not self.cuda:
             arrays = {k: feed[k].detach().to(getattr(torch, self.input_dtypes[k])).contiguous().numpy()
                       for k in self.input_dtypes}
             outs = self.session.run(self.output_names, arrays, self.run_options)
-            return {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in zip(self.output_names, outs)}
-        if self.static_dims and dims != {k: v for k, v in self.static_dims.items() if k in dims}:
-            raise ShapeError(f"{self.spec.name}: this engine was opened for the static shape "
-                             f"{self.static_dims}; got {dims}")
+            return self.keep_rows({name: torch.from_numpy(np.ascontiguousarray(v))
+                                   for name, v in zip(self.output_names, outs)}, rows)
         key = tuple(sorted(dims.items()))
         slot = self._bound.get(key)
         if slot is None:
@@ -135,7 +139,7 @@ class OrtEngine(Engine):
                     src.record_stream(self.stream)
         self.session.run_with_iobinding(binding, self.run_options)
         caller.wait_stream(self.stream)  # the caller sees the outputs only after ONNX Runtime wrote them
-        return outputs
+        return self.keep_rows(outputs, rows)
 
     def _options(self):
         import onnxruntime as ort

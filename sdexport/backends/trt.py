@@ -674,9 +674,15 @@ class TrtEngine(Engine):
         return True if check is None else bool(check(stream.cuda_stream))
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
+        dims = self.dims(feed)
+        rows = None
+        if self.static:  # fewer rows than the static profile (SDXL's text encoders): padded, then sliced
+            feed, dims, rows = self.fit_static_batch(feed, dims, {a: lo for a, (lo, _, _) in self.axes.items()})
+        return self.keep_rows(self._run(feed, dims), rows)
+
+    def _run(self, feed: dict[str, Any], dims: dict[str, int]) -> dict[str, Any]:
         import torch
 
-        dims = self.dims(feed)
         self.check_profile(dims)
         inputs = {t.name: feed[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
                   for t in self.spec.inputs}
