@@ -95,6 +95,13 @@ class Running:
         return None
 
 
+def _by_device(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(str(r.get("device")), []).append(r)
+    return out
+
+
 class Server:
     def __init__(self, args, gpus: str | None, log_path: Path):
         self.http, self.grpc, self.metrics = free_ports(3)
@@ -171,7 +178,7 @@ def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
                 with lock:
                     records.append({"latency_ms": latency, "end": time.perf_counter(), "start": t0,
                                     "images_in_call": t["images_in_call"], "pipeline_ms": t["total_ms"],
-                                    "timed": timed[0]})
+                                    "device": t.get("device"), "timed": timed[0]})
             except Exception as exc:  # noqa: BLE001 -- counted and reported
                 with lock:
                     errors.append(str(exc)[:300])
@@ -196,6 +203,12 @@ def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
             "server_pipeline_ms_p50": round(percentile([r["pipeline_ms"] for r in timed], 50), 2),
             # what the server adds around its pipeline call: queueing/batching wait, HTTP/gRPC, the backend IPC
             "outside_pipeline_ms_p50": round(percentile([r["latency_ms"] - r["pipeline_ms"] for r in timed], 50), 2),
+            # per model instance (its GPU): whether each one computes as fast as a single instance does
+            "per_device": {d: {"requests": len(rs), "images_per_call_mean": round(statistics.fmean(
+                               r["images_in_call"] for r in rs), 3),
+                               "pipeline_ms_per_image_p50": round(percentile(
+                                   [r["pipeline_ms"] / r["images_in_call"] for r in rs], 50), 2)}
+                           for d, rs in _by_device(timed).items()},
             "latencies_ms": [round(x, 2) for x in lat]}
 
 
@@ -253,6 +266,12 @@ def markdown(result: dict) -> str:
                          f"{la['p90']:.1f} | {la['p99']:.1f} | {lvl['images_per_second']:.3f} | "
                          f"{lvl['mean_images_per_call']:.2f} | {lvl['server_pipeline_ms_p50']:.1f} | "
                          f"{lvl['outside_pipeline_ms_p50']:.1f} |")
+        per_device = [(lvl["concurrency"], d, v) for lvl in run["levels"] for d, v in lvl.get("per_device", {}).items()]
+        if len({d for _, d, _ in per_device}) > 1:
+            lines += ["", "| concurrency | instance (GPU) | requests | images per call | pipeline ms per image p50 |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {c} | {d} | {v['requests']} | {v['images_per_call_mean']:.2f} | "
+                      f"{v['pipeline_ms_per_image_p50']:.1f} |" for c, d, v in per_device]
     if result["targets"]:
         lines += ["", "## Targets (issue 12)", ""]
         for name, t in result["targets"].items():

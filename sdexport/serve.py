@@ -327,9 +327,11 @@ class ImageService:
 
     def __init__(self, export_dir: str | Path, backend: str = "ort", device: str = "cpu", step_graph: bool = False,
                  text_cache_size: int = 256, warn: Callable[[str], None] | None = None, loras=(),
-                 scheduler: str | None = None):
+                 scheduler: str | None = None, threads: int | None = None, label: str | None = None):
         """``loras``: ``FILE[:SCALE]`` strings or lora.LoraFile, switched onto the engines for every request;
-        ``scheduler``: the one of requests that name none (default: the model's own)."""
+        ``scheduler``: the one of requests that name none (default: the model's own); ``threads``: this
+        instance's CPU threads (torch and ONNX Runtime; default theirs); ``label``: the device as the
+        timings name it (a GPU instance that sees only its GPU runs on cuda:0 of its own)."""
         from .backends import load_engines
         from .lora import engine_options, open_loras
         from .pipeline import Pipeline
@@ -340,8 +342,14 @@ class ImageService:
         manifest = self.export.manifest
         # the VAE encoder for image inputs, where the export has it for this backend
         image = "vae_encoder" in manifest.components and (backend != "trt" or "vae_encoder" in manifest.engines)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.label = label or device
         engines = load_engines(self.export, backend, components=self.export.components_for(image), device=device,
-                               **(engine_options(backend) if loras else {}))
+                               **(engine_options(backend) if loras else {}),
+                               **({"threads": threads} if threads and backend in ("ort", "inductor") else {}))
         caches = {}
         for name in [n for n in engines if n.startswith("text_encoder")]:  # SDXL: both encoders cached
             caches[name] = engines[name] = CachedTextEncoder(engines[name], text_cache_size)
@@ -414,7 +422,8 @@ class ImageService:
             self.calls_total += 1
             call = {**{k: round(v, 3) for k, v in result.stage_summary().items()}, "images_in_call": len(images),
                     "text_cache_hits": self.text_cache.hits - hits,
-                    "text_cache_misses": self.text_cache.misses - misses, "loop": result.loop}
+                    "text_cache_misses": self.text_cache.misses - misses, "loop": result.loop,
+                    "device": self.label}
             for (r, i), pixels in zip(group, result.uint8()):
                 done[r, i] = (pixels, call)
         for r, s in enumerate(served):
@@ -453,12 +462,10 @@ class TritonPythonModel:
         export_dir = Path(_param(config, "export_dir"))
         if not export_dir.is_absolute():
             export_dir = Path(args["model_repository"]) / export_dir
-        device = _param(config, "device", "cpu")
+        device = label = _param(config, "device", "cpu")
         if args.get("model_instance_kind") == "GPU":
-            import torch
-
-            device = f"cuda:{args['model_instance_device_id']}"
-            torch.cuda.set_device(device)
+            device, label = own_gpu(int(args["model_instance_device_id"]))
+        threads = instance_threads(config)
         try:
             from .lora import LoraFile
 
@@ -468,7 +475,8 @@ class TritonPythonModel:
                                         step_graph=_param(config, "step_graph", "false") == "true",
                                         text_cache_size=int(_param(config, "text_cache_size", "256")),
                                         warn=self.log.log_warn, loras=loras,
-                                        scheduler=_param(config, "scheduler", "") or None)
+                                        scheduler=_param(config, "scheduler", "") or None, threads=threads,
+                                        label=label)
             t0 = time.perf_counter()
             shapes = [parse_warmup(s) for s in _param(config, "warmup").split(",") if s]
             steps = _param(config, "warmup_steps", "2")
@@ -647,6 +655,38 @@ class ServeOptions:
         gpus = self.gpus or ((0,) if self.device == "cuda" else ())
         return dataclasses.replace(self, max_batch=max_batch, warmup=tuple(warmup), gpus=gpus, warmup_steps=warmup_steps,
                                    export_dir=str(Path(self.export_dir).resolve()), loras=loras)
+
+
+def own_gpu(device_id: int, environ=os.environ, modules=sys.modules, load_torch=None) -> tuple[str, str]:
+    """(torch device, label) of a KIND_GPU model instance (its own stub process). Where CUDA is not yet
+    initialised in the process, the instance is narrowed to its GPU (CUDA_VISIBLE_DEVICES: that GPU only, as
+    the server's own list maps Triton's device ids) so that nothing it loads can make a context or run work on
+    another GPU, and it runs on cuda:0; where CUDA was initialised already (the narrowing would not apply),
+    on cuda:<device_id>. The label names the physical GPU either way."""
+    visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = visible[device_id] if device_id < len(visible) else str(device_id)
+    if "torch" not in modules and "onnxruntime" not in modules:
+        environ["CUDA_VISIBLE_DEVICES"] = physical
+    if load_torch is None:
+        import torch
+    else:
+        torch = load_torch()
+
+    narrowed = environ.get("CUDA_VISIBLE_DEVICES") == physical and torch.cuda.device_count() == 1
+    device = "cuda:0" if narrowed else f"cuda:{device_id}"
+    torch.cuda.set_device(device)
+    return device, f"cuda:{physical}"
+
+
+def instance_threads(config: Mapping[str, Any]) -> int:
+    """CPU threads of one model instance: the usable cores shared out among the model's instances, so that
+    the thread pools of several instances (torch's, ONNX Runtime's) do not each size themselves to every core."""
+    from .bench import usable_cores
+
+    count = 0
+    for group in config.get("instance_group", []) or [{}]:
+        count += int(group.get("count", 1)) * max(1, len(group.get("gpus", []) or []))
+    return max(1, usable_cores() // max(1, count))
 
 
 REPOSITORY_MARK = "# Written by sdexport serve"  # config.pbtxt's first line: a model --write-repository may replace

@@ -490,6 +490,49 @@ def test_serve_scheduler_is_the_default_of_requests_and_warm_up(export_fp32, tmp
     assert not (tmp_path / "r2").exists()
 
 
+class _FakeTorch:
+    def __init__(self, count):
+        self.cuda = self
+        self.count, self.current = count, None
+
+    def device_count(self):
+        return self.count
+
+    def set_device(self, device):
+        self.current = device
+
+
+@pytest.mark.parametrize("visible,modules,count,want_env,want", [
+    (None, {}, 1, "1", ("cuda:0", "cuda:1")),  # narrowed to its GPU: cuda:0 of its own
+    ("4,5", {}, 1, "5", ("cuda:0", "cuda:5")),  # Triton's device 1 is the server's 2nd visible GPU
+    ("4,5", {"torch": None}, 2, "4,5", ("cuda:1", "cuda:5")),  # CUDA may be up already: not narrowed
+    (None, {"onnxruntime": None}, 2, None, ("cuda:1", "cuda:1")),
+    (None, {}, 2, "1", ("cuda:1", "cuda:1")),  # the narrowing did not take (CUDA initialised before): as is
+])
+def test_a_gpu_instance_sees_only_its_gpu(visible, modules, count, want_env, want):
+    """A KIND_GPU instance (its own stub process) is narrowed to its GPU before CUDA starts in it, so nothing it
+    loads can make a context or run kernels on the other instances' GPUs; where that cannot be done, it keeps
+    the device id Triton gave it. Either way the timings name the physical GPU."""
+    from sdexport.serve import own_gpu
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    torch_ = _FakeTorch(count)
+    assert own_gpu(1, environ=environ, modules=modules, load_torch=lambda: torch_) == want
+    assert environ.get("CUDA_VISIBLE_DEVICES") == want_env and torch_.current == want[0]
+
+
+def test_instances_share_the_cores(monkeypatch):
+    import sdexport.bench as bench
+    from sdexport.serve import instance_threads
+
+    monkeypatch.setattr(bench, "usable_cores", lambda: 32)
+    assert instance_threads({"instance_group": [{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}]}) == 16
+    assert instance_threads({"instance_group": [{"count": 1, "kind": "KIND_CPU"}]}) == 32
+    assert instance_threads({}) == 32
+    monkeypatch.setattr(bench, "usable_cores", lambda: 3)
+    assert instance_threads({"instance_group": [{"count": 2, "gpus": [0, 1, 2, 3]}]}) == 1
+
+
 def test_warmed_up_step_graphs_are_the_ones_requests_use(export_fp32, monkeypatch):
     """Each kind the warm-up captures is kept and is the one a request with the server's defaults uses, the
     scheduler named or left out: nothing is captured while serving. Before, the warm-up ran the model's own
@@ -631,7 +674,9 @@ def test_bad_requests_get_client_errors_and_the_server_keeps_serving(server):
 
 @pytest.mark.slow
 def test_full_queue_rejects_with_an_overload_error(server):
-    results = fire([lambda i=i: request(server, tritonclient_http, prompt=f"p{i}", seed=i, steps=6, height=64,
+    # steps 20: the first batch computes long enough for the 16 requests to arrive while it does, also on a
+    # busy CI machine (with 6, a run beside another test process saw every request answered)
+    results = fire([lambda i=i: request(server, tritonclient_http, prompt=f"p{i}", seed=i, steps=20, height=64,
                                         width=64) for i in range(16)])
     rejected = [r for r in results if isinstance(r, Exception)]
     answered = [r for r in results if not isinstance(r, Exception)]
@@ -834,3 +879,7 @@ def test_load_generator_smoke(server, export_fp32, tmp_path):
     assert result["baselines"]["1"]["pipeline_total_ms"] > 0
     assert set(result["targets"]) == {"c1_added_latency", "c1_throughput_vs_bench"}
     assert "| 1 | 2 | 0 |" in (out / "serve_load.md").read_text()
+    for lvl in srv["levels"]:  # one instance (the CPU): its own pipeline time per image
+        (device,) = lvl["per_device"]
+        assert device == "cpu" and lvl["per_device"][device]["requests"] == lvl["requests"]
+        assert lvl["per_device"][device]["pipeline_ms_per_image_p50"] > 0
