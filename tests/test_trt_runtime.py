@@ -83,21 +83,28 @@ def test_interleaved_calls_share_one_buffer_and_agree_with_onnxruntime(fake):
                                                                       "out_sample"}
 
 
-def test_static_engine_replays_its_cuda_graph_with_new_inputs(built, trt, tmp_path, monkeypatch):
-    """A static engine runs once, captures the same call on a side stream, and later calls copy new inputs into
-    the captured buffers and replay: outputs equal an eager run of the same inputs, and the context is never
-    re-bound after the capture."""
+def _static_engine(built, out, component, monkeypatch, **options):
+    """``component`` of the built tiny export, built again with one static 128x64 profile (one image) into
+    ``out``, loaded through the fake runtime: (engine, its export dir, the fake CUDA, the backend module)."""
     import sdexport.backends.trt as backend
     from sdexport.build import build
 
-    out = copy_export(built[0], tmp_path / "static")
-    build(out, components=["vae_decoder"], static="128x64", batch=1)
+    copy_export(built[0], out)
+    build(out, components=[component], static="128x64", batch=1)
     module = fake_trt.fake_tensorrt(version="1.7.1.116")
     fake_trt.register_plans(module, out)
     monkeypatch.setattr(backend, "check_installed", lambda entry, component, root: module)
     monkeypatch.setattr(backend, "check_gpu", lambda *a: None)
     cuda = fake_trt.FakeCuda.install(monkeypatch)
-    engine = backend.TrtEngine.load_all(ExportDir.open(out), ["vae_decoder"], device="cpu")["vae_decoder"]
+    engine = backend.TrtEngine.load_all(ExportDir.open(out), [component], device="cpu", **options)[component]
+    return engine, out, cuda, backend
+
+
+def test_static_engine_replays_its_cuda_graph_with_new_inputs(built, trt, tmp_path, monkeypatch):
+    """A static engine runs once, captures the same call on a side stream, and later calls copy new inputs into
+    the captured buffers and replay: outputs equal an eager run of the same inputs, and the context is never
+    re-bound after the capture."""
+    engine, out, cuda, backend = _static_engine(built, tmp_path / "static", "vae_decoder", monkeypatch)
     assert engine.captures_own_graph and engine.graph_capture_refusal()
     feeds = [engine.spec.sample_inputs({"batch": 1, "latent_height": 16, "latent_width": 8}, seed=s) for s in (1, 2, 3)]
     outputs = [engine(f)["sample"].clone() for f in feeds]
@@ -143,17 +150,7 @@ def test_static_engine_pads_a_call_with_fewer_rows(built, trt, tmp_path, monkeyp
     """A static text encoder is built for two rows per image (guidance); SDXL sends one when the negative
     prompt is zeros. The call is padded to the profile's batch and cut back: the row equals ONNX Runtime's on
     that row alone; more rows than the profile is the engine's ShapeError."""
-    import sdexport.backends.trt as backend
-    from sdexport.build import build
-
-    out = copy_export(built[0], tmp_path / "static-text")
-    build(out, components=["text_encoder"], static="128x64", batch=1)
-    module = fake_trt.fake_tensorrt(version="1.7.1.116")
-    fake_trt.register_plans(module, out)
-    monkeypatch.setattr(backend, "check_installed", lambda entry, component, root: module)
-    monkeypatch.setattr(backend, "check_gpu", lambda *a: None)
-    fake_trt.FakeCuda.install(monkeypatch)
-    engine = backend.TrtEngine.load_all(ExportDir.open(out), ["text_encoder"], device="cpu")["text_encoder"]
+    engine, out, _, _ = _static_engine(built, tmp_path / "static-text", "text_encoder", monkeypatch)
     assert engine.static and engine.axes["batch"][0] == 2
     feed = engine.spec.sample_inputs({"batch": 1}, seed=4)
     got = {k: v.clone() for k, v in engine(feed).items()}
