@@ -288,7 +288,8 @@ def main() -> None:
     parser.add_argument("--gpus", action="append", default=None, help="one server configuration (repeatable)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: native)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the model's (SD 7.5, SDXL 5.0): what the server warms its step graphs for")
     parser.add_argument("--scheduler", default="euler")
     parser.add_argument("--concurrency", default=None, help="levels (default 1,2,4,8; 1,2,4,8,16 with 2+ GPUs)")
     parser.add_argument("--requests-per-client", type=int, default=4)
@@ -302,6 +303,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for serve_load.json/.md (default: a temp dir)")
     parser.add_argument("--url", default=None, help="measure a running server at 127.0.0.1:HTTP_PORT instead")
     args = parser.parse_args()
+    if args.guidance_scale is None:  # the server's default, which its warm-up captures step graphs for
+        from sdexport.runtime import ExportDir
+
+        export = ExportDir.open(args.export)
+        args.guidance_scale = export.family.request_defaults(export.info)["guidance_scale"]
     if args.url and (args.gpus or args.protocol != "http"):
         parser.error("--url measures one running server over HTTP (no --gpus, no --protocol grpc)")
     multi = any("," in g for g in args.gpus or [])

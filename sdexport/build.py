@@ -337,13 +337,15 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
             plan = builder.build_serialized_network(network, config)
             interrupts.check()
             if plan is None:
-                if refit and flavour == "rtx" and "CUDA" in log.summary():
-                    here = _gpu_here()
-                    if here is None:
-                        raise CannotRunHere(
-                            f"{spec.name}: TensorRT-RTX {trt.__version__} builds refittable engines only where CUDA "
-                            f"runs (its Myelin compiler failed without it: {log.summary()[:160]}); "
-                            "build --refittable on a machine with an NVIDIA GPU and driver (the targets stay the same)")
+                # A refittable TensorRT-RTX build fails where its compiler cannot load the target's code here
+                # (no GPU, or a GPU of another compute capability); anything else is TensorRT's own message.
+                here = _gpu_here() if refit and flavour == "rtx" and "CUDA" in log.summary() else ()
+                if here is None:
+                    raise CannotRunHere(
+                        f"{spec.name}: TensorRT-RTX {trt.__version__} builds refittable engines only where CUDA "
+                        f"runs (its Myelin compiler failed without it: {log.summary()[:160]}); "
+                        "build --refittable on a machine with an NVIDIA GPU and driver (the targets stay the same)")
+                if here and f"{here[0]}.{here[1]}" not in targets:
                     # Measured on an H100 for target 8.0: "CUDA error 222 loading a module" (Myelin loads the
                     # target's code on the GPU it builds on), benchmarks/results/2026-11-26-h100-session5.
                     raise CannotRunHere(

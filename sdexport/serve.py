@@ -678,15 +678,16 @@ def own_gpu(device_id: int, environ=os.environ, modules=sys.modules, load_torch=
     return device, f"cuda:{physical}"
 
 
-def instance_threads(config: Mapping[str, Any]) -> int:
-    """CPU threads of one model instance: the usable cores shared out among the model's instances, so that
-    the thread pools of several instances (torch's, ONNX Runtime's) do not each size themselves to every core."""
+def instance_threads(config: Mapping[str, Any]) -> int | None:
+    """CPU threads of one model instance where there are several: the usable cores shared out among them, so
+    that the thread pools of several instances (torch's, ONNX Runtime's) do not each size themselves to every
+    core. None (each library's default) for a single instance."""
     from .bench import usable_cores
 
     count = 0
     for group in config.get("instance_group", []) or [{}]:
         count += int(group.get("count", 1)) * max(1, len(group.get("gpus", []) or []))
-    return max(1, usable_cores() // max(1, count))
+    return max(1, usable_cores() // count) if count > 1 else None
 
 
 REPOSITORY_MARK = "# Written by sdexport serve"  # config.pbtxt's first line: a model --write-repository may replace

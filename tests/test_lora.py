@@ -318,6 +318,23 @@ def test_a_switch_writes_into_the_session_or_opens_only_the_ones_whose_weights_c
     assert unet.session is sessions[1]
 
 
+def test_a_switch_that_leaves_a_component_as_it_is_keeps_its_live_weights(export_fp32, loras, monkeypatch):
+    """A -> A+B where B changes only the UNet: the text encoder is written the values it holds, its probe
+    output cannot move, and that is no reason to give up writing in place (found in review: it was)."""
+    monkeypatch.setenv("SDEXPORT_ORT_LIVE_WEIGHTS", "1")
+    export = ExportDir.open(export_fp32)
+    pipe = Pipeline(load_engines(export, "ort"), export)
+    te = pipe.engines["text_encoder"]
+    pipe.set_loras([f"{loras['a']}:0.8"])
+    pipe.set_loras([f"{loras['a']}:0.8", f"{loras['b']}:1.0"])
+    assert te._live is not None and te._live_allowed
+    both = pipe(**REQUEST).images
+    pipe.set_loras([f"{loras['b']}:1.0"])
+    pipe.set_loras([f"{loras['a']}:0.8", f"{loras['b']}:1.0"])
+    np.testing.assert_array_equal(pipe(**REQUEST).images, both)
+    assert te._live is not None
+
+
 @pytest.mark.parametrize("how", ["writes-ignored", "env", "cpu-default"])
 def test_where_writes_do_not_reach_the_results_switches_open_sessions(export_fp32, loras, monkeypatch, how):
     """If ONNX Runtime read a copy instead of the buffers (a folded constant, a packed weight), the check sees
