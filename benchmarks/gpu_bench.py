@@ -195,13 +195,17 @@ def configs(work: Path):
     ]
 
 
-def set_tf32(on: bool) -> None:
+def set_tf32(on: bool | None) -> None:
+    """TF32 for FP32 matmuls and convolutions: on, off, or None for torch's defaults (matmul off, cuDNN
+    convolutions on), which is what `sdexport infer` and `bench` run with. Engine rows run with None: an FP32
+    part of an FP16 engine (the SDXL VAE under force_upcast) then computes as users get it, as ONNX Runtime's
+    CUDA provider does with its own default (TF32 on); the FP32 reference sets it off."""
     import torch
 
     if OPTS.device == "cpu":
         return
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
+    torch.backends.cudnn.allow_tf32 = True if on is None else on
 
 
 def _psnr(a, b) -> float | None:
@@ -221,7 +225,7 @@ def run_config(label, export_dir, backend, options, flags, settings_list, runs, 
     from sdexport.bench import run_settings
     from sdexport.runtime import ExportDir
 
-    set_tf32(flags.get("tf32", False))
+    set_tf32(flags.get("tf32"))
     try:
         if OPTS.quick:
             settings_list = [{**s, "steps": 2, "height": s["height"] // 4, "width": s["width"] // 4}
@@ -546,10 +550,12 @@ def _vae_at_native(e32: Path) -> dict:
             .to(OPTS.device)}
     from sdexport.timing import StageClock
 
-    set_tf32(False)
     cuda = OPTS.device.startswith("cuda")
     result, outputs = {"latent": [1, 4, latent, latent], "keep_fp32": spec.keep_fp32}, {}
-    for dtype in ("fp32", "fp16"):
+    # fp32: TF32 off (the reference); fp32_tf32: torch's defaults, cuDNN convolutions in TF32 (what infer runs
+    # for a force_upcast VAE); fp16: what a force_upcast: false VAE runs
+    for label, dtype, tf32 in (("fp32", "fp32", False), ("fp32_tf32", "fp32", None), ("fp16", "fp16", False)):
+        set_tf32(tf32)
         engine = TorchEngine(spec, module, OPTS.device, dtype)  # directly: load_all would keep it FP32
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -559,14 +565,16 @@ def _vae_at_native(e32: Path) -> dict:
             clock = StageClock(OPTS.device)
             for _ in range(5):
                 with clock.stage("vae"):
-                    outputs[dtype] = engine(feed)["sample"].float().clone()
+                    outputs[label] = engine(feed)["sample"].float().clone()
         times = sorted(clock.results_ms()["vae"])
-        result[dtype] = {"median_ms": round(times[len(times) // 2], 2),
+        result[label] = {"median_ms": round(times[len(times) // 2], 2),
                          **({"torch_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {})}
         del engine
         if cuda:
             torch.cuda.empty_cache()
     result["fp16_vs_fp32"] = rel_error(outputs["fp16"], outputs["fp32"])
+    result["fp32_tf32_vs_fp32"] = rel_error(outputs["fp32_tf32"], outputs["fp32"])
+    set_tf32(False)
     return result
 
 
