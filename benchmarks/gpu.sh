@@ -4,8 +4,8 @@
 # (optionally) the TensorRT-RTX builds. Writes JSON per stage to $OUT (default
 # benchmarks/results/raw); benchmarks/report.py turns them into the committed Markdown table and chart.
 #
-# usage: benchmarks/gpu.sh [STAGE ...]   stages: prepare gputests fourway profile sweep int8 trt
-#                                                sdxl-prepare sdxl-ortprep sdxl
+# usage: benchmarks/gpu.sh [STAGE ...]   stages: prepare gputests fourway profile sweep int8 trt serve lora
+#                                                sdxl-prepare sdxl-ortprep sdxl sdxl-trt
 #                                        (default: the SD 1.5 stages but trt, in that order; the SDXL stages
 #                                        (issue 10) run when named: benchmarks/gpu.sh sdxl-prepare sdxl-ortprep sdxl)
 # Needs a CUDA GPU, torch with CUDA, onnxruntime-gpu==1.31.1 and the packages of pyproject.toml.
@@ -22,6 +22,13 @@ for stage in ${@:-prepare gputests fourway profile sweep int8}; do
     mkdir -p "$OUT"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gputests.txt" | tail -5
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "stage gputests failed"; status=1; }
+    continue
+  fi
+  if [ "$stage" = serve ]; then  # issue 12: serve_load on prepare's dynamic-batch Inductor export (needs
+    # nvidia-pytriton); one GPU, and one vs two where the host has two or more
+    gpus="--gpus 0"; [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ] && gpus="--gpus 0 --gpus 0,1"
+    python3 benchmarks/serve_load.py "$WORK/e32i" --backend inductor --device cuda $gpus --steps 30 --size 512 \
+      --serve-arg=--step-graph --out "$OUT/serve" || { echo "stage serve failed"; status=1; }
     continue
   fi
   python3 benchmarks/gpu_bench.py "$stage" --work "$WORK" --out "$OUT" || { echo "stage $stage failed"; status=1; }

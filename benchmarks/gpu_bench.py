@@ -516,6 +516,35 @@ def stage_sdxl_ortprep(work: Path, out: Path) -> None:
     save(out, "sdxl-ortprep", result)
 
 
+def stage_sdxl_trt(work: Path, out: Path) -> None:
+    """Issue 10 on the GPU host: the FP16 export of sdxl-random (AutoCast; the force_upcast VAE stays FP32)
+    and a TensorRT build of each component for one static 1024x1024 image, with the flavour `sdexport build`
+    picks here (NVIDIA's tensorrt for this GPU where installed, else TensorRT-RTX for its default targets):
+    build time and plan size per component, or the build's error. Needs sdxl-prepare's preset."""
+    from sdexport.build import build
+    from sdexport.export import export
+
+    model, e16 = _sdxl_dirs(work)[0], work / "sdxl-e16"
+    result = {**header(), "steps": {}, "engines": {}}
+    size = SDXL_SIZE // 8 if OPTS.quick else SDXL_SIZE
+    timed_step(result, out, "sdxl-trt", "export fp16",
+               lambda: export(str(model), e16, dtype="fp16", max_images=1, say=log))
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae_decoder"):
+        t0 = time.perf_counter()
+        try:
+            build(e16, precision="fp16", components=[component], static=f"{size}x{size}", batch=1, say=log)
+            entry = json.loads((e16 / "manifest.json").read_text())["engines"][component]
+            result["engines"][component] = {
+                "seconds": round(time.perf_counter() - t0, 1), "size_mib": round(entry["size_bytes"] / 2**20, 1),
+                "file": entry["file"], "precision": entry.get("precision"),
+                "compute_capabilities": entry.get("compute_capabilities")}
+        except Exception as exc:  # recorded (e.g. TensorRT-RTX 1.7's known FP16 text encoder failure), next one
+            result["engines"][component] = {"seconds": round(time.perf_counter() - t0, 1),
+                                            "error": f"{type(exc).__name__}: {exc}"[:1500]}
+        log(f"sdxl-trt {component}: {result['engines'][component]}")
+        save(out, "sdxl-trt", result)
+
+
 def sdxl_configs(e32: Path):
     from sdexport.components import Geometry
 
@@ -604,7 +633,7 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
-                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "lora"])
+                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "sdxl-trt", "lora"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains one of these (comma-separated)")
@@ -633,7 +662,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
      "profile": stage_profile, "int8": stage_int8, "sdxl-prepare": stage_sdxl_prepare,
-     "sdxl-ortprep": stage_sdxl_ortprep, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
+     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl-trt": stage_sdxl_trt, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)
 
 
