@@ -343,9 +343,9 @@ class ImageService:
         # the VAE encoder for image inputs, where the export has it for this backend
         image = "vae_encoder" in manifest.components and (backend != "trt" or "vae_encoder" in manifest.engines)
         if threads:
-            import torch
+            from .bench import set_threads
 
-            torch.set_num_threads(threads)
+            set_threads(threads)
         self.label = label or device
         engines = load_engines(self.export, backend, components=self.export.components_for(image), device=device,
                                **(engine_options(backend) if loras else {}),

@@ -312,12 +312,14 @@ class _LiveWeights:
         """A session over buffers holding every mapped weight (the file's values, ``initializers`` where given)."""
         wmap = engine._weight_map()
         names = sorted({e["initializer"] for entries in wmap.params.values() for e in entries})
-        values = {n: np.array(initializers[n] if n in initializers else wmap.base_initializer(n), copy=True)
-                  for n in names}
-        if engine.cuda:
+        values = {n: initializers[n] if n in initializers else wmap.base_initializer(n) for n in names}
+        if engine.cuda:  # the copy on the GPU is the buffer
             import torch
 
-            values = {n: torch.from_numpy(v).to(f"cuda:{engine.device_id}") for n, v in values.items()}
+            values = {n: torch.from_numpy(np.ascontiguousarray(v)).to(f"cuda:{engine.device_id}")
+                      for n, v in values.items()}
+        else:  # a copy of ours: the weights map keeps the file's values for restoring
+            values = {n: np.array(v, copy=True) for n, v in values.items()}
         engine.session = engine._open(values, live=True)
         live = cls(engine, values)
         live.changed = set(initializers)
