@@ -4,7 +4,7 @@
 # (optionally) the TensorRT-RTX builds. Writes JSON per stage to $OUT (default
 # benchmarks/results/raw); benchmarks/report.py turns them into the committed Markdown table and chart.
 #
-# usage: benchmarks/gpu.sh [STAGE ...]   stages: prepare gputests fourway profile sweep int8 trt serve lora
+# usage: benchmarks/gpu.sh [STAGE ...]   stages: prepare gputests fourway profile sweep int8 trt serve-prepare serve lora
 #                                                sdxl-prepare sdxl-ortprep sdxl sdxl-trt
 #                                        (default: the SD 1.5 stages but trt, in that order; the SDXL stages
 #                                        (issue 10) run when named: benchmarks/gpu.sh sdxl-prepare sdxl-ortprep sdxl)
@@ -24,7 +24,7 @@ for stage in ${@:-prepare gputests fourway profile sweep int8}; do
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "stage gputests failed"; status=1; }
     continue
   fi
-  if [ "$stage" = serve ]; then  # issue 12: serve_load on prepare's dynamic-batch Inductor export (needs
+  if [ "$stage" = serve ]; then  # issue 12: serve_load on prepare's (or serve-prepare's) dynamic-batch Inductor export (needs
     # nvidia-pytriton); one GPU, and one vs two where the host has two or more
     gpus="--gpus 0"; [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ] && gpus="--gpus 0 --gpus 0,1"
     python3 benchmarks/serve_load.py "$WORK/e32i" --backend inductor --device cuda $gpus --steps 30 --size 512 \

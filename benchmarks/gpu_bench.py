@@ -121,6 +121,18 @@ def stage_prepare(work: Path, out: Path) -> None:
     size = "128x128" if OPTS.quick else "512x512"
     timed("inductor static", lambda: build_inductor(work / "e32", size, batch=1, components=["unet"],
                                                      precision=_inductor_precision(), device=OPTS.device, say=log))
+    _prepare_e32i(work, timed, size)
+    _describe_exports(work, result)
+    save(out, "prepare", result)
+
+
+def _prepare_e32i(work: Path, timed, size: str) -> None:
+    """The export serve and the sweep run: text encoder and VAE (+ the VAE's ORT CUDA variant) for up to 8
+    images, and a dynamic-batch (1-8) Inductor UNet compiled from the source model."""
+    from sdexport import ort_cuda
+    from sdexport.export import export
+    from sdexport.inductor import build as build_inductor
+
     timed("export for the dynamic-batch inductor UNet", lambda: export(
         str(work / "sd15"), work / "e32i", components=["text_encoder", "vae_decoder"], max_images=8, say=log))
     if not OPTS.skip_ort:
@@ -128,6 +140,26 @@ def stage_prepare(work: Path, out: Path) -> None:
     timed("inductor dynamic batch", lambda: build_inductor(work / "e32i", size, batch=None, max_batch=8,
                                                             components=["unet"], precision=_inductor_precision(),
                                                             device=OPTS.device, say=log))
+
+
+def stage_serve_prepare(work: Path, out: Path) -> None:
+    """Only what the serve stage needs (issue 12; about 5 minutes on an H100 host, where prepare takes far
+    longer): the preset and prepare's e32i."""
+    from sdexport.models import write_preset
+
+    result = {**header(), "steps": {}}
+
+    def timed(name, fn):
+        return timed_step(result, out, "serve-prepare", name, fn)
+
+    if not (work / "sd15" / "model_index.json").is_file():
+        timed(f"preset {OPTS.model}", lambda: write_preset(OPTS.model, work / "sd15", progress=log))
+    _prepare_e32i(work, timed, "128x128" if OPTS.quick else "512x512")
+    _describe_exports(work, result)
+    save(out, "serve-prepare", result)
+
+
+def _describe_exports(work: Path, result: dict) -> None:
     for exp in ("e32", "e16", "e32i"):
         if not (work / exp / "manifest.json").is_file():
             continue
@@ -142,7 +174,6 @@ def stage_prepare(work: Path, out: Path) -> None:
             result[f"{exp}_inductor"] = {k: {f: v[f] for f in ("file", "size_bytes", "build_seconds", "changes",
                                                                  "geometry", "batch_range")}
                                          for k, v in manifest["inductor"].items()}
-    save(out, "prepare", result)
 
 
 def _static():
@@ -632,7 +663,7 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
+    parser.add_argument("stage", choices=["prepare", "serve-prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
                                           "sdxl-prepare", "sdxl-ortprep", "sdxl", "sdxl-trt", "lora"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
@@ -660,7 +691,7 @@ def main() -> None:
     OPTS.sizes = [int(p) for p in args.sizes.split(",") if p]
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    {"prepare": stage_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
+    {"prepare": stage_prepare, "serve-prepare": stage_serve_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
      "profile": stage_profile, "int8": stage_int8, "sdxl-prepare": stage_sdxl_prepare,
      "sdxl-ortprep": stage_sdxl_ortprep, "sdxl-trt": stage_sdxl_trt, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)

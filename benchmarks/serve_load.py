@@ -134,6 +134,9 @@ class Server:
             return self.proc.wait()
 
 
+STAGES = ("total_ms", "text_encoder_ms", "unet_total_ms", "vae_decoder_ms", "denoise_loop_ms", "other_ms")
+
+
 def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
     """C closed-loop clients; one untimed round, then requests_per_client x C timed requests."""
     import numpy as np
@@ -178,7 +181,8 @@ def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
                 with lock:
                     records.append({"latency_ms": latency, "end": time.perf_counter(), "start": t0,
                                     "images_in_call": t["images_in_call"], "pipeline_ms": t["total_ms"],
-                                    "device": t.get("device"), "timed": timed[0]})
+                                    "device": t.get("device"), "timed": timed[0],
+                                    "stages_ms": {k: t[k] for k in STAGES if k in t}, "loop": t.get("loop")})
             except Exception as exc:  # noqa: BLE001 -- counted and reported
                 with lock:
                     errors.append(str(exc)[:300])
@@ -209,7 +213,11 @@ def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
                                "pipeline_ms_per_image_p50": round(percentile(
                                    [r["pipeline_ms"] / r["images_in_call"] for r in rs], 50), 2)}
                            for d, rs in _by_device(timed).items()},
-            "latencies_ms": [round(x, 2) for x in lat]}
+            "latencies_ms": [round(x, 2) for x in lat],
+            # each timed request's pipeline call: where a slow call spent its time
+            "requests_detail": [{"latency_ms": round(r["latency_ms"], 2), "images_in_call": r["images_in_call"],
+                                 "device": r["device"], "loop": r["loop"], **{k: round(v, 2) for k, v in r["stages_ms"].items()}}
+                                for r in timed]}
 
 
 def targets(result: dict) -> dict:

@@ -288,6 +288,9 @@ class Pipeline:
         self.engines = engines
         self.step_graph = step_graph
         self.step_graph_kinds = MAX_STEP_GRAPH_KINDS
+        # Decode one image per VAE call (diffusers' "VAE slicing"): serve sets it where the VAE engine pays for a
+        # change of batch size (Engine.fixed_batch_preferred), since dynamic batching changes it on most calls.
+        self.vae_slicing = False
         self._graphs: dict[tuple, Any] = {}  # request key -> _StepGraphs, or the reason capture failed
         self.export = export
         self.info = export.info
@@ -336,6 +339,16 @@ class Pipeline:
         t2 = time.perf_counter()
         self.loras, self._lora_key = files, key
         return {"fuse_ms": (t1 - t0) * 1e3, "apply_ms": (t2 - t1) * 1e3, "switch_ms": (t2 - t0) * 1e3}
+
+    def _decode(self, latents):
+        vae = self.engines["vae_decoder"]
+        if not self.vae_slicing or latents.shape[0] == 1:
+            return vae({"latent_sample": latents})["sample"]
+        import torch
+
+        # each output copied out: an engine may hand back the same bound buffer on its next call of this shape
+        return torch.cat([vae({"latent_sample": latents[i:i + 1]})["sample"].clone()
+                          for i in range(latents.shape[0])])
 
     def tokenizer(self, part: str = "tokenizer"):
         if part not in self._tokenizers:
@@ -482,7 +495,7 @@ class Pipeline:
                                 progress(i + 1, len(timesteps))
 
                 with clock.stage("vae_decoder"):
-                    image = self.engines["vae_decoder"]({"latent_sample": self.unscale_latents(latents)})["sample"]
+                    image = self._decode(self.unscale_latents(latents))
                 images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         self.clock = None
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,

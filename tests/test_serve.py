@@ -568,6 +568,59 @@ def test_warmed_up_step_graphs_are_the_ones_requests_use(export_fp32, monkeypatc
         service.close()
 
 
+def test_a_vae_that_pays_for_batch_changes_decodes_one_image_per_call(export_fp32, tmp_path, monkeypatch):
+    """ONNX Runtime's CUDA convolutions search cuDNN again whenever the batch size changes (measured on an H100:
+    640-840 ms for the sd15 VAE after a change, 9 ms per image repeated), and dynamic batching changes it on most
+    calls: such a VAE decodes one image per call in serve. The images stay those of infer; on the CPU, where a
+    change costs nothing, the VAE decodes the batch at once."""
+    from sdexport.backends.ort import OrtEngine
+
+    cpu = ImageService(export_fp32)
+    try:
+        assert cpu.pipe.engines["vae_decoder"].fixed_batch_preferred is False and cpu.pipe.vae_slicing is False
+    finally:
+        cpu.close()
+    monkeypatch.setattr(OrtEngine, "fixed_batch_preferred", property(lambda self: True))
+    service = ImageService(export_fp32)
+    vae, batches = service.pipe.engines["vae_decoder"], []
+    try:
+        assert service.pipe.vae_slicing is True
+
+        def recorded(feed):
+            batches.append(feed["latent_sample"].shape[0])
+            return vae(feed)
+
+        service.pipe.engines["vae_decoder"] = recorded
+        kw = dict(steps=2, guidance_scale=6.0, scheduler="euler", height=64, width=96)
+        (served,) = service.run([service.parse(tensors(prompt=["a boat", "a cat", "a dog"], seed=[1, 2, 3],
+                                                       **{k: [v] * 3 for k, v in kw.items()}))])
+        assert served.error is None and batches == [1, 1, 1]
+        for got, prompt, seed in zip(served.images, ["a boat", "a cat", "a dog"], [1, 2, 3]):
+            want = infer_image(export_fp32, tmp_path, f"s{seed}", prompt=prompt, seed=seed, **kw)
+            assert np.array_equal(got, want), f"seed {seed}: {(got != want).sum()} pixels differ"
+    finally:
+        service.pipe.engines["vae_decoder"] = vae
+        service.close()
+
+
+def test_only_dynamic_cuda_ort_engines_prefer_a_fixed_batch(export_fp32):
+    from sdexport.backends.ort import OrtEngine
+    from sdexport.components import Geometry
+    from sdexport.runtime import ExportDir
+
+    export = ExportDir.open(export_fp32)
+    engine = OrtEngine(export, "vae_decoder")
+    static = OrtEngine(export, "vae_decoder", static=Geometry(2, 64, 64))
+    try:
+        assert not engine.fixed_batch_preferred and not static.fixed_batch_preferred
+        engine.cuda = static.cuda = True  # the rule itself: CUDA with dynamic shapes
+        assert engine.fixed_batch_preferred and not static.fixed_batch_preferred
+    finally:
+        engine.cuda = static.cuda = False
+        engine.close()
+        static.close()
+
+
 @pytest.mark.slow
 def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tmp_path):
     """The TensorRT backend on an export without engines: the model cannot load, and serve says why (the

@@ -22,6 +22,9 @@ class Engine(abc.ABC):
     # True when __call__ replays a CUDA graph of the engine's own: such a call cannot be captured inside a
     # caller's graph (the pipeline's step graphs read this, through graph_capture_refusal).
     captures_own_graph: bool = False
+    # True when a call whose batch size differs from the previous call's costs far more than a repeated one
+    # (OrtEngine on CUDA with dynamic shapes); a caller whose batch sizes vary (serve) then keeps them fixed.
+    fixed_batch_preferred: bool = False
 
     def __init__(self, spec: ComponentSpec, device: str):
         self.spec = spec
