@@ -247,6 +247,20 @@ def targets(result: dict) -> dict:
     return out
 
 
+def stage_split(requests: list[dict]) -> dict:
+    """The pipeline calls behind a level's requests (the requests of one call share its timings) and where their
+    time went: the stage that grows with the call is the one to look at (session 6: the VAE)."""
+    calls = list({(r["device"], r["total_ms"], r["images_in_call"]): r for r in requests}.values())
+
+    def med(key, per_image=False):
+        return statistics.median(c[key] / (c["images_in_call"] if per_image else 1) for c in calls)
+
+    return {"calls": len(calls), "unet_ms_per_image": med("unet_total_ms", True),
+            "vae_ms_per_image": med("vae_decoder_ms", True), "text_ms": med("text_encoder_ms"),
+            "other_ms": med("other_ms"),
+            "vae_share": sum(c["vae_decoder_ms"] for c in calls) / max(sum(c["total_ms"] for c in calls), 1e-9)}
+
+
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     lines = [f"# sdexport serve load test ({result['date']})", "",
@@ -280,6 +294,14 @@ def markdown(result: dict) -> str:
                       "|---|---|---|---|---|"]
             lines += [f"| {c} | {d} | {v['requests']} | {v['images_per_call_mean']:.2f} | "
                       f"{v['pipeline_ms_per_image_p50']:.1f} |" for c, d, v in per_device]
+        stages = [(lvl["concurrency"], stage_split(lvl["requests_detail"])) for lvl in run["levels"]
+                  if lvl.get("requests_detail")]
+        if stages:
+            lines += ["", "Where each call's time went (per pipeline call, medians; per image: divided by the call's "
+                      "images):", "", "| concurrency | calls | UNet ms per image | VAE ms per image | text ms | "
+                      "other ms | VAE share of pipeline time |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {c} | {v['calls']} | {v['unet_ms_per_image']:.1f} | {v['vae_ms_per_image']:.1f} | "
+                      f"{v['text_ms']:.1f} | {v['other_ms']:.1f} | {v['vae_share']:.0%} |" for c, v in stages]
     if result["targets"]:
         lines += ["", "## Targets (issue 12)", ""]
         for name, t in result["targets"].items():

@@ -147,7 +147,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
                 say(f"{label}: LoRA switch {later[-1]['switch_ms']:.1f} ms")
             switch = {"first_ms": round(first["switch_ms"], 3),
                       **{f"{k}_median": round(statistics.median(t[k] for t in later), 3)
-                         for k in ("switch_ms", "fuse_ms", "apply_ms")}}
+                         for k in ("switch_ms", "fuse_ms", "apply_ms", "files_ms", "base_ms")}}
         for settings in settings_list:
             summaries, unet_calls, loops = [], [], set()
             with PeakMemory(device) as mem:
@@ -369,7 +369,8 @@ def format_table(report: dict[str, Any]) -> str:
         if r.get("lora_switch"):
             sw = r["lora_switch"]
             lines.append(f"{r['label']}: LoRA switch median {sw['switch_ms_median']:.1f} ms (diffusers fuse "
-                         f"{sw['fuse_ms_median']:.1f} + engines {sw['apply_ms_median']:.1f}); first {sw['first_ms']:.1f} ms")
+                         f"{sw['fuse_ms_median']:.1f}, of which files {sw['files_ms_median']:.1f} and base weights "
+                         f"{sw['base_ms_median']:.1f}; + engines {sw['apply_ms_median']:.1f}); first {sw['first_ms']:.1f} ms")
     for r in results:
         for w in r.get("warnings", []):
             lines.append(f"{r['label']}: warning: {w}")

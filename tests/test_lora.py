@@ -219,6 +219,9 @@ def test_switching_in_every_order(export_fp32, loras, references, backend):
     for state in order:
         timings = pipe.set_loras([f"{loras[k]}:{s}" for k, s in state])
         assert timings["switch_ms"] > 0
+        # the fuse's parts (reported by bench): the files read, the base weights read from the engines
+        assert 0 <= timings["files_ms"] + timings["base_ms"] <= timings["fuse_ms"] + 1e-6
+        assert (timings["base_ms"] > 0) == bool(state), (state, timings)
         image = pipe(**REQUEST).images
         assert psnr(image, references(*state)) >= 40.0, state
         if state in seen:
@@ -537,9 +540,10 @@ def test_cli_infer_and_bench_with_lora(export_fp32, loras, tmp_path):
     result = run_cli("bench", export_fp32, "--steps", 1, "--runs", 1, "--warmup", 0, "--no-eager", "--lora",
                      str(loras["b"]), "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.stderr
-    assert "LoRA switch median" in result.stdout
+    assert "LoRA switch median" in result.stdout and "base weights" in result.stdout
     report = json.loads((tmp_path / "b.json").read_text())
-    assert report["results"][0]["lora_switch"]["switch_ms_median"] > 0
+    switch = report["results"][0]["lora_switch"]
+    assert switch["switch_ms_median"] > 0 and 0 < switch["base_ms_median"] <= switch["fuse_ms_median"]
 
 
 def test_quiet_loading_nests():

@@ -936,3 +936,8 @@ def test_load_generator_smoke(server, export_fp32, tmp_path):
         (device,) = lvl["per_device"]
         assert device == "cpu" and lvl["per_device"][device]["requests"] == lvl["requests"]
         assert lvl["per_device"][device]["pipeline_ms_per_image_p50"] > 0
+        # each request's call: the stage times that found session 6's VAE switch cost
+        assert len(lvl["requests_detail"]) == lvl["requests"]
+        for r in lvl["requests_detail"]:
+            assert r["total_ms"] >= r["unet_total_ms"] + r["vae_decoder_ms"] > 0 and r["images_in_call"] >= 1
+    assert "Where each call's time went" in (out / "serve_load.md").read_text()
