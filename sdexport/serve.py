@@ -89,6 +89,19 @@ OUTPUTS = (
     Field("timings", "BYTES", doc="JSON: stage times of the pipeline call that made the image, images in it, "
                                   "text-cache hits"),
 )
+def option_fields(options) -> tuple[Field, ...]:
+    """The inputs of a model family's request options (families.base.FamilyOption: SDXL's micro-conditioning,
+    the refiner's aesthetic scores): a size or coordinates is two INT32 per image (H W, TOP LEFT), a score one
+    FP32. Optional; left out, the option is left out as in ``infer``."""
+    return tuple(Field(o.name, "FP32" if o.kind == "score" else "INT32", dims=(1,) if o.kind == "score" else (2,),
+                       doc=o.help) for o in options)
+
+
+def inputs_for(export) -> tuple[Field, ...]:
+    """The served model's inputs: INPUTS and the request options of the export's model."""
+    return INPUTS + option_fields(export.family.options_for(export.info))
+
+
 TRITON_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32",
                 "UINT8": "TYPE_UINT8"}
 
@@ -119,6 +132,7 @@ class ImageRequest:
     mask: Any = dataclasses.field(default=None, compare=False, repr=False)  # PIL inpainting mask
     strength: float | None = None
     image_key: str = ""  # sha256 of the encoded image and mask ("" without an image)
+    options: tuple = ()  # (name, value) of the family's request options given, checked (sorted by name)
 
     @property
     def batch_key(self) -> tuple:
@@ -126,7 +140,8 @@ class ImageRequest:
         image and strength (the pipeline starts a call from one image). Inpainting images run one per call:
         diffusers' inpainting draws the image's latents from the first image's generator of a batch, so a
         batched image would differ from ``infer`` with its seed; image-to-image draws from each image's own."""
-        key = (self.height, self.width, self.steps, self.scheduler, self.guidance_scale, self.image_key, self.strength)
+        key = (self.height, self.width, self.steps, self.scheduler, self.guidance_scale, self.image_key, self.strength,
+               self.options)  # a pipeline call takes one value of each option (SDXL: the time ids of every row)
         return key + ((self.seed,) if self.mask is not None else ())
 
 
@@ -144,12 +159,13 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
         """infer's own check, its message naming the inputs instead of infer's options (--guidance-scale ->
         guidance_scale) and starting with one (``fallback`` where it starts with something else)."""
         message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(exc))
-        if not message.startswith(tuple(f.name for f in INPUTS)):
+        if not message.startswith(tuple(f.name for f in fields)):
             message = f"{fallback}: {message}"
         return (UsageError if isinstance(exc, ModelError) else type(exc))(message)
 
-    present = {f.name: tensors[f.name] for f in INPUTS if tensors.get(f.name) is not None}
-    for f in INPUTS:
+    fields = inputs_for(export)
+    present = {f.name: tensors[f.name] for f in fields if tensors.get(f.name) is not None}
+    for f in fields:
         if f.required and f.name not in present:
             raise bad(f.name, "missing (a required input)")
     n = len(present["prompt"])
@@ -190,6 +206,21 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
             out.append(bytes(v) or None if v is not None else None)
         return out
 
+    def option(f: Field) -> list[Any]:
+        """A family option's value per image (None where absent): a tuple of numbers, or one number."""
+        if f.name not in present:
+            return [None] * n
+        values = present[f.name]
+        if values.ndim != 2 or values.shape[1] != f.dims[0]:
+            raise bad(f.name, f"{f.dims[0]} value(s) per image expected, got shape {list(present[f.name].shape)}")
+        if values.dtype.kind not in "iuf":
+            raise bad(f.name, f"numbers expected, got {values.dtype}")
+        return [v[0].item() if f.dims[0] == 1 else tuple(x.item() for x in v) for v in values]
+
+    option_names = [f.name for f in fields[len(INPUTS):]]
+    options = [dict(zip(option_names, values)) for values in zip(*(option(f) for f in fields[len(INPUTS):]))] \
+        if option_names else [{}] * n
+
     decoded: dict[bytes, Any] = {}  # one decode per distinct image of the request
 
     def picture(name: str, data: bytes | None):
@@ -198,10 +229,15 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
         return None if data is None else decoded[data]
 
     images = []
-    for prompt, negative, seed, steps, guidance, height, width, scheduler, image, mask, strength in zip(
+    for prompt, negative, seed, steps, guidance, height, width, scheduler, image, mask, strength, given in zip(
             text("prompt"), text("negative_prompt"), column("seed"), column("steps"), column("guidance_scale"),
             column("height"), column("width"), text("scheduler") if "scheduler" in present else [None] * n,
-            encoded("image"), encoded("mask"), column("strength")):
+            encoded("image"), encoded("mask"), column("strength"), options):
+        given = {k: v for k, v in given.items() if v is not None}
+        try:  # infer's own check of the family's options (bounds, pairs)
+            checked = export.family.check_options(export.info, given)
+        except SdexportError as exc:
+            raise renamed(exc, next(iter(given), "prompt")) from None
         steps, seed = int(steps), int(seed)
         guidance = float(guidance)
         strength = float(strength) if strength is not None else None
@@ -222,7 +258,8 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
         key = hashlib.sha256(image + b"\0" + (mask or b"")).hexdigest() if image else ""
         images.append(ImageRequest(prompt, negative, seed, steps, guidance, height, width,
                                    scheduler or defaults.get("scheduler"),
-                                   init and init.image, init and init.mask, strength, key))
+                                   init and init.image, init and init.mask, strength, key,
+                                   tuple(sorted(checked.items()))))
     if len({(i.height, i.width) for i in images}) > 1:
         raise bad("height", "the images of one request must share height and width (send one request per size)")
     return images
@@ -416,7 +453,7 @@ class ImageService:
                                    seed=[im.seed for im in images], steps=first.steps,
                                    guidance_scale=first.guidance_scale, height=first.height, width=first.width,
                                    batch_size=len(images), scheduler=first.scheduler, image=first.image,
-                                   mask=first.mask, strength=first.strength)
+                                   mask=first.mask, strength=first.strength, **dict(first.options))
             except Exception as exc:  # noqa: BLE001 -- one failed call must not fail the other groups
                 for r, _ in group:
                     served[r].error = exc
@@ -480,6 +517,7 @@ class TritonPythonModel:
                                         warn=self.log.log_warn, loras=loras,
                                         scheduler=_param(config, "scheduler", "") or None, threads=threads,
                                         label=label)
+            self.fields = inputs_for(self.service.export)
             t0 = time.perf_counter()
             shapes = [parse_warmup(s) for s in _param(config, "warmup").split(",") if s]
             steps = _param(config, "warmup_steps", "2")
@@ -522,7 +560,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 tensors = {}
-                for f in INPUTS:
+                for f in self.fields:
                     t = pb.get_input_tensor_by_name(request, f.name)
                     tensors[f.name] = None if t is None else t.as_numpy()
                 parsed.append(self.service.parse(tensors))
@@ -697,7 +735,10 @@ REPOSITORY_MARK = "# Written by sdexport serve"  # config.pbtxt's first line: a 
 
 
 def model_config(options: ServeOptions) -> str:
-    """``config.pbtxt`` of the served model (options already resolved)."""
+    """``config.pbtxt`` of the served model (options already resolved; its inputs: ``inputs_for`` the export)."""
+    from .runtime import ExportDir
+
+    inputs = inputs_for(ExportDir.open(options.export_dir))
 
     def tensor(f: Field, optional: bool, last: bool) -> str:
         dims = ", ".join(map(str, f.dims))
@@ -718,7 +759,7 @@ def model_config(options: ServeOptions) -> str:
     lines = [
         f"{REPOSITORY_MARK} (sdexport {_version()}). Inputs and outputs: README 'Serving'.",
         f'name: "{options.model_name}"', 'backend: "python"', f"max_batch_size: {options.max_batch}",
-        "input [", *(tensor(f, not f.required, f is INPUTS[-1]) for f in INPUTS), "]",
+        "input [", *(tensor(f, not f.required, f is inputs[-1]) for f in inputs), "]",
         "output [", *(tensor(f, False, f is OUTPUTS[-1]) for f in OUTPUTS), "]",
         "dynamic_batching {", f"  max_queue_delay_microseconds: {int(options.max_queue_delay_ms * 1000)}",
         f"  default_queue_policy {{ max_queue_size: {options.max_queue_size} }}", "}",
@@ -1104,18 +1145,26 @@ print(result.as_numpy("timings")[0, 0].decode())"""
 
 def client_inputs(module, **values) -> list:
     """tritonclient ``InferInput`` objects for one request (``module``: ``tritonclient.http`` or ``.grpc``);
-    a value may be one item (for every image) or a list (one per image). Inputs left out take the server's
-    defaults."""
+    a value may be one item (for every image) or a list (one per image); a family option's pair (H W, TOP LEFT)
+    is a tuple. Inputs left out take the server's defaults."""
     import numpy as np
 
+    from .families import all_options
+
     np_types = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
-    fields = {f.name: f for f in INPUTS}
-    n = max((len(v) for v in values.values() if isinstance(v, (list, tuple))), default=1)
+    fields = {f.name: f for f in INPUTS + option_fields(all_options().values())}
+    pairs = {name for name, f in fields.items() if f.dims[0] == 2}  # H W / TOP LEFT: a tuple per image
+
+    def per_image(name, value):
+        return isinstance(value, list) or (isinstance(value, tuple) and name not in pairs)
+
+    n = max((len(v) for k, v in values.items() if per_image(k, v)), default=1)
     inputs = []
     for name, value in values.items():
         f = fields[name]
-        items = value if isinstance(value, (list, tuple)) else [value] * n
-        data = np.array([[v.encode() if isinstance(v, str) else v] for v in items], dtype=np_types[f.datatype])
+        items = value if per_image(name, value) else [value] * n
+        data = np.array([list(v) if name in pairs else [v.encode() if isinstance(v, str) else v] for v in items],
+                        dtype=np_types[f.datatype])
         tensor = module.InferInput(name, list(data.shape), f.datatype)
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)

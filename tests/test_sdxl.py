@@ -373,6 +373,38 @@ def test_lcm_sd_matches_latent_consistency_pipeline(lcm_sd, export_lcm_sd):
     assert (other - ours["timestep_cond"]).abs().max() > 0.1
 
 
+def test_lcm_is_served_with_its_defaults_and_guidance_embedding(export_lcm_sd, tmp_path):
+    """serve's requests of an LCM model: no input of their own; left out, steps and guidance are the family's
+    (4 steps at 8.5, as infer), and the guidance scale a request gives is the embedding: each image equals
+    infer's, also batched."""
+    import numpy as np
+    from PIL import Image
+
+    from sdexport.serve import ImageService
+
+    service = ImageService(export_lcm_sd)
+    try:
+        assert service.defaults["steps"] == 4 and service.defaults["guidance_scale"] == 8.5
+        for given in ({}, {"guidance_scale": 3.0}):
+            tensors = {"prompt": np.array([[b"a kite"], [b"a fox"]], dtype=object),
+                       "seed": np.array([[3], [4]], dtype=np.int64), "height": np.array([[64], [64]], np.int32),
+                       "width": np.array([[96], [96]], np.int32)}
+            tensors.update({k: np.array([[v], [v]], np.float32) for k, v in given.items()})
+            (served,) = service.run([service.parse(tensors)])
+            assert served.error is None and [t["images_in_call"] for t in served.timings] == [2, 2]
+            assert served.timings[0]["unet_steps"] == 4
+            for prompt, seed, got in zip(("a kite", "a fox"), (3, 4), served.images):
+                out = tmp_path / f"{seed}-{len(given)}.png"
+                args = [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", v)]
+                result = run_cli("infer", export_lcm_sd, "-o", out, "--prompt", prompt, "--seed", seed,
+                                 "--height", 64, "--width", 96, *args)
+                assert result.exit_code == 0, result.stderr
+                want = np.asarray(Image.open(out))
+                assert np.array_equal(got, want), f"{prompt} {given}: {(got != want).sum()} pixels differ"
+    finally:
+        service.close()
+
+
 def test_lcm_sdxl_matches_sdxl_pipeline_with_lcm_scheduler(lcm_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

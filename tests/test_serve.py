@@ -32,8 +32,9 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
 from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
+from sdexport.errors import SdexportError  # noqa: E402
 from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, INPUTS, CachedTextEncoder, ImageService,  # noqa: E402
-                            batch_groups, parse_request)
+                            batch_groups, client_inputs, parse_request, request_defaults)
 
 MODEL = "sdexport"
 STARTUP_S = 180
@@ -123,8 +124,6 @@ def fire(calls) -> list:
 
 def request(server_or_client, module, **values):
     """One inference; given a Server, on a client of its own (tritonclient clients are not thread-safe)."""
-    from sdexport.serve import client_inputs
-
     client = server_or_client
     if isinstance(server_or_client, Server):
         client = server_or_client.http_client() if module is tritonclient_http else server_or_client.grpc_client()
@@ -621,6 +620,84 @@ def test_only_dynamic_cuda_ort_engines_prefer_a_fixed_batch(export_fp32):
         static.close()
 
 
+def sdxl_tensors(n: int, **values) -> dict:
+    """tensors() plus a family option per image: a pair (H W / TOP LEFT) as an INT32 row, a score as FP32."""
+    out = tensors(prompt=[f"a lighthouse {i}" for i in range(n)], seed=list(range(1, n + 1)), steps=[2] * n,
+                  guidance_scale=[5.0] * n, height=[128] * n, width=[64] * n, scheduler=["euler"] * n)
+    for name, value in values.items():
+        rows = value if isinstance(value, list) else [value] * n
+        out[name] = np.array([list(v) if isinstance(v, tuple) else [v] for v in rows],
+                             dtype=np.float32 if "score" in name else np.int32)
+    return out
+
+
+def test_sdxl_micro_conditioning_is_served_as_infer_takes_it(export_sdxl, tmp_path):
+    """SDXL's request options (infer's --original-size, --crops-coords-top-left, --target-size and the negative
+    pair) are inputs of the served model: each image equals infer with the same flags; images with other
+    options run in another pipeline call (one call holds one set of time ids)."""
+    from PIL import Image as PILImage
+
+    from sdexport.runtime import ExportDir
+    from sdexport.serve import inputs_for
+
+    export = ExportDir.open(export_sdxl)
+    fields = {f.name: f for f in inputs_for(export)}
+    assert (fields["original_size"].datatype, fields["original_size"].dims) == ("INT32", (2,))
+    assert "aesthetic_score" not in fields  # a refiner's option: not this model's
+    service = ImageService(export_sdxl)
+    try:
+        given = dict(original_size=(256, 192), crops_coords_top_left=(8, 16), target_size=(128, 64))
+        (served,) = service.run([service.parse(sdxl_tensors(2, **given))])
+        assert served.error is None and [t["images_in_call"] for t in served.timings] == [2, 2]
+        for seed, got in enumerate(served.images, start=1):
+            out = tmp_path / f"x{seed}.png"
+            result = run_cli("infer", export_sdxl, "-o", out, "--prompt", f"a lighthouse {seed - 1}", "--seed", seed,
+                             "--steps", 2, "--guidance-scale", 5.0, "--height", 128, "--width", 64, "--scheduler",
+                             "euler", "--original-size", 256, 192, "--crops-coords-top-left", 8, 16,
+                             "--target-size", 128, 64)
+            assert result.exit_code == 0, result.stderr
+            want = np.asarray(PILImage.open(out))
+            assert np.array_equal(got, want), f"seed {seed}: {(got != want).sum()} pixels differ"
+        plain = service.run([service.parse(sdxl_tensors(1))])[0].images[0]
+        assert not np.array_equal(plain, served.images[0])  # the options reached the UNet
+        requests = [service.parse(sdxl_tensors(1, target_size=(128, 64))),
+                    service.parse(sdxl_tensors(1, target_size=(64, 64))),
+                    service.parse(sdxl_tensors(1, target_size=(128, 64)))]
+        assert [len(g) for g in batch_groups(requests, 2)] == [2, 1]
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("values,field", [
+    (dict(original_size=(32, 32)), "original_size"),
+    (dict(original_size=(256, 192, 1)), "original_size: 2 value(s) per image expected"),
+    (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left"),
+    (dict(negative_original_size=(256, 256)), "negative_original_size and negative_target_size: give both"),
+])
+def test_bad_sdxl_options_are_refused_naming_the_input(export_sdxl, values, field):
+    from sdexport.runtime import ExportDir
+
+    export = ExportDir.open(export_sdxl)
+    with pytest.raises(SdexportError) as exc:
+        parse_request(sdxl_tensors(1, **values), export, request_defaults())
+    assert str(exc.value).startswith(field), str(exc.value)
+
+
+def test_repository_inputs_are_the_models_own(export_fp32, export_sdxl, tmp_path):
+    """config.pbtxt lists the request options of its model: SDXL's micro-conditioning as INT32 pairs; none for
+    SD (Triton then refuses such an input by name)."""
+    from sdexport.serve import ServeOptions, model_config
+    from sdexport.runtime import ExportDir
+
+    texts = {}
+    for name, path in (("sd", export_fp32), ("sdxl", export_sdxl)):
+        texts[name] = model_config(ServeOptions(str(path)).resolved(ExportDir.open(path)))
+    assert "original_size" not in texts["sd"]
+    assert re.search(r'name: "original_size" data_type: TYPE_INT32 dims: \[ 2 \] optional: true', texts["sdxl"])
+    assert re.search(r'name: "negative_target_size" data_type: TYPE_INT32 dims: \[ 2 \] optional: true',
+                     texts["sdxl"])
+
+
 @pytest.mark.slow
 def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tmp_path):
     """The TensorRT backend on an export without engines: the model cannot load, and serve says why (the
@@ -857,6 +934,35 @@ def test_server_with_a_lora_answers_image_requests_as_infer(export_fp32, serve_l
 
 
 # --- the repository under the plain tritonserver ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sdxl_server_takes_micro_conditioning_and_refuses_what_the_model_lacks(export_sdxl, tmp_path):
+    """An SDXL export served for real: tritonclient sends original_size / target_size as INT32 pairs and the
+    image equals infer's with the same flags; an input the model does not take (the refiner's aesthetic score)
+    is Triton's 400 naming it, and the server keeps serving."""
+    from PIL import Image
+
+    srv = Server(export_sdxl, tmp_path / "server.log", "--warmup", "128x64x1", "--warmup-steps", 2)
+    try:
+        client = srv.http_client()
+        values = dict(prompt="a lighthouse", seed=4, steps=2, guidance_scale=5.0, height=128, width=64,
+                      scheduler="euler", original_size=(256, 192), target_size=(128, 64))
+        result = client.infer(MODEL, client_inputs(tritonclient_http, **values))
+        out = tmp_path / "infer.png"
+        cli = run_cli("infer", export_sdxl, "-o", out, "--prompt", "a lighthouse", "--seed", 4, "--steps", 2,
+                      "--guidance-scale", 5.0, "--height", 128, "--width", 64, "--scheduler", "euler",
+                      "--original-size", 256, 192, "--target-size", 128, 64)
+        assert cli.exit_code == 0, cli.stderr
+        got, want = result.as_numpy("image")[0], np.asarray(Image.open(out))
+        assert np.array_equal(got, want), f"{(got != want).sum()} pixels differ"
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer(MODEL, client_inputs(tritonclient_http, prompt="x", aesthetic_score=6.0))
+        assert "aesthetic_score" in str(exc.value), str(exc.value)
+        again = client.infer(MODEL, client_inputs(tritonclient_http, **values)).as_numpy("image")[0]
+        assert np.array_equal(again, want)
+    finally:
+        srv.stop()
+
 
 @pytest.mark.slow
 def test_written_repository_runs_under_the_bundled_tritonserver(export_fp32, tmp_path):
