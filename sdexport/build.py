@@ -587,14 +587,15 @@ def _known_failure(export, component: str, flavour: str, precision: str, targets
 
     if flavour != "rtx":
         return ""
-    text = export.info.text_encoder_config
+    text = export.info.configs.get(component, {}) if component.startswith("text_encoder") else {}
     head_dim = text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1))
-    if component == "text_encoder" and precision == "fp16" and "Myelin" in str(exc) and head_dim > 8 and head_dim % 8:
+    if text and precision == "fp16" and "Myelin" in str(exc) and head_dim > 8 and head_dim % 8:
         # Measured with TensorRT-RTX 1.7.1 (README, TensorRT engines): head dims 9-12, 14, 18, 20 fail; 4-8, 16, 24 build.
+        # An export holds one dtype: re-exporting one component in FP32 with --force replaces the whole export.
         return (f"; TensorRT-RTX 1.7.1 cannot build an FP16 text encoder whose attention head dimension ({head_dim}) "
-                f"is above 8 and not a multiple of 8 (SD 1.x/2.x: 64). Export it in FP32 and build it as FP32: "
-                f"sdexport export MODEL -o {export.root} --components text_encoder --force; sdexport build "
-                f"{export.root} --precision fp32 --components text_encoder")
+                f"is above 8 and not a multiple of 8 (SD 1.x/2.x: 64). Its FP32 graph builds: export the model in "
+                f"FP32 into another directory and build that (sdexport export MODEL -o {export.root}-fp32; "
+                f"sdexport build {export.root}-fp32 --precision fp32), or run this export with --backend ort")
     turing = [cc for cc in RTX_NO_FP32_GEMM_CC if cc_text(cc) in targets]
     if turing:
         return f"; {gpu_advice('rtx', turing[0], export.root)}"

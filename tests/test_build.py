@@ -240,6 +240,21 @@ def test_tensorrt_rtx_fp16_text_encoder_with_head_dim_12_fails_as_documented(trt
                 "--compute-capability", "8.6").exit_code == 0
 
 
+
+def test_tensorrt_rtx_fp16_text_encoder_2_with_head_dim_12_is_the_same_limitation(trt, sdxl_tiny_model, tmp_path):
+    """sdxl-tiny's second text encoder (hidden size 48, 4 heads: head dimension 12) fails the same way; exit 9 names
+    the condition for it too (before, only a component named text_encoder was recognised), and the way out it names
+    keeps the rest of the export: an export holds one dtype, so re-exporting one component in FP32 with --force into
+    it would replace every other component."""
+    from sdexport.export import export
+
+    out = tmp_path / "sdxl16"
+    export(str(sdxl_tiny_model), out, dtype="fp16", components=["text_encoder_2"], max_images=2)
+    result = _run("build", out, "--compute-capability", "8.6")
+    _one_line(result, 9, "Myelin", "head dimension (12)", f"-o {out}-fp32", "--precision fp32")
+    assert "--force" not in result.stderr.strip().splitlines()[-1]
+    assert not list((out / "engines").glob("*.plan"))
+
 def test_static_profile(trt, export_fp16, tmp_path):
     from sdexport.build import build
 
