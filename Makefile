@@ -11,7 +11,7 @@ DEMO_OUT ?= $(OUT)-demo
 PROMPT ?= a photograph of an astronaut riding a horse
 STEPS ?= 4
 
-.PHONY: install optimum-env demo test gputest trt-check engines clean
+.PHONY: install optimum-env demo test gputest trt-check engines int8 clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +61,18 @@ engines: $(INSTALL)
 	  cat $$log >&2; rm -f $$log; [ $$rc -eq 0 ] || exit $$rc; \
 	fi
 	@echo "$(OUT): ONNX, engines/, manifest.json, validation.json"
+
+# INT8 for MODEL: FP32 export (in $(OUT)-int8) -> calibration file in calibration/ -> INT8 Q/DQ UNet ->
+# validation with the INT8 report (README "INT8"). CALIB_ARGS go to `sdexport calibrate`
+# (e.g. CALIB_ARGS="--num-prompts 8 --steps 10" for a quick run).
+CALIB ?= calibration/$(notdir $(abspath $(MODEL))).npz
+CALIB_ARGS ?=
+int8: $(INSTALL)
+	$(BIN)/sdexport export $(MODEL) -o $(OUT)-int8
+	$(BIN)/sdexport calibrate $(MODEL) -o $(CALIB) $(CALIB_ARGS)
+	$(BIN)/sdexport quantize $(OUT)-int8 --calib $(CALIB) --precision int8
+	$(BIN)/sdexport validate $(OUT)-int8
+	@echo "$(OUT)-int8: INT8 UNet in unet_int8/, report in validation.json; calibration file $(CALIB)"
 
 test: install optimum-env
 	SDEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -q -n 2 --durations=15

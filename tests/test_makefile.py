@@ -58,3 +58,21 @@ def test_other_validation_failures_fail_the_target(tmp_path):
     assert f"error: {REASON}" in proc.stderr and "note:" not in proc.stdout
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert not any(c.endswith("--backend ort") for c in calls)
+
+
+def test_int8_writes_its_calibration_file_under_calibration(tmp_path):
+    """`make int8`: export, calibrate into calibration/<model>.npz (the layout's calibration/ directory),
+    quantize with that file, validate; in that order, each with the same paths."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = _fake_venv(tmp_path, trt_exit=0)
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT), "int8", f"VENV={venv}", "INSTALL=", "MODEL=tiny",
+                           f"OUT={tmp_path / 'out'}", "CALIB_ARGS=--num-prompts 2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = [c.split() for c in (tmp_path / "calls.log").read_text().splitlines()]
+    out = str(tmp_path / "out") + "-int8"
+    assert [c[0] for c in calls] == ["export", "calibrate", "quantize", "validate"]
+    assert calls[1] == ["calibrate", "tiny", "-o", "calibration/tiny.npz", "--num-prompts", "2"]
+    assert calls[2] == ["quantize", out, "--calib", "calibration/tiny.npz", "--precision", "int8"]
+    assert calls[3] == ["validate", out] and (ROOT / "calibration" / "README.md").is_file()
