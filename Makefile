@@ -29,7 +29,7 @@ $(OPTIMUM_VENV)/.installed: tests/optimum/requirements.txt
 	touch $@
 
 # The main job on MODEL (a preset name or a diffusers directory): export -> validate -> infer -> bench.
-demo: install
+demo: $(INSTALL)
 	$(BIN)/sdexport export $(MODEL) -o $(DEMO_OUT)
 	$(BIN)/sdexport validate $(DEMO_OUT)
 	$(BIN)/sdexport infer $(DEMO_OUT) --prompt "$(PROMPT)" --steps $(STEPS) -o $(DEMO_OUT)/image.png

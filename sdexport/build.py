@@ -238,6 +238,14 @@ def set_builder_flags(trt, config, flavour: str) -> dict[str, bool]:
     return applied
 
 
+def _clip(text: str, limit: int = 160) -> str:
+    """TensorRT's message shortened for a one-line error: cut at a space, never inside a token, and marked."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,;:") + " ..."
+
+
 def mark_refittable(trt, network, names: list[str]) -> str:
     """Make the weights ``names`` (ONNX initializer names: the parser names TensorRT weights after them)
     refittable: individually where the flavour can (REFIT_INDIVIDUAL, so TensorRT still optimizes every
@@ -343,7 +351,7 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
                 if here is None:
                     raise CannotRunHere(
                         f"{spec.name}: TensorRT-RTX {trt.__version__} builds refittable engines only where CUDA "
-                        f"runs (its Myelin compiler failed without it: {log.summary()[:160]}); "
+                        f"runs (its Myelin compiler failed without it: {_clip(log.summary())}); "
                         "build --refittable on a machine with an NVIDIA GPU and driver (the targets stay the same)")
                 if here and f"{here[0]}.{here[1]}" not in targets:
                     # Measured on an H100 for target 8.0: "CUDA error 222 loading a module" (Myelin loads the
@@ -351,7 +359,7 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
                     raise CannotRunHere(
                         f"{spec.name}: TensorRT-RTX {trt.__version__} builds a refittable engine only on a GPU that "
                         f"can load its target's code (this GPU: compute capability {here[0]}.{here[1]}, target "
-                        f"{', '.join(targets)}: {log.summary()[:160]}); build --refittable on a GPU of compute "
+                        f"{', '.join(targets)}: {_clip(log.summary())}); build --refittable on a GPU of compute "
                         f"capability {', '.join(targets)}, e.g. the one that will run it")
                 raise BuildFailed(f"{spec.name}: TensorRT could not build the engine for {', '.join(targets)}: "
                                   f"{log.summary()}")

@@ -155,7 +155,7 @@ def cli():
     TensorRT: sdexport build OUT, then --backend trt. INT8: sdexport calibrate, then sdexport quantize.
     Errors: one line 'error: ...' on stderr and an exit code (2 usage, 3 model, 4 shape, 5 integrity,
     6 validation failed, 7 backend missing, 8 cannot run here, 9 TensorRT build failed, 10 disk full,
-    130 interrupted); see the README.
+    11 server stopped, 130 or 143 interrupted); see the README.
     """
 
 

@@ -568,3 +568,13 @@ def test_validate_trt_says_why_it_cannot_run_here(built):
     _one_line(_run("validate", out, "--backend", "trt"), 8, "cannot run TensorRT engines here", "12.0")
     _one_line(_run("infer", out, "--backend", "trt", "--prompt", "p", "-o", out / "x.png"), 8, "no CUDA GPU")
     _one_line(_run("bench", out, "--backend", "trt", "--steps", 1), 8, "no CUDA GPU")
+
+
+def test_long_tensorrt_messages_are_cut_between_words():
+    from sdexport.build import _clip
+
+    message = "Error Code 1: Myelin ([myelin_graph.h:1295] MyelinCheckException: CHECK(status == cudaSuccess) " * 3
+    cut = _clip(message)
+    assert len(cut) <= 164 and cut.endswith(" ...") and message.startswith(cut[:-4])
+    assert message[len(cut) - 4] == " "  # the cut falls where a word ends
+    assert _clip("short message") == "short message"

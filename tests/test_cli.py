@@ -129,3 +129,21 @@ def test_console_script_entry_point(tmp_path):
     assert proc.returncode == 3 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "sdexport.cli", "env"], capture_output=True, text=True)
     assert proc.returncode == 0 and "onnxruntime" in proc.stdout and "trt" in proc.stdout
+
+
+def test_top_level_help_lists_every_exit_code():
+    """`sdexport --help` names each exit code an sdexport error carries (errors.py) and the signal ones."""
+    import re
+
+    import sdexport.build  # noqa: F401  (BuildFailed lives beside the builder)
+    import sdexport.serve  # noqa: F401
+    from sdexport import errors
+
+    def subclasses(cls):
+        return {cls} | {s for sub in cls.__subclasses__() for s in subclasses(sub)}
+
+    codes = {cls.exit_code for cls in subclasses(errors.SdexportError) if cls.exit_code > 1}
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    listed = {int(c) for c in re.findall(r"\b(\d{1,3})\b", result.stdout.split("Errors:", 1)[1].split("see the")[0])}
+    assert codes | {130, 143} == listed, (codes, listed)

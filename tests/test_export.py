@@ -130,3 +130,33 @@ def test_fp16_error_against_fp32_torch(export_fp16, tiny_model, component):
             assert g.shape == tuple(w.shape)
             rel = np.linalg.norm(g - w.numpy()) / np.linalg.norm(w.numpy())
             assert rel < 1e-2, (component, geo, rel)
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_another_export_into_an_export_replaces_only_what_it_names(tiny_model, other_model, tmp_path):
+    """An export of another model (or dtype, ranges, LoRAs) into an existing export: without --force it is
+    refused (the two would mix); with --force it replaces the whole export, so it is refused too while
+    --components leaves out a component it would delete (a README way out once lost a user's UNet so), and
+    done when every component is named. A refusal leaves every file as it was."""
+    from conftest import assert_error, run_cli
+
+    out = tmp_path / "e"
+    parts = "text_encoder,unet,vae_decoder"
+    assert run_cli("export", tiny_model, "-o", out, "--components", parts).exit_code == 0
+    before = _tree(out)
+    assert_error(run_cli("export", other_model, "-o", out, "--components", "text_encoder"), 2,
+                 "would mix the two", "unet, vae_decoder would stay", only_line=True)
+    assert _tree(out) == before
+    assert_error(run_cli("export", other_model, "-o", out, "--components", "text_encoder", "--force"), 2,
+                 "would delete unet, vae_decoder, which --components leaves out",
+                 f"--components text_encoder,unet,vae_decoder", only_line=True)
+    assert _tree(out) == before
+    result = run_cli("export", other_model, "-o", out, "--components", parts, "--force")
+    assert result.exit_code == 0, result.stderr
+    manifest = load_manifest(out)
+    assert sorted(manifest["components"]) == sorted(parts.split(","))
+    assert manifest["model"]["path"] == str(other_model.resolve())
