@@ -958,6 +958,15 @@ def test_sdxl_server_takes_micro_conditioning_and_refuses_what_the_model_lacks(e
         with pytest.raises(InferenceServerException) as exc:
             client.infer(MODEL, client_inputs(tritonclient_http, prompt="x", aesthetic_score=6.0))
         assert "aesthetic_score" in str(exc.value), str(exc.value)
+        # an option of the wrong datatype or shape, over either protocol: a 400 naming it
+        for module, c in ((tritonclient_http, client), (tritonclient_grpc, srv.grpc_client())):
+            for data, datatype in ((np.array([[256.0, 192.0]], np.float32), "FP32"),
+                                   (np.array([[256, 192, 1]], np.int32), "INT32")):
+                tensor = module.InferInput("original_size", list(data.shape), datatype)
+                tensor.set_data_from_numpy(data)
+                with pytest.raises(InferenceServerException) as exc:
+                    c.infer(MODEL, client_inputs(module, prompt="x", height=128, width=64) + [tensor])
+                assert "original_size" in str(exc.value), str(exc.value)
         again = client.infer(MODEL, client_inputs(tritonclient_http, **values)).as_numpy("image")[0]
         assert np.array_equal(again, want)
     finally:
