@@ -247,10 +247,14 @@ def targets(result: dict) -> dict:
     return out
 
 
-def stage_split(requests: list[dict]) -> dict:
+def stage_split(requests: list[dict]) -> dict | None:
     """The pipeline calls behind a level's requests (the requests of one call share its timings) and where their
-    time went: the stage that grows with the call is the one to look at (session 6: the VAE)."""
-    calls = list({(r["device"], r["total_ms"], r["images_in_call"]): r for r in requests}.values())
+    time went: the stage that grows with the call is the one to look at (session 6: the VAE). Only calls whose
+    timings have every stage shown (run_level keeps what a server gives); None without any."""
+    calls = list({(r["device"], r["total_ms"], r["images_in_call"]): r for r in requests
+                  if all(k in r for k in STAGES if k != "denoise_loop_ms")}.values())
+    if not calls:
+        return None
 
     def med(key, per_image=False):
         return statistics.median(c[key] / (c["images_in_call"] if per_image else 1) for c in calls)
@@ -294,8 +298,8 @@ def markdown(result: dict) -> str:
                       "|---|---|---|---|---|"]
             lines += [f"| {c} | {d} | {v['requests']} | {v['images_per_call_mean']:.2f} | "
                       f"{v['pipeline_ms_per_image_p50']:.1f} |" for c, d, v in per_device]
-        stages = [(lvl["concurrency"], stage_split(lvl["requests_detail"])) for lvl in run["levels"]
-                  if lvl.get("requests_detail")]
+        stages = [(lvl["concurrency"], split) for lvl in run["levels"]
+                  if (split := stage_split(lvl.get("requests_detail") or []))]
         if stages:
             lines += ["", "Where each call's time went (per pipeline call, medians; per image: divided by the call's "
                       "images):", "", "| concurrency | calls | UNet ms per image | VAE ms per image | text ms | "

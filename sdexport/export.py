@@ -297,13 +297,15 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
                 and manifest.data.get("ranges") == ranges.to_json() and manifest.data.get("dtype") == dtype
                 and previous.get("family") == info.family_name and previous.get("loras", []) == lora_record)
         others = [c for c in manifest.components if c not in components]
+        # components of this model that --components leaves out (one the model lacks cannot be named)
+        left_out = [c for c in others if c in known]
         if previous and not same:
-            if force and others:  # --force replaces what it is asked to, never a component it was not given
+            if force and left_out:  # --force replaces what it is asked to, never a component it was not given
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; replacing it with {_describe(model_record, ranges.to_json(), dtype)} would delete "
-                    f"{', '.join(others)}, which --components leaves out: name them too "
-                    f"(--components {','.join(list(components) + others)}), or choose another -o")
+                    f"{', '.join(left_out)}, which --components leaves out: name them too "
+                    f"(--components {','.join(list(components) + left_out)}), or choose another -o")
             if not force and (others or manifest.engines):
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"

@@ -160,3 +160,20 @@ def test_another_export_into_an_export_replaces_only_what_it_names(tiny_model, o
     manifest = load_manifest(out)
     assert sorted(manifest["components"]) == sorted(parts.split(","))
     assert manifest["model"]["path"] == str(other_model.resolve())
+
+
+def test_force_replaces_an_export_of_a_model_with_other_components(tiny_model, sdxl_tiny_model, tmp_path):
+    """--force into an export of another family: a component the new model does not have (SDXL's
+    text_encoder_2 under an SD model) is not one --components "leaves out" (no --components can name it), so
+    --force replaces the export instead of asking for a --components that is refused as unknown."""
+    from conftest import assert_error, run_cli
+
+    out = tmp_path / "e"
+    assert run_cli("export", sdxl_tiny_model, "-o", out, "--components", "text_encoder_2").exit_code == 0
+    assert_error(run_cli("export", tiny_model, "-o", out, "--components", "text_encoder"), 2,
+                 "would mix the two", only_line=True)
+    result = run_cli("export", tiny_model, "-o", out, "--components", "text_encoder", "--force")
+    assert result.exit_code == 0, result.stderr
+    manifest = load_manifest(out)
+    assert sorted(manifest["components"]) == ["text_encoder"] and manifest["model"]["family"] == "sd"
+    assert not (out / "text_encoder_2").exists()

@@ -958,10 +958,42 @@ def test_sdxl_server_takes_micro_conditioning_and_refuses_what_the_model_lacks(e
         with pytest.raises(InferenceServerException) as exc:
             client.infer(MODEL, client_inputs(tritonclient_http, prompt="x", aesthetic_score=6.0))
         assert "aesthetic_score" in str(exc.value), str(exc.value)
+        # an option of the wrong datatype or shape, over either protocol: a 400 naming it
+        for module, c in ((tritonclient_http, client), (tritonclient_grpc, srv.grpc_client())):
+            for data, datatype in ((np.array([[256.0, 192.0]], np.float32), "FP32"),
+                                   (np.array([[256, 192, 1]], np.int32), "INT32")):
+                tensor = module.InferInput("original_size", list(data.shape), datatype)
+                tensor.set_data_from_numpy(data)
+                with pytest.raises(InferenceServerException) as exc:
+                    c.infer(MODEL, client_inputs(module, prompt="x", height=128, width=64) + [tensor])
+                assert "original_size" in str(exc.value), str(exc.value)
         again = client.infer(MODEL, client_inputs(tritonclient_http, **values)).as_numpy("image")[0]
         assert np.array_equal(again, want)
     finally:
         srv.stop()
+
+
+def test_load_report_takes_calls_without_some_stage_times():
+    """serve_load keeps the stage times a server's responses carry; its stage table uses the calls that carry the
+    ones it shows (a server whose timings lack one: no KeyError that would end the run after its first level)."""
+    from serve_load import markdown, stage_split
+
+    full = {"device": "cpu", "images_in_call": 2, "total_ms": 100.0, "unet_total_ms": 60.0, "vae_decoder_ms": 20.0,
+            "text_encoder_ms": 10.0, "other_ms": 10.0}
+    partial = {k: v for k, v in full.items() if k != "other_ms"} | {"total_ms": 90.0}
+    split = stage_split([full, full, partial])
+    assert split["calls"] == 1 and split["unet_ms_per_image"] == 30.0 and split["vae_share"] == 0.2
+    assert stage_split([partial]) is None
+    level = {"concurrency": 1, "requests": 1, "errors": 0, "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0},
+             "images_per_second": 1.0, "mean_images_per_call": 1.0, "server_pipeline_ms_p50": 1.0,
+             "outside_pipeline_ms_p50": 0.0, "requests_detail": [partial]}
+    result = {"machine": {}, "settings": {"export": "e", "backend": "ort", "steps": 1, "guidance_scale": 1.0,
+                                          "protocol": "http", "requests_per_client": 1},
+              "date": "d", "commit": "c", "command": "x", "baselines": {}, "targets": {},
+              "runs": [{"label": "cpu", "levels": [level]}]}
+    assert "| 1 | 1 | 0 |" in markdown(result) and "Where each call's time went" not in markdown(result)
+    level["requests_detail"].append(full)
+    assert "| 1 | 1 | 30.0 | 10.0 | 10.0 | 10.0 | 20% |" in markdown(result)
 
 
 @pytest.mark.slow
