@@ -599,7 +599,7 @@ def _known_failure(export, component: str, flavour: str, precision: str, targets
     head_dim = text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1))
     if text and precision == "fp16" and "Myelin" in str(exc) and head_dim > 8 and head_dim % 8:
         # Measured with TensorRT-RTX 1.7.1 (README, TensorRT engines): head dims 9-12, 14, 18, 20 fail; 4-8, 16, 24 build.
-        # An export holds one dtype: re-exporting one component in FP32 with --force replaces the whole export.
+        # An export holds one dtype: an FP32 re-export of one component into it is refused (it would delete the rest).
         return (f"; TensorRT-RTX 1.7.1 cannot build an FP16 text encoder whose attention head dimension ({head_dim}) "
                 f"is above 8 and not a multiple of 8 (SD 1.x/2.x: 64). Its FP32 graph builds: export the model in "
                 f"FP32 into another directory and build that (sdexport export MODEL -o {export.root}-fp32; "

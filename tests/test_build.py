@@ -216,7 +216,9 @@ def test_known_build_failures_say_what_works(export_other, export_fp16):
 
     myelin = BuildFailed("text_encoder: TensorRT could not build the engine for 8.6: ... Error Code 1: Myelin (...)")
     hint = _known_failure(ExportDir.open(export_other), "text_encoder", "rtx", "fp16", ["8.6"], myelin)
-    assert "head dimension (12)" in hint and "--precision fp32 --components text_encoder" in hint
+    root = ExportDir.open(export_other).root
+    assert "head dimension (12)" in hint and f"sdexport build {root}-fp32 --precision fp32" in hint
+    assert "--force" not in hint  # an FP32 re-export into this FP16 export would replace it (refused now)
     assert _known_failure(ExportDir.open(export_fp16), "text_encoder", "rtx", "fp16", ["8.6"], myelin) == ""  # 8
     assert _known_failure(ExportDir.open(export_other), "text_encoder", "rtx", "fp32", ["8.6"], myelin) == ""
     turing = _known_failure(ExportDir.open(export_fp16), "unet", "rtx", "fp16", ["7.5"], BuildFailed("SM75"))
