@@ -242,7 +242,8 @@ def _clip(text: str, limit: int = 160) -> str:
     """TensorRT's message shortened for a one-line error: cut at a space, never inside a token, and marked."""
     if len(text) <= limit:
         return text
-    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip() if " " in text[:limit].strip() else ""
+    cut = cut or text[:limit]  # no space to cut at
     return cut.rstrip(" ,;:") + " ..."
 
 

@@ -1146,7 +1146,7 @@ print(result.as_numpy("timings")[0, 0].decode())"""
 def client_inputs(module, **values) -> list:
     """tritonclient ``InferInput`` objects for one request (``module``: ``tritonclient.http`` or ``.grpc``);
     a value may be one item (for every image) or a list (one per image); a family option's pair (H W, TOP LEFT)
-    is a tuple. Inputs left out take the server's defaults."""
+    is two numbers (for every image) or a list of pairs. Inputs left out take the server's defaults."""
     import numpy as np
 
     from .families import all_options
@@ -1156,7 +1156,9 @@ def client_inputs(module, **values) -> list:
     pairs = {name for name, f in fields.items() if f.dims[0] == 2}  # H W / TOP LEFT: a tuple per image
 
     def per_image(name, value):
-        return isinstance(value, list) or (isinstance(value, tuple) and name not in pairs)
+        if name in pairs:  # one pair (H W) for every image, or a list of pairs, one per image
+            return isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value)
+        return isinstance(value, (list, tuple))
 
     n = max((len(v) for k, v in values.items() if per_image(k, v)), default=1)
     inputs = []

@@ -580,3 +580,4 @@ def test_long_tensorrt_messages_are_cut_between_words():
     assert len(cut) <= 164 and cut.endswith(" ...") and message.startswith(cut[:-4])
     assert message[len(cut) - 4] == " "  # the cut falls where a word ends
     assert _clip("short message") == "short message"
+    assert _clip(" " + "x" * 300).startswith(" xxxx") and len(_clip(" " + "x" * 300)) == 164  # no word end to cut at

@@ -1079,3 +1079,11 @@ def test_load_generator_smoke(server, export_fp32, tmp_path):
         for r in lvl["requests_detail"]:
             assert r["total_ms"] >= r["unet_total_ms"] + r["vae_decoder_ms"] > 0 and r["images_in_call"] >= 1
     assert "Where each call's time went" in (out / "serve_load.md").read_text()
+
+
+def test_client_inputs_take_a_pair_for_every_image_or_one_per_image():
+    import tritonclient.http as http
+
+    for value, n in (((256, 192), 1), ([256, 192], 1), ([(256, 192), (128, 64)], 2), ([[1, 2], [3, 4]], 2)):
+        shapes = {i.name(): i.shape() for i in client_inputs(http, prompt="x", original_size=value)}
+        assert shapes == {"prompt": [n, 1], "original_size": [n, 2]}, (value, shapes)
