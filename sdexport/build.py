@@ -238,6 +238,62 @@ def set_builder_flags(trt, config, flavour: str) -> dict[str, bool]:
     return applied
 
 
+class _native_stderr_held:
+    """TensorRT's own C++ writes to file descriptor 2 while it builds: TensorRT-RTX's compiler prints
+    "Internal Error: MyelinCheckException ..." itself, a second stderr line before sdexport's one-line error, and
+    the same failure reaches the logger that error quotes. So during the build, descriptor 2 goes to a temporary
+    file: written back afterwards where the build succeeded (its warnings are the user's), dropped where it
+    failed (``failed``; the error line says why). Python's own stderr (the progress lines) keeps its stream.
+    Where descriptor 2 cannot be moved, nothing is held."""
+
+    def __enter__(self):
+        import os
+        import sys
+        import tempfile
+
+        self.failed = False
+        self.saved = None
+        try:
+            sys.stderr.flush()
+            self.file = tempfile.TemporaryFile()
+            self.saved = os.dup(2)
+            self.python_stderr = None
+            if getattr(sys.stderr, "fileno", None) and _fileno(sys.stderr) == 2:  # the process's own stderr
+                self.python_stderr = sys.stderr
+                sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding=getattr(sys.stderr, "encoding",
+                                                                                         None) or "utf-8",
+                                  errors="surrogateescape")
+            os.dup2(self.file.fileno(), 2)
+        except (OSError, ValueError):
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import sys
+
+        if self.saved is None:
+            return
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        if self.python_stderr is not None:
+            sys.stderr.close()
+            sys.stderr = self.python_stderr
+        self.file.seek(0)
+        text = self.file.read()
+        self.file.close()
+        if text and not self.failed and exc[0] is None:
+            sys.stderr.flush()
+            os.write(2, text)
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _clip(text: str, limit: int = 160) -> str:
     """TensorRT's message shortened for a one-line error: cut at a space, never inside a token, and marked."""
     if len(text) <= limit:
@@ -343,7 +399,9 @@ def build_engine(trt, flavour: str, onnx_path: Path, plan_path: Path, spec, prof
     t0 = time.perf_counter()
     try:
         with atomic_path(plan_path) as tmp:
-            plan = builder.build_serialized_network(network, config)
+            with _native_stderr_held() as held:
+                plan = builder.build_serialized_network(network, config)
+                held.failed = plan is None
             interrupts.check()
             if plan is None:
                 # A refittable TensorRT-RTX build fails where its compiler cannot load the target's code here
