@@ -139,9 +139,10 @@ STAGES = ("total_ms", "text_encoder_ms", "unet_total_ms", "vae_decoder_ms", "den
 
 def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
     """C closed-loop clients; one untimed round, then requests_per_client x C timed requests."""
-    import numpy as np
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+
+    from sdexport.serve import client_inputs
 
     module = grpcclient if args.protocol == "grpc" else httpclient
     url = f"127.0.0.1:{server.grpc if args.protocol == 'grpc' else server.http}"
@@ -153,17 +154,9 @@ def run_level(server: Server, args, concurrency: int, deadline: float) -> dict:
     native = json.loads((Path(args.export) / "manifest.json").read_text())["ranges"]["opt_size"]
 
     def inputs(i: int):
-        values = {"prompt": (f"a photograph of an astronaut riding a horse, variation {i}", "BYTES", np.object_),
-                  "negative_prompt": ("", "BYTES", np.object_), "seed": (i, "INT64", np.int64),
-                  "steps": (args.steps, "INT32", np.int32), "guidance_scale": (args.guidance_scale, "FP32", np.float32),
-                  "height": (args.size or native, "INT32", np.int32), "width": (args.size or native, "INT32", np.int32),
-                  "scheduler": (args.scheduler, "BYTES", np.object_)}
-        out = []
-        for name, (value, datatype, dtype) in values.items():
-            data = np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype)
-            out.append(module.InferInput(name, list(data.shape), datatype))
-            out[-1].set_data_from_numpy(data)
-        return out
+        return client_inputs(module, prompt=f"a photograph of an astronaut riding a horse, variation {i}",
+                             negative_prompt="", seed=i, steps=args.steps, guidance_scale=args.guidance_scale,
+                             height=args.size or native, width=args.size or native, scheduler=args.scheduler)
 
     def client_loop(timed: list[bool], count: int):
         c = module.InferenceServerClient(url)

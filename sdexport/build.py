@@ -252,20 +252,23 @@ class _native_stderr_held:
         import tempfile
 
         self.failed = False
-        self.saved = None
+        self.saved = self.python_stderr = None
         try:
             sys.stderr.flush()
-            self.file = tempfile.TemporaryFile()
             self.saved = os.dup(2)
-            self.python_stderr = None
-            if getattr(sys.stderr, "fileno", None) and _fileno(sys.stderr) == 2:  # the process's own stderr
+            self.file = tempfile.TemporaryFile()
+            if _fileno(sys.stderr) == 2:  # the process's own stderr: Python's writes keep going there
                 self.python_stderr = sys.stderr
-                sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding=getattr(sys.stderr, "encoding",
-                                                                                         None) or "utf-8",
-                                  errors="surrogateescape")
+                encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+                sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding=encoding, errors="surrogateescape")
             os.dup2(self.file.fileno(), 2)
-        except (OSError, ValueError):
-            self.saved = None
+        except (OSError, ValueError):  # nothing held: the streams stay as they were
+            if self.python_stderr is not None:
+                sys.stderr.close()
+                sys.stderr = self.python_stderr
+            if self.saved is not None:
+                os.close(self.saved)
+            self.saved = self.python_stderr = None
         return self
 
     def __exit__(self, *exc) -> None:

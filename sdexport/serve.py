@@ -89,6 +89,8 @@ OUTPUTS = (
     Field("timings", "BYTES", doc="JSON: stage times of the pipeline call that made the image, images in it, "
                                   "text-cache hits"),
 )
+
+
 def option_fields(options) -> tuple[Field, ...]:
     """The inputs of a model family's request options (families.base.FamilyOption: SDXL's micro-conditioning,
     the refiner's aesthetic scores): a size or coordinates is two INT32 per image (H W, TOP LEFT), a score one
@@ -212,14 +214,13 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
             return [None] * n
         values = present[f.name]
         if values.ndim != 2 or values.shape[1] != f.dims[0]:
-            raise bad(f.name, f"{f.dims[0]} value(s) per image expected, got shape {list(present[f.name].shape)}")
+            raise bad(f.name, f"{f.dims[0]} value(s) per image expected, got shape {list(values.shape)}")
         if values.dtype.kind not in "iuf":
             raise bad(f.name, f"numbers expected, got {values.dtype}")
         return [v[0].item() if f.dims[0] == 1 else tuple(x.item() for x in v) for v in values]
 
-    option_names = [f.name for f in fields[len(INPUTS):]]
-    options = [dict(zip(option_names, values)) for values in zip(*(option(f) for f in fields[len(INPUTS):]))] \
-        if option_names else [{}] * n
+    columns = {f.name: option(f) for f in fields[len(INPUTS):]}
+    options = [{name: values[i] for name, values in columns.items() if values[i] is not None} for i in range(n)]
 
     decoded: dict[bytes, Any] = {}  # one decode per distinct image of the request
 
@@ -233,7 +234,6 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
             text("prompt"), text("negative_prompt"), column("seed"), column("steps"), column("guidance_scale"),
             column("height"), column("width"), text("scheduler") if "scheduler" in present else [None] * n,
             encoded("image"), encoded("mask"), column("strength"), options):
-        given = {k: v for k, v in given.items() if v is not None}
         try:  # infer's own check of the family's options (bounds, pairs)
             checked = export.family.check_options(export.info, given)
         except SdexportError as exc:

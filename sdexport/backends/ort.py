@@ -380,7 +380,7 @@ class _LiveWeights:
         verdict = _same_results(got, want, before)
         if verdict is False:
             return False
-        if verdict is True:  # "unchanged": the same values as before here, nothing learnt about the writes
+        if verdict is True:  # the writes reached the results ("unchanged" shows nothing: checked again next time)
             self.verified |= unchecked
         return True
 
