@@ -386,7 +386,10 @@ class ImageService:
         self.label = label or device
         engines = load_engines(self.export, backend, components=self.export.components_for(image), device=device,
                                **(engine_options(backend) if loras else {}),
-                               **({"threads": threads} if threads and backend in ("ort", "inductor") else {}))
+                               **({"threads": threads} if threads and backend in ("ort", "inductor") else {}),
+                               # dynamic batching: ONNX Runtime CUDA convolutions choose cuDNN algorithms by
+                               # heuristics, not by a search at each new batch size (ort.conv_algo_search)
+                               **({"batch_varies": True} if backend in ("ort", "inductor") else {}))
         caches = {}
         for name in [n for n in engines if n.startswith("text_encoder")]:  # SDXL: both encoders cached
             caches[name] = engines[name] = CachedTextEncoder(engines[name], text_cache_size)

@@ -82,7 +82,8 @@ def load_all(export, components: list[str], device: str, **options) -> dict[str,
         if c in packages:
             engines[c] = InductorEngine(export, c, device)
         else:
-            engine = OrtEngine(export, c, device=device, threads=options.get("threads"))
+            engine = OrtEngine(export, c, device=device, threads=options.get("threads"),
+                               batch_varies=options.get("batch_varies", False))
             engine.backend = "ort (no inductor package)"
             engines[c] = engine
     if options.get("cuda_graph") and "unet" in engines:

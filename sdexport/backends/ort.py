@@ -46,15 +46,27 @@ def cuda_provider(device: str, tf32: bool | None = None, **options) -> tuple[str
     return "CUDAExecutionProvider", options
 
 
+def conv_algo_search(batch_varies: bool) -> dict[str, str]:
+    """CUDA execution provider options for an engine that sees another batch size on many calls (serve's dynamic
+    batching), where ONNX Runtime's default cuDNN search (EXHAUSTIVE) runs again at each change of shape, also
+    for shapes seen before. Measured on an H100 (benchmarks/ort_shape_switch_probe.py,
+    results/2026-11-27-h100-session7 and -session6), ms per image with the batch size repeated / changed:
+    sd15 FP32 UNet EXHAUSTIVE 21.80 / 219.99, HEURISTIC 21.85 / 51.79; sd15 VAE decoder (FP16 variant)
+    EXHAUSTIVE 8.59 / 153.65, HEURISTIC 8.52 / 24.48. HEURISTIC keeps the steady state and cuts the change
+    4-6x; DEFAULT (no search) ran every Conv in cuDNN's fallback mode, 2.5x slower."""
+    return {"cudnn_conv_algo_search": "HEURISTIC"} if batch_varies else {}
+
+
 class OrtEngine(Engine):
     backend = "ort"
 
     def __init__(self, export, component: str, device: str = "cpu", session_options: Any = None,
                  providers: list | None = None, variant: str = "auto", cuda_graph: bool = False,
                  static=None, tf32: bool | None = None, cuda_options: dict[str, str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, batch_varies: bool = False):
         """``cuda_options``: extra CUDA execution provider options (e.g. ``{"fuse_conv_bias": "1"}``);
-        ``threads``: ONNX Runtime's intra-op threads (bench sets them; the default is every physical core)."""
+        ``threads``: ONNX Runtime's intra-op threads (bench sets them; the default is every physical core);
+        ``batch_varies``: the batch size changes on many calls (serve): see conv_algo_search."""
         import onnxruntime as ort
 
         super().__init__(export.spec(component), device)
@@ -63,6 +75,7 @@ class OrtEngine(Engine):
         self.cuda = device.startswith("cuda")
         self.device_id = int(device.partition(":")[2] or 0) if self.cuda else 0
         self.variant = "plain"
+        self.batch_varies = batch_varies
         path = export.manifest.verified_path(export.manifest.component(component))
         if variant == "auto":
             variant = "ort_cuda" if self.cuda and component in export.manifest.data.get("ort_cuda", {}) else "plain"
@@ -96,6 +109,7 @@ class OrtEngine(Engine):
                            "arena_extend_strategy": "kSameAsRequested"}
                 if cuda_graph:
                     options["enable_cuda_graph"] = "1"
+                options.update(conv_algo_search(batch_varies))
                 providers = [cuda_provider(device, tf32, **options, **(cuda_options or {}))]
                 self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
             else:
