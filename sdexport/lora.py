@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -224,8 +225,10 @@ def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile]
 
 
 def _check_fused_finite(loras: list[LoraFile], part: str, name: str, value) -> None:
-    """A scale that overflows the weights' dtype (1e30, or 1e5 in FP16) would give NaN images with exit 0."""
-    if not value.isfinite().all():
+    """A scale that overflows the weights' dtype (1e30, or 1e5 in FP16) would give NaN images with exit 0.
+    The sum first: one pass without a mask (a NaN or infinity makes it one); only a sum that overflowed on
+    finite values is checked element by element."""
+    if not math.isfinite(float(value.sum())) and not value.isfinite().all():
         raise IntegrityError(f"--lora {describe(loras)}: the fused weight {part}.{name} is not finite "
                              "(a scale too large for the weights' precision)")
 
@@ -386,10 +389,12 @@ def fused_params(info: "ModelInfo", loras: list[LoraFile], parts: list[str],
                 fused: dict[str, Any] = {}
                 for lora, f in zip(loras, loaded):
                     for name, delta in f.deltas(part, lora.scale):
+                        # PEFT's merge: weight.data += delta, adapter by adapter (the first add makes the copy)
                         if name not in fused:
                             bases[name] = base(part, name).to(torch.float32).reshape(delta.shape)
-                            fused[name] = bases[name].clone()
-                        fused[name] += delta  # PEFT's merge: weight.data += delta, adapter by adapter
+                            fused[name] = torch.add(bases[name], delta)
+                        else:
+                            fused[name] += delta
                 for name, value in fused.items():
                     _check_fused_finite(loras, part, name, value)
                     if not torch.equal(value, bases[name]):
@@ -507,6 +512,7 @@ class WeightMap:
         self.data = json.loads(manifest.path(rel).read_text())
         self.params: dict[str, list[dict[str, Any]]] = self.data["params"]
         self._base: dict[str, Any] | None = None
+        self._by_initializer: dict[str, list[str]] | None = None
 
     def _initializers(self) -> dict[str, Any]:
         if self._base is None:
@@ -517,6 +523,18 @@ class WeightMap:
             model = onnx.load(str(self.onnx_path))
             self._base = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
         return self._base
+
+    def _holders(self) -> dict[str, list[str]]:
+        """{initializer: the parameters it holds}, made once (a check per initializer used to scan every
+        parameter of the component)."""
+        if self._by_initializer is None:
+            self._by_initializer = {}
+            for name, entries in self.params.items():
+                for e in entries:
+                    holders = self._by_initializer.setdefault(e["initializer"], [])
+                    if name not in holders:
+                        holders.append(name)
+        return self._by_initializer
 
     def base_initializer(self, name: str):
         return self._initializers()[name]
@@ -532,8 +550,14 @@ class WeightMap:
                                  "weight (the exporter folded it into other constants): fuse the LoRA at export "
                                  "instead (sdexport export MODEL --lora FILE)")
         e = entries[0]
-        arr = np.asarray(self.base_initializer(e["initializer"]), dtype=np.float32)
-        return torch.from_numpy(np.array(arr.T if e["transpose"] else arr, order="C"))  # caller reshapes
+        arr = np.asarray(self.base_initializer(e["initializer"]), dtype=np.float32)  # FP32 exports: no copy
+        with warnings.catch_warnings():  # onnx's arrays are read-only; callers never write into this view
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            value = torch.from_numpy(arr)
+        # A view, never a transposed copy: the fuse clones it (keeping these strides), and initializers() turns
+        # the result back into the initializer's layout as a view again. The copies both ways took most of a
+        # switch's fuse and apply on ONNX Runtime (benchmarks/results/2026-11-27-h100-session7).
+        return value.T if e["transpose"] else value  # caller reshapes
 
     def initializers(self, values: dict[str, Any]) -> dict[str, Any]:
         """{initializer name: numpy array in its dtype and shape} for new parameter values. An initializer the
@@ -546,16 +570,18 @@ class WeightMap:
                 if e is None:
                     self.base_param(name)  # raises: not held as one weight
                 arr = value.detach().cpu().float().numpy()
-                arr = np.ascontiguousarray(arr.T if e["transpose"] else arr).astype(e["dtype"]).reshape(e["shape"])
+                # a value fused on base_param's transposed view is stored transposed: .T is contiguous, no copy
+                arr = np.ascontiguousarray(arr.T if e["transpose"] else arr)
+                arr = arr.astype(e["dtype"], copy=False).reshape(e["shape"])
                 init = e["initializer"]
                 if init in out and not np.array_equal(out[init], arr):
                     raise IntegrityError(f"{self.component}: the exporter stored {name} in {init} together with "
                                          "another weight the LoRA changes differently; fuse the LoRA at export instead "
                                          "(sdexport export MODEL --lora FILE)")
                 out[init] = arr
+        holders = self._holders()
         for init, arr in out.items():
-            sharers = [n for n, entries in self.params.items() if n not in values
-                       and any(e["initializer"] == init for e in entries)]
+            sharers = [n for n in holders[init] if n not in values]
             if sharers and not np.array_equal(arr, self.base_initializer(init)):
                 raise IntegrityError(f"{self.component}: {init} holds {sharers[0]} too, which the LoRA leaves "
                                      "unchanged; fuse the LoRA at export instead (sdexport export MODEL --lora FILE)")
