@@ -624,12 +624,21 @@ def quantize(export_dir, calib, precision, calibration_method, quantizer, exclud
     click.echo(f"{export_dir}/{entry['file']}")
 
 
+class VerbatimEpilog(click.Command):
+    """A command whose epilog is printed as written: click indents an epilog, and examples indented in the
+    terminal no longer run when pasted (a shell's ``python3 -c`` block, a Python file)."""
+
+    def format_epilog(self, ctx, formatter):
+        if self.epilog:
+            formatter.write_paragraph()
+            formatter.write(self.epilog + "\n")
+
+
 def _serve_epilog() -> str:
     from .serve import CLIENT_EXAMPLE, CURL_EXAMPLE
 
-    block = lambda text: "\b\n" + "\n".join("  " + line for line in text.splitlines())  # noqa: E731
-    return ("\b\nExample request (KServe v2 JSON over HTTP; writes image.png):\n\n" + block(CURL_EXAMPLE)
-            + "\n\n\b\nThe same with tritonclient:\n\n" + block(CLIENT_EXAMPLE))
+    return ("Example request (KServe v2 JSON over HTTP; writes image.png):\n\n" + CURL_EXAMPLE
+            + "\n\nThe same with tritonclient:\n\n" + CLIENT_EXAMPLE)
 
 
 def _ints(text: str | None) -> tuple[int, ...]:
@@ -641,7 +650,7 @@ def _ints(text: str | None) -> tuple[int, ...]:
         raise UsageError(f"--gpus {text}: comma-separated GPU indices, e.g. 0,1") from None
 
 
-@cli.command(epilog=_serve_epilog())
+@cli.command(cls=VerbatimEpilog, epilog=_serve_epilog())
 @click.argument("export_dir", type=click.Path())
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
               help="The engines infer runs with this name.")

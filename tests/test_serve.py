@@ -381,6 +381,17 @@ def test_examples_are_in_the_readme():
     assert CURL_EXAMPLE in readme and CLIENT_EXAMPLE in readme
 
 
+def test_help_prints_the_examples_as_they_paste():
+    """`sdexport serve --help` prints the curl and tritonclient examples verbatim at column 0, so that pasted from
+    the terminal they run as the README's do (indented, the curl block's `python3 -c` fails with IndentationError
+    and the tritonclient block with 'unexpected indent')."""
+    result = run_cli("serve", "--help")
+    assert result.exit_code == 0, result.output
+    for example in (CURL_EXAMPLE, CLIENT_EXAMPLE):
+        assert f"\n{example}\n" in result.stdout, result.stdout
+    assert result.stdout.index("--write-repository") < result.stdout.index(CURL_EXAMPLE)
+
+
 # --- the Triton install and the stub's environment ----------------------------------------------------------
 
 def test_stub_environment_finds_this_libpython_numpy_and_sdexport(tmp_path):
