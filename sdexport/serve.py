@@ -1146,6 +1146,18 @@ Image.fromarray(result.as_numpy("image")[0]).save("image.png")
 print(result.as_numpy("timings")[0, 0].decode())"""
 
 
+# The README's recipe for a written repository under the tritonserver binary of the nvidia-pytriton wheel (no
+# container): Triton finds the Python backend and its stub for this Python in one directory, and the stub needs
+# this interpreter's libpython before the system's. The tests run it.
+TRITONSERVER_EXAMPLE = """sdexport serve engines/tiny --write-repository models
+T=$(python3 -c 'from pytriton.utils.distribution import get_root_module_path as r; print(r() / "tritonserver")')
+V=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+mkdir -p backends/python
+ln -sf "$T"/backends/python/*.* "$T"/python_backend_stubs/$V/triton_python_backend_stub backends/python/
+LD_LIBRARY_PATH=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))') \\
+  "$T"/bin/tritonserver --model-repository "$PWD/models" --backend-directory "$PWD/backends\""""
+
+
 def client_inputs(module, **values) -> list:
     """tritonclient ``InferInput`` objects for one request (``module``: ``tritonclient.http`` or ``.grpc``);
     a value may be one item (for every image) or a list (one per image); a family option's pair (H W, TOP LEFT)

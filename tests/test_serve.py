@@ -33,8 +33,9 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
 from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
 from sdexport.errors import SdexportError  # noqa: E402
-from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, INPUTS, CachedTextEncoder, ImageService,  # noqa: E402
-                            batch_groups, client_inputs, parse_request, request_defaults)
+from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, INPUTS, TRITONSERVER_EXAMPLE,  # noqa: E402
+                            CachedTextEncoder, ImageService, batch_groups, client_inputs, parse_request,
+                            request_defaults)
 
 MODEL = "sdexport"
 STARTUP_S = 180
@@ -378,7 +379,7 @@ def test_refiner_warms_up_from_an_image_and_refuses_text_only(export_refiner):
 
 def test_examples_are_in_the_readme():
     readme = (conftest.REPO_ROOT / "README.md").read_text()
-    assert CURL_EXAMPLE in readme and CLIENT_EXAMPLE in readme
+    assert CURL_EXAMPLE in readme and CLIENT_EXAMPLE in readme and f"```bash\n{TRITONSERVER_EXAMPLE}\n```" in readme
 
 
 def test_help_prints_the_examples_as_they_paste():
@@ -1030,31 +1031,38 @@ def test_load_report_takes_calls_without_some_stage_times():
 
 @pytest.mark.slow
 def test_written_repository_runs_under_the_bundled_tritonserver(export_fp32, tmp_path):
-    """What the official container does with the repository: tritonserver --model-repository DIR, with the
-    Python backend in its backend directory. Built here from the nvidia-pytriton wheel by hand (not through
-    sdexport serve): the stub for this Python, this interpreter's libpython first on the library path, this
-    environment's python3 first on PATH."""
-    import sysconfig
+    """What the official container does with the repository (tritonserver --model-repository DIR, the Python
+    backend in its backend directory), by the README's recipe for the wheel's binary, run in a shell as written:
+    only the export, the ports and this checkout's sdexport (for the CLI and for model.py) are the test's. Its
+    image equals infer's, a bad request is a 400 naming the field, and SIGTERM ends it with exit 0."""
+    import shlex
 
-    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+    from pytriton.utils.distribution import get_root_module_path
 
-    repo = tmp_path / "repo"
-    assert run_cli("serve", export_fp32, "--write-repository", repo, "--warmup", "64x64").exit_code == 0
-    root = get_root_module_path() / "tritonserver"
-    backend = tmp_path / "backends" / "python"
-    backend.mkdir(parents=True)
-    for src in (root / "backends" / "python" / "libtriton_python.so",
-                root / "backends" / "python" / "triton_python_backend_utils.py",
-                get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}")):
-        (backend / Path(src).name).symlink_to(src)
     http, grpc, metrics = free_ports(3)
-    env = dict(os.environ, LD_LIBRARY_PATH=f"{sysconfig.get_config_var('LIBDIR')}:{get_libs_path()}",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", SDEXPORT_PYTHONPATH=str(conftest.REPO_ROOT))
+    sdexport = shlex.join(conftest.sdexport_cmd("serve", export_fp32, "--warmup", "64x64"))
+    script = TRITONSERVER_EXAMPLE.replace("sdexport serve engines/tiny", sdexport, 1)
+    assert script != TRITONSERVER_EXAMPLE and script.rstrip().endswith('"$PWD/backends"')
+    script += f" --http-port={http} --grpc-port={grpc} --metrics-port={metrics} --allow-gpu-metrics=false"
+    env = conftest.sdexport_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                                SDEXPORT_PYTHONPATH=conftest.REPO_ROOT)
+    env.pop("LD_LIBRARY_PATH", None)  # the recipe's own, not this session's
     log = tmp_path / "tritonserver.log"
-    proc = subprocess.Popen([str(root / "bin" / "tritonserver"), f"--model-repository={repo}",
-                             f"--backend-directory={backend.parent}", f"--http-port={http}", f"--grpc-port={grpc}",
-                             f"--metrics-port={metrics}", "--allow-gpu-metrics=false"],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    shell = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=log.open("w"),
+                             stderr=subprocess.STDOUT)
+    binary = get_root_module_path() / "tritonserver" / "bin" / "tritonserver"
+
+    def tritonserver() -> int | None:
+        """The recipe's tritonserver: the shell itself where bash ran its last command in place, else its child."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, parent = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if shell.pid in (pid, parent) and Path(stat.parent, "exe").resolve() == binary.resolve():
+                    return pid
+            except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+                continue
+        return None
+
     try:
         client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=300)
         deadline = time.monotonic() + STARTUP_S
@@ -1064,19 +1072,25 @@ def test_written_repository_runs_under_the_bundled_tritonserver(export_fp32, tmp
                     break
             except Exception:  # noqa: BLE001 -- not listening yet
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            assert shell.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        assert (tmp_path / "models" / MODEL / "config.pbtxt").is_file()
         kw = dict(prompt="a quiet harbour", seed=5, steps=2, height=64, width=64)
         got = request(client, tritonclient_http, **kw).as_numpy("image")[0]
         assert np.array_equal(got, infer_image(export_fp32, tmp_path, "repo", **kw))
         with pytest.raises(InferenceServerException, match="steps"):
             request(client, tritonclient_http, prompt="x", steps=0)
         client.close()  # plain Triton waits for open client connections before it exits
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        pid = tritonserver()
+        assert pid is not None, log.read_text()[-3000:]
+        os.kill(pid, signal.SIGTERM)
+        assert shell.wait(timeout=60) == 0, log.read_text()[-3000:]  # the shell's status is tritonserver's
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if shell.poll() is None:
+            pid = tritonserver()
+            if pid is not None and pid != shell.pid:
+                os.kill(pid, signal.SIGKILL)
+            shell.kill()
+            shell.wait()
 
 
 @pytest.mark.slow
