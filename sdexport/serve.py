@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import BackendUnavailable, SdexportError, ServeFailed, UsageError
+from .pipeline import SCHEDULERS
 
 MODEL_NAME = "sdexport"
 # Header that unlocks Triton's model-repository API (model reload) for the supervisor only.
@@ -79,7 +80,7 @@ INPUTS = (  # the optional ones default to sdexport infer's defaults (request_de
     Field("guidance_scale", "FP32", doc="classifier-free guidance (off at <= 1), finite, >= 0"),
     Field("height", "INT32", doc="pixels, inside the export's range (default: native size)"),
     Field("width", "INT32", doc="pixels, inside the export's range (default: native size)"),
-    Field("scheduler", "BYTES", doc='ddim, euler, euler-a, dpm++2m, unipc or pndm ("": the model\'s own)'),
+    Field("scheduler", "BYTES", doc=f'{", ".join(SCHEDULERS)} ("": the model\'s own)'),
     Field("image", "BYTES", doc='encoded image (PNG, JPEG, ...) to start from: image-to-image ("": none)'),
     Field("mask", "BYTES", doc='encoded grayscale mask, white = repaint, same size as image: inpainting models'),
     Field("strength", "FP32", doc="with image: how much of it is repainted, in (0, 1] (default: infer's)"),
@@ -152,7 +153,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
     Raises UsageError/ShapeError whose message starts with the offending input's name."""
     from .components import Geometry
     from .errors import ModelError
-    from .pipeline import SCHEDULERS, InitImage, check_request, decode_image
+    from .pipeline import InitImage, check_request, decode_image
 
     def bad(name: str, what: str):
         return UsageError(f"{name}: {what}")
@@ -656,7 +657,6 @@ class ServeOptions:
         from .backends import BACKENDS
         from .components import Geometry
         from .lora import open_loras
-        from .pipeline import SCHEDULERS
 
         ranges = export.ranges
         loras = tuple(open_loras(self.loras))  # a missing file or a scale that is not finite: exit 2, now

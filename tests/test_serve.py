@@ -466,6 +466,10 @@ def test_write_repository(export_fp32, tmp_path):
         assert needle in config, needle
     assert "from sdexport.serve import TritonPythonModel" in (repo / MODEL / "1" / "model.py").read_text()
     assert sorted(p.name for p in repo.iterdir()) == [MODEL]  # nothing left under a temporary name
+    from sdexport.pipeline import SCHEDULERS
+
+    (scheduler,) = [line for line in config.splitlines() if 'name: "scheduler"' in line]
+    assert f"# {', '.join(SCHEDULERS)} (" in scheduler, scheduler  # every name infer takes, as the 400 lists them
 
 
 @pytest.mark.parametrize("extra, warmups", [
