@@ -75,7 +75,8 @@ class Field:
 INPUTS = (  # the optional ones default to sdexport infer's defaults (request_defaults)
     Field("prompt", "BYTES", required=True, doc="UTF-8 text"),
     Field("negative_prompt", "BYTES", doc="UTF-8 text"),
-    Field("seed", "INT64", doc="seed of the image's noise (initial, and per step where the scheduler draws it)"),
+    Field("seed", "INT64", doc="seed of the image's noise (initial, and per step where the scheduler draws it); "
+          "negative: infer's seed + 2^64"),
     Field("steps", "INT32", doc="denoising steps, 1 to the scheduler's training steps"),
     Field("guidance_scale", "FP32", doc="classifier-free guidance (off at <= 1), finite, >= 0"),
     Field("height", "INT32", doc="pixels, inside the export's range (default: native size)"),

@@ -304,6 +304,18 @@ def test_img2img_images_equal_infer(service, export_fp32, tmp_path):
         assert np.array_equal(got, want), f"seed {seed}: {(got != want).sum()} pixels differ"
 
 
+def test_negative_seeds_are_infers_seeds_past_2_to_the_63(service, export_fp32, tmp_path):
+    """INT64 holds half of infer's seeds (0 to 2^64-1): a negative seed s is infer's s + 2^64 (torch's manual_seed
+    wraps so), as the README says; batched with another one."""
+    kw = dict(steps=2, height=64, width=64)
+    (served,) = service.run([service.parse(tensors(prompt=["x", "x"], seed=[-1, -(2**63)],
+                                                   **{k: [v, v] for k, v in kw.items()}))])
+    assert served.error is None and [t["images_in_call"] for t in served.timings] == [2, 2]
+    for got, seed in zip(served.images, [2**64 - 1, 2**63]):
+        want = infer_image(export_fp32, tmp_path, f"s{seed}", prompt="x", seed=seed, **kw)
+        assert np.array_equal(got, want), f"seed {seed}: {(got != want).sum()} pixels differ"
+
+
 @pytest.fixture(scope="module")
 def serve_lora(tiny_model, tmp_path_factory):
     from test_lora import _peft_lora
