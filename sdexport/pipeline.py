@@ -702,7 +702,11 @@ def decode_image(source, what: str):
             img.load()
             return img.copy()
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise UsageError(f"{what}: not an image PIL can read ({str(exc).splitlines()[0][:120]})") from None
+        import re
+
+        # PIL names an in-memory file by its repr ("<_io.BytesIO object at 0x7f...>"): noise to a client
+        reason = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc).splitlines()[0])
+        raise UsageError(f"{what}: not an image PIL can read ({reason[:120]})") from None
 
 
 def image_paths(path, images: int):

@@ -244,7 +244,7 @@ def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> byte
 
 
 @pytest.mark.parametrize("values,field", [
-    (dict(prompt="x", image=b"not an image"), "image: not an image PIL can read"),
+    (dict(prompt="x", image=b"not an image"), "image: not an image PIL can read (cannot identify image file)"),
     (dict(prompt="x", image=7), "image: encoded image bytes expected, got int"),
     (dict(prompt="x", image=png_bytes(64, 64), strength=0.0), "strength 0.0: must be in (0, 1]"),
     (dict(prompt="x", image=png_bytes(64, 64), strength=float("nan")), "strength nan: must be in (0, 1]"),
