@@ -5,7 +5,8 @@ weights read, deltas added, weights applied), for one or more source trees side 
 
 Each tree (default: this checkout) runs in its own process: open the engines (the plain export, as switches
 need), switch A, B, A, B, A, B at scale 0.8 and keep the median of the last four (the first two open the
-sessions over sdexport's buffers and check each weight once). On the CPU the engines write into their buffers
+sessions over sdexport's buffers and check each weight once); the first switch (reading the base weights from
+the export, opening the sessions) is reported apart. On the CPU the engines write into their buffers
 (SDEXPORT_ORT_LIVE_WEIGHTS=1), as CUDA does by default. Trees alternate twice, so a slower machine state hits
 both. Make the LoRAs with benchmarks/make_lora.py; compare an older commit with `git worktree add DIR COMMIT`.
 """
@@ -53,6 +54,7 @@ def main() -> int:
     trees = [Path(t).resolve() for t in (args.tree or [Path(__file__).resolve().parent.parent])]
     env = {**os.environ, "SDEXPORT_ORT_LIVE_WEIGHTS": "1"}
     later: dict[str, list[dict]] = {str(t): [] for t in trees}
+    first: dict[str, list[dict]] = {str(t): [] for t in trees}
     for _ in range(args.rounds):
         for tree in trees:
             proc = subprocess.run([sys.executable, "-c", CHILD, str(Path(args.export).resolve()),
@@ -63,6 +65,7 @@ def main() -> int:
                 return 1
             rows = json.loads(proc.stdout.strip().splitlines()[-1])
             later[str(tree)] += rows[2:]
+            first[str(tree)].append(rows[0])
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": args.device,
               "cpu_count": os.cpu_count(), "trees": {}}
     for tree in trees:
@@ -73,9 +76,10 @@ def main() -> int:
         rows = later[str(tree)]
         med = {k: round(median([r[k] for r in rows]), 1) for k in rows[0]}
         med["deltas_ms"] = round(med["fuse_ms"] - med["files_ms"] - med["base_ms"], 1)
+        opening = {k: round(median([r[k] for r in first[str(tree)]]), 1) for k in ("switch_ms", "base_ms", "apply_ms")}
         result["trees"][str(tree)] = {"commit": commit + ("+changes" if dirty else ""), "switches": len(rows),
-                                      "median_ms": med}
-        print(f"{tree} ({commit}{'+changes' if dirty else ''}): {json.dumps(med)}")
+                                      "median_ms": med, "first_switch_median_ms": opening}
+        print(f"{tree} ({commit}{'+changes' if dirty else ''}): later {json.dumps(med)}; first {json.dumps(opening)}")
     if len(trees) > 1:
         first, last = (result["trees"][str(t)]["median_ms"]["switch_ms"] for t in (trees[0], trees[-1]))
         result["switch_ratio_first_to_last"] = round(first / last, 2)

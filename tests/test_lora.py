@@ -200,6 +200,60 @@ def test_weights_map_against_the_onnx_file(export_fp32, tiny_model):
         WeightMap(export, "vae_decoder")
 
 
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def export_external(tiny_model, tmp_path_factory, request):
+    """tiny exported as a model over 2 GB is (weights in one external data file, tensors under 1 KiB inline)."""
+    from conftest import _export
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sdexport.export.TWO_GB", 64 * 2**20 + 1)
+        return _export(tiny_model, tmp_path_factory.mktemp("exports") / f"tiny-ext-{request.param}",
+                       dtype=request.param, components=["text_encoder", "unet"])
+
+
+def test_base_weights_are_the_onnx_files_values(export_external):
+    """The base weights a switch reads (memory-mapped from the external data, or decoded where stored in the
+    graph) equal onnx's own loading of the file, value for value and dtype for dtype, both ways of storing."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    export = ExportDir.open(export_external)
+    for component in ("unet", "text_encoder"):
+        wmap = WeightMap(export, component)
+        model = onnx.load(str(wmap.onnx_path))
+        header = {i.name: uses_external_data(i) for i in onnx.load(str(wmap.onnx_path), load_external_data=False).graph.initializer}
+        want = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        names = {e["initializer"] for entries in wmap.params.values() for e in entries}
+        assert {header[n] for n in names} == {True, False}, component  # both storages are exercised
+        for name in names:
+            got = wmap.base_initializer(name)
+            assert got.dtype == want[name].dtype and got.shape == want[name].shape, name
+            np.testing.assert_array_equal(got, want[name])
+            assert not got.flags.writeable  # the file's values: a switch never writes into them
+
+
+def test_base_weights_outside_the_export_folder_are_refused(export_external, tmp_path):
+    """An initializer whose external data points out of its folder (which the manifest did not verify) is an
+    integrity error, not a read of another file."""
+    import onnx
+
+    export = ExportDir.open(export_external)
+    wmap = WeightMap(export, "unet")
+    model = onnx.load(str(wmap.onnx_path), load_external_data=False)
+    name = next(e["initializer"] for entries in wmap.params.values() for e in entries
+                if any(i.name == e["initializer"] and i.external_data for i in model.graph.initializer))
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.bin"
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.onnx").write_bytes(model.SerializeToString())  # the header only
+    wmap.onnx_path, wmap._base = tmp_path / "unet" / "model.onnx", None
+    with pytest.raises(IntegrityError, match="points outside its folder"):
+        wmap.base_initializer(name)
+
+
 # --- switched on the engines --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
