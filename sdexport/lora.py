@@ -503,6 +503,16 @@ def build_weight_map(module, onnx_path: Path) -> dict[str, Any]:
             "shared": sorted(name for name, n in users.items() if n > 1)}
 
 
+def tensor_view(arr):
+    """A torch tensor over a numpy array without a copy, also over the read-only base weights (memory-mapped
+    from the export): whoever takes it reads it, or copies it, and never writes into it."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
+
+
 class WeightMap:
     """One component's weights map (``<component>/weights_map.json``) and the exported initializer values it
     points at, read once from the ONNX file when first needed."""
@@ -582,7 +592,6 @@ class WeightMap:
     def base_param(self, name: str):
         """The exported value of torch parameter ``name`` (float32 torch tensor in the parameter's layout)."""
         import numpy as np
-        import torch
 
         entries = self.params.get(name)
         if not entries:
@@ -591,9 +600,7 @@ class WeightMap:
                                  "instead (sdexport export MODEL --lora FILE)")
         e = entries[0]
         arr = np.asarray(self.base_initializer(e["initializer"]), dtype=np.float32)  # FP32 exports: no copy
-        with warnings.catch_warnings():  # onnx's arrays are read-only; callers never write into this view
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            value = torch.from_numpy(arr)
+        value = tensor_view(arr)
         # A view, never a transposed copy: the fuse clones it (keeping these strides), and initializers() turns
         # the result back into the initializer's layout as a view again. The copies both ways took most of a
         # switch's fuse and apply on ONNX Runtime (benchmarks/results/2026-11-27-h100-session7).

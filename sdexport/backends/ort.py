@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, IntegrityError, ShapeError, UsageError
+from ..lora import tensor_view
 from .base import Engine
 
 NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -221,7 +222,7 @@ class OrtEngine(Engine):
             values = {}
             for name, arr in initializers.items():
                 tensor = arr if isinstance(arr, torch.Tensor) else \
-                    torch.from_numpy(np.ascontiguousarray(arr)).to(f"cuda:{self.device_id}")
+                    tensor_view(np.ascontiguousarray(arr)).to(f"cuda:{self.device_id}")
                 keep.append(tensor)
                 values[name] = ort.OrtValue(C.OrtValue.from_dlpack(tensor.__dlpack__(), False))
             torch.cuda.synchronize(self.device_id)  # copied on torch's stream; ONNX Runtime reads them on its own
@@ -336,9 +337,7 @@ class _LiveWeights:
         names = sorted({e["initializer"] for entries in wmap.params.values() for e in entries})
         values = {n: initializers[n] if n in initializers else wmap.base_initializer(n) for n in names}
         if engine.cuda:  # the copy on the GPU is the buffer
-            import torch
-
-            values = {n: torch.from_numpy(np.ascontiguousarray(v)).to(f"cuda:{engine.device_id}")
+            values = {n: tensor_view(np.ascontiguousarray(v)).to(f"cuda:{engine.device_id}")
                       for n, v in values.items()}
         else:  # a copy of ours: the weights map keeps the file's values for restoring
             values = {n: np.array(v, copy=True) for n, v in values.items()}
@@ -350,9 +349,7 @@ class _LiveWeights:
     def _copy(self, name: str, value) -> None:
         buf = self.buffers[name]
         if self.engine.cuda:
-            import torch
-
-            buf.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            buf.copy_(tensor_view(np.ascontiguousarray(value)))
         else:
             np.copyto(buf, value)
 
