@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -559,7 +560,12 @@ class WeightMap:
                 path = (folder / info["location"]).resolve()
                 if path.parent != folder:  # the manifest verified the files of this folder, nothing else
                     raise IntegrityError(f"{self.onnx_path}: {init.name} points outside its folder ({info['location']})")
-                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).newbyteorder("<")
+                # ONNX stores little-endian. Only a big-endian host gets a non-native dtype: an explicit "<f4" is
+                # another dtype object than float32's, and TensorRT's Weights match dtypes by identity
+                # ("Could not implicitly convert NumPy data type: f32").
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+                if sys.byteorder != "little":
+                    dtype = dtype.newbyteorder("<")
                 count = math.prod(init.dims)
                 offset = int(info.get("offset", 0))
                 if "length" in info and int(info["length"]) != count * dtype.itemsize:

@@ -646,6 +646,42 @@ def test_refittable_weight_names_match_the_map(rtx, export_fp16):
             mark_refittable(rtx, network, ["onnx::NotAWeight_0"])
 
 
+def test_refit_takes_the_memory_mapped_base_weights(rtx, export_external, loras, monkeypatch):
+    """A -> none on a TensorRT engine refits the file's values of what A changed: from an export with external
+    data (every sd15 FP32 or SDXL UNet) those are the memory-mapped arrays, and TensorRT's Weights accepts them
+    (it matches the numpy dtype by identity: an explicitly little-endian float32 was 'Could not implicitly
+    convert NumPy data type: f32', found in review). Up to the GPU boundary: the refitter is a recording stub."""
+    from sdexport.backends.trt import TrtEngine
+    from sdexport.lora import fused_params
+
+    export = ExportDir.open(export_external)
+    wmap = WeightMap(export, "unet")
+    refitted: dict[str, np.ndarray] = {}
+
+    class Refitter:
+        def get_all_weights(self):
+            return sorted({e["initializer"] for entries in wmap.params.values() for e in entries})
+
+        def set_named_weights(self, name, weights):
+            refitted[name] = weights.numpy().copy()
+            return True
+
+    engine = TrtEngine.__new__(TrtEngine)
+    engine.trt, engine.weight_map, engine._refitted, engine.device, engine.path = rtx, wmap, set(), "cpu", "unet"
+    monkeypatch.setattr(engine, "_refitter", Refitter, raising=False)
+    monkeypatch.setattr(engine, "_refit", lambda refitter, what: None, raising=False)
+    values = fused_params(export.info, open_loras([f"{loras['b']}:1.0"]), ["unet"],
+                          base=lambda part, name: wmap.base_param(name))
+    engine.set_weights(values["unet"])
+    assert refitted and engine._refitted == set(refitted)
+    changed, refitted = dict(refitted), {}
+    engine.set_weights({})  # back to the file's values
+    assert set(refitted) == set(changed)
+    for name, arr in refitted.items():  # TensorRT's Weights are flat
+        np.testing.assert_array_equal(arr, wmap.base_initializer(name).reshape(-1))
+        assert arr.dtype == wmap.base_initializer(name).dtype and not np.array_equal(arr, changed[name])
+
+
 def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path, monkeypatch):
     """TensorRT-RTX 1.7 builds refittable engines for one target, and only where CUDA runs: both are one
     line, and nothing is written. (With a GPU: test_refit_on_the_gpu.)"""
