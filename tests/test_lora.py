@@ -208,7 +208,7 @@ def export_external(tiny_model, tmp_path_factory, request):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sdexport.export.TWO_GB", 64 * 2**20 + 1)
         return _export(tiny_model, tmp_path_factory.mktemp("exports") / f"tiny-ext-{request.param}",
-                       dtype=request.param, components=["text_encoder", "unet"])
+                       dtype=request.param, components=["text_encoder", "unet", "vae_decoder"])
 
 
 def test_base_weights_are_the_onnx_files_values(export_external):
@@ -231,6 +231,28 @@ def test_base_weights_are_the_onnx_files_values(export_external):
             assert got.dtype == want[name].dtype and got.shape == want[name].shape, name
             np.testing.assert_array_equal(got, want[name])
             assert not got.flags.writeable  # the file's values: a switch never writes into them
+
+
+@pytest.mark.parametrize("live", ["0", "1"])
+def test_switching_on_an_export_with_external_data(export_external, export_fp32, export_fp16, loras, monkeypatch,
+                                                   live):
+    """Switches on an export whose weights sit in an external data file (read memory-mapped) give, state for
+    state, the images of the same switches on the export that holds the same weights inside the ONNX file, and
+    A's image again after B: new sessions and writes into the sessions' buffers alike."""
+    monkeypatch.setenv("SDEXPORT_ORT_LIVE_WEIGHTS", live)
+    inline = export_fp16 if "fp16" in export_external.name else export_fp32
+    pipes = [Pipeline(load_engines(ExportDir.open(e), "ort"), ExportDir.open(e)) for e in (export_external, inline)]
+    images = {}
+    for state in ((("a", 0.8),), (("b", 1.0),), (("a", 0.8),), ()):
+        got = []
+        for pipe in pipes:
+            pipe.set_loras([f"{loras[k]}:{s}" for k, s in state])
+            got.append(pipe(**REQUEST).images)
+        assert psnr(got[0], got[1]) >= 60.0, state
+        if state in images:
+            np.testing.assert_array_equal(got[0], images[state])
+        images[state] = got[0]
+    assert psnr(images[(("a", 0.8),)], images[()]) < 35
 
 
 def test_base_weights_outside_the_export_folder_are_refused(export_external, tmp_path):

@@ -311,7 +311,7 @@ class OrtEngine(Engine):
     def close(self) -> None:
         self._bound.clear()
         self._live = self._overrides = None
-        self.session = None
+        self.session = self.weight_map = None  # the weights map's memory-mapped file goes with it
 
 
 class _LiveWeights:
