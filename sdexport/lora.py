@@ -607,8 +607,8 @@ class WeightMap:
         e = entries[0]
         arr = np.asarray(self.base_initializer(e["initializer"]), dtype=np.float32)  # FP32 exports: no copy
         value = tensor_view(arr)
-        # A view, never a transposed copy: the fuse clones it (keeping these strides), and initializers() turns
-        # the result back into the initializer's layout as a view again. The copies both ways took most of a
+        # A view, never a transposed copy: the fuse's first add makes the new tensor (with these strides), and
+        # initializers() turns the result back into the initializer's layout as a view again. The copies both ways took most of a
         # switch's fuse and apply on ONNX Runtime (benchmarks/results/2026-11-27-h100-session7).
         return value.T if e["transpose"] else value  # caller reshapes
 

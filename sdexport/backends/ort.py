@@ -170,10 +170,9 @@ class OrtEngine(Engine):
 
     @property
     def fixed_batch_preferred(self) -> bool:
-        """ONNX Runtime's CUDA convolutions keep the cuDNN choices of one input shape: a call of another batch
-        size searches again (cudnn_conv_algo_search EXHAUSTIVE, its default). Measured on an H100
-        (benchmarks/ort_shape_switch_probe.py, sd15 VAE decoder, ORT CUDA FP16 variant): 9 ms per image for a
-        repeated batch size, 640-840 ms per call after a change; HEURISTIC search: still 60-90 ms a change."""
+        """ONNX Runtime's CUDA convolutions keep the cuDNN choices of one input shape only: a call of another batch
+        size chooses again, which costs several times a repeated call even with heuristics (measured in
+        conv_algo_search's docstring)."""
         return self.cuda and not self.static_dims
 
     def _options(self):
