@@ -255,9 +255,12 @@ def test_switching_on_an_export_with_external_data(export_external, export_fp32,
     assert psnr(images[(("a", 0.8),)], images[()]) < 35
 
 
-def test_base_weights_outside_the_export_folder_are_refused(export_external, tmp_path):
-    """An initializer whose external data points out of its folder (which the manifest did not verify) is an
-    integrity error, not a read of another file."""
+@pytest.mark.parametrize("key,value,needle", [("location", "../elsewhere.bin", "points outside its folder"),
+                                               ("location", "gone.bin", "external data gone.bin is missing"),
+                                               ("length", None, "bytes of data for")])
+def test_base_weights_outside_the_export_folder_are_refused(export_external, tmp_path, key, value, needle):
+    """An initializer whose external data points out of its folder (which the manifest did not verify), at a file
+    that is not there, or with a length that is not its values' is an integrity error, not a read of other bytes."""
     import onnx
 
     export = ExportDir.open(export_external)
@@ -267,12 +270,12 @@ def test_base_weights_outside_the_export_folder_are_refused(export_external, tmp
                 if any(i.name == e["initializer"] and i.external_data for i in model.graph.initializer))
     for init in model.graph.initializer:
         for entry in init.external_data:
-            if entry.key == "location":
-                entry.value = "../elsewhere.bin"
+            if entry.key == key:
+                entry.value = value if value is not None else str(int(entry.value) + 4)
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "model.onnx").write_bytes(model.SerializeToString())  # the header only
     wmap.onnx_path, wmap._base = tmp_path / "unet" / "model.onnx", None
-    with pytest.raises(IntegrityError, match="points outside its folder"):
+    with pytest.raises(IntegrityError, match=needle):
         wmap.base_initializer(name)
 
 
