@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 COMPONENTS = ["text_encoder", "unet", "vae_decoder"]
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = argparse.Namespace(model="sd15-random", device="cuda", quick=False, skip_fp16=False, sdxl_onnx_unet=False,
+                          sdxl_export="sdxl-e32",
                           no_inductor=False, no_reexport=False)  # set by main()
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -501,7 +502,16 @@ SDXL_SIZE = 1024
 
 
 def _sdxl_dirs(work: Path) -> tuple[Path, Path]:
-    return work / "sdxl-model", work / "sdxl-e32"
+    return work / "sdxl-model", work / OPTS.sdxl_export
+
+
+def _reference_file(work: Path, settings: dict) -> Path:
+    """Where the sdxl stage keeps FP32 eager's image for these settings, so that rows measured by another
+    invocation on the same host (e.g. the ORT rows, after their variant is prepared) get their PSNR."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return work / f"sdxl-fp32-eager-{digest}.npy"
 
 
 def stage_sdxl_prepare(work: Path, out: Path) -> None:
@@ -645,14 +655,18 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
     settings = dict(prompt=PROMPT, negative_prompt=None, steps=30, guidance_scale=5.0, seed=0, height=size,
                     width=size, batch_size=1, scheduler="euler")
     result["settings"] = {k: v for k, v in settings.items() if k != "prompt"}
-    reference = None
+    import numpy as np
+
+    kept = _reference_file(work, {**settings, "quick": OPTS.quick})
+    reference = np.load(kept) if kept.is_file() else None
     for label, backend, options, flags in sdxl_configs(e32):
         if only and not any(part in label for part in only.split(",")):
             continue
         row = run_config(label, e32, backend, options, flags, [settings], runs=2, warmup=1)[0]
         image = row.pop("image", None)
-        if label.startswith("FP32 eager"):
-            reference = image
+        if label.startswith("FP32 eager") and image is not None:
+            reference = np.asarray(image)
+            np.save(kept, reference)
         row["psnr_vs_fp32_eager_db"] = _psnr(image, reference)
         result["results"].append(row)
         save(out, "sdxl", result)
@@ -679,6 +693,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,768,1024", help="sweep: image sides (empty: none)")
     parser.add_argument("--sdxl-onnx-unet", action="store_true",
                         help="sdxl-prepare: also export the SDXL UNet to ONNX (10 GB FP32; the ORT rows need it)")
+    parser.add_argument("--sdxl-export", default="sdxl-e32",
+                        help="sdxl stages: the FP32 export's folder under --work (chains that run beside each other "
+                             "each write their own; the preset sdxl-model is shared)")
     parser.add_argument("--no-inductor", action="store_true",
                         help="sdxl-prepare: no Inductor package (its rows are left out; saves ~5 min)")
     parser.add_argument("--no-reexport", action="store_true",
@@ -686,7 +703,7 @@ def main() -> None:
     args = parser.parse_args()
     OPTS.no_inductor, OPTS.no_reexport = args.no_inductor, args.no_reexport
     OPTS.model, OPTS.device, OPTS.quick, OPTS.skip_fp16 = args.model, args.device, args.quick, args.skip_fp16
-    OPTS.sdxl_onnx_unet, OPTS.skip_ort = args.sdxl_onnx_unet, args.skip_ort
+    OPTS.sdxl_onnx_unet, OPTS.skip_ort, OPTS.sdxl_export = args.sdxl_onnx_unet, args.skip_ort, args.sdxl_export
     OPTS.batches = [int(b) for b in args.batches.split(",") if b]
     OPTS.sizes = [int(p) for p in args.sizes.split(",") if p]
     work, out = Path(args.work), Path(args.out)
