@@ -143,7 +143,7 @@ def export_component(info: ModelInfo, spec: ComponentSpec, module, folder: Path,
 
         say(f"{spec.name}: FP16 mixed precision (ModelOpt AutoCast; FP32 kept for "
             f"{', '.join(FP32_OP_TYPES)}{' and ' + ', '.join(spec.fp32_node_patterns) if spec.fp32_node_patterns else ''})")
-        model16 = convert_fp16(fp32_path, spec, feed)
+        model16 = convert_fp16(fp32_path, spec, feed, work_dir=scratch)
         precision.update(converter="modelopt.onnx.autocast", fp32_op_types=list(FP32_OP_TYPES),
                          fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model16))
         external = save_onnx(model16, final_path)
@@ -230,9 +230,10 @@ def check_export_output(model: str, out: Path, max_images: int) -> None:
 def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], components: list[str], dtype: str,
                        out: Path, manifest: Manifest, keys: dict[str, dict]) -> None:
     """Before any work: the weights fit this machine's memory (the configs are built on the meta device),
-    and the export fits the disk: the ONNX files of the components to export (4 bytes a parameter in FP32,
-    2 in FP16), the largest FP32 graph once more (each component's export holds one beside its result),
-    and the scheduler and tokenizer files."""
+    and the export fits the disk at its peak: the ONNX files of the components to export (4 bytes a parameter
+    in FP32, 2 in FP16), plus the largest component's scratch beside its result (an FP32 export holds the
+    traced graph and the cleaned one; an FP16 one the cleaned FP32 graph and AutoCast's copy of it for its
+    reference run, both in the export's scratch), and the scheduler and tokenizer files."""
     from .schema import check_loadable
 
     todo = [c for c in components if (manifest.components.get(c) or {}).get("key") != keys[c]]
@@ -243,8 +244,11 @@ def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], compone
     pipeline_files = sum(p.stat().st_size for part in info.root.iterdir() if part.is_dir()
                          and part.name.startswith(("scheduler", "tokenizer")) for p in part.rglob("*")
                          if p.is_file()) + (info.root / "model_index.json").stat().st_size
-    need = pipeline_files + (sum(b * (0.5 if dtype == "fp16" else 1.0) for b in fp32.values()) + max(fp32.values())
-                             if fp32 else 0)
+    converts = {c: dtype == "fp16" and not specs[c].keep_fp32 for c in todo}
+    results = sum(b * (0.5 if converts[c] else 1.0) for c, b in fp32.items())
+    # peak while exporting c: the others' results, c's two FP32 copies and no result of c's yet
+    peak_extra = max((b * (1.5 if converts[c] else 1.0) for c, b in fp32.items()), default=0)
+    need = pipeline_files + results + peak_extra
     limits.check_disk(out, need, f"exporting {', '.join(todo) or 'the pipeline files'} ({dtype})")
 
 

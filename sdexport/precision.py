@@ -44,15 +44,20 @@ def _autocast():
     return convert_to_mixed_precision
 
 
-def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any]):
+def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], work_dir: Path | None = None):
     """Return an FP16 mixed-precision ModelProto for the FP32 model at ``onnx_path``.
 
-    ``feed`` are the reference inputs AutoCast runs to find overflow-prone nodes.
+    ``feed`` are the reference inputs AutoCast runs to find overflow-prone nodes. ``work_dir`` takes the
+    temporary files, AutoCast's included: for a graph over 2 GB its reference run saves a copy of the whole
+    FP32 model (10 GB for the SDXL UNet) in the temporary directory, which belongs in the export's scratch
+    (counted by the disk check, removed with the transaction) rather than in /tmp.
     """
     convert = _autocast()
     root = logging.getLogger()
-    saved_level = root.level
+    saved_level, saved_tempdir = root.level, tempfile.tempdir
     root.setLevel(logging.ERROR)  # AutoCast reports skipped ops through the root logger
+    if work_dir is not None:
+        tempfile.tempdir = str(work_dir)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             calib = Path(tmp) / "calib.npz"
@@ -64,6 +69,7 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any]):
             )
     finally:
         root.setLevel(saved_level)
+        tempfile.tempdir = saved_tempdir
 
 
 def precision_summary(model) -> dict[str, Any]:

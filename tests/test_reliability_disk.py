@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from conftest import assert_refused, cli
@@ -69,3 +70,61 @@ def test_bench_report_refused_before_timing(export_fp32, mount_tmpfs):
     proc = cli("bench", export_fp32, "--steps", "1", "--json", disk / "bench.json")
     assert_refused(proc, 10, "the report")
     assert "loading engines" not in proc.stderr and not (disk / "bench.json").exists()
+
+
+def test_fp16_export_keeps_autocasts_model_copy_in_its_scratch_within_the_disk_check(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """For graphs over 2 GB (the SDXL UNet) AutoCast's reference run saves a copy of the whole FP32 model in
+    the temporary directory: it must land in the export's scratch (gone with the transaction, on the disk the
+    check measured), not in /tmp, and the check must cover the real peak. The tiny UNet takes the same path
+    with ModelOpt's size test forced; the peak is sampled while the export runs (on the tiny model the
+    tokenizer files dominate the estimate, so this checks that it covers the peak, not its every term)."""
+    import tempfile
+    import threading
+    import time
+
+    from modelopt.onnx import utils as onnx_utils
+
+    from sdexport import limits
+    from sdexport.export import export
+
+    def tree_bytes(root):
+        total = 0
+        for p in root.rglob("*"):
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except OSError:  # removed while walking
+                pass
+        return total
+
+    out = tmp_path / "e16"
+    tempdir_before = tempfile.tempdir
+    copies, needs, peak, done = [], [], [0], threading.Event()
+    real_save, real_check = onnx_utils.save_onnx, limits.check_disk
+    monkeypatch.setattr(onnx_utils, "is_model_too_large_for_protobuf", lambda *a, **k: True)
+    monkeypatch.setattr(onnx_utils, "save_onnx",
+                        lambda model, path, *a, **k: (copies.append(Path(path)), real_save(model, path, *a, **k))[1])
+    monkeypatch.setattr(limits, "check_disk", lambda path, need, what: (needs.append(need),
+                                                                        real_check(path, need, what))[1])
+
+    def sample():
+        while not done.is_set():
+            if out.exists():
+                peak[0] = max(peak[0], tree_bytes(out))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        export(str(tiny_model), out, dtype="fp16", components=["unet"], max_images=1)
+    finally:
+        done.set()
+        sampler.join()
+    assert copies, "AutoCast did not take its file-backed path"
+    for path in copies:
+        assert out in path.parents, f"AutoCast wrote {path} outside the export"
+    assert not list(out.rglob(".scratch")) or not any(p.is_file() for p in out.rglob(".scratch/*"))
+    assert tempfile.tempdir == tempdir_before  # restored for the rest of the process
+    assert needs and peak[0] > 0
+    assert needs[0] >= peak[0], f"disk check asked for {needs[0]} bytes; the export's peak was {peak[0]}"
+
