@@ -201,6 +201,24 @@ def _drop_variant(txn, variants: dict[str, Any], name: str) -> None:
             txn.remove(rel)
 
 
+def _up_to_date(export: ExportDir, entry: dict[str, Any] | None, opset: int) -> bool:
+    return bool(entry) and entry.get("key") == _key(export, opset) and export.manifest.intact(entry)
+
+
+def _check_space(export: ExportDir, info, names: list[str]) -> None:
+    """Before the work: the variant's FP16 files (2 bytes a parameter) and, at the peak, the largest
+    component's two FP32 graphs in the scratch (the traced one and the cleaned one: 20 GB for the SDXL UNet)."""
+    from . import limits
+    from .schema import check_loadable
+
+    if not names:
+        return
+    params = check_loadable(info, tuple(dict.fromkeys(export.spec(n).source for n in names)))
+    fp32 = {n: 4 * params[export.spec(n).source] for n in names}
+    limits.check_disk(export.root, sum(b / 2 for b in fp32.values()) + 2 * max(fp32.values()),
+                      f"build --backend ort ({', '.join(names)})")
+
+
 def _key(export: ExportDir, opset: int) -> dict[str, Any]:
     """What a prepared component is made from (its rebuild key): the source model is exported with the LoRAs
     fused into the export (ExportDir.source_model), so they are part of it as the weights are."""
@@ -248,6 +266,8 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
         info = export.source_model()
         vkey = VARIANT
         variants = export.manifest.data.setdefault(vkey, {})
+        _check_space(export, info, [n for n in components if n in MODEL_TYPES and not export.spec(n).keep_fp32
+                                    and not _up_to_date(export, variants.get(n), opset)])
         changed = False
         for name in components:
             if name not in MODEL_TYPES:
@@ -260,8 +280,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
                     changed = True
                 continue
             key = _key(export, opset)
-            old = variants.get(name)
-            if old and old.get("key") == key and export.manifest.intact(old):
+            if _up_to_date(export, variants.get(name), opset):
                 say(f"{vkey} {name}: up to date")
                 continue
             t0 = time.perf_counter()

@@ -128,3 +128,24 @@ def test_fp16_export_keeps_autocasts_model_copy_in_its_scratch_within_the_disk_c
     assert needs and peak[0] > 0
     assert needs[0] >= peak[0], f"disk check asked for {needs[0]} bytes; the export's peak was {peak[0]}"
 
+
+
+def test_build_ort_refused_before_the_work_when_its_variant_cannot_fit(export_fp32, mount_tmpfs):
+    """build --backend ort re-exports the UNet in FP32 twice over in its scratch (20 GB for SDXL): on a disk
+    without that room it stops before tracing, with the export as it was."""
+    import shutil
+
+    disk = mount_tmpfs("40m")  # the tiny export (17 MiB) and room for its variant
+    out = disk / "e"
+    shutil.copytree(export_fp32, out)
+    manifest = (out / "manifest.json").read_bytes()
+    free = shutil.disk_usage(disk).free
+    (disk / "filler").write_bytes(b"\0" * max(free - 2 * 2**20, 0))  # 2 MiB left: less than the UNet's graphs
+    proc = cli("build", out, "--backend", "ort")
+    assert_refused(proc, 10, "build --backend ort (unet, vae_decoder)", "needs about", "free there")
+    assert "export (classic attention)" not in proc.stderr
+    assert (out / "manifest.json").read_bytes() == manifest and not (out / "ort_cuda").exists()
+    (disk / "filler").unlink()  # with room again the same command makes the variant
+    proc = cli("build", out, "--backend", "ort")
+    assert proc.returncode == 0, proc.stderr
+    assert "unet" in json.loads((out / "manifest.json").read_text())["ort_cuda"]
