@@ -525,6 +525,15 @@ def test_sdxl_options_on_an_sd_export(export_fp32, tmp_path):
         Pipeline(load_engines(export_fp32, "ort"), ExportDir.open(export_fp32))("p", target_size=(64, 64))
 
 
+@pytest.mark.parametrize("command", [["validate"], ["build", "--precision", "fp32"]])
+@pytest.mark.parametrize("name", ["text_encoder_2", "bogus"])
+def test_components_of_another_family_are_a_bad_option(export_fp32, command, name):
+    """SDXL's text_encoder_2 named on an SD export (and a name of no family) is exit 2 for every command that
+    takes --components, as export refuses it, never exit 5 (nothing is wrong with the export)."""
+    result = run_cli(command[0], export_fp32, "--components", f"unet,{name}", *command[1:])
+    assert_error(result, 2, name, "text_encoder, unet, vae_decoder, vae_encoder", only_line=True)
+
+
 def test_refiner_only_takes_its_options(export_refiner):
     export = ExportDir.open(export_refiner)
     with pytest.raises(UsageError, match="--target-size: only for SDXL base models.*an SDXL refiner"):
