@@ -246,6 +246,8 @@ def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], compone
     pipeline_files = sum(p.stat().st_size for part in info.root.iterdir() if part.is_dir()
                          and part.name.startswith(("scheduler", "tokenizer")) for p in part.rglob("*")
                          if p.is_file()) + (info.root / "model_index.json").stat().st_size
+    pipeline_files += sum(len(text.encode()) for part in info.family.tokenizer_parts
+                          for text in vocab_and_merges_from_tokenizer_json(info.root / part).values())
     need = pipeline_files + (sum(b * (0.5 if dtype == "fp16" else 1.0) for b in fp32.values()) + max(fp32.values())
                              if fp32 else 0)
     limits.check_disk(out, need, f"exporting {', '.join(todo) or 'the pipeline files'} ({dtype})")

@@ -113,6 +113,20 @@ def test_tokenizer_written_by_transformers_5_gets_the_files_transformers_4_reads
         assert files[f"tokenizer/{name}"] == hashlib.sha256((export_other / "tokenizer" / name).read_bytes()).hexdigest()
 
 
+def test_disk_check_counts_the_derived_tokenizer_files(other_model, export_other, monkeypatch):
+    """The pipeline files the disk check counts are what the export writes of them, derived files included."""
+    from sdexport import limits
+    from sdexport.export import check_export_space
+    from sdexport.manifest import Manifest
+    from sdexport.models import ModelInfo
+
+    needs = []
+    monkeypatch.setattr(limits, "check_disk", lambda path, need, what: needs.append(need))
+    check_export_space(ModelInfo.open(other_model), {}, [], "fp32", export_other, Manifest(export_other), {})
+    written = sum((export_other / rel).stat().st_size for rel in load_manifest(export_other)["files"])
+    assert len(needs) == 1 and written <= needs[0] < written + 1024  # the source's model_index.json is a bit longer
+
+
 def _elem_types(model):
     model = onnx.shape_inference.infer_shapes(model)
     return {v.name: v.type.tensor_type.elem_type for v in
