@@ -436,6 +436,20 @@ def test_lcm_cli_says_how_the_guidance_scale_is_used(export_lcm_sd, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 4
 
 
+def test_lcm_warns_only_of_a_negative_prompt_given(export_lcm_sd, tmp_path):
+    """bench gives no negative prompt of the user's (it runs with ""): no warning that one is not used; infer
+    with an empty --negative-prompt neither, with a real one it warns."""
+    bench = run_cli("bench", export_lcm_sd, "--steps", 1, "--runs", 1, "--warmup", 0, "--no-eager",
+                    "--height", 64, "--width", 64)
+    assert bench.exit_code == 0, bench.stderr
+    assert "negative prompt" not in bench.stdout + bench.stderr, bench.stdout
+    for negative, warned in (("", False), ("rain", True)):
+        result = run_cli("infer", export_lcm_sd, "--prompt", "a kite", "-o", tmp_path / "a.png", "--steps", 1,
+                         "--height", 64, "--width", 64, "--negative-prompt", negative)
+        assert result.exit_code == 0, result.stderr
+        assert ("negative prompt is not used" in result.stderr) == warned, (negative, result.stderr)
+
+
 @pytest.mark.parametrize("model, components", [
     ("sdxl_tiny_model", ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]),
     ("refiner", ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"])])
