@@ -27,7 +27,7 @@ from .artifacts import BUILT_SECTIONS, VARIANT_OF
 from .components import ComponentSpec, ShapeRanges
 from .errors import IntegrityError, UsageError
 from .manifest import Manifest, Transaction, sha256_file, versions, writing
-from .models import ModelInfo, resolve_model
+from .models import ModelInfo, resolve_model, vocab_and_merges_from_tokenizer_json
 
 TWO_GB = 2**31
 ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 11: "float64", 3: "int8", 16: "bfloat16"}
@@ -199,6 +199,9 @@ def stage_pipeline_files(info: ModelInfo, txn: Transaction, components: list[str
             if f.is_file():
                 shutil.copyfile(f, folder / f.name)
                 files[f"{part}/{f.name}"] = sha256_file(folder / f.name)
+        for name, text in vocab_and_merges_from_tokenizer_json(info.root / part).items():
+            (folder / name).write_text(text, encoding="utf-8")
+            files[f"{part}/{name}"] = sha256_file(folder / name)
     index = dict(info.index)
     for key in _INDEX_DROP:
         index.pop(key, None)
@@ -244,6 +247,8 @@ def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], compone
     pipeline_files = sum(p.stat().st_size for part in info.root.iterdir() if part.is_dir()
                          and part.name.startswith(("scheduler", "tokenizer")) for p in part.rglob("*")
                          if p.is_file()) + (info.root / "model_index.json").stat().st_size
+    pipeline_files += sum(len(text.encode()) for part in info.family.tokenizer_parts
+                          for text in vocab_and_merges_from_tokenizer_json(info.root / part).values())
     converts = {c: dtype == "fp16" and not specs[c].keep_fp32 for c in todo}
     results = sum(b * (0.5 if converts[c] else 1.0) for c, b in fp32.items())
     # peak while exporting c: the others' results, c's two FP32 copies and no result of c's yet

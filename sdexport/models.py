@@ -225,6 +225,28 @@ def write_clip_tokenizer_files(out: Path, bpe_path: Path | None = None) -> None:
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
+def vocab_and_merges_from_tokenizer_json(folder: Path) -> dict[str, str]:
+    """``vocab.json`` and ``merges.txt`` (name -> text) for a tokenizer folder that transformers 5 wrote with
+    ``tokenizer.json`` alone: transformers 4, which Optimum's environment pins, reads only the pair. The same
+    vocabulary and merges, so both load the same tokenizer; empty where the pair is there or cannot be derived
+    (not a BPE, or tokens added beyond the vocabulary, which the pair cannot hold)."""
+    if (folder / "vocab.json").exists() or (folder / "merges.txt").exists() or not (folder / "tokenizer.json").is_file():
+        return {}
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        model = data["model"]
+        vocab, merges = model["vocab"], model["merges"]
+        added = {a["content"]: a["id"] for a in data.get("added_tokens", [])}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list) or \
+            any(vocab.get(token) != token_id for token, token_id in added.items()):
+        return {}
+    lines = [" ".join(m) if isinstance(m, list) else str(m) for m in merges]
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(lines) + "\n"}
+
+
 def build_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer over the real CLIP BPE: SD 1.5's (and SDXL's first) pads with <|endoftext|>,
     SDXL's ``tokenizer_2`` with "!" (id 0)."""

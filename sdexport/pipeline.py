@@ -442,7 +442,7 @@ class Pipeline:
             init.check_steps(steps)
         prompts = _as_list(prompt, batch_size, "prompt")
         negatives = _as_list(negative_prompt, batch_size, "negative prompt")
-        if guidance.embedding_dim and any(n is not None for n in negatives) and "lcm-negative" not in self._noted:
+        if guidance.embedding_dim and any(negatives) and "lcm-negative" not in self._noted:  # "" says nothing
             self._noted.add("lcm-negative")
             self.warn("the negative prompt is not used: an LCM UNet runs without classifier-free guidance "
                       "(diffusers' LCM pipelines take none)")

@@ -91,6 +91,42 @@ def test_other_model_exports_with_its_own_shapes(export_other):
     assert manifest["ranges"]["pixel_multiple"] == 16 and manifest["ranges"]["opt_size"] == 96
 
 
+def test_tokenizer_written_by_transformers_5_gets_the_files_transformers_4_reads(export_other, other_model, tmp_path):
+    """transformers 5 saves a tokenizer as tokenizer.json alone; transformers 4 (Optimum's environment) reads
+    vocab.json + merges.txt. The export holds both, and the pair alone tokenizes as the source does."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    assert not (other_model / "tokenizer" / "vocab.json").exists()  # the case: a directory transformers 5 wrote
+    alone = tmp_path / "tokenizer"
+    alone.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copyfile(export_other / "tokenizer" / name, alone / name)
+    theirs = CLIPTokenizer.from_pretrained(other_model / "tokenizer")
+    ours = CLIPTokenizer.from_pretrained(alone)
+    for prompt in ("a cabin in a snowy forest", "Ünïcödé café, 東京 at 3am!!", ""):
+        assert ours(prompt, padding="max_length", max_length=77).input_ids == \
+            theirs(prompt, padding="max_length", max_length=77).input_ids
+    files = load_manifest(export_other)["files"]
+    for name in ("vocab.json", "merges.txt"):
+        assert files[f"tokenizer/{name}"] == hashlib.sha256((export_other / "tokenizer" / name).read_bytes()).hexdigest()
+
+
+def test_disk_check_counts_the_derived_tokenizer_files(other_model, export_other, monkeypatch):
+    """The pipeline files the disk check counts are what the export writes of them, derived files included."""
+    from sdexport import limits
+    from sdexport.export import check_export_space
+    from sdexport.manifest import Manifest
+    from sdexport.models import ModelInfo
+
+    needs = []
+    monkeypatch.setattr(limits, "check_disk", lambda path, need, what: needs.append(need))
+    check_export_space(ModelInfo.open(other_model), {}, [], "fp32", export_other, Manifest(export_other), {})
+    written = sum((export_other / rel).stat().st_size for rel in load_manifest(export_other)["files"])
+    assert len(needs) == 1 and written <= needs[0] < written + 1024  # the source's model_index.json is a bit longer
+
+
 def _elem_types(model):
     model = onnx.shape_inference.infer_shapes(model)
     return {v.name: v.type.tensor_type.elem_type for v in

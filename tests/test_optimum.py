@@ -27,10 +27,32 @@ def optimum_python() -> str | None:
     return candidate if Path(candidate).is_file() else None
 
 
+@pytest.fixture(scope="module")
+def export_sdxl_by_diffusers(tmp_path_factory) -> Path:
+    """An SDXL written by StableDiffusionXLPipeline.save_pretrained alone: under transformers 5 its tokenizer
+    folders hold tokenizer.json only, which Optimum's transformers 4 cannot read."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from conftest import _export, small_sdxl_text_encoders, small_sdxl_unet, small_vae
+    from sdexport.models import build_tokenizer
+
+    torch.manual_seed(3)
+    te, te2 = small_sdxl_text_encoders()
+    model = tmp_path_factory.mktemp("models") / "sdxl-by-diffusers"
+    StableDiffusionXLPipeline(
+        vae=small_vae(True), text_encoder=te, text_encoder_2=te2, tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(pad_token="!"), unet=small_sdxl_unet(64, 16, 6),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        add_watermarker=False).save_pretrained(model)
+    return _export(model, tmp_path_factory.mktemp("exports") / "sdxl-by-diffusers", max_images=2, max_size=160)
+
+
 @pytest.mark.parametrize("fixture, pipeline, guidance", [
     ("export_fp32", "ORTStableDiffusionPipeline", 7.5),
     ("export_fp16", "ORTStableDiffusionPipeline", 7.5),
     ("export_sdxl", "ORTStableDiffusionXLPipeline", 5.0),  # two encoders, text_embeds, time_ids, hidden states
+    ("export_sdxl_by_diffusers", "ORTStableDiffusionXLPipeline", 5.0),  # tokenizers as transformers 5 writes them
 ])
 def test_optimum_loads_export_and_matches_infer(fixture, pipeline, guidance, request, tmp_path):
     python = optimum_python()

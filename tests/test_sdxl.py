@@ -436,6 +436,20 @@ def test_lcm_cli_says_how_the_guidance_scale_is_used(export_lcm_sd, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 4
 
 
+def test_lcm_warns_only_of_a_negative_prompt_given(export_lcm_sd, tmp_path):
+    """bench gives no negative prompt of the user's (it runs with ""): no warning that one is not used; infer
+    with an empty --negative-prompt neither, with a real one it warns."""
+    bench = run_cli("bench", export_lcm_sd, "--steps", 1, "--runs", 1, "--warmup", 0, "--no-eager",
+                    "--height", 64, "--width", 64)
+    assert bench.exit_code == 0, bench.stderr
+    assert "negative prompt" not in bench.stdout + bench.stderr, bench.stdout
+    for negative, warned in (("", False), ("rain", True)):
+        result = run_cli("infer", export_lcm_sd, "--prompt", "a kite", "-o", tmp_path / "a.png", "--steps", 1,
+                         "--height", 64, "--width", 64, "--negative-prompt", negative)
+        assert result.exit_code == 0, result.stderr
+        assert ("negative prompt is not used" in result.stderr) == warned, (negative, result.stderr)
+
+
 @pytest.mark.parametrize("model, components", [
     ("sdxl_tiny_model", ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]),
     ("refiner", ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"])])
@@ -523,6 +537,15 @@ def test_sdxl_options_on_an_sd_export(export_fp32, tmp_path):
     assert_error(result, 2, "--original-size: only for SDXL base models", "Stable Diffusion 1.x/2.x", only_line=True)
     with pytest.raises(UsageError, match="--target-size: only for SDXL base"):
         Pipeline(load_engines(export_fp32, "ort"), ExportDir.open(export_fp32))("p", target_size=(64, 64))
+
+
+@pytest.mark.parametrize("command", [["validate"], ["build", "--precision", "fp32"]])
+@pytest.mark.parametrize("name", ["text_encoder_2", "bogus"])
+def test_components_of_another_family_are_a_bad_option(export_fp32, command, name):
+    """SDXL's text_encoder_2 named on an SD export (and a name of no family) is exit 2 for every command that
+    takes --components, as export refuses it, never exit 5 (nothing is wrong with the export)."""
+    result = run_cli(command[0], export_fp32, "--components", f"unet,{name}", *command[1:])
+    assert_error(result, 2, name, "text_encoder, unet, vae_decoder, vae_encoder", only_line=True)
 
 
 def test_refiner_only_takes_its_options(export_refiner):
