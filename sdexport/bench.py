@@ -236,14 +236,16 @@ def noise_warnings(results: list[dict[str, Any]], threads: dict[str, Any]) -> li
 
 
 def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
-          width: int | None = None, batch_size: int = 1, guidance_scale: float = 7.5, scheduler: str | None = None,
+          width: int | None = None, batch_size: int = 1, guidance_scale: float | None = None,
+          scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
           say: Callable[[str], None] = lambda msg: None, unet: str = "default", cuda_graph: bool = False,
           torch_compile: bool = False, step_graph: bool = False, threads: int | None = None,
           json_path: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None, image=None,
           mask=None, strength: float | None = None, loras=(), inputs=None) -> dict[str, Any]:
     """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row.
-    ``inputs``: the request's files (paths.request_inputs), which ``json_path`` must not overwrite."""
+    ``inputs``: the request's files (paths.request_inputs), which ``json_path`` must not overwrite.
+    ``guidance_scale`` None: the model family's default, as infer takes it."""
     from . import limits
     from .paths import check_report_output
 
@@ -252,6 +254,8 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
     if threads is not None:
         limits.count("--threads", threads, 1, limits.MAX_THREADS)
     export = ExportDir.open(export_dir, model=model_dir)
+    if guidance_scale is None:
+        guidance_scale = export.family.request_defaults(export.info)["guidance_scale"]
     if image is not None and mask is None and (height is None or width is None):
         f = export.info.vae_scale_factor  # image-to-image keeps the image's size (rounded as diffusers does)
         height, width = height or image.size[1] // f * f, width or image.size[0] // f * f

@@ -205,11 +205,13 @@ def _cond_flags(rows: int, cfg: bool) -> np.ndarray:
 
 
 def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PROMPTS, num_prompts: int = 64,
-              steps: int = 30, max_samples: int = 512, guidance_scale: float = 7.5, scheduler: str | None = None,
+              steps: int = 30, max_samples: int = 512, guidance_scale: float | None = None,
+              scheduler: str | None = None,
               height: int | None = None, width: int | None = None, seed: int = 0, negative_prompt: str = "",
               device: str = "cpu", say: Callable[[str], None] = lambda msg: None,
               progress_bar: bool = True) -> dict[str, Any]:
-    """Capture UNet inputs over ``num_prompts`` prompts x ``steps`` steps into ``out`` (.npz)."""
+    """Capture UNet inputs over ``num_prompts`` prompts x ``steps`` steps into ``out`` (.npz).
+    ``guidance_scale`` None: the model family's default, as infer takes it."""
     import sys
 
     from tqdm import tqdm
@@ -222,7 +224,8 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     from .schema import check_loadable
 
     limits.count("--steps", steps, 1, limits.MAX_STEPS)
-    limits.guidance("--guidance-scale", guidance_scale)
+    if guidance_scale is not None:
+        limits.guidance("--guidance-scale", guidance_scale)
     limits.count("--max-samples", max_samples, 1, limits.MAX_SAMPLES)
     limits.count("--num-prompts", num_prompts, 1, limits.MAX_PROMPT_FILE_LINES)
     limits.seed("--seed", seed)
@@ -239,6 +242,8 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)
     info.family.check_text_to_image(info)  # the capture runs the family's text-to-image reference pipeline
+    if guidance_scale is None:
+        guidance_scale = info.family.request_defaults(info)["guidance_scale"]
     height = info.image_size if height is None else height
     width = info.image_size if width is None else width
     for side, value in (("height", height), ("width", width)):

@@ -497,8 +497,9 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
               help="Pixels (default: the model's native size).")
 @click.option("--batch-size", type=int, default=1, show_default=True, callback=checked(limits.count, 1),
               help="Images per run (at most the export's --max-batch).")
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True, callback=checked(limits.guidance),
-              help="Classifier-free guidance; above 1 the UNet sees two rows per image.")
+@click.option("--guidance-scale", type=float, default=None, callback=checked(limits.guidance),
+              help="Classifier-free guidance; above 1 the UNet sees two rows per image (default: infer's for the "
+                   "model: 7.5 SD, 5.0 SDXL, 8.5 as an LCM model's guidance embedding).")
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
               help="Default: the model's own scheduler (bench.json records the one used).")
 @click.option("--runs", type=int, default=3, show_default=True, callback=checked(limits.count, 1, limits.MAX_RUNS),
@@ -573,8 +574,9 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
 @click.option("--max-samples", type=int, default=512, show_default=True,
               callback=checked(limits.count, 1, limits.MAX_SAMPLES),
               help="UNet input rows kept (reservoir sampling; two rows per step with guidance).")
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True, callback=checked(limits.guidance),
-              help="Classifier-free guidance, as at inference.")
+@click.option("--guidance-scale", type=float, default=None, callback=checked(limits.guidance),
+              help="Classifier-free guidance, as at inference (default: infer's for the model: 7.5 SD, 5.0 SDXL, "
+                   "8.5 LCM).")
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=None,
               help="Default: the model's own scheduler.")
 @click.option("--height", type=int, default=None, callback=checked(limits.count, 1),

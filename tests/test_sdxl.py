@@ -450,6 +450,24 @@ def test_lcm_warns_only_of_a_negative_prompt_given(export_lcm_sd, tmp_path):
         assert ("negative prompt is not used" in result.stderr) == warned, (negative, result.stderr)
 
 
+@pytest.mark.parametrize("export_fixture, guidance", [("export_fp32", 7.5), ("export_sdxl", 5.0),
+                                                     ("export_lcm_sd", 8.5)])
+def test_bench_and_calibrate_take_infers_default_guidance(request, export_fixture, guidance, tmp_path):
+    """Left out, --guidance-scale is the model family's default for bench and calibrate as for infer and serve
+    (diffusers' pipelines: 7.5 SD, 5.0 SDXL, 8.5 LCM); bench hard-coded 7.5, which timed SDXL and LCM models
+    at a guidance they are not run at."""
+    export = request.getfixturevalue(export_fixture)
+    result = run_cli("bench", export, "--steps", 1, "--runs", 1, "--warmup", 0, "--no-eager", "--height", 64,
+                     "--width", 64, "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["guidance_scale"] == guidance
+    model = ExportDir.open(export).source_model().root
+    result = run_cli("calibrate", model, "--num-prompts", 1, "--steps", 1, "--height", 64, "--width", 64,
+                     "--max-samples", 4, "-o", tmp_path / "c.npz")
+    assert result.exit_code == 0, result.stderr
+    assert f"guidance {guidance})" in result.stderr
+
+
 @pytest.mark.parametrize("model, components", [
     ("sdxl_tiny_model", ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]),
     ("refiner", ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"])])
