@@ -263,7 +263,7 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
            say: Callable[[str], None] = lambda msg: None) -> Manifest:
     """``loras``: ``FILE[:SCALE]`` strings (or lora.LoraFile) fused into the exported weights with diffusers'
     loader, in order; recorded in the manifest and in the export key of the components they change."""
-    from .lora import describe, fuse_loras, lora_parts, open_loras
+    from .lora import check_loras_fit, describe, fuse_loras, lora_parts, open_loras
 
     if dtype not in ("fp32", "fp16"):
         raise UsageError(f"--dtype {dtype}: choose fp32 or fp16")
@@ -273,6 +273,7 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
     check_export_output(model, out, max_images)
     lora_files = open_loras(loras)
     info = resolve_model(model, progress=say)
+    check_loras_fit(info, lora_files)  # before the output folder is made: a LoRA that does not fit writes nothing
     parts = lora_parts(info)
     lora_record = [lora.to_json() for lora in lora_files]
     family = info.family

@@ -39,8 +39,12 @@ if TYPE_CHECKING:
 WEIGHTS_MAP = "weights_map.json"
 WEIGHTS_MAP_FORMAT = 1
 # Suffixes of the down-projection ("A") matrix of one LoRA layer, in the key formats diffusers' lora_state_dict
-# returns (PEFT, diffusers' older attention-processor format, kohya converted to diffusers).
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_down.weight")
+# returns (PEFT, diffusers' older attention-processor format, kohya converted to diffusers: a UNet's attention
+# layers as `attn1.processor.to_q_lora.down.weight`, its others as `proj_in.lora.down.weight`). Not counted: a
+# text encoder's `self_attn.to_k_lora.down.weight`, which diffusers 0.42 converts only where the file also has
+# an `out_proj` layer (`convert_state_dict_to_peft`) and otherwise drops, as it does here.
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_down.weight",
+                  *(f".processor.to_{m}_lora.down.weight" for m in ("q", "k", "v", "out")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +254,9 @@ def _load_adapters(info: "ModelInfo", host, parts: list[str], loras: list[LoraFi
         saved = dlog.get_verbosity()
         dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs the whole error it then raises: ours is the one line
         try:
-            host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
+            with warnings.catch_warnings():  # PEFT's about layers it could not place: _check_matches says it
+                warnings.simplefilter("ignore")
+                host.load_lora_weights(str(lora.path), adapter_name=adapter, low_cpu_mem_usage=True)
         except SdexportError:
             raise
         except Exception as exc:  # diffusers, PEFT and safetensors raise many types for a bad file

@@ -13,7 +13,7 @@ import torch
 
 from conftest import LORA_REQUEST as REQUEST
 from conftest import (assert_error, assert_refused, cli, diffusers_lora_images, load_manifest, lora_references,
-                      run_cli)
+                      run_cli, tree_digest)
 from sdexport.backends import load_engines
 from sdexport.errors import IntegrityError, UsageError
 from sdexport.lora import WeightMap, open_loras, parse_lora
@@ -81,11 +81,17 @@ def loras(tiny_model, other_model, tmp_path_factory):
     state = load_file(a)
     save_file({k.replace("down_blocks.0", "down_blocks.7"): v for k, v in state.items()}, folder / "missing.safetensors")
     save_file({k.replace("text_encoder.", "text_encoder_2."): v for k, v in state.items()}, folder / "te2.safetensors")
+    # kohya's attention layers come out of diffusers' conversion as `attn1.processor.to_q_lora.down.weight`:
+    # one more such layer, in a block this model lacks (diffusers' loader drops it with a warning)
+    state = load_file(kohya)
+    state.update({k.replace("down_blocks_0", "down_blocks_7"): v.clone() for k, v in state.items()
+                  if "down_blocks_0" in k and "_to_q." in k})
+    save_file(state, folder / "kohya-missing.safetensors")
     save_file({"something.weight": torch.zeros(3)}, folder / "nolora.safetensors")
     (folder / "corrupt.safetensors").write_bytes(a.read_bytes()[:300])
     return {"a": a, "b": b, "kohya": kohya, "foreign": foreign, "bias": bias, "missing": folder / "missing.safetensors",
             "te2": folder / "te2.safetensors", "nolora": folder / "nolora.safetensors",
-            "corrupt": folder / "corrupt.safetensors"}
+            "corrupt": folder / "corrupt.safetensors", "kohya-missing": folder / "kohya-missing.safetensors"}
 
 
 def diffusers_images(model, loras, **kw):
@@ -523,6 +529,7 @@ def test_shared_initializer_is_refused_and_fused_at_export_instead(export_fp32, 
 @pytest.mark.parametrize("name,needle", [
     ("foreign", "not a LoRA this model can load"),  # same module names, other shapes
     ("missing", "match no layer of this model"),
+    ("kohya-missing", "2 of its 22 unet layers match no layer of this model"),  # 20 found, attention included
     ("te2", "'text_encoder_2', which a Stable Diffusion 1.x/2.x model does not have"),
     ("nolora", "not a LoRA this model can load"),
     ("corrupt", "not a LoRA this model can load"),
@@ -545,6 +552,7 @@ def test_cli_lora_errors_write_nothing(export_fp32, tiny_model, loras, tmp_path)
              ((str(tmp_path / "none.safetensors"),), 2, "no such file"),
              ((str(loras["corrupt"]),), 5, "not a LoRA this model can load"),
              ((str(loras["missing"]),), 5, "match no layer"),
+             ((str(loras["kohya-missing"]),), 5, "match no layer"),
              ((str(loras["foreign"]),), 5, "not a LoRA this model can load")]
     for lora_args, code, needle in cases:
         result = run_cli("infer", export_fp32, "--prompt", "x", "-o", out, "--steps", 1,
@@ -554,7 +562,21 @@ def test_cli_lora_errors_write_nothing(export_fp32, tiny_model, loras, tmp_path)
         result = run_cli("export", tiny_model, "-o", tmp_path / "exp", "--components", "text_encoder",
                          *[a for arg in lora_args for a in ("--lora", arg)])
         assert_error(result, code, needle)
-        assert not (tmp_path / "exp" / "manifest.json").exists() and not (tmp_path / "exp" / "text_encoder").exists()
+        assert not (tmp_path / "exp").exists()  # checked before the output folder is made and locked
+
+
+def test_cli_lora_that_does_not_fit_is_the_only_line(export_fp32, tiny_model, loras, tmp_path):
+    """PEFT's warnings about the layers it could not place (printed before our line) stay off stderr, and an
+    export into an earlier export leaves it as it was."""
+    for name in ("kohya-missing", "foreign"):
+        proc = cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--steps", 1, "--lora",
+                   loras[name])
+        line = assert_refused(proc, 5, loras[name].name)
+        assert proc.stderr.strip() == line and not (tmp_path / "o.png").exists()
+    before = tree_digest(export_fp32)
+    proc = cli("export", tiny_model, "-o", export_fp32, "--lora", loras["kohya-missing"])
+    assert proc.stderr.strip() == assert_refused(proc, 5, "match no layer")  # refused before any work
+    assert tree_digest(export_fp32) == before
 
 
 def test_cli_lora_holding_nan_is_exit_5_and_writes_nothing(export_fp32, tiny_model, loras, tmp_path):
