@@ -13,6 +13,8 @@
 # The SDXL stages take longer (sdxl-prepare ~8 min, sdxl-ortprep ~11 min of CPU, sdxl-trt ~25 min) and about
 # 80 GB of free disk in $WORK together: the preset 13 GB, its FP32 export with the ONNX UNet (which the ORT rows
 # run) 13 GB, the ORT variant 5 GB plus 20 GB of scratch, the FP16 export 7 GB plus 20 GB of scratch.
+# On Hopper, where TensorRT-RTX builds but cannot load its engines, run sdxl-trt with the GPUs hidden
+# (`CUDA_VISIBLE_DEVICES= benchmarks/gpu.sh sdxl-trt`): it builds on the CPU for TensorRT-RTX's default targets.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-benchmarks/results/raw} WORK=${WORK:-/tmp/sdx} PYTHONUNBUFFERED=1
