@@ -198,7 +198,8 @@ def _check_matches(lora: LoraFile, by_part: dict[str, int], host, loaded: list[s
         got = sum(1 for _ in _wrapped_layers(getattr(host, part), adapter))
         if got < want:
             raise IntegrityError(f"--lora {lora.path}: {want - got} of its {want} {part} layers match no layer of "
-                                 f"this model: a LoRA for another architecture?")
+                                 f"this model once diffusers' loader has read the file (a LoRA for another "
+                                 "architecture, or key names diffusers does not convert)")
 
 
 def fuse_loras(info: "ModelInfo", modules: dict[str, Any], loras: list[LoraFile],
