@@ -110,11 +110,14 @@ def family_options(command):
     """Every model family's request options (SDXL micro-conditioning, ...); each model accepts its own
     (``Family.check_options``: another family's option is exit 2 naming the models that take it)."""
     for opt in reversed(list(all_options().values())):
+        # the bounds while parsing, as for every other option: before the export is even looked for
+        bounded = (lambda o: lambda ctx, param, value: None if value is None else o.check(value))(opt)
         if opt.kind == "score":
-            command = click.option(opt.flag, opt.name, type=float, default=None, help=opt.help)(command)
+            command = click.option(opt.flag, opt.name, type=float, default=None, help=opt.help,
+                                   callback=bounded)(command)
         else:
             command = click.option(opt.flag, opt.name, type=int, nargs=2, default=None, help=opt.help,
-                                   metavar="H W" if opt.kind == "size" else "TOP LEFT")(command)
+                                   metavar="H W" if opt.kind == "size" else "TOP LEFT", callback=bounded)(command)
     return command
 
 

@@ -550,6 +550,20 @@ def test_bad_sdxl_options(export_sdxl, tmp_path, args, needles):
     assert not out.exists()
 
 
+def test_out_of_bounds_request_options_are_refused_while_parsing(tmp_path):
+    """A value out of bounds is a bad option whatever the export: refused before the export is looked for (a
+    missing export gave exit 5 first), as every other option's bounds are; a value within bounds still meets
+    the export's own checks."""
+    missing, command = tmp_path / "no-export", "infer"
+    extra = ["--prompt", "p", "-o", tmp_path / "x.png"]
+    result = run_cli(command, missing, *extra, "--original-size", 10, 10)
+    assert_error(result, 2, "--original-size 10 10", "[64, 4096] pixels", only_line=True)
+    result = run_cli(command, missing, *extra, "--aesthetic-score", 11)
+    assert_error(result, 2, "--aesthetic-score 11", "[0.0, 10.0]", only_line=True)
+    result = run_cli(command, missing, *extra, "--original-size", 512, 512)
+    assert result.exit_code == 5 and str(missing) in result.stderr
+
+
 def test_sdxl_options_on_an_sd_export(export_fp32, tmp_path):
     result = run_cli("infer", export_fp32, "--prompt", "p", "-o", tmp_path / "x.png", "--original-size", 512, 512)
     assert_error(result, 2, "--original-size: only for SDXL base models", "Stable Diffusion 1.x/2.x", only_line=True)
