@@ -206,8 +206,10 @@ def _up_to_date(export: ExportDir, entry: dict[str, Any] | None, opset: int) -> 
 
 
 def _check_space(export: ExportDir, info, names: list[str]) -> None:
-    """Before the work: the variant's FP16 files (2 bytes a parameter) and, at the peak, the largest
-    component's two FP32 graphs in the scratch (the traced one and the cleaned one: 20 GB for the SDXL UNet)."""
+    """Before the work: the disk at its peak, in the order the components are made: the FP16 files made before
+    (2 bytes a parameter) and the component's two FP32 graphs in the scratch (the traced one and the cleaned
+    one: 20 GB for the SDXL UNet), which it holds before its own FP16 file is written; its scratch is gone
+    after it."""
     from . import limits
     from .schema import check_loadable
 
@@ -215,8 +217,11 @@ def _check_space(export: ExportDir, info, names: list[str]) -> None:
         return
     params = check_loadable(info, tuple(dict.fromkeys(export.spec(n).source for n in names)))
     fp32 = {n: 4 * params[export.spec(n).source] for n in names}
-    limits.check_disk(export.root, sum(b / 2 for b in fp32.values()) + 2 * max(fp32.values()),
-                      f"build --backend ort ({', '.join(names)})")
+    made, need = 0.0, 0.0
+    for b in fp32.values():
+        need = max(need, made + 2 * b)
+        made += b / 2
+    limits.check_disk(export.root, max(need, made), f"build --backend ort ({', '.join(names)})")
 
 
 def _key(export: ExportDir, opset: int) -> dict[str, Any]:
@@ -299,6 +304,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
             say(f"ort-cuda {name}: ONNX Runtime fusions + FP16")
             _optimize(fp32, out / "model.onnx", MODEL_TYPES[name], spec.fp32_node_patterns)
             _unique_node_names(out / "model.onnx")
+            shutil.rmtree(scratch)  # the next component's peak is not on top of this one's FP32 graph
             extra = [p.name for p in out.iterdir() if p.name != "model.onnx"]
             entry = {"file": f"{vkey}/{name}/model.onnx", "sha256": sha256_file(out / "model.onnx"),
                      "external_data": [{"file": f"{vkey}/{name}/{n}", "sha256": sha256_file(out / n)} for n in extra],

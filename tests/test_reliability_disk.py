@@ -149,3 +149,44 @@ def test_build_ort_refused_before_the_work_when_its_variant_cannot_fit(export_fp
     proc = cli("build", out, "--backend", "ort")
     assert proc.returncode == 0, proc.stderr
     assert "unet" in json.loads((out / "manifest.json").read_text())["ort_cuda"]
+
+
+def test_build_ort_disk_check_is_its_peak_not_more(export_fp32, tmp_path, monkeypatch):
+    """The disk check of build --backend ort asks for what the variant's build holds at its peak (measured after
+    each file it writes), not for every FP16 result on top of the largest component's two FP32 graphs (5 GB of
+    free disk too many for the SDXL UNet). The check is fed the FP32 graphs' real sizes (a tiny model's graph is
+    mostly not parameters), measured by a first build."""
+    import shutil
+
+    from sdexport import export as export_mod
+    from sdexport import limits, ort_cuda, schema
+
+    def run(out, needs):
+        shutil.copytree(export_fp32, out)
+        base, growth, raw = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()), [0], {}
+
+        def measured(fn):
+            def wrapper(*a, **k):
+                result = fn(*a, **k)
+                path = a[1] if fn is real_save else a[0]
+                if fn is real_save and Path(path).parent.name == "fp32":  # scratch/<variant>-<component>/fp32/model.onnx
+                    raw[Path(path).parents[1].name.split("-", 1)[1]] = (Path(path).parents[1] / "raw" /
+                                                                        "model.onnx").stat().st_size
+                growth[0] = max(growth[0], sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) - base)
+                return result
+            return wrapper
+
+        monkeypatch.setattr(export_mod, "save_onnx", measured(real_save))
+        monkeypatch.setattr(ort_cuda, "_optimize", measured(real_optimize))
+        monkeypatch.setattr(limits, "check_disk", lambda path, need, what: needs.append(need))
+        ort_cuda.prepare(out)
+        return growth[0], raw
+
+    real_save, real_optimize = export_mod.save_onnx, ort_cuda._optimize
+    _, raw = run(tmp_path / "first", [])
+    sources = {ort_cuda.ExportDir.open(tmp_path / "first").spec(n).source: b for n, b in raw.items()}
+    monkeypatch.setattr(schema, "check_loadable", lambda info, parts: {p: sources[p] / 4 for p in parts})
+    needs = []
+    growth, _ = run(tmp_path / "second", needs)
+    assert len(needs) == 1 and growth > 0
+    assert growth <= needs[0] <= 1.1 * growth, (needs[0], growth)
