@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ import numpy as np
 from .components import FP32_OP_TYPES, ComponentSpec
 from .errors import BackendUnavailable
 
+# tempfile.tempdir is the process's: one conversion at a time points it at its export's scratch
+_TEMPDIR_LOCK = threading.Lock()
 MODELOPT_INSTALL = "pip install nvidia-modelopt==0.47.0 (a dependency of sdexport: see README, Install)"
 
 
@@ -53,23 +56,24 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], wor
     (counted by the disk check, removed with the transaction) rather than in /tmp.
     """
     convert = _autocast()
-    root = logging.getLogger()
-    saved_level, saved_tempdir = root.level, tempfile.tempdir
-    root.setLevel(logging.ERROR)  # AutoCast reports skipped ops through the root logger
-    if work_dir is not None:
-        tempfile.tempdir = str(work_dir)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            calib = Path(tmp) / "calib.npz"
-            np.savez(calib, **{k: v.cpu().numpy() for k, v in feed.items()})
-            return convert(
-                onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
-                op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
-                calibration_data=str(calib), providers=["cpu"],
-            )
-    finally:
-        root.setLevel(saved_level)
-        tempfile.tempdir = saved_tempdir
+    with _TEMPDIR_LOCK:
+        root = logging.getLogger()
+        saved_level, saved_tempdir = root.level, tempfile.tempdir
+        root.setLevel(logging.ERROR)  # AutoCast reports skipped ops through the root logger
+        if work_dir is not None:
+            tempfile.tempdir = str(work_dir)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                calib = Path(tmp) / "calib.npz"
+                np.savez(calib, **{k: v.cpu().numpy() for k, v in feed.items()})
+                return convert(
+                    onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
+                    op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
+                    calibration_data=str(calib), providers=["cpu"],
+                )
+        finally:
+            root.setLevel(saved_level)
+            tempfile.tempdir = saved_tempdir
 
 
 def precision_summary(model) -> dict[str, Any]:

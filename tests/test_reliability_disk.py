@@ -190,3 +190,42 @@ def test_build_ort_disk_check_is_its_peak_not_more(export_fp32, tmp_path, monkey
     growth, _ = run(tmp_path / "second", needs)
     assert len(needs) == 1 and growth > 0
     assert growth <= needs[0] <= 1.1 * growth, (needs[0], growth)
+
+
+def test_fp16_conversions_in_threads_keep_their_own_scratch_and_restore_the_tempdir(tmp_path, monkeypatch):
+    """convert_fp16 points the process-wide tempfile.tempdir at its export's scratch (ModelOpt takes no folder):
+    two exports converting at once in threads of one process (a library caller) must each see their own
+    scratch, and the process's temporary directory must be as before once both are done."""
+    import tempfile
+    import threading
+    import time
+    import types
+
+    import torch
+
+    from sdexport import precision
+
+    seen, before = {}, tempfile.tempdir
+
+    def convert(**kwargs):
+        name = threading.current_thread().name
+        seen[name] = [tempfile.gettempdir()]
+        time.sleep(0.4)
+        seen[name].append(tempfile.gettempdir())
+
+    monkeypatch.setattr(precision, "_autocast", lambda: convert)
+    spec = types.SimpleNamespace(fp32_node_patterns=())
+    dirs = {name: tmp_path / name for name in ("a", "b")}
+    for d in dirs.values():
+        d.mkdir()
+    threads = [threading.Thread(target=precision.convert_fp16, name=name,
+                                args=(tmp_path / "model.onnx", spec, {"x": torch.zeros(1)}), kwargs={"work_dir": d})
+               for name, d in dirs.items()]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert tempfile.tempdir == before
+    for name, d in dirs.items():
+        assert seen[name] == [str(d), str(d)], seen
