@@ -213,3 +213,24 @@ def test_force_replaces_an_export_of_a_model_with_other_components(tiny_model, s
     manifest = load_manifest(out)
     assert sorted(manifest["components"]) == ["text_encoder"] and manifest["model"]["family"] == "sd"
     assert not (out / "text_encoder_2").exists()
+
+
+def test_tokenizer_json_whose_merges_hold_a_space_gets_no_merges_txt(tmp_path):
+    """merges.txt separates a merge's two parts by a space: a BPE whose merges hold one (tokenizers writes
+    merges as pairs for exactly that) cannot be written as the pair, so none is derived; its neighbour without
+    one is."""
+    import json
+
+    from sdexport.models import vocab_and_merges_from_tokenizer_json
+
+    def derived(merges):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        vocab = {"a": 0, "b": 1, " ": 2, "a b": 3, "ab": 4}
+        (folder / "tokenizer.json").write_text(json.dumps(
+            {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "added_tokens": []}))
+        return vocab_and_merges_from_tokenizer_json(folder)
+
+    assert derived([["a", " "], ["a ", "b"]]) == {}
+    assert derived(["a b"])["merges.txt"] == "#version: 0.2\na b\n"
+    assert derived([["a", "b"]])["merges.txt"] == "#version: 0.2\na b\n"
