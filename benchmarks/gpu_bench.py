@@ -514,6 +514,20 @@ def _reference_file(work: Path, settings: dict) -> Path:
     return work / f"sdxl-fp32-eager-{digest}.npy"
 
 
+def _keep_reference(path: Path, image) -> None:
+    """Under its final name only when whole: chains beside each other read it, and a torn file (a full disk,
+    a killed run) would stop every later sdxl invocation at its np.load."""
+    import numpy as np
+
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        with open(part, "wb") as f:
+            np.save(f, np.asarray(image))
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def stage_sdxl_prepare(work: Path, out: Path) -> None:
     """sdxl-random (written once into --work) and its FP32 export: 512-1536 px (SDXL's default range), one
     image per call (UNet batch 2 with guidance), the components the sampler loop runs."""
@@ -666,7 +680,7 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
         image = row.pop("image", None)
         if label.startswith("FP32 eager") and image is not None:
             reference = np.asarray(image)
-            np.save(kept, reference)
+            _keep_reference(kept, reference)
         row["psnr_vs_fp32_eager_db"] = _psnr(image, reference)
         result["results"].append(row)
         save(out, "sdxl", result)
