@@ -151,6 +151,7 @@ def test_build_ort_refused_before_the_work_when_its_variant_cannot_fit(export_fp
     assert "unet" in json.loads((out / "manifest.json").read_text())["ort_cuda"]
 
 
+@pytest.mark.slow  # two variant builds (~20 s on 2 cores)
 def test_build_ort_disk_check_is_its_peak_not_more(export_fp32, tmp_path, monkeypatch):
     """The disk check of build --backend ort asks for what the variant's build holds at its peak (measured after
     each file it writes), not for every FP16 result on top of the largest component's two FP32 graphs (5 GB of
