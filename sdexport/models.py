@@ -242,9 +242,9 @@ def vocab_and_merges_from_tokenizer_json(folder: Path) -> dict[str, str]:
     if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list) or \
             any(vocab.get(token) != token_id for token, token_id in added.items()):
         return {}
-    lines = [" ".join(m) if isinstance(m, list) else str(m) for m in merges]
     if any(isinstance(m, list) and (len(m) != 2 or any(" " in part for part in m)) for m in merges):
         return {}  # merges.txt separates a merge's parts by a space
+    lines = [" ".join(m) if isinstance(m, list) else str(m) for m in merges]
     return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
             "merges.txt": "#version: 0.2\n" + "\n".join(lines) + "\n"}
 

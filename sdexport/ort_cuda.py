@@ -201,8 +201,8 @@ def _drop_variant(txn, variants: dict[str, Any], name: str) -> None:
             txn.remove(rel)
 
 
-def _up_to_date(export: ExportDir, entry: dict[str, Any] | None, opset: int) -> bool:
-    return bool(entry) and entry.get("key") == _key(export, opset) and export.manifest.intact(entry)
+def _up_to_date(export: ExportDir, entry: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    return bool(entry) and entry.get("key") == key and export.manifest.intact(entry)
 
 
 def _check_space(export: ExportDir, info, names: list[str]) -> None:
@@ -271,12 +271,17 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
         info = export.source_model()
         vkey = VARIANT
         variants = export.manifest.data.setdefault(vkey, {})
-        _check_space(export, info, [n for n in components if n in MODEL_TYPES and not export.spec(n).keep_fp32
-                                    and not _up_to_date(export, variants.get(n), opset)])
-        changed = False
         for name in components:
             if name not in MODEL_TYPES:
                 raise UsageError(f"ort-cuda variant: unsupported component {name} (choose {', '.join(MODEL_TYPES)})")
+        key = _key(export, opset)
+        # the up-to-date test hashes the variant's files (5 GB for the SDXL UNet): once, for the disk check and
+        # the loop
+        stale = [n for n in components if not export.spec(n).keep_fp32
+                 and not _up_to_date(export, variants.get(n), key)]
+        _check_space(export, info, stale)
+        changed = False
+        for name in components:
             spec = export.spec(name)
             if spec.keep_fp32:  # this variant is FP16 throughout; such a component runs the plain FP32 export
                 say(f"{vkey} {name}: left out, it stays FP32 ({spec.keep_fp32}); the plain export runs it")
@@ -284,8 +289,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
                     _drop_variant(txn, variants, name)
                     changed = True
                 continue
-            key = _key(export, opset)
-            if _up_to_date(export, variants.get(name), opset):
+            if name not in stale:
                 say(f"{vkey} {name}: up to date")
                 continue
             t0 = time.perf_counter()
