@@ -529,10 +529,7 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
     manifest = export.manifest
     exported = [c for c in export.family.components(export.info) if c in manifest.components]
     components = list(dict.fromkeys(components or exported))
-    unknown = [c for c in components if c not in exported]
-    if unknown:
-        raise UsageError(f"unknown or not exported component(s) {', '.join(unknown)} "
-                         f"(exported: {', '.join(exported) or 'none'})")
+    export.check_requested(components, exported)
     onnx_keys = {c: _onnx_component(export, c, precision) for c in components}
     precisions = {c: _engine_precision(export, key, precision, say) for c, key in onnx_keys.items()}
     kind, request = profile_request(export.ranges, static=static, batch=batch, opt_size=opt_size,

@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from .artifacts import VARIANT_OF
 from .components import ComponentSpec, ShapeRanges
-from .errors import IntegrityError, ModelError
+from .errors import IntegrityError, ModelError, UsageError
 from .manifest import Manifest, recover_if_needed
 from .models import ModelInfo
 
@@ -135,6 +135,15 @@ class ExportDir:
     def components_for(self, image: bool) -> list[str]:
         """The components a request runs: with an input image (image-to-image, inpainting) the VAE encoder too."""
         return [c for c in self.family.components(self.info) if image or c != "vae_encoder"]
+
+    @staticmethod
+    def check_requested(names, available) -> None:
+        """A --components list naming one that is not among ``available`` (a typo, another family's, one
+        never exported) is a bad option, exit 2: the export itself is intact."""
+        unknown = [c for c in names if c not in available]
+        if unknown:
+            raise UsageError(f"unknown or not exported component(s) {', '.join(unknown)} "
+                             f"(exported: {', '.join(available) or 'none'})")
 
     def check_components(self, names: list[str]) -> None:
         """The components a command loads belong together: made from the weights, ranges and dtype this

@@ -174,10 +174,7 @@ def validate(export_dir: str | Path, backend: str = "ort", device: str | None = 
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
     export = ExportDir.open(export_dir, model=model_dir)
-    unknown = [c for c in components or [] if c not in export.manifest.components]
-    if unknown:  # a bad option, as for export and build (the export itself is intact)
-        raise UsageError(f"unknown or not exported component(s) {', '.join(unknown)} "
-                         f"(exported: {', '.join(export.manifest.components) or 'none'})")
+    export.check_requested(components or [], list(export.manifest.components))
     if write_report:
         check_output("validate", export.root / "validation.json", source_inputs(export, model_dir),
                      what=f"{export.root}/validation.json (the report validate writes)")
