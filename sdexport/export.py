@@ -143,7 +143,7 @@ def export_component(info: ModelInfo, spec: ComponentSpec, module, folder: Path,
 
         say(f"{spec.name}: FP16 mixed precision (ModelOpt AutoCast; FP32 kept for "
             f"{', '.join(FP32_OP_TYPES)}{' and ' + ', '.join(spec.fp32_node_patterns) if spec.fp32_node_patterns else ''})")
-        model16 = convert_fp16(fp32_path, spec, feed, work_dir=scratch)
+        model16 = convert_fp16(fp32_path, spec, spec.sample_inputs(spec.min_dims(), seed=0), work_dir=scratch)
         precision.update(converter="modelopt.onnx.autocast", fp32_op_types=list(FP32_OP_TYPES),
                          fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model16))
         external = save_onnx(model16, final_path)
@@ -232,8 +232,9 @@ def check_export_output(model: str, out: Path, max_images: int) -> None:
 
 def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], components: list[str], dtype: str,
                        out: Path, manifest: Manifest, keys: dict[str, dict]) -> None:
-    """Before any work: the weights fit this machine's memory (the configs are built on the meta device),
-    and the export fits the disk at its peak: the ONNX files of the components to export (4 bytes a parameter
+    """Before any work: the weights fit this machine's memory (the configs are built on the meta device), so
+    does an FP16 conversion (the largest converted component's measured peak), and the export fits the disk at
+    its peak: the ONNX files of the components to export (4 bytes a parameter
     in FP32, 2 in FP16), plus the largest component's scratch beside its result (an FP32 export holds the
     traced graph and the cleaned one; an FP16 one the cleaned FP32 graph and AutoCast's copy of it for its
     reference run, both in the export's scratch), and the scheduler and tokenizer files."""
@@ -255,6 +256,15 @@ def check_export_space(info: ModelInfo, specs: dict[str, ComponentSpec], compone
     peak_extra = max((b * (1.5 if converts[c] else 1.0) for c, b in fp32.items()), default=0)
     need = pipeline_files + results + peak_extra
     limits.check_disk(out, need, f"exporting {', '.join(todo) or 'the pipeline files'} ({dtype})")
+    converted = [c for c in todo if converts[c]]
+    if converted:  # FP16: AutoCast holds several copies of a graph's weights (precision.FP16_EXPORT_MEMORY_FACTOR)
+        from .precision import FP16_EXPORT_MEMORY_FACTOR
+
+        largest = max(converted, key=lambda c: fp32[c])
+        limits.check_memory(
+            f"exporting {largest} in FP16 ({limits.human_bytes(fp32[largest])} of FP32 weights; ModelOpt AutoCast "
+            f"holds several copies of them)", FP16_EXPORT_MEMORY_FACTOR * fp32[largest],
+            "export --dtype fp32 here, or in FP16 on a machine with more memory", share=1.0)
 
 
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,

@@ -168,7 +168,9 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
             module, changes = _module(export, info, component, precision, device)
             feed = spec.sample_inputs(dims, seed=0, device=device)
             args = tuple(feed[n] for n in spec.input_names)
-            say(f"{label}: torch.export + AOTInductor ({precision}, {kind}{' sm' + cc if cc else ''}, "
+            computes = "fp32" if spec.keep_fp32 else precision  # what _module runs it in
+            kept = f" (kept FP32: {spec.keep_fp32})" if computes != precision else ""
+            say(f"{label}: torch.export + AOTInductor ({computes}{kept}, {kind}{' sm' + cc if cc else ''}, "
                 f"{'x'.join(map(str, args[0].shape))}; {', '.join(changes) or 'no graph changes'})")
             dynamic = None
             if batch_range:
@@ -185,7 +187,8 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
                 if old_entry["file"] != rel and (export.root / old_entry["file"]).exists():
                     txn.remove(old_entry["file"])
             entry = {"file": rel, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-                     "device": kind, "compute_capability": cc, "precision": precision,
+                     "device": kind, "compute_capability": cc, "precision": computes,
+                     **({"kept_fp32": spec.keep_fp32} if computes != precision else {}),
                      "geometry": vars(geo), "dims": dims, "batch_range": batch_range, "changes": changes,
                      "inductor_configs": INDUCTOR_CONFIGS,
                      "torch": torch.__version__, "build_seconds": round(time.perf_counter() - t0, 1),

@@ -150,10 +150,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def check_memory(what: str, need_bytes: float, hint: str = "", error: type = UsageError) -> None:
-    """Refuse (``error``, exit 2 by default) an allocation that cannot fit the memory available now."""
+def check_memory(what: str, need_bytes: float, hint: str = "", error: type = UsageError,
+                 share: float = MEMORY_SHARE) -> None:
+    """Refuse (``error``, exit 2 by default) an allocation that cannot fit the memory available now. ``share``:
+    the part of it a plan may use (1.0 where ``need_bytes`` is a measured peak rather than one allocation)."""
     have = available_memory_bytes()
-    if have is not None and need_bytes > MEMORY_SHARE * have:
+    if have is not None and need_bytes > share * have:
         raise error(f"{what} needs {human_bytes(need_bytes)} of memory; this machine has "
                          f"{human_bytes(have)} available{f' ({hint})' if hint else ''}")
 

@@ -6,9 +6,19 @@ TensorRT 11 (and TensorRT-RTX) build strongly-typed networks only, so there is n
 Converter choice: NVIDIA ModelOpt's AutoCast (``modelopt.onnx.autocast``).
  - It is the converter NVIDIA maintains for strongly-typed TensorRT.
  - It keeps listed op types and node-name patterns in FP32 (ours come from the
-   ComponentSpec), and additionally keeps any node whose activations, measured
-   on a reference run with the spec's sample inputs, exceed the FP16-safe range:
-   the overflow that gives black/NaN images in FP16 VAEs is caught from data.
+   ComponentSpec), and additionally keeps any node whose inputs or outputs, measured
+   on a reference run with the spec's sample inputs, exceed the FP16-safe range
+   (AutoCast's ``data_max``): the overflow that gives black/NaN images in FP16 VAEs
+   is caught from data.
+ - That reference run is sdexport's own (``out_of_range_nodes``), fed to AutoCast as
+   node names to keep: AutoCast's runner deep-copies the weighted model, runs ONNX
+   Runtime's symbolic shape inference over the copy and marks every tensor an output
+   at the export's optimal shape. Measured: more than 24 GiB for SD 1.5's 3.4 GB UNet
+   (the kernel killed the export on a 24 GiB machine) and more than 200 GiB for the
+   SDXL UNet (killed twice on a 256 GiB host). Ours opens one session over the FP32
+   file (weights read once) at one image of the range's smallest size; AutoCast itself
+   then peaks at about five times the FP32 weights (16.5 GiB for SD 1.5; the whole FP16
+   export of that UNet at 21.4 GiB, where it was killed at 24 GiB before).
  - ONNX Runtime's ``float16.convert_float_to_float16`` and onnxconverter-common's
    were tried first on the diffusers UNet graph and produced invalid models
    (duplicate node names, tensors assigned twice, wrong Cast types); AutoCast's
@@ -21,6 +31,8 @@ FP32 time embedding without rounding.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -34,6 +46,11 @@ from .errors import BackendUnavailable
 # tempfile.tempdir is the process's: one conversion at a time points it at its export's scratch
 _TEMPDIR_LOCK = threading.Lock()
 MODELOPT_INSTALL = "pip install nvidia-modelopt==0.47.0 (a dependency of sdexport: see README, Install)"
+DATA_MAX = 512.0  # AutoCast's default data_max: a node with |values| above it on the reference run stays FP32
+# Exporting a component in FP16 peaks at about this many times its FP32 weights: the torch module, the reference
+# run and AutoCast's copies (AutoCast alone: 5.2x). Measured on sd15-random's UNet (3.2 GiB of FP32 weights):
+# peak RSS 21.4 GiB for `sdexport export --dtype fp16 --components unet` (ModelOpt 0.47, 2 CPU cores).
+FP16_EXPORT_MEMORY_FACTOR = 6.7
 
 
 def _autocast():
@@ -47,15 +64,68 @@ def _autocast():
     return convert_to_mixed_precision
 
 
+def reference_absmax(onnx_path: Path, feed: dict[str, Any]) -> dict[str, float]:
+    """The largest magnitude of every tensor of the FP32 graph at ``onnx_path`` on ``feed`` (inputs included),
+    from one ONNX Runtime session on the CPU: what AutoCast's reference runner measures, at a fraction of its
+    memory (module docstring). The weights stay in their file: a copy of the graph's structure with every tensor
+    made an output is written beside it (``.reference.onnx``, removed after the run)."""
+    import onnx
+    import onnxruntime as ort
+
+    header = onnx.load(str(onnx_path), load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(header)
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.output)}
+    outputs = {o.name for o in header.graph.output}
+    for node in header.graph.node:
+        for name in node.output:
+            if name and name not in outputs and elem.get(name):
+                header.graph.output.append(onnx.helper.make_tensor_value_info(name, elem[name], None))
+                outputs.add(name)
+    path = onnx_path.parent / ".reference.onnx"  # external data locations are relative to the graph's folder
+    try:
+        onnx.save_model(header, str(path))
+        del typed, header
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    finally:
+        path.unlink(missing_ok=True)
+    arrays = {k: v.detach().cpu().numpy() for k, v in feed.items()}
+    names = [o.name for o in session.get_outputs()]
+    found = {k: _absmax(v) for k, v in arrays.items()}
+    for name, value in zip(names, session.run(names, arrays)):
+        found[name] = _absmax(np.asarray(value))
+    return found
+
+
+def _absmax(value: np.ndarray) -> float:
+    return float(np.max(np.abs(value.astype(np.float64, copy=False)))) if value.size else 0.0
+
+
+def out_of_range_nodes(onnx_path: Path, feed: dict[str, Any], data_max: float = DATA_MAX) -> list[str]:
+    """Nodes AutoCast's data_max rule keeps in FP32: any input or output above ``data_max`` on a reference run
+    over ``feed`` (Constant nodes never; tensors without a measurement, such as initializers, do not count)."""
+    import onnx
+
+    absmax = reference_absmax(Path(onnx_path), feed)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return [node.name for node in model.graph.node if node.op_type != "Constant" and
+            any(absmax.get(t, 0.0) > data_max for t in list(node.input) + list(node.output))]
+
+
 def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], work_dir: Path | None = None):
     """Return an FP16 mixed-precision ModelProto for the FP32 model at ``onnx_path``.
 
-    ``feed`` are the reference inputs AutoCast runs to find overflow-prone nodes. ``work_dir`` takes the
-    temporary files, AutoCast's included: for a graph over 2 GB its reference run saves a copy of the whole
-    FP32 model (10 GB for the SDXL UNet) in the temporary directory, which belongs in the export's scratch
-    (counted by the disk check, removed with the transaction) rather than in /tmp.
+    ``feed`` are the reference inputs run to find overflow-prone nodes (export passes one image at the smallest
+    size of the range: the magnitudes a convolution or attention layer produces do not grow with the image,
+    the memory of a reference run does). ``work_dir`` takes the temporary files: AutoCast saves a copy of a
+    graph over 2 GB to check it, which belongs in the export's scratch (counted by the disk check, removed with
+    the transaction) rather than in /tmp.
     """
     convert = _autocast()
+    keep = out_of_range_nodes(Path(onnx_path), feed)
+    # one anchored alternation: AutoCast tries every pattern on every node (re.match)
+    patterns = list(spec.fp32_node_patterns) + ([f"^(?:{'|'.join(re.escape(n) for n in keep)})$"] if keep else [])
     with _TEMPDIR_LOCK:
         root = logging.getLogger()
         saved_level, saved_tempdir = root.level, tempfile.tempdir
@@ -63,14 +133,12 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], wor
         if work_dir is not None:
             tempfile.tempdir = str(work_dir)
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                calib = Path(tmp) / "calib.npz"
-                np.savez(calib, **{k: v.cpu().numpy() for k, v in feed.items()})
-                return convert(
-                    onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
-                    op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
-                    calibration_data=str(calib), providers=["cpu"],
-                )
+            # data_max=inf: AutoCast skips its own reference run; the nodes it would keep are in ``patterns``
+            return convert(
+                onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
+                op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=patterns, data_max=np.inf,
+                providers=["cpu"],
+            )
         finally:
             root.setLevel(saved_level)
             tempfile.tempdir = saved_tempdir

@@ -149,6 +149,35 @@ def test_fp16_graph_keeps_sensitive_ops_fp32(export_fp16):
     assert model.graph.input[0].type.tensor_type.elem_type == FP32  # I/O stays FP32
 
 
+@pytest.mark.parametrize("fixture,component,scale", [("export_fp32", "vae_decoder", 300.0),
+                                                     ("export_sdxl", "unet", 50.0),
+                                                     ("export_fp32", "text_encoder", 1.0)])
+def test_own_reference_run_gives_autocasts_graph(request, fixture, component, scale):
+    """sdexport measures the activations itself and hands AutoCast the nodes to keep (its own reference run
+    needs several copies of the weighted model: precision's docstring). The FP16 graph must be byte for byte
+    the one AutoCast makes with its own run on the same inputs, with nodes kept for their values: inputs scaled
+    up so that some exceed data_max (the VAE's first convolution, SDXL's time and size embeddings), and token
+    ids (integers above 512) for the text encoder."""
+    from sdexport.components import FP32_OP_TYPES
+    from sdexport.precision import _autocast, convert_fp16, out_of_range_nodes
+
+    export = ExportDir.open(request.getfixturevalue(fixture))
+    spec = export.spec(component)
+    feed = {k: v * scale if v.is_floating_point() else v for k, v in spec.sample_inputs(spec.min_dims()).items()}
+    path = export.root / component / "model.onnx"
+    kept = out_of_range_nodes(path, feed)
+    assert kept and not (path.parent / ".reference.onnx").exists()
+    if component != "text_encoder":  # nodes that neither an op type nor a name pattern keeps
+        assert any(n for n in kept if "time_proj" not in n and "time_embed" not in n), kept
+    ours = convert_fp16(path, spec, feed)
+    calib = request.getfixturevalue("tmp_path") / "calib.npz"
+    np.savez(calib, **{k: v.numpy() for k, v in feed.items()})
+    theirs = _autocast()(onnx_path=str(path), low_precision_type="fp16", keep_io_types=True,
+                         op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
+                         calibration_data=str(calib), providers=["cpu"])
+    assert ours.SerializeToString() == theirs.SerializeToString()
+
+
 @pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_fp16_error_against_fp32_torch(export_fp16, tiny_model, component):
     """FP16 graph vs the FP32 PyTorch model at shapes chosen here (not the validate command's)."""

@@ -357,6 +357,31 @@ def test_calibration_files_are_checked_from_their_headers(export_fp32, tmp_path,
     assert tree_digest(export_fp32) == unchanged
 
 
+def test_fp16_export_that_would_not_fit_memory_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    """FP16 conversion peaks at several times a component's FP32 weights (precision.FP16_EXPORT_MEMORY_FACTOR;
+    the kernel killed SD 1.5's FP16 export on a 24 GiB machine and SDXL's on a 256 GiB one before): with a
+    little less memory available than that, the FP16 export is refused in one line naming the sizes and the way
+    out, nothing written; the FP32 export, which needs no conversion, still runs."""
+    from sdexport import limits
+    from sdexport.errors import UsageError
+    from sdexport.export import export
+    from sdexport.models import ModelInfo
+    from sdexport.precision import FP16_EXPORT_MEMORY_FACTOR
+    from sdexport.schema import check_loadable
+
+    unet_fp32 = 4 * check_loadable(ModelInfo.open(tiny_model), ("unet",))["unet"]
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(0.9 * FP16_EXPORT_MEMORY_FACTOR * unet_fp32))
+    with pytest.raises(UsageError, match=r"^exporting unet in FP16 \(.* of FP32 weights; ModelOpt AutoCast holds "
+                                         r"several copies of them\) needs .* of memory; this machine has .* "
+                                         r"available \(export --dtype fp32 here"):
+        export(str(tiny_model), tmp_path / "e16", dtype="fp16", components=["unet"])
+    assert not (tmp_path / "e16").exists()
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(1.1 * FP16_EXPORT_MEMORY_FACTOR * unet_fp32))
+    export(str(tiny_model), tmp_path / "e16", dtype="fp16", components=["unet"])  # just enough: it runs
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(0.9 * FP16_EXPORT_MEMORY_FACTOR * unet_fp32))
+    export(str(tiny_model), tmp_path / "e32", dtype="fp32", components=["unet"])
+
+
 def test_memory_and_disk_checks_name_what_is_needed(tmp_path):
     from sdexport import limits
     from sdexport.errors import UsageError

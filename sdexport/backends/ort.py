@@ -179,6 +179,9 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         opts = self._user_options or ort.SessionOptions()
+        # Session creation also logs through the default logger (CUDA EP device lookup, Memcpy insertion):
+        # warnings a user cannot act on; errors still print.
+        ort.set_default_logger_severity(3)
         for axis, value in (self.static_dims or {}).items():
             # One geometry: every shape computation folds at session creation (no CPU fallback),
             # which is what lets ONNX Runtime capture the run as a CUDA graph.
