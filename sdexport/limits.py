@@ -151,13 +151,14 @@ def human_bytes(n: float) -> str:
 
 
 def check_memory(what: str, need_bytes: float, hint: str = "", error: type = UsageError,
-                 share: float = MEMORY_SHARE) -> None:
+                 share: float = MEMORY_SHARE, at_least: bool = False) -> None:
     """Refuse (``error``, exit 2 by default) an allocation that cannot fit the memory available now. ``share``:
-    the part of it a plan may use (1.0 where ``need_bytes`` is a measured peak rather than one allocation)."""
+    the part of it a plan may use (1.0 where ``need_bytes`` is a measured peak rather than one allocation);
+    ``at_least``: ``need_bytes`` is a lower bound (a size at which the work was seen killed)."""
     have = available_memory_bytes()
     if have is not None and need_bytes > share * have:
-        raise error(f"{what} needs {human_bytes(need_bytes)} of memory; this machine has "
-                         f"{human_bytes(have)} available{f' ({hint})' if hint else ''}")
+        raise error(f"{what} needs {'more than ' if at_least else ''}{human_bytes(need_bytes)} of memory; "
+                    f"this machine has {human_bytes(have)} available{f' ({hint})' if hint else ''}")
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int | None:

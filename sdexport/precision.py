@@ -31,7 +31,6 @@ FP32 time embedding without rounding.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 import threading
@@ -67,8 +66,8 @@ def _autocast():
 def reference_absmax(onnx_path: Path, feed: dict[str, Any]) -> dict[str, float]:
     """The largest magnitude of every tensor of the FP32 graph at ``onnx_path`` on ``feed`` (inputs included),
     from one ONNX Runtime session on the CPU: what AutoCast's reference runner measures, at a fraction of its
-    memory (module docstring). The weights stay in their file: a copy of the graph's structure with every tensor
-    made an output is written beside it (``.reference.onnx``, removed after the run)."""
+    memory (module docstring). Nothing is written: ONNX Runtime gets the graph's structure, every tensor made an
+    output, from memory and reads the weights from their file beside ``onnx_path``."""
     import onnx
     import onnxruntime as ort
 
@@ -81,15 +80,13 @@ def reference_absmax(onnx_path: Path, feed: dict[str, Any]) -> dict[str, float]:
             if name and name not in outputs and elem.get(name):
                 header.graph.output.append(onnx.helper.make_tensor_value_info(name, elem[name], None))
                 outputs.add(name)
-    path = onnx_path.parent / ".reference.onnx"  # external data locations are relative to the graph's folder
-    try:
-        onnx.save_model(header, str(path))
-        del typed, header
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    finally:
-        path.unlink(missing_ok=True)
+    del typed
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # external data locations are relative to the graph's folder (a graph under 2 GB has none)
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_path.parent))
+    session = ort.InferenceSession(header.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del header
     arrays = {k: v.detach().cpu().numpy() for k, v in feed.items()}
     names = [o.name for o in session.get_outputs()]
     found = {k: _absmax(v) for k, v in arrays.items()}

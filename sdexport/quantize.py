@@ -69,6 +69,9 @@ MIN_SAMPLES = {"max": 4, "entropy": 32, "percentile": 32}
 # pair per batch: the calibrator holds every calibrated activation of a batch at once.
 BATCH_ROWS = 8
 BATCH_ROWS_LARGE = 2
+# ModelOpt's INT8 PTQ was killed for memory at 23.2 GiB (anon RSS) quantizing sd15-random's UNet, 3.2 GiB of FP32
+# weights (2 CPU cores, 24 GiB, calibration at 256 px): it needs more than this many times the FP32 weights.
+MODELOPT_MEMORY_AT_LEAST = 7.2
 
 # Layers kept out of INT8 by default: regexes searched (re.search) in ONNX node names.
 DEFAULT_EXCLUDES: tuple[tuple[str, str], ...] = (
@@ -486,6 +489,14 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     if dtype != "fp32":
         raise UsageError(f"{out}/unet is a {dtype} export; INT8 quantization starts from the FP32 UNet: export it "
                          f"with --dtype fp32 (e.g. 'sdexport export MODEL -o OUT32 --components unet') and quantize that")
+    if quantizer in ("auto", "modelopt"):
+        from .limits import check_memory, human_bytes
+
+        size = source.get("size_bytes", 0)
+        check_memory(f"quantizing {out}/unet with ModelOpt ({human_bytes(size)} of FP32 weights)",
+                     MODELOPT_MEMORY_AT_LEAST * size, "it was killed for memory at 7.2 times the weights: quantize "
+                     "on a machine with more memory, or try --quantizer ort, whose peak was not measured",
+                     share=1.0, at_least=True)
     src = export.manifest.verified_path(source)
     spec = export.spec("unet")
     calibration = load_calibration(calib)
@@ -565,9 +576,8 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         gc.collect()  # the quantizer's sessions and the FP32 graph: give the memory back before AutoCast
         high = "fp16"
         try:
-            say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export"
-                f"{'' if not large else '; no reference-run range check for a UNet over 2 GB'})")
-            model = _fp16(confined, spec, batches[0], range_check=not large)
+            say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export)")
+            model = _fp16(confined, spec, work_dir=work)
         except BackendUnavailable as exc:
             high = "fp32"
             say(f"warning: {exc}; the non-quantized part of the INT8 UNet stays FP32")
@@ -634,25 +644,17 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     return entry
 
 
-def _fp16(path: Path, spec, feed: dict[str, np.ndarray], range_check: bool = True):
-    """The FP16 export's conversion (precision.py: AutoCast, the same FP32 op types and node patterns, FP32 I/O)
-    applied to the Q/DQ graph. ``range_check`` runs AutoCast's reference run on ``feed`` and keeps nodes whose
-    activations leave the FP16-safe range in FP32, as the FP16 export does. For a UNet over 2 GB it is off:
-    the reference run materializes every dequantized weight and activation in FP32 (more than 23 GB for
-    SD 1.5); ``sdexport validate`` then checks the result."""
+def _fp16(path: Path, spec, work_dir: Path | None = None):
+    """The FP16 export's conversion (precision.convert_fp16: AutoCast with the same FP32 op types and node
+    patterns, FP32 I/O, and nodes whose values leave the FP16-safe range on sdexport's reference run, one image
+    at the smallest size of the range, kept FP32) applied to ``path``: the Q/DQ graph, or an FP32 UNet. The
+    reference run reads the weights once, so it runs for a UNet of any size (ModelOpt's own held several
+    copies of the weights and every activation: it was killed at 24 GB on SD 1.5, and was therefore off for a
+    UNet over 2 GB)."""
     from . import precision
-    from .components import FP32_OP_TYPES
 
-    convert = precision._autocast()
-    with _quiet(), tempfile.TemporaryDirectory() as tmp:
-        options: dict[str, Any] = {"data_max": np.inf}
-        if range_check:
-            calib = Path(tmp) / "feed.npz"
-            np.savez(calib, **feed)
-            options = {"calibration_data": str(calib)}
-        return convert(onnx_path=str(path), low_precision_type="fp16", keep_io_types=True,
-                       op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
-                       providers=["cpu"], **options)
+    with _quiet():
+        return precision.convert_fp16(path, spec, spec.sample_inputs(spec.min_dims(), seed=0), work_dir=work_dir)
 
 
 def _upgrade_opset(model):
@@ -881,8 +883,7 @@ def _fp16_unet(export, spec, device: str, say):
     entry = export.manifest.component("unet")
     path = export.manifest.verified_path(entry)
     say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
-    feed = {k: v.numpy() for k, v in spec.sample_inputs(spec.opt_dims(), seed=0).items()}
-    model = _fp16(path, spec, feed, range_check=not entry.get("external_data"))
+    model = _fp16(path, spec)
     tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
     try:
         _save(model, tmp / "model.onnx")

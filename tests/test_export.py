@@ -166,7 +166,7 @@ def test_own_reference_run_gives_autocasts_graph(request, fixture, component, sc
     feed = {k: v * scale if v.is_floating_point() else v for k, v in spec.sample_inputs(spec.min_dims()).items()}
     path = export.root / component / "model.onnx"
     kept = out_of_range_nodes(path, feed)
-    assert kept and not (path.parent / ".reference.onnx").exists()
+    assert kept
     if component != "text_encoder":  # nodes that neither an op type nor a name pattern keeps
         assert any(n for n in kept if "time_proj" not in n and "time_embed" not in n), kept
     ours = convert_fp16(path, spec, feed)
