@@ -489,7 +489,9 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     if dtype != "fp32":
         raise UsageError(f"{out}/unet is a {dtype} export; INT8 quantization starts from the FP32 UNet: export it "
                          f"with --dtype fp32 (e.g. 'sdexport export MODEL -o OUT32 --components unet') and quantize that")
-    if quantizer in ("auto", "modelopt"):
+    # auto: ModelOpt, but ONNX Runtime for percentile (ModelOpt's INT8 calibration has none)
+    planned = "ort" if quantizer == "auto" and method == "percentile" else quantizer
+    if planned in ("auto", "modelopt"):
         from .limits import check_memory, human_bytes
 
         size = source.get("size_bytes", 0)
@@ -543,11 +545,9 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         for extra in source.get("external_data", []):
             shutil.copyfile(out / extra["file"], work / Path(extra["file"]).name)
         raw = work / "qdq_fp32.onnx"
-        used, fallback_reason = quantizer, None
-        if quantizer == "auto":
-            used = "ort" if method == "percentile" else "modelopt"
-            if method == "percentile":
-                fallback_reason = "ModelOpt's INT8 calibration has no percentile method"
+        used, fallback_reason = "modelopt" if planned == "auto" else planned, None
+        if quantizer == "auto" and planned == "ort":
+            fallback_reason = "ModelOpt's INT8 calibration has no percentile method"
         if used == "modelopt":
             say(f"{COMPONENT}: ModelOpt INT8 PTQ ({method} calibration, {calibration.samples} samples, "
                 f"{len(to_quantize)} Conv/MatMul/Gemm candidates, {len(excluded)} excluded)")

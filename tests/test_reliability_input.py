@@ -405,6 +405,25 @@ def test_int8_quantize_that_would_not_fit_memory_is_refused_before_any_work(expo
     assert tree_digest(export_fp32) == unchanged
 
 
+def test_percentile_quantize_is_not_refused_for_modelopts_memory(export_fp32, tmp_path, monkeypatch):
+    """--quantizer auto runs percentile on ONNX Runtime (ModelOpt has no percentile calibration): ModelOpt's memory
+    floor does not apply to it, so with too little memory for ModelOpt it gets past the check (to the calibration
+    file), as --quantizer ort does; max under auto is still refused."""
+    from sdexport import limits
+    from sdexport.errors import SdexportError, UsageError
+    from sdexport.quantize import MODELOPT_MEMORY_AT_LEAST, quantize
+
+    size = json.loads((export_fp32 / "manifest.json").read_text())["components"]["unet"]["size_bytes"]
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(0.9 * MODELOPT_MEMORY_AT_LEAST * size))
+    calib = tmp_path / "calib.npz"
+    calib.write_bytes(b"not read")
+    with pytest.raises(SdexportError) as refused:
+        quantize(export_fp32, calib, quantizer="auto", method="percentile")
+    assert "memory" not in str(refused.value) and "calib" in str(refused.value)
+    with pytest.raises(UsageError, match="with ModelOpt"):
+        quantize(export_fp32, calib, quantizer="auto", method="max")
+
+
 def test_memory_and_disk_checks_name_what_is_needed(tmp_path):
     from sdexport import limits
     from sdexport.errors import UsageError
