@@ -113,9 +113,11 @@ def out_of_range_nodes(onnx_path: Path, feed: dict[str, Any], data_max: float = 
 def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], work_dir: Path | None = None):
     """Return an FP16 mixed-precision ModelProto for the FP32 model at ``onnx_path``.
 
-    ``feed`` are the reference inputs run to find overflow-prone nodes (export passes one image at the smallest
-    size of the range: the magnitudes a convolution or attention layer produces do not grow with the image,
-    the memory of a reference run does). ``work_dir`` takes the temporary files: AutoCast saves a copy of a
+    ``feed`` are the reference inputs run to find overflow-prone nodes. Export passes one image at the smallest
+    size of the range: a layer's typical magnitudes do not grow with the image, the memory of a reference run
+    does. The largest value seen does grow with the number of values, so a node just above data_max at a larger
+    size can be converted; on the tiny export with inputs scaled x300 the VAE encoder kept 0 nodes at its
+    smallest size and 8 at its optimal one (review of session 9). ``validate`` measures the result either way. ``work_dir`` takes the temporary files: AutoCast saves a copy of a
     graph over 2 GB to check it, which belongs in the export's scratch (counted by the disk check, removed with
     the transaction) rather than in /tmp.
     """
@@ -123,6 +125,9 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], wor
     keep = out_of_range_nodes(Path(onnx_path), feed)
     # one anchored alternation: AutoCast tries every pattern on every node (re.match)
     patterns = list(spec.fp32_node_patterns) + ([f"^(?:{'|'.join(re.escape(n) for n in keep)})$"] if keep else [])
+    # AutoCast names unnamed nodes before it matches names: one of them to keep can only be kept by its own run
+    # (sdexport's graphs name every node; the fallback is for other callers' graphs)
+    own_run = "" in keep
     with _TEMPDIR_LOCK:
         root = logging.getLogger()
         saved_level, saved_tempdir = root.level, tempfile.tempdir
@@ -130,12 +135,16 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], wor
         if work_dir is not None:
             tempfile.tempdir = str(work_dir)
         try:
-            # data_max=inf: AutoCast skips its own reference run; the nodes it would keep are in ``patterns``
-            return convert(
-                onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
-                op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=patterns, data_max=np.inf,
-                providers=["cpu"],
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                if own_run:
+                    calib = Path(tmp) / "calib.npz"
+                    np.savez(calib, **{k: v.cpu().numpy() for k, v in feed.items()})
+                    options: dict[str, Any] = {"calibration_data": str(calib),
+                                               "nodes_to_exclude": list(spec.fp32_node_patterns)}
+                else:  # data_max=inf: AutoCast skips its own reference run; the nodes it would keep are in patterns
+                    options = {"data_max": np.inf, "nodes_to_exclude": patterns}
+                return convert(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
+                               op_types_to_exclude=list(FP32_OP_TYPES), providers=["cpu"], **options)
         finally:
             root.setLevel(saved_level)
             tempfile.tempdir = saved_tempdir

@@ -491,14 +491,6 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
                          f"with --dtype fp32 (e.g. 'sdexport export MODEL -o OUT32 --components unet') and quantize that")
     # auto: ModelOpt, but ONNX Runtime for percentile (ModelOpt's INT8 calibration has none)
     planned = "ort" if quantizer == "auto" and method == "percentile" else quantizer
-    if planned in ("auto", "modelopt"):
-        from .limits import check_memory, human_bytes
-
-        size = source.get("size_bytes", 0)
-        check_memory(f"quantizing {out}/unet with ModelOpt ({human_bytes(size)} of FP32 weights)",
-                     MODELOPT_MEMORY_AT_LEAST * size, "it was killed for memory at 7.2 times the weights: quantize "
-                     "on a machine with more memory, or try --quantizer ort, whose peak was not measured",
-                     share=1.0, at_least=True)
     src = export.manifest.verified_path(source)
     spec = export.spec("unet")
     calibration = load_calibration(calib)
@@ -528,7 +520,14 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
             return {**old, "up_to_date": True}
 
     large = bool(source.get("external_data"))
-    from .limits import check_disk
+    from .limits import check_disk, check_memory, human_bytes
+
+    if planned in ("auto", "modelopt"):  # after the up-to-date test: a quantize with nothing to do is not refused
+        size = source.get("size_bytes", 0)
+        check_memory(f"quantizing {out}/unet with ModelOpt ({human_bytes(size)} of FP32 weights)",
+                     MODELOPT_MEMORY_AT_LEAST * size, "it was killed for memory at 7.2 times the weights: quantize "
+                     "on a machine with more memory, or try --quantizer ort, whose peak was not measured",
+                     share=1.0, at_least=True)
 
     # The work copy of the FP32 UNet, the quantizer's FP32 Q/DQ graph (weights INT8 or FP32) and the result.
     check_disk(out, 2.5 * source.get("size_bytes", src.stat().st_size), f"quantizing {src}")

@@ -263,3 +263,36 @@ def test_tokenizer_json_whose_merges_hold_a_space_gets_no_merges_txt(tmp_path):
     assert derived([["a", " "], ["a ", "b"]]) == {}
     assert derived(["a b"])["merges.txt"] == "#version: 0.2\na b\n"
     assert derived([["a", "b"]])["merges.txt"] == "#version: 0.2\na b\n"
+
+
+def test_unnamed_node_out_of_range_falls_back_to_autocasts_own_run(tmp_path):
+    """AutoCast names unnamed nodes before it matches name patterns, so a node without a name that the reference
+    run finds out of range can only be kept by AutoCast's own run: convert_fp16 falls back to it (a graph of
+    another tool; sdexport's graphs name every node), and gives AutoCast's graph; named nodes keep sdexport's."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdexport.components import FP32_OP_TYPES
+    from sdexport.precision import _autocast, convert_fp16, out_of_range_nodes
+
+    def graph(names):
+        weight = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 1000, "w")
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name=names[0]),
+                 helper.make_node("Relu", ["a"], ["b"], name=names[1]),
+                 helper.make_node("Add", ["b", "x"], ["y"], name=names[2])]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "y")]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], [weight]),
+                                 opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    spec = SimpleNamespace(fp32_node_patterns=())
+    feed = {"x": torch.ones(1, 4)}
+    for names in (["mm", "relu", "add"], ["mm", "", "add"], ["", "", ""]):
+        path = tmp_path / f"{'-'.join(n or '_' for n in names)}.onnx"
+        onnx.save(graph(names), str(path))
+        assert set(out_of_range_nodes(path, feed)) == set(names)  # 1000 everywhere after the MatMul
+        np.savez(tmp_path / "c.npz", x=feed["x"].numpy())
+        theirs = _autocast()(onnx_path=str(path), low_precision_type="fp16", keep_io_types=True,
+                             op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=[],
+                             calibration_data=str(tmp_path / "c.npz"), providers=["cpu"])
+        assert convert_fp16(path, spec, feed).SerializeToString() == theirs.SerializeToString(), names

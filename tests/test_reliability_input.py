@@ -382,46 +382,49 @@ def test_fp16_export_that_would_not_fit_memory_is_refused_before_any_work(tiny_m
     export(str(tiny_model), tmp_path / "e32", dtype="fp32", components=["unet"])
 
 
-def test_int8_quantize_that_would_not_fit_memory_is_refused_before_any_work(export_fp32, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def small_calib(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    proc = cli("calibrate", tiny_model, "--num-prompts", "4", "--steps", "4", "-o", path, timeout=300)  # 40 rows
+    assert proc.returncode == 0, proc.stderr
+    return path
+
+
+def test_int8_quantize_that_would_not_fit_memory_is_refused_before_any_work(export_fp32, small_calib, tmp_path,
+                                                                            monkeypatch):
     """ModelOpt's INT8 PTQ was killed for memory at 7.2 times SD 1.5's FP32 UNet (quantize.MODELOPT_MEMORY_AT_LEAST):
-    with less available, quantize with ModelOpt (auto or modelopt) is refused in one line, the export untouched;
-    --quantizer ort, whose peak was not measured, is not refused for it."""
+    with less available, quantize with ModelOpt (auto or modelopt; auto with max) is refused in one line, the export
+    untouched. ONNX Runtime's quantizer (--quantizer ort, or auto with percentile, which ModelOpt lacks), whose peak
+    was not measured, gets past it: to the disk check, made to refuse here so that nothing is quantized. A quantize
+    with nothing to do (up to date) is not refused; the same with --force is."""
     from sdexport import limits
-    from sdexport.errors import SdexportError, UsageError
+    from sdexport.errors import DiskFull, UsageError
     from sdexport.quantize import MODELOPT_MEMORY_AT_LEAST, quantize
 
     size = json.loads((export_fp32 / "manifest.json").read_text())["components"]["unet"]["size_bytes"]
-    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(0.9 * MODELOPT_MEMORY_AT_LEAST * size))
-    calib = tmp_path / "calib.npz"  # refused before it is read
-    calib.write_bytes(b"not read")
+    low = lambda: int(0.9 * MODELOPT_MEMORY_AT_LEAST * size)  # noqa: E731
+    memory = r"^quantizing .*/unet with ModelOpt \(.* of FP32 weights\) needs more than .* of memory; this machine " \
+             r"has .* available \(it was killed"
+    monkeypatch.setattr(limits, "available_memory_bytes", low)
     unchanged = tree_digest(export_fp32)
-    for quantizer in ("auto", "modelopt"):
-        with pytest.raises(UsageError, match=r"^quantizing .*/unet with ModelOpt \(.* of FP32 weights\) needs more "
-                                             r"than .* of memory; this machine has .* available \(it was killed"):
-            quantize(export_fp32, calib, quantizer=quantizer)
-    with pytest.raises(SdexportError) as refused:  # ort: past the memory check, to the calibration file
-        quantize(export_fp32, calib, quantizer="ort")
-    assert "memory" not in str(refused.value) and "calib" in str(refused.value)
+    for quantizer, method in (("auto", "max"), ("modelopt", "max")):
+        with pytest.raises(UsageError, match=memory):
+            quantize(export_fp32, small_calib, quantizer=quantizer, method=method)
+    monkeypatch.setattr(limits, "free_disk_bytes", lambda path: 0)
+    for quantizer, method in (("ort", "max"), ("auto", "percentile")):
+        with pytest.raises(DiskFull):
+            quantize(export_fp32, small_calib, quantizer=quantizer, method=method)
     assert tree_digest(export_fp32) == unchanged
+    monkeypatch.undo()
 
+    from conftest import copy_export
 
-def test_percentile_quantize_is_not_refused_for_modelopts_memory(export_fp32, tmp_path, monkeypatch):
-    """--quantizer auto runs percentile on ONNX Runtime (ModelOpt has no percentile calibration): ModelOpt's memory
-    floor does not apply to it, so with too little memory for ModelOpt it gets past the check (to the calibration
-    file), as --quantizer ort does; max under auto is still refused."""
-    from sdexport import limits
-    from sdexport.errors import SdexportError, UsageError
-    from sdexport.quantize import MODELOPT_MEMORY_AT_LEAST, quantize
-
-    size = json.loads((export_fp32 / "manifest.json").read_text())["components"]["unet"]["size_bytes"]
-    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(0.9 * MODELOPT_MEMORY_AT_LEAST * size))
-    calib = tmp_path / "calib.npz"
-    calib.write_bytes(b"not read")
-    with pytest.raises(SdexportError) as refused:
-        quantize(export_fp32, calib, quantizer="auto", method="percentile")
-    assert "memory" not in str(refused.value) and "calib" in str(refused.value)
-    with pytest.raises(UsageError, match="with ModelOpt"):
-        quantize(export_fp32, calib, quantizer="auto", method="max")
+    done = copy_export(export_fp32, tmp_path / "e")
+    quantize(done, small_calib, quantizer="auto")  # with the machine's own memory
+    monkeypatch.setattr(limits, "available_memory_bytes", low)
+    assert quantize(done, small_calib, quantizer="auto").get("up_to_date")
+    with pytest.raises(UsageError, match=memory):
+        quantize(done, small_calib, quantizer="auto", force=True)
 
 
 def test_memory_and_disk_checks_name_what_is_needed(tmp_path):
