@@ -190,7 +190,7 @@ class ComponentSpec:
         return {a.name: a.opt for a in self.axes.values()}
 
     def min_dims(self) -> dict[str, int]:
-        """The smallest shape of the range: what AutoCast's reference run uses (see precision.convert_fp16)."""
+        """The smallest shape of the range: the FP16 conversion's reference run uses it (precision.convert_fp16)."""
         return {a.name: a.min for a in self.axes.values()}
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0, device: str = "cpu") -> dict[str, Any]:

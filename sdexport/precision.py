@@ -63,30 +63,31 @@ def _autocast():
     return convert_to_mixed_precision
 
 
-def reference_absmax(onnx_path: Path, feed: dict[str, Any]) -> dict[str, float]:
+def reference_absmax(onnx_path: Path, feed: dict[str, Any], header=None) -> dict[str, float]:
     """The largest magnitude of every tensor of the FP32 graph at ``onnx_path`` on ``feed`` (inputs included),
     from one ONNX Runtime session on the CPU: what AutoCast's reference runner measures, at a fraction of its
     memory (module docstring). Nothing is written: ONNX Runtime gets the graph's structure, every tensor made an
-    output, from memory and reads the weights from their file beside ``onnx_path``."""
+    output, from memory and reads the weights from their file beside ``onnx_path``. ``header``: the graph
+    loaded without external data, if the caller has it (its outputs are extended in place)."""
     import onnx
     import onnxruntime as ort
 
-    header = onnx.load(str(onnx_path), load_external_data=False)
+    if header is None:
+        header = onnx.load(str(onnx_path), load_external_data=False)
     typed = onnx.shape_inference.infer_shapes(header)
     elem = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.output)}
+    del typed
     outputs = {o.name for o in header.graph.output}
     for node in header.graph.node:
         for name in node.output:
             if name and name not in outputs and elem.get(name):
                 header.graph.output.append(onnx.helper.make_tensor_value_info(name, elem[name], None))
                 outputs.add(name)
-    del typed
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # external data locations are relative to the graph's folder (a graph under 2 GB has none)
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_path.parent))
     session = ort.InferenceSession(header.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del header
     arrays = {k: v.detach().cpu().numpy() for k, v in feed.items()}
     names = [o.name for o in session.get_outputs()]
     found = {k: _absmax(v) for k, v in arrays.items()}
@@ -104,24 +105,28 @@ def out_of_range_nodes(onnx_path: Path, feed: dict[str, Any], data_max: float = 
     over ``feed`` (Constant nodes never; tensors without a measurement, such as initializers, do not count)."""
     import onnx
 
-    absmax = reference_absmax(Path(onnx_path), feed)
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return [node.name for node in model.graph.node if node.op_type != "Constant" and
-            any(absmax.get(t, 0.0) > data_max for t in list(node.input) + list(node.output))]
+    header = onnx.load(str(onnx_path), load_external_data=False)
+    nodes = [(node.name, [*node.input, *node.output]) for node in header.graph.node if node.op_type != "Constant"]
+    absmax = reference_absmax(Path(onnx_path), feed, header)
+    return [name for name, tensors in nodes if any(absmax.get(t, 0.0) > data_max for t in tensors)]
 
 
-def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any], work_dir: Path | None = None):
+def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | None = None,
+                 work_dir: Path | None = None):
     """Return an FP16 mixed-precision ModelProto for the FP32 model at ``onnx_path``.
 
-    ``feed`` are the reference inputs run to find overflow-prone nodes. Export passes one image at the smallest
-    size of the range: a layer's typical magnitudes do not grow with the image, the memory of a reference run
-    does. The largest value seen does grow with the number of values, so a node just above data_max at a larger
-    size can be converted; on the tiny export with inputs scaled x300 the VAE encoder kept 0 nodes at its
-    smallest size and 8 at its optimal one (review of session 9). ``validate`` measures the result either way. ``work_dir`` takes the temporary files: AutoCast saves a copy of a
-    graph over 2 GB to check it, which belongs in the export's scratch (counted by the disk check, removed with
-    the transaction) rather than in /tmp.
+    ``feed`` are the reference inputs run to find overflow-prone nodes; by default one image at the smallest
+    size of the spec's range (the FP16 export's and INT8's rule): a layer's typical magnitudes do not grow with
+    the image, the memory of a reference run does. The largest value seen does grow with the number of values,
+    so a node just above data_max only at larger sizes is converted: on the tiny export with inputs scaled x300
+    the VAE encoder kept 0 nodes at its smallest size and 8 at its optimal one. ``validate`` measures the result
+    either way. ``work_dir`` takes the temporary files: AutoCast saves a copy of a graph over 2 GB to check it,
+    which belongs in the export's scratch (counted by the disk check, removed with the transaction) rather
+    than in /tmp.
     """
     convert = _autocast()
+    if feed is None:
+        feed = spec.sample_inputs(spec.min_dims(), seed=0)
     keep = out_of_range_nodes(Path(onnx_path), feed)
     # one anchored alternation: AutoCast tries every pattern on every node (re.match)
     patterns = list(spec.fp32_node_patterns) + ([f"^(?:{'|'.join(re.escape(n) for n in keep)})$"] if keep else [])

@@ -653,7 +653,7 @@ def _fp16(path: Path, spec, work_dir: Path | None = None):
     from . import precision
 
     with _quiet():
-        return precision.convert_fp16(path, spec, spec.sample_inputs(spec.min_dims(), seed=0), work_dir=work_dir)
+        return precision.convert_fp16(path, spec, work_dir=work_dir)
 
 
 def _upgrade_opset(model):
