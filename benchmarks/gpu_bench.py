@@ -15,6 +15,9 @@ Stages (each writes OUT/<stage>.json, and can be re-run alone on a warm machine)
            eager + CUDA graph, torch.compile + CUDA graph, ORT CUDA fused (dynamic), ORT CUDA fused static + step
            graph; per-stage table and each image's PSNR against FP32 eager; the VAE decoder at 1024 px in FP32
            and FP16 (time and FP16 error)
+  sdxl-trt  the FP16 export of sdxl-random and TensorRT builds of every component (build time, plan size)
+  sdxl-sweep  SDXL images/s at batch 1, 2, 4, 8 (1024 px): torch.compile + CUDA graph vs the dynamic-batch
+           Inductor engine with step graphs (after sdxl-prepare, which writes the preset)
 
 usage: python benchmarks/gpu_bench.py STAGE [--work /tmp/sdx] [--out DIR]
 """
@@ -320,16 +323,7 @@ def stage_sweep(work: Path, out: Path) -> None:
     batches = [("batch", b, {**base, "height": size, "width": size, "batch_size": b}) for b in OPTS.batches]
     sizes = [("resolution", px, {**base, "height": px, "width": px, "batch_size": 1})
              for px in ((128, 192, 256) if OPTS.quick else OPTS.sizes)]
-    dynamic = [("FP16 torch.compile + CUDA graph", work / "e32", "torch",
-                {"dtype": "fp16", "compile": True, "cuda_graph": True}),
-               ("FP16 engine: Inductor AOT dynamic batch + step graph", work / "e32i", "inductor",
-                {"step_graph": True})]
-    for label, exp, backend, options in dynamic:  # one load serves every request
-        rows = run_config(label, exp, backend, options, {}, [r[2] for r in batches], runs=2, warmup=1)
-        for (kind, value, _), row in zip(batches, rows):
-            row.pop("image", None)
-            result[kind].append({"batch": value, **row})
-        save(out, "sweep", result)
+    _sweep_dynamic(out, "sweep", result, work / "e32", work / "e32i", batches)
     for kind, value, settings in batches + sizes:  # static shapes: one engine per request
         geo = Geometry(settings["batch_size"], settings["height"], settings["width"])
         label = "FP16 engine: ORT CUDA, fused static + step graph"
@@ -338,6 +332,59 @@ def stage_sweep(work: Path, out: Path) -> None:
         row.pop("image", None)
         result[kind].append({("batch" if kind == "batch" else "size"): value, **row})
         save(out, "sweep", result)
+
+
+def _sweep_dynamic(out: Path, stage: str, result: dict, e32: Path, e32i: Path, batches: list) -> None:
+    """The batch sweep's two dynamic-batch paths, each loaded once for every batch size: torch.compile + CUDA
+    graph (the peer; automatic dynamic shapes after the first recompile) from ``e32``'s source model, and the
+    dynamic-batch Inductor package of ``e32i`` with step graphs."""
+    dynamic = [("FP16 torch.compile + CUDA graph", e32, "torch", {"dtype": "fp16", "compile": True, "cuda_graph": True}),
+               ("FP16 engine: Inductor AOT dynamic batch + step graph", e32i, "inductor", {"step_graph": True})]
+    for label, exp, backend, options in dynamic:
+        rows = run_config(label, exp, backend, options, {}, [r[2] for r in batches], runs=2, warmup=1)
+        for (kind, value, _), row in zip(batches, rows):
+            row.pop("image", None)
+            result[kind].append({"batch": value, **row})
+        save(out, stage, result)
+    by_label: dict[int, dict[str, float]] = {}
+    for row in result["batch"]:
+        if row.get("images_per_second"):
+            by_label.setdefault(row["batch"], {})[row["label"]] = row["images_per_second"]
+    result["inductor_vs_compile_images_per_second"] = {
+        b: round(v[dynamic[1][0]] / v[dynamic[0][0]], 3) for b, v in sorted(by_label.items()) if len(v) == 2}
+    save(out, stage, result)
+
+
+def stage_sdxl_sweep(work: Path, out: Path) -> None:
+    """SDXL images/s at batch 1, 2, 4, 8 (1024 px, 30 Euler steps, guidance 5.0): torch.compile + CUDA graph
+    against the dynamic-batch Inductor engine (UNet and FP32 VAE packages for 1..8 images at 1024x1024) with
+    step graphs. Writes its own export (``sdxl-e32s``: text encoders and VAE for up to 8 images) beside the
+    preset that sdxl-prepare wrote."""
+    from sdexport.export import export
+    from sdexport.inductor import build as build_inductor
+
+    model, _ = _sdxl_dirs(work)
+    if not (model / "model_index.json").is_file():
+        raise SystemExit(f"{model}: no sdxl-random preset; run the sdxl-prepare stage first")
+    e32s = work / "sdxl-e32s"
+    result = {**header(), "steps": {}, "batch": []}
+    size = SDXL_SIZE // 2 if OPTS.quick else SDXL_SIZE  # run_config's --quick quarters it: 128 px on sdxl-tiny
+    compiled = SDXL_SIZE // 8 if OPTS.quick else SDXL_SIZE
+
+    def timed(step, fn):
+        return timed_step(result, out, "sdxl-sweep", step, fn)
+
+    max_batch = max(OPTS.batches)
+    timed("export fp32", lambda: export(str(model), e32s, components=[p for p in SDXL_PARTS if p != "unet"],
+                                        max_images=max_batch, say=log))
+    timed("inductor dynamic batch", lambda: build_inductor(
+        e32s, f"{compiled}x{compiled}", batch=None, max_batch=max_batch, components=["unet", "vae_decoder"],
+        precision=_inductor_precision(), device=OPTS.device, say=log))
+    base = dict(prompt=PROMPT, negative_prompt=None, steps=30, guidance_scale=5.0, seed=0, scheduler="euler",
+                height=size, width=size)
+    result["settings"] = {k: v for k, v in base.items() if k != "prompt"}
+    batches = [("batch", b, {**base, "batch_size": b}) for b in OPTS.batches]
+    _sweep_dynamic(out, "sdxl-sweep", result, e32s, e32s, batches)
 
 
 def stage_trt(work: Path, out: Path) -> None:
@@ -692,7 +739,7 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["prepare", "serve-prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
-                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "sdxl-trt", "lora"])
+                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "sdxl-trt", "sdxl-sweep", "lora"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains one of these (comma-separated)")
@@ -724,7 +771,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "serve-prepare": stage_serve_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
      "profile": stage_profile, "int8": stage_int8, "sdxl-prepare": stage_sdxl_prepare,
-     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl-trt": stage_sdxl_trt, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
+     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl-trt": stage_sdxl_trt, "sdxl-sweep": stage_sdxl_sweep, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)
 
 
