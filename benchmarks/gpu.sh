@@ -10,8 +10,8 @@
 #                                        (issue 10) run when named: benchmarks/gpu.sh sdxl-prepare sdxl-ortprep sdxl)
 # Needs a CUDA GPU, torch with CUDA, onnxruntime-gpu==1.31.1 and the packages of pyproject.toml.
 # Each stage takes 2 to 8 minutes on an H100; stages after `prepare` reuse its files in $WORK.
-# The SDXL stages take longer (sdxl-prepare ~8 min, sdxl-ortprep ~11 min of CPU, sdxl-trt ~25 min; sdxl-sweep, after
-# sdxl-prepare, compiles a dynamic-batch UNet and VAE and runs up to 8 images at 1024 px) and about
+# The SDXL stages take longer (sdxl-prepare ~8 min, sdxl-ortprep ~11 min of CPU, sdxl-trt ~25 min; sdxl-sweep
+# compiles a dynamic-batch UNet and VAE and runs up to 8 images at 1024 px) and about
 # 80 GB of free disk in $WORK together: the preset 13 GB, its FP32 export with the ONNX UNet (which the ORT rows
 # run) 13 GB, the ORT variant 5 GB plus 20 GB of scratch, the FP16 export 7 GB plus 20 GB of scratch.
 # On Hopper, where TensorRT-RTX builds but cannot load its engines, run sdxl-trt with the GPUs hidden

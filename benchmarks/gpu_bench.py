@@ -17,7 +17,7 @@ Stages (each writes OUT/<stage>.json, and can be re-run alone on a warm machine)
            and FP16 (time and FP16 error)
   sdxl-trt  the FP16 export of sdxl-random and TensorRT builds of every component (build time, plan size)
   sdxl-sweep  SDXL images/s at batch 1, 2, 4, 8 (1024 px): torch.compile + CUDA graph vs the dynamic-batch
-           Inductor engine with step graphs (after sdxl-prepare, which writes the preset)
+           Inductor engine with step graphs
 
 usage: python benchmarks/gpu_bench.py STAGE [--work /tmp/sdx] [--out DIR]
 """
@@ -359,13 +359,12 @@ def stage_sdxl_sweep(work: Path, out: Path) -> None:
     """SDXL images/s at batch 1, 2, 4, 8 (1024 px, 30 Euler steps, guidance 5.0): torch.compile + CUDA graph
     against the dynamic-batch Inductor engine (UNet and FP32 VAE packages for 1..8 images at 1024x1024) with
     step graphs. Writes its own export (``sdxl-e32s``: text encoders and VAE for up to 8 images) beside the
-    preset that sdxl-prepare wrote."""
+    preset (written here too if sdxl-prepare has not)."""
     from sdexport.export import export
     from sdexport.inductor import build as build_inductor
+    from sdexport.models import write_preset
 
     model, _ = _sdxl_dirs(work)
-    if not (model / "model_index.json").is_file():
-        raise SystemExit(f"{model}: no sdxl-random preset; run the sdxl-prepare stage first")
     e32s = work / "sdxl-e32s"
     result = {**header(), "steps": {}, "batch": []}
     size = SDXL_SIZE // 2 if OPTS.quick else SDXL_SIZE  # run_config's --quick quarters it: 128 px on sdxl-tiny
@@ -374,6 +373,9 @@ def stage_sdxl_sweep(work: Path, out: Path) -> None:
     def timed(step, fn):
         return timed_step(result, out, "sdxl-sweep", step, fn)
 
+    if not (model / "model_index.json").is_file():
+        name = "sdxl-tiny" if OPTS.quick else "sdxl-random"
+        timed(f"preset {name}", lambda: write_preset(name, model, progress=log))
     max_batch = max(OPTS.batches)
     timed("export fp32", lambda: export(str(model), e32s, components=[p for p in SDXL_PARTS if p != "unet"],
                                         max_images=max_batch, say=log))
