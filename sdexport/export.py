@@ -143,7 +143,7 @@ def export_component(info: ModelInfo, spec: ComponentSpec, module, folder: Path,
 
         say(f"{spec.name}: FP16 mixed precision (ModelOpt AutoCast; FP32 kept for "
             f"{', '.join(FP32_OP_TYPES)}{' and ' + ', '.join(spec.fp32_node_patterns) if spec.fp32_node_patterns else ''})")
-        model16 = convert_fp16(fp32_path, spec, work_dir=scratch)
+        model16 = convert_fp16(fp32_path, spec, work_dir=scratch, say=say)
         precision.update(converter="modelopt.onnx.autocast", fp32_op_types=list(FP32_OP_TYPES),
                          fp32_node_patterns=list(spec.fp32_node_patterns), **precision_summary(model16))
         external = save_onnx(model16, final_path)

@@ -34,6 +34,9 @@ import logging
 import re
 import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,9 @@ DATA_MAX = 512.0  # AutoCast's default data_max: a node with |values| above it o
 # run and AutoCast's copies (AutoCast alone: 5.2x). Measured on sd15-random's UNet (3.2 GiB of FP32 weights):
 # peak RSS 21.4 GiB for `sdexport export --dtype fp16 --components unet` (ModelOpt 0.47, 2 CPU cores).
 FP16_EXPORT_MEMORY_FACTOR = 6.7
+# AutoCast says nothing while it works: 212 s for SD 1.5's UNet on 2 cores, 713 s for SDXL's on a 32-core host
+# (ModelOpt 0.47; mostly protobuf serialization and shape inference of the whole weighted graph, repeated)
+PROGRESS_EVERY_S = 60.0
 
 
 def _autocast():
@@ -61,6 +67,25 @@ def _autocast():
         logging.getLogger(name).setLevel(logging.ERROR)
         logging.getLogger(name).propagate = False
     return convert_to_mixed_precision
+
+
+@contextmanager
+def _ticking(say: Callable[[str], None], what: str, every_s: float) -> Iterator[None]:
+    """Say ``what (N s)`` every ``every_s`` seconds while the block runs: progress for one long library call."""
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def tick():
+        while not done.wait(every_s):
+            say(f"{what} ({time.perf_counter() - t0:.0f} s)")
+
+    thread = threading.Thread(target=tick, name="sdexport-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def reference_absmax(onnx_path: Path, feed: dict[str, Any], header=None) -> dict[str, float]:
@@ -112,7 +137,7 @@ def out_of_range_nodes(onnx_path: Path, feed: dict[str, Any], data_max: float = 
 
 
 def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | None = None,
-                 work_dir: Path | None = None):
+                 work_dir: Path | None = None, say: Callable[[str], None] = lambda msg: None):
     """Return an FP16 mixed-precision ModelProto for the FP32 model at ``onnx_path``.
 
     ``feed`` are the reference inputs run to find overflow-prone nodes; by default one image at the smallest
@@ -122,12 +147,16 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | No
     the VAE encoder kept 0 nodes at its smallest size and 8 at its optimal one. ``validate`` measures the result
     either way. ``work_dir`` takes the temporary files: AutoCast saves a copy of a graph over 2 GB to check it,
     which belongs in the export's scratch (counted by the disk check, removed with the transaction) rather
-    than in /tmp.
+    than in /tmp. ``say`` gets the reference run's result and, while AutoCast converts, a line every
+    ``PROGRESS_EVERY_S``.
     """
     convert = _autocast()
     if feed is None:
         feed = spec.sample_inputs(spec.min_dims(), seed=0)
     keep = out_of_range_nodes(Path(onnx_path), feed)
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feed.items())
+    say(f"{spec.name}: reference run ({shapes}): {len(keep)} node(s) above |{DATA_MAX:g}| kept FP32; "
+        "converting (AutoCast)")
     # one anchored alternation: AutoCast tries every pattern on every node (re.match)
     patterns = list(spec.fp32_node_patterns) + ([f"^(?:{'|'.join(re.escape(n) for n in keep)})$"] if keep else [])
     # AutoCast names unnamed nodes before it matches names: one of them to keep can only be kept by its own run
@@ -148,8 +177,9 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | No
                                                "nodes_to_exclude": list(spec.fp32_node_patterns)}
                 else:  # data_max=inf: AutoCast skips its own reference run; the nodes it would keep are in patterns
                     options = {"data_max": np.inf, "nodes_to_exclude": patterns}
-                return convert(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
-                               op_types_to_exclude=list(FP32_OP_TYPES), providers=["cpu"], **options)
+                with _ticking(say, f"{spec.name}: still converting", PROGRESS_EVERY_S):
+                    return convert(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
+                                   op_types_to_exclude=list(FP32_OP_TYPES), providers=["cpu"], **options)
         finally:
             root.setLevel(saved_level)
             tempfile.tempdir = saved_tempdir

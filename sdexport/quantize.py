@@ -576,7 +576,7 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         high = "fp16"
         try:
             say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export)")
-            model = _fp16(confined, spec, work_dir=work)
+            model = _fp16(confined, spec, work_dir=work, say=say)
         except BackendUnavailable as exc:
             high = "fp32"
             say(f"warning: {exc}; the non-quantized part of the INT8 UNet stays FP32")
@@ -643,17 +643,26 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     return entry
 
 
-def _fp16(path: Path, spec, work_dir: Path | None = None):
+def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None):
     """The FP16 export's conversion (precision.convert_fp16: AutoCast with the same FP32 op types and node
     patterns, FP32 I/O, and nodes whose values leave the FP16-safe range on sdexport's reference run, one image
     at the smallest size of the range, kept FP32) applied to ``path``: the Q/DQ graph, or an FP32 UNet. The
     reference run reads the weights once, so it runs for a UNet of any size (ModelOpt's own held several
     copies of the weights and every activation: it was killed at 24 GB on SD 1.5, and was therefore off for a
     UNet over 2 GB)."""
+    import sys
+    import threading
+
     from . import precision
 
+    stderr, lock = sys.stderr, threading.Lock()
+
+    def through(msg: str) -> None:  # progress reaches the terminal that _quiet hides AutoCast's output from
+        with lock, contextlib.redirect_stderr(stderr):
+            say(msg)
+
     with _quiet():
-        return precision.convert_fp16(path, spec, work_dir=work_dir)
+        return precision.convert_fp16(path, spec, work_dir=work_dir, say=through)
 
 
 def _upgrade_opset(model):
@@ -882,7 +891,7 @@ def _fp16_unet(export, spec, device: str, say):
     entry = export.manifest.component("unet")
     path = export.manifest.verified_path(entry)
     say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
-    model = _fp16(path, spec)
+    model = _fp16(path, spec, say=say)
     tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
     try:
         _save(model, tmp / "model.onnx")

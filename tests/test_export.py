@@ -178,6 +178,49 @@ def test_own_reference_run_gives_autocasts_graph(request, fixture, component, sc
     assert ours.SerializeToString() == theirs.SerializeToString()
 
 
+def test_fp16_conversion_reports_progress(export_fp32, monkeypatch, capsys):
+    """AutoCast says nothing for minutes on a real UNet (713 s for SDXL's): the conversion says what the
+    reference run kept, then a line every PROGRESS_EVERY_S until AutoCast returns, also through INT8's
+    _quiet (which hides AutoCast's own output), and leaves no thread behind. The graph is the same as
+    without progress."""
+    import sys
+    import threading
+    import time
+
+    from sdexport import precision, quantize
+
+    export = ExportDir.open(export_fp32)
+    spec = export.spec("vae_decoder")
+    feed = {k: v * 300.0 for k, v in spec.sample_inputs(spec.min_dims()).items()}
+    path = export.root / "vae_decoder" / "model.onnx"
+    kept = precision.out_of_range_nodes(path, feed)
+    assert kept
+    quiet_graph = precision.convert_fp16(path, spec, feed).SerializeToString()
+
+    real = precision._autocast
+
+    def slow_autocast():
+        convert = real()
+        return lambda **kw: (time.sleep(0.5), convert(**kw))[1]
+
+    monkeypatch.setattr(precision, "_autocast", slow_autocast)
+    monkeypatch.setattr(precision, "PROGRESS_EVERY_S", 0.1)
+    lines: list[str] = []
+    graph = precision.convert_fp16(path, spec, feed, say=lines.append)
+    assert graph.SerializeToString() == quiet_graph
+    assert lines[0].startswith("vae_decoder: reference run (latent_sample 1x4x")
+    assert f": {len(kept)} node(s) above |512| kept FP32" in lines[0]
+    ticks = lines[1:]
+    assert len(ticks) >= 3 and all(t.startswith("vae_decoder: still converting (") for t in ticks), lines
+    assert not [t for t in threading.enumerate() if t.name == "sdexport-progress"]
+
+    capsys.readouterr()
+    quantize._fp16(path, spec, say=lambda msg: print(msg, file=sys.stderr))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("vae_decoder: reference run (latent_sample 1x4x"), err
+    assert len(err) >= 3 and all(line.startswith("vae_decoder: still converting (") for line in err[1:]), err
+
+
 @pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_fp16_error_against_fp32_torch(export_fp16, tiny_model, component):
     """FP16 graph vs the FP32 PyTorch model at shapes chosen here (not the validate command's)."""
