@@ -312,7 +312,8 @@ def write_preset(name: str, out: str | os.PathLike, progress=None, option: str =
     # Over this same preset (checked above): written beside it, then swapped in, so it is never half there.
     target = _temp_name(out) if out.is_dir() and any(out.iterdir()) else out
     with atomic_dir(target) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with _quiet_loading():  # transformers' "Writing model shards" bars; say() is the preset's progress
+            pipe.save_pretrained(tmp, safe_serialization=True)
         # Keep keys a scheduler ignores but others read (SD 1.5's file has clip_sample=false).
         sched_path = tmp / "scheduler" / "scheduler_config.json"
         sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), **preset.scheduler}, indent=2))

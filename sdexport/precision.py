@@ -190,11 +190,46 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | No
                 else:  # data_max=inf: AutoCast skips its own reference run; the nodes it would keep are in patterns
                     options = {"data_max": np.inf, "nodes_to_exclude": patterns}
                 with _ticking(say, f"{spec.name}: still converting", PROGRESS_EVERY_S):
-                    return convert(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
-                                   op_types_to_exclude=list(FP32_OP_TYPES), providers=["cpu"], **options)
+                    model = convert(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
+                                    op_types_to_exclude=list(FP32_OP_TYPES), providers=["cpu"], **options)
+                return canonical_input_casts(model)
         finally:
             root.setLevel(saved_level)
             tempfile.tempdir = saved_tempdir
+
+
+def canonical_input_casts(model):
+    """The same FP16 graph from every process: AutoCast (ModelOpt 0.47) inserts the Casts of the graph's
+    inputs in the order of a Python set of tensor names, which follows the process's string hash seed, so two
+    exports of one model differed in that order and in their hashes. Those Casts read graph inputs only, so
+    they may come first in any order: first, by name (the rest keeps its order); their outputs' value_info
+    entries take the slots those entries had, by name. In place; returns ``model``."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+
+    def reads_inputs_only(node) -> bool:
+        return node.op_type == "Cast" and bool(node.input) and all(i in inputs for i in node.input)
+
+    casts = sorted((n for n in graph.node if reads_inputs_only(n)), key=lambda n: (n.name, list(n.output)))
+    if not casts:
+        return model
+    _reorder(graph.node, casts + [n for n in graph.node if not reads_inputs_only(n)])
+    outputs = {o for n in casts for o in n.output}
+    slots = [i for i, v in enumerate(graph.value_info) if v.name in outputs]
+    entries = sorted((graph.value_info[i] for i in slots), key=lambda v: v.name)
+    _reorder(graph.value_info, [entries[slots.index(i)] if i in slots else v for i, v in enumerate(graph.value_info)])
+    return model
+
+
+def _reorder(field, items) -> None:
+    """Set a repeated protobuf field to ``items`` (messages now in it, in a new order)."""
+    copies = []
+    for item in items:
+        copy = type(item)()
+        copy.CopyFrom(item)
+        copies.append(copy)
+    del field[:]
+    field.extend(copies)
 
 
 def precision_summary(model) -> dict[str, Any]:

@@ -159,7 +159,7 @@ def test_own_reference_run_gives_autocasts_graph(request, fixture, component, sc
     up so that some exceed data_max (the VAE's first convolution, SDXL's time and size embeddings), and token
     ids (integers above 512) for the text encoder."""
     from sdexport.components import FP32_OP_TYPES
-    from sdexport.precision import _autocast, convert_fp16, out_of_range_nodes
+    from sdexport.precision import _autocast, canonical_input_casts, convert_fp16, out_of_range_nodes
 
     export = ExportDir.open(request.getfixturevalue(fixture))
     spec = export.spec(component)
@@ -175,7 +175,58 @@ def test_own_reference_run_gives_autocasts_graph(request, fixture, component, sc
     theirs = _autocast()(onnx_path=str(path), low_precision_type="fp16", keep_io_types=True,
                          op_types_to_exclude=list(FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),
                          calibration_data=str(calib), providers=["cpu"])
-    assert ours.SerializeToString() == theirs.SerializeToString()
+    # the input Casts' order, which AutoCast takes from a set, is made canonical (test below)
+    assert ours.SerializeToString() == canonical_input_casts(theirs).SerializeToString()
+
+
+def test_fp16_graph_is_the_same_in_every_process(export_fp32):
+    """Release pipelines compare artifact hashes: the FP16 UNet must not depend on the process's string hash
+    seed. AutoCast alone orders the Casts of the graph inputs by a set of names, so its graph differs between
+    seeds (checked here, so that the test fails if that premise goes); sdexport's does not, and computes the
+    same outputs."""
+    import subprocess
+    import sys
+
+    import conftest
+
+    script = (
+        "import hashlib, sys\n"
+        "from pathlib import Path\n"
+        "from sdexport import precision\n"
+        "from sdexport.runtime import ExportDir\n"
+        "export = ExportDir.open(sys.argv[1])\n"
+        "spec = export.spec('unet')\n"
+        "path = export.root / 'unet' / 'model.onnx'\n"
+        "ours = precision.convert_fp16(path, spec)\n"
+        "own = precision._autocast()(onnx_path=str(path), low_precision_type='fp16', keep_io_types=True,\n"
+        "    op_types_to_exclude=list(precision.FP32_OP_TYPES), nodes_to_exclude=list(spec.fp32_node_patterns),\n"
+        "    data_max=float('inf'), providers=['cpu'])\n"
+        "print(hashlib.sha256(ours.SerializeToString()).hexdigest(), hashlib.sha256(own.SerializeToString()).hexdigest())\n"
+    )
+    hashes = []
+    for seed in (1, 2, 3):
+        done = subprocess.run([sys.executable, "-c", script, str(export_fp32)], capture_output=True, text=True,
+                              timeout=300, env=conftest.sdexport_env(PYTHONHASHSEED=seed))
+        assert done.returncode == 0, done.stderr[-2000:]
+        hashes.append(done.stdout.split()[-2:])
+    assert len({ours for ours, _ in hashes}) == 1, hashes
+    assert len({own for _, own in hashes}) > 1, hashes
+
+    from sdexport import precision
+
+    export = ExportDir.open(export_fp32)
+    spec = export.spec("unet")
+    path = export.root / "unet" / "model.onnx"
+    own = precision._autocast()(onnx_path=str(path), low_precision_type="fp16", keep_io_types=True,
+                                op_types_to_exclude=list(precision.FP32_OP_TYPES),
+                                nodes_to_exclude=list(spec.fp32_node_patterns), data_max=float("inf"),
+                                providers=["cpu"])
+    feed = {k: v.numpy() for k, v in spec.sample_inputs(spec.opt_dims(), seed=3).items()}
+    want = ort.InferenceSession(own.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    canonical = precision.canonical_input_casts(own)
+    got = ort.InferenceSession(canonical.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert [n.op_type for n in canonical.graph.node[:3]] == ["Cast"] * 3
+    np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_reference_run_reads_a_graph_labelled_with_a_newer_ir_version(export_fp32, tmp_path):

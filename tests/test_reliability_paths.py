@@ -100,6 +100,10 @@ def test_preset_writes_into_an_empty_directory_and_over_itself(tmp_path):
     first = cli("preset", "tiny", "-o", out)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (out / "model_index.json").is_file()
+    # progress is sdexport's own lines, without the libraries' bars (transformers' "Writing model shards")
+    assert first.stderr.splitlines()[-1] == f"saving tiny to {out}", first.stderr
+    assert all(line.startswith(("building tiny: ", "saving tiny to ")) for line in first.stderr.splitlines()), \
+        first.stderr
     again = cli("preset", "tiny", "-o", out)  # already this preset: rewritten, same bytes
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
