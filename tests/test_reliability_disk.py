@@ -202,6 +202,7 @@ def test_fp16_conversions_in_threads_keep_their_own_scratch_and_restore_the_temp
     import time
     import types
 
+    import onnx
     import torch
 
     from sdexport import precision
@@ -213,10 +214,11 @@ def test_fp16_conversions_in_threads_keep_their_own_scratch_and_restore_the_temp
         seen[name] = [tempfile.gettempdir()]
         time.sleep(0.4)
         seen[name].append(tempfile.gettempdir())
+        return onnx.ModelProto()
 
     monkeypatch.setattr(precision, "_autocast", lambda: convert)
     monkeypatch.setattr(precision, "out_of_range_nodes", lambda path, feed: [])  # no graph here
-    spec = types.SimpleNamespace(fp32_node_patterns=())
+    spec = types.SimpleNamespace(name="unet", fp32_node_patterns=())
     dirs = {name: tmp_path / name for name in ("a", "b")}
     for d in dirs.values():
         d.mkdir()
