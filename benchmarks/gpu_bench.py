@@ -362,7 +362,6 @@ def stage_sdxl_sweep(work: Path, out: Path) -> None:
     preset (written here too if sdxl-prepare has not)."""
     from sdexport.export import export
     from sdexport.inductor import build as build_inductor
-    from sdexport.models import write_preset
 
     model, _ = _sdxl_dirs(work)
     e32s = work / "sdxl-e32s"
@@ -373,9 +372,7 @@ def stage_sdxl_sweep(work: Path, out: Path) -> None:
     def timed(step, fn):
         return timed_step(result, out, "sdxl-sweep", step, fn)
 
-    if not (model / "model_index.json").is_file():
-        name = "sdxl-tiny" if OPTS.quick else "sdxl-random"
-        timed(f"preset {name}", lambda: write_preset(name, model, progress=log))
+    _sdxl_preset(model, timed)
     max_batch = max(OPTS.batches)
     timed("export fp32", lambda: export(str(model), e32s, components=[p for p in SDXL_PARTS if p != "unet"],
                                         max_images=max_batch, say=log))
@@ -554,6 +551,15 @@ def _sdxl_dirs(work: Path) -> tuple[Path, Path]:
     return work / "sdxl-model", work / OPTS.sdxl_export
 
 
+def _sdxl_preset(model: Path, timed) -> None:
+    """The SDXL stages' shared preset in ``model`` (sdxl-tiny with --quick), written once per --work."""
+    from sdexport.models import write_preset
+
+    if not (model / "model_index.json").is_file():
+        name = "sdxl-tiny" if OPTS.quick else "sdxl-random"
+        timed(f"preset {name}", lambda: write_preset(name, model, progress=log))
+
+
 def _reference_file(work: Path, settings: dict) -> Path:
     """Where the sdxl stage keeps FP32 eager's image for these settings, so that rows measured by another
     invocation on the same host (e.g. the ORT rows, after their variant is prepared) get their PSNR."""
@@ -582,17 +588,14 @@ def stage_sdxl_prepare(work: Path, out: Path) -> None:
     image per call (UNet batch 2 with guidance), the components the sampler loop runs."""
     from sdexport.export import export
     from sdexport.inductor import build as build_inductor
-    from sdexport.models import write_preset
 
     result = {**header(), "steps": {}}
     model, e32 = _sdxl_dirs(work)
-    name = "sdxl-tiny" if OPTS.quick else "sdxl-random"
 
     def timed(step, fn):
         return timed_step(result, out, "sdxl-prepare", step, fn)
 
-    if not (model / "model_index.json").is_file():
-        timed(f"preset {name}", lambda: write_preset(name, model, progress=log))
+    _sdxl_preset(model, timed)
     # The UNet's FP32 ONNX export (10 GB) is left out unless --sdxl-onnx-unet: the engine measured here is the
     # Inductor package, compiled from the source model; the ORT rows need the ONNX UNet (sdxl-ortprep).
     parts = SDXL_PARTS if OPTS.sdxl_onnx_unet else [p for p in SDXL_PARTS if p != "unet"]

@@ -210,14 +210,17 @@ def canonical_input_casts(model):
     def reads_inputs_only(node) -> bool:
         return node.op_type == "Cast" and bool(node.input) and all(i in inputs for i in node.input)
 
-    casts = sorted((n for n in graph.node if reads_inputs_only(n)), key=lambda n: (n.name, list(n.output)))
+    casts, rest = [], []
+    for node in graph.node:
+        (casts if reads_inputs_only(node) else rest).append(node)
     if not casts:
         return model
-    _reorder(graph.node, casts + [n for n in graph.node if not reads_inputs_only(n)])
+    casts.sort(key=lambda n: (n.name, list(n.output)))
+    _reorder(graph.node, casts + rest)
     outputs = {o for n in casts for o in n.output}
     slots = [i for i, v in enumerate(graph.value_info) if v.name in outputs]
-    entries = sorted((graph.value_info[i] for i in slots), key=lambda v: v.name)
-    _reorder(graph.value_info, [entries[slots.index(i)] if i in slots else v for i, v in enumerate(graph.value_info)])
+    by_slot = dict(zip(slots, sorted((graph.value_info[i] for i in slots), key=lambda v: v.name)))
+    _reorder(graph.value_info, [by_slot.get(i, v) for i, v in enumerate(graph.value_info)])
     return model
 
 
