@@ -72,6 +72,10 @@ BATCH_ROWS_LARGE = 2
 # ModelOpt's INT8 PTQ was killed for memory at 23.2 GiB (anon RSS) quantizing sd15-random's UNet, 3.2 GiB of FP32
 # weights (2 CPU cores, 24 GiB, calibration at 256 px): it needs more than this many times the FP32 weights.
 MODELOPT_MEMORY_AT_LEAST = 7.2
+# ONNX Runtime's quantizer (--quantizer ort) on the same UNet and machine peaked at 5.2 times the FP32 weights
+# (16.6 GiB) with calibration at its native 512 px, 3.6 times at 256 px: most of it is one calibration batch's
+# activations (benchmarks/results/2026-11-27-cpu-int8-memory/).
+ORT_QUANTIZE_MEMORY_PEAK = 5.2
 
 # Layers kept out of INT8 by default: regexes searched (re.search) in ONNX node names.
 DEFAULT_EXCLUDES: tuple[tuple[str, str], ...] = (
@@ -384,7 +388,8 @@ def _run_modelopt(src: Path, out: Path, batches, method: str, excluded: dict[str
             output_path=str(out), log_level="CRITICAL")
 
 
-def _calibrated_ranges(src: Path, work: Path, batches, method, large: bool) -> dict[str, tuple[float, float]]:
+def _calibrated_ranges(src: Path, work: Path, batches, method, large: bool,
+                       tensors: set[str] | None = None) -> dict[str, tuple[float, float]]:
     """Activation ranges from ONNX Runtime's calibrator (MinMax, entropy or percentile), one batch at a time.
 
     ``quantize_static`` would hand its calibrator the whole reader: the histogram calibrators keep every
@@ -393,13 +398,32 @@ def _calibrated_ranges(src: Path, work: Path, batches, method, large: bool) -> d
     batches it holds without folding them into the ranges in ONNX Runtime 1.31 (every 4th batch clears
     the rest; a multiple of 4 batches ends in "No data is collected"). Here each batch is folded into the
     ranges (MinMax: ``compute_data`` merges; histograms: ``collect_data`` folds) and dropped, so memory
-    stays at one batch and every batch counts."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    stays at one batch and every batch counts.
 
-    calibrator = create_calibrator(
-        str(src), op_types_to_calibrate=list(QUANTIZABLE_OPS), augmented_model_path=str(work / "augmented.onnx"),
-        calibrate_method=method, use_external_data_format=large, providers=["CPUExecutionProvider"],
-        extra_options={"symmetric": True, "percentile": PERCENTILE})
+    ``tensors``: calibrate only these (the activation inputs of the nodes to quantize). ONNX Runtime's
+    calibrator otherwise takes the inputs and outputs of every Conv/MatMul/Gemm, the excluded attention
+    score matmuls' among them: for sd15-random's UNet and one 512 px batch of 2 rows, 670 tensors and a
+    19.6 GiB peak, against 198 tensors and 9.7 GiB (ONNX Runtime alone runs that batch in 4.5 GiB)."""
+    from onnxruntime.quantization.calibrate import (CalibrationMethod, EntropyCalibrater, MinMaxCalibrater,
+                                                    PercentileCalibrater)
+
+    common = {"op_types_to_calibrate": list(QUANTIZABLE_OPS), "augmented_model_path": str(work / "augmented.onnx"),
+              "use_external_data_format": large, "symmetric": True}
+    calibrator = {CalibrationMethod.MinMax: lambda: MinMaxCalibrater(str(src), **common),
+                  CalibrationMethod.Entropy: lambda: EntropyCalibrater(str(src), **common),
+                  CalibrationMethod.Percentile: lambda: PercentileCalibrater(str(src), **common,
+                                                                             percentile=PERCENTILE)}[method]()
+    if tensors is not None:
+        select = calibrator.select_tensors_to_calibrate  # ONNX Runtime's choice (float, not a weight), narrowed
+
+        def narrowed(model):
+            chosen, value_infos = select(model)
+            return chosen & tensors, value_infos
+
+        calibrator.select_tensors_to_calibrate = narrowed
+    calibrator.augment_graph()
+    calibrator.execution_providers = ["CPUExecutionProvider"]
+    calibrator.create_inference_session()
     for batch in batches:
         calibrator.collect_data(_Reader([batch]))
         if method == CalibrationMethod.MinMax:
@@ -411,7 +435,10 @@ def _calibrated_ranges(src: Path, work: Path, batches, method, large: bool) -> d
 
 
 def _run_ort(src: Path, out: Path, batches, method: str, to_quantize: list[str], excluded: dict[str, str],
-             large: bool) -> None:
+             large: bool, small_feed: dict[str, np.ndarray]) -> None:
+    """ONNX Runtime's ``quantize_static`` with sdexport's ranges as per-tensor overrides. Its own calibration
+    pass, which cannot be skipped, sees ``small_feed`` (one image at the smallest size: memory) where every
+    range it would measure is overridden, and the first calibration batch where one is not."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     extra = {
@@ -420,20 +447,22 @@ def _run_ort(src: Path, out: Path, batches, method: str, to_quantize: list[str],
         "CalibTensorRangeSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
     }
     with _quiet():
-        # Every method's ranges are computed batch by batch and handed to quantize_static as per-tensor
-        # overrides; its own MinMax pass then runs on one batch only.
-        calibration = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}[method]
-        ranges = _calibrated_ranges(src, out.parent, batches, calibration, large)
         import onnx
 
         graph = onnx.load(str(src), load_external_data=False).graph
         weights = {i.name for i in graph.initializer}
-        wanted = {i for n in graph.node if n.name in set(to_quantize) for i in n.input[:2] if i not in weights}
+        chosen = set(to_quantize)
+        wanted = {i for n in graph.node if n.name in chosen for i in n.input[:2] if i and i not in weights}
+        # Every method's ranges are computed batch by batch and handed to quantize_static as per-tensor
+        # overrides.
+        calibration = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}[method]
+        ranges = _calibrated_ranges(src, out.parent, batches, calibration, large, tensors=wanted)
         extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                                          for name, (lo, hi) in ranges.items() if name in wanted}
+        own_pass = [small_feed] if wanted <= set(ranges) else batches[:1]
         quantize_static(
-            str(src), str(out), _Reader(batches[:1]), quant_format=QuantFormat.QDQ,
+            str(src), str(out), _Reader(own_pass), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=to_quantize,
             nodes_to_exclude=list(excluded), per_channel=True, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -526,8 +555,13 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         size = source.get("size_bytes", 0)
         check_memory(f"quantizing {out}/unet with ModelOpt ({human_bytes(size)} of FP32 weights)",
                      MODELOPT_MEMORY_AT_LEAST * size, "it was killed for memory at 7.2 times the weights: quantize "
-                     "on a machine with more memory, or try --quantizer ort, whose peak was not measured",
-                     share=1.0, at_least=True)
+                     f"on a machine with more memory, or try --quantizer ort, which peaked at "
+                     f"{ORT_QUANTIZE_MEMORY_PEAK:g} times", share=1.0, at_least=True)
+    else:
+        size = source.get("size_bytes", 0)
+        check_memory(f"quantizing {out}/unet with ONNX Runtime ({human_bytes(size)} of FP32 weights)",
+                     ORT_QUANTIZE_MEMORY_PEAK * size, f"its peak was {ORT_QUANTIZE_MEMORY_PEAK:g} times the weights "
+                     "for SD 1.5 calibrated at 512 px: quantize on a machine with more memory", share=1.0)
 
     # The work copy of the FP32 UNet, the quantizer's FP32 Q/DQ graph (weights INT8 or FP32) and the result.
     check_disk(out, 2.5 * source.get("size_bytes", src.stat().st_size), f"quantizing {src}")
@@ -566,7 +600,8 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         if used == "ort":
             say(f"{COMPONENT}: ONNX Runtime quantize_static ({method} calibration, {calibration.samples} samples, "
                 f"{len(to_quantize)} Conv/MatMul/Gemm nodes, {len(excluded)} excluded)")
-            _run_ort(linked, raw, batches, method, to_quantize, excluded, large)
+            small = {k: v.numpy() for k, v in spec.sample_inputs(spec.min_dims(), seed=0).items()}
+            _run_ort(linked, raw, batches, method, to_quantize, excluded, large, small)
         model = onnx.load(str(raw))
         rewired = _confine_qdq(model, set(excluded))
         confined = work / "qdq_confined.onnx"

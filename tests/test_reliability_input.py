@@ -394,12 +394,13 @@ def test_int8_quantize_that_would_not_fit_memory_is_refused_before_any_work(expo
                                                                             monkeypatch):
     """ModelOpt's INT8 PTQ was killed for memory at 7.2 times SD 1.5's FP32 UNet (quantize.MODELOPT_MEMORY_AT_LEAST):
     with less available, quantize with ModelOpt (auto or modelopt; auto with max) is refused in one line, the export
-    untouched. ONNX Runtime's quantizer (--quantizer ort, or auto with percentile, which ModelOpt lacks), whose peak
-    was not measured, gets past it: to the disk check, made to refuse here so that nothing is quantized. A quantize
-    with nothing to do (up to date) is not refused; the same with --force is."""
+    untouched. ONNX Runtime's quantizer (--quantizer ort, or auto with percentile, which ModelOpt lacks), which
+    peaked at 5.2 times (quantize.ORT_QUANTIZE_MEMORY_PEAK), gets past it: to the disk check, made to refuse here so
+    that nothing is quantized; with less than its own peak available it is refused too. A quantize with nothing to
+    do (up to date) is not refused; the same with --force is."""
     from sdexport import limits
     from sdexport.errors import DiskFull, UsageError
-    from sdexport.quantize import MODELOPT_MEMORY_AT_LEAST, quantize
+    from sdexport.quantize import MODELOPT_MEMORY_AT_LEAST, ORT_QUANTIZE_MEMORY_PEAK, quantize
 
     size = json.loads((export_fp32 / "manifest.json").read_text())["components"]["unet"]["size_bytes"]
     low = lambda: int(0.9 * MODELOPT_MEMORY_AT_LEAST * size)  # noqa: E731
@@ -413,6 +414,12 @@ def test_int8_quantize_that_would_not_fit_memory_is_refused_before_any_work(expo
     monkeypatch.setattr(limits, "free_disk_bytes", lambda path: 0)
     for quantizer, method in (("ort", "max"), ("auto", "percentile")):
         with pytest.raises(DiskFull):
+            quantize(export_fp32, small_calib, quantizer=quantizer, method=method)
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: int(0.9 * ORT_QUANTIZE_MEMORY_PEAK * size))
+    ort_memory = r"^quantizing .*/unet with ONNX Runtime \(.* of FP32 weights\) needs .* of memory; this machine has " \
+                 r".* available \(its peak was 5.2 times"
+    for quantizer, method in (("ort", "max"), ("auto", "percentile")):
+        with pytest.raises(UsageError, match=ort_memory):
             quantize(export_fp32, small_calib, quantizer=quantizer, method=method)
     assert tree_digest(export_fp32) == unchanged
     monkeypatch.undo()
