@@ -679,7 +679,8 @@ class ServeOptions:
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise UsageError(f"--scheduler {self.scheduler}: unknown (choose from {', '.join(SCHEDULERS)})")
         warmup_steps = self.warmup_steps if self.warmup_steps is not None else (None if self.step_graph else 2)
-        for option, value, least in (("--warmup-steps", warmup_steps, 1), ("--drain-timeout-s", self.drain_timeout_s, 1),
+        for option, value, least in (("--warmup-steps", warmup_steps, 1),
+                                     ("--drain-timeout-s", self.drain_timeout_s, 1),
                                      ("--text-cache-size", self.text_cache_size, 0)):
             if value is not None and value < least:
                 raise UsageError(f"{option} {value}: must be at least {least}")
