@@ -4,7 +4,8 @@ VENV ?= .venv
 OPTIMUM_VENV ?= .venv-optimum
 BIN := $(VENV)/bin
 MODEL ?= tiny
-# `make engines VENV=/some/venv INSTALL=` uses an existing environment as it is (no install step).
+# `make TARGET VENV=/some/venv INSTALL=` uses an existing environment as it is (no install step), for every
+# target that installs.
 INSTALL ?= install
 OUT ?= engines/$(notdir $(abspath $(MODEL)))
 DEMO_OUT ?= $(OUT)-demo
@@ -74,15 +75,15 @@ int8: $(INSTALL)
 	$(BIN)/sdexport validate $(OUT)-int8
 	@echo "$(OUT)-int8: INT8 UNet in unet_int8/, report in validation.json; calibration file $(CALIB)"
 
-test: install optimum-env
+test: $(INSTALL) optimum-env
 	SDEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -q -n 2 --durations=15
 
-gputest: install  ## the tests that need a CUDA GPU (skipped by `make test` on CPU-only machines)
+gputest: $(INSTALL)  ## the tests that need a CUDA GPU (skipped by `make test` on CPU-only machines)
 	$(BIN)/python -m pytest -q -m gpu
 
 # The TensorRT first-run check, once on the GPU host: one screen that says whether TensorRT works here
 # (tests/test_trt_check.py; skipped without a GPU or a TensorRT that runs on it, with the reason).
-trt-check: install
+trt-check: $(INSTALL)
 	SDEXPORT_TRT=$(TRT) $(BIN)/python -m pytest -q -rs -m trt -p no:cacheprovider tests/test_trt_check.py
 
 clean:

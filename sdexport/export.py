@@ -326,11 +326,12 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
                     f"; replacing it with {_describe(model_record, ranges.to_json(), dtype)} would delete "
                     f"{', '.join(left_out)}, which --components leaves out: name them too "
                     f"(--components {','.join(list(components) + left_out)}), or choose another -o")
-            if not force and (others or manifest.engines):
+            built = [f"{section}/{name}" for section in BUILT_SECTIONS for name in manifest.data.get(section, {})]
+            if not force and (others or built):
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; exporting {_describe(model_record, ranges.to_json(), dtype)} into it would mix the two "
-                    f"({', '.join(others + list(manifest.engines)) or 'its engines'} would stay from the old one): "
+                    f"({', '.join(others + built)} would stay from the old one): "
                     "re-export every component with --force to replace it, or choose another -o")
             for name in list(manifest.components):  # a different export: nothing of the old one is reusable
                 _drop_component(txn, name)

@@ -679,8 +679,11 @@ class ServeOptions:
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise UsageError(f"--scheduler {self.scheduler}: unknown (choose from {', '.join(SCHEDULERS)})")
         warmup_steps = self.warmup_steps if self.warmup_steps is not None else (None if self.step_graph else 2)
-        if (warmup_steps is not None and warmup_steps < 1) or self.text_cache_size < 0 or self.drain_timeout_s < 1:
-            raise UsageError("--warmup-steps and --drain-timeout-s must be >= 1, --text-cache-size >= 0")
+        for option, value, least in (("--warmup-steps", warmup_steps, 1),
+                                     ("--drain-timeout-s", self.drain_timeout_s, 1),
+                                     ("--text-cache-size", self.text_cache_size, 0)):
+            if value is not None and value < least:
+                raise UsageError(f"{option} {value}: must be at least {least}")
         # A step graph is captured per request shape, batch size included, on its first use. Dynamic batching makes
         # any size from 1 to max_batch: capture them all before reporting ready, or the first requests of each size
         # pay for a capture while serving (measured on an H100: it hid most of a second GPU's throughput).
@@ -1045,7 +1048,11 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
         import torch
 
         count = torch.cuda.device_count()
-        if count == 0 or max(options.gpus) >= count:
+        if count == 0:  # the line every command gives for --device cuda without a GPU
+            from . import limits
+
+            limits.device("--device", "cuda")
+        if max(options.gpus) >= count:
             from .errors import CannotRunHere
 
             raise CannotRunHere(f"--gpus {','.join(map(str, options.gpus))}: this host has {count} CUDA GPU(s)")

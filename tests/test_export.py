@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import load_manifest
+from conftest import LOCK_NAMES, load_manifest
 from sdexport.components import Geometry
 from sdexport.runtime import ExportDir
 
@@ -314,7 +314,7 @@ def test_fp16_error_against_fp32_torch(export_fp16, tiny_model, component):
 
 def _tree(root) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in LOCK_NAMES}
 
 
 def test_another_export_into_an_export_replaces_only_what_it_names(tiny_model, other_model, tmp_path):
@@ -340,6 +340,27 @@ def test_another_export_into_an_export_replaces_only_what_it_names(tiny_model, o
     manifest = load_manifest(out)
     assert sorted(manifest["components"]) == sorted(parts.split(","))
     assert manifest["model"]["path"] == str(other_model.resolve())
+
+
+def test_another_export_is_refused_where_any_built_engine_would_stay(tiny_model, trt, tmp_path):
+    """Every kind of engine built from the components (a TensorRT plan, the ONNX Runtime CUDA variant) keeps
+    an export of another range from replacing it without --force (the ORT variant used to be deleted
+    silently); the refusal names each and changes nothing, and --force replaces them all."""
+    from conftest import assert_error, run_cli
+
+    out = tmp_path / "e"
+    assert run_cli("export", tiny_model, "-o", out).exit_code == 0
+    assert run_cli("build", out, "--precision", "fp32", "--components", "text_encoder").exit_code == 0
+    assert run_cli("build", out, "--backend", "ort", "--components", "vae_decoder").exit_code == 0
+    before = _tree(out)
+    assert_error(run_cli("export", tiny_model, "-o", out, "--max-batch", "2"), 2, "would mix the two",
+                 "(engines/text_encoder, ort_cuda/vae_decoder would stay", only_line=True)
+    assert _tree(out) == before
+    result = run_cli("export", tiny_model, "-o", out, "--max-batch", "2", "--force")
+    assert result.exit_code == 0, result.stderr
+    manifest = load_manifest(out)
+    assert not manifest["engines"] and not manifest.get("ort_cuda")
+    assert not list((out / "engines").glob("*.plan")) and not list((out / "ort_cuda").rglob("*.onnx"))
 
 
 def test_force_replaces_an_export_of_a_model_with_other_components(tiny_model, sdxl_tiny_model, tmp_path):

@@ -76,3 +76,19 @@ def test_int8_writes_its_calibration_file_under_calibration(tmp_path):
     assert calls[1] == ["calibrate", "tiny", "-o", "calibration/tiny.npz", "--num-prompts", "2"]
     assert calls[2] == ["quantize", out, "--calib", "calibration/tiny.npz", "--precision", "int8"]
     assert calls[3] == ["validate", out] and (ROOT / "calibration" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("target", ["demo", "engines", "int8", "test", "gputest", "trt-check"])
+def test_install_empty_uses_the_given_environment_as_it_is(tmp_path, target):
+    """`VENV=... INSTALL=` skips the install step for every target that has one: `make trt-check` on a GPU host's
+    own environment once made a venv over VENV and pip-installed this checkout into its python."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"VENV={venv}", "INSTALL="],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"-m venv {venv}" not in proc.stdout and f"{venv}/bin/python -m pip" not in proc.stdout, proc.stdout
+    default = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"VENV={venv}"],
+                             capture_output=True, text=True, timeout=60)
+    assert f"-m venv {venv}" in default.stdout  # without INSTALL= the target installs, so the check can fail

@@ -199,6 +199,9 @@ def test_package_data_and_dependencies():
     deps = project["project"]["dependencies"]
     assert "nvidia-modelopt==0.47.0" in deps and not any("open_clip" in d or "[onnx]" in d for d in deps)
     assert not (root / "requirements-nodeps.txt").exists()
+    # one version: the wheel's is the one `sdexport --version` and the manifests report (0.1.0 vs 0.2.0 once)
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sdexport.__version__"}
     data = project["tool"]["setuptools"]["package-data"]["sdexport"]
     package = Path(sdexport.__file__).resolve().parent
     assert DEFAULT_PROMPTS.parent == package / "data" and DEFAULT_PROMPTS.is_file()

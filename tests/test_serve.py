@@ -454,6 +454,12 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", export_fp32, "--http-port", 9000, "--grpc-port", 9000), 2, "distinct ports")
     assert_error(run_cli("serve", export_fp32, "--max-queue-size", 0), 2, "--max-queue-size")
     assert_error(run_cli("serve", export_fp32, "--model-name", "a/b"), 2, "--model-name 'a/b'")
+    for option, value, least in (("--warmup-steps", 0, 1), ("--drain-timeout-s", 0, 1), ("--text-cache-size", -1, 0)):
+        assert_error(run_cli("serve", export_fp32, option, value), 2, f"{option} {value}: must be at least {least}")
+    import torch
+
+    if not torch.cuda.is_available():  # the line every command gives, not one about a --gpus nobody passed
+        assert_error(run_cli("serve", export_fp32, "--device", "cuda"), 8, "--device cuda: no CUDA GPU is visible")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -395,3 +395,23 @@ def test_no_sdexport_module_imports_polygraphys_tensorrt_backend():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{path.name}: {n}" for n in names if n.startswith(("polygraphy.backend.trt", "polygraphy.cuda"))]
     assert found == []
+
+
+@pytest.mark.parametrize("command", ["validate", "infer"])
+def test_without_engines_the_hint_names_the_exports_precision(export_fp32, tmp_path, command):
+    """The hint is a build that runs: `--precision fp16` on an FP32 export is itself refused (exit 2)."""
+    from conftest import assert_refused, cli
+
+    out = copy_export(export_fp32, tmp_path / "e32", with_engines=False)
+    args = ["--prompt", "x", "-o", tmp_path / "x.png"] if command == "infer" else []
+    line = assert_refused(cli(command, out, "--backend", "trt", *args), 5, "no TensorRT engine")
+    assert f"'sdexport build {out} --precision fp32'" in line
+
+
+@pytest.mark.parametrize("dtype, precision", [("fp16", "fp16"), ("fp32", "fp32"), ("?", "fp16")])
+def test_build_command_follows_the_export_dtype(dtype, precision):
+    from types import SimpleNamespace
+
+    from sdexport.backends.trt import build_command
+
+    assert build_command(SimpleNamespace(root="OUT", dtype=dtype)) == f"'sdexport build OUT --precision {precision}'"

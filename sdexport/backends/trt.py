@@ -237,11 +237,17 @@ def capture_logger(trt):
 
 # --- engine checks ------------------------------------------------------------------
 
+def build_command(export) -> str:
+    """The build that makes engines of this export: `--precision` must match the graphs' dtype."""
+    precision = export.dtype if export.dtype in ("fp16", "fp32") else "fp16"
+    return f"'sdexport build {export.root} --precision {precision}'"
+
+
 def engine_components(export) -> list[str]:
     """Components with an engine, in pipeline order."""
     engines = export.manifest.engines
     if not engines:
-        raise IntegrityError(f"{export.root}: no TensorRT engines; run 'sdexport build {export.root} --precision fp16'")
+        raise IntegrityError(f"{export.root}: no TensorRT engines; run {build_command(export)}")
     order = export.family.components(export.info)
     return [c for c in order if c in engines] + [c for c in engines if c not in order]
 
@@ -249,8 +255,7 @@ def engine_components(export) -> list[str]:
 def engine_entry(export, component: str) -> dict[str, Any]:
     entry = export.manifest.engines.get(component)
     if not entry:
-        raise IntegrityError(f"{export.root}: no TensorRT engine for {component}; "
-                             f"run 'sdexport build {export.root} --precision fp16'")
+        raise IntegrityError(f"{export.root}: no TensorRT engine for {component}; run {build_command(export)}")
     return entry
 
 
