@@ -104,7 +104,8 @@ def test_foreign_packages_are_refused(inductor_export, tmp_path):
 
 def test_packages_follow_the_exports_loras(inductor_export, tiny_model, tmp_path):
     """Packages are compiled with the export's fused LoRAs: a re-export with another LoRA left them in the
-    manifest, and infer --backend inductor ran the old weights with exit 0."""
+    manifest, and infer --backend inductor ran the old weights with exit 0. Now it is refused without --force
+    (it would drop them) and drops them with it."""
     from test_lora import _peft_lora
 
     from sdexport.errors import IntegrityError
@@ -119,7 +120,10 @@ def test_packages_follow_the_exports_loras(inductor_export, tiny_model, tmp_path
         check_package(ExportDir.open(out), "unet", "cpu")
     shutil.copy(inductor_export / "manifest.json", out / "manifest.json")
     lora = _peft_lora(tiny_model, tmp_path / "l.safetensors", 1, ["to_q"])
-    result = run_cli("export", tiny_model, "-o", out, "--lora", lora)
+    # a re-export with another LoRA would drop the packages: refused without --force, as with TensorRT engines
+    assert_error(run_cli("export", tiny_model, "-o", out, "--lora", lora), 2, "inductor/unet, inductor/vae_decoder")
+    assert json.loads((out / "manifest.json").read_text())["inductor"]
+    result = run_cli("export", tiny_model, "-o", out, "--lora", lora, "--force")
     assert result.exit_code == 0, result.stderr
     assert not json.loads((out / "manifest.json").read_text()).get("inductor")
     assert not list(out.glob("inductor/*.pt2"))
