@@ -476,7 +476,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
             "loras_fused_at_export": export.manifest.data["model"].get("loras", []),
             "loras_switched": [lora.to_json() for lora in loras],
             **({"lora_switch_ms": {k: round(v, 3) for k, v in switch.items()}} if switch else {}),
-            **({"image": (inputs or {}).get("image"), "mask": (inputs or {}).get("mask"), "strength": strength}
+            **({"image": (inputs or {}).get("image"), "mask": (inputs or {}).get("mask"), "strength": result.strength}
                if image is not None else {}),
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)

@@ -249,6 +249,7 @@ class GenerationResult:
     scheduler: str = ""  # the diffusers scheduler class that ran
     guidance_scale: float | None = None  # the scale used (the family's default when the request gave none)
     mode: str = "text-to-image"  # or "image-to-image", "inpainting"
+    strength: float | None = None  # the strength used with an init image (the family's default when none given)
 
     def uint8(self) -> np.ndarray:
         return (self.images * 255).round().astype("uint8")
@@ -513,7 +514,7 @@ class Pipeline:
         return GenerationResult(images=images, latents=latents, timings_ms=clock.results_ms(), steps=steps,
                                 truncated=self._truncated, loop="step-graph" if graphs is not None else "eager",
                                 scheduler=type(sched).__name__, guidance_scale=guidance_scale,
-                                mode=init.mode if init else "text-to-image")
+                                mode=init.mode if init else "text-to-image", strength=init.strength if init else None)
 
     @staticmethod
     def noise(shape, generator):

@@ -239,7 +239,9 @@ def test_cli_img2img_and_inpainting(export_fp32, export_inpaint, tmp_path):
                      tmp_path / "in2.png", "--mask", tmp_path / "mask.png")
     assert result.exit_code == 0, result.stderr
     meta = json.loads((tmp_path / "b.json").read_text())
-    assert meta["mode"] == "inpainting" and meta["strength"] is None and meta["mask"].endswith("mask.png")
+    # the sidecar records the strength that ran: without --strength, diffusers' default (it recorded null)
+    assert meta["mode"] == "inpainting" and meta["mask"].endswith("mask.png")
+    assert meta["strength"] == diffusers_strength("StableDiffusionInpaintPipeline")
 
 
 def test_bench_times_the_encoder(export_fp32, tmp_path):
