@@ -434,18 +434,28 @@ def _calibrated_ranges(src: Path, work: Path, batches, method, large: bool,
             for name, r in ranges.items()}
 
 
+def _ort_qdq_settings(to_quantize: list[str], excluded: dict[str, str], large: bool) -> dict[str, Any]:
+    """``quantize_static``'s arguments for sdexport's Q/DQ contract, all but the model, the data and the ranges:
+    symmetric INT8 (weights per channel), no output quantization, the given node list."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    return {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": list(QUANTIZABLE_OPS),
+            "nodes_to_quantize": to_quantize, "nodes_to_exclude": list(excluded), "per_channel": True,
+            "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8,
+            "calibrate_method": CalibrationMethod.MinMax, "use_external_data_format": large,
+            "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                              "DedicatedQDQPair": False, "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS),
+                              "CalibTensorRangeSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"Conv": 0}}}
+
+
 def _run_ort(src: Path, out: Path, batches, method: str, to_quantize: list[str], excluded: dict[str, str],
              large: bool, small_feed: dict[str, np.ndarray]) -> None:
     """ONNX Runtime's ``quantize_static`` with sdexport's ranges as per-tensor overrides. Its own calibration
     pass, which cannot be skipped, sees ``small_feed`` (one image at the smallest size: memory) where every
     range it would measure is overridden, and the first calibration batch where one is not."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
 
-    extra = {
-        "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-        "DedicatedQDQPair": False, "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS),
-        "CalibTensorRangeSymmetric": True, "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
-    }
+    settings = _ort_qdq_settings(to_quantize, excluded, large)
     with _quiet():
         import onnx
 
@@ -453,20 +463,15 @@ def _run_ort(src: Path, out: Path, batches, method: str, to_quantize: list[str],
         weights = {i.name for i in graph.initializer}
         chosen = set(to_quantize)
         wanted = {i for n in graph.node if n.name in chosen for i in n.input[:2] if i and i not in weights}
-        # Every method's ranges are computed batch by batch and handed to quantize_static as per-tensor
-        # overrides.
+        # Every method's ranges are computed batch by batch, for the wanted tensors only, and handed to
+        # quantize_static as per-tensor overrides.
         calibration = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}[method]
         ranges = _calibrated_ranges(src, out.parent, batches, calibration, large, tensors=wanted)
-        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                         for name, (lo, hi) in ranges.items() if name in wanted}
+        settings["extra_options"]["TensorQuantOverrides"] = {
+            name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
         own_pass = [small_feed] if wanted <= set(ranges) else batches[:1]
-        quantize_static(
-            str(src), str(out), _Reader(own_pass), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=to_quantize,
-            nodes_to_exclude=list(excluded), per_channel=True, activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            use_external_data_format=large, extra_options=extra)
+        quantize_static(str(src), str(out), _Reader(own_pass), **settings)
 
 
 def _quantizer_name(which: str) -> str:
@@ -551,14 +556,13 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     large = bool(source.get("external_data"))
     from .limits import check_disk, check_memory, human_bytes
 
+    size = source.get("size_bytes", 0)
     if planned in ("auto", "modelopt"):  # after the up-to-date test: a quantize with nothing to do is not refused
-        size = source.get("size_bytes", 0)
         check_memory(f"quantizing {out}/unet with ModelOpt ({human_bytes(size)} of FP32 weights)",
                      MODELOPT_MEMORY_AT_LEAST * size, "it was killed for memory at 7.2 times the weights: quantize "
                      f"on a machine with more memory, or try --quantizer ort, which peaked at "
                      f"{ORT_QUANTIZE_MEMORY_PEAK:g} times", share=1.0, at_least=True)
     else:
-        size = source.get("size_bytes", 0)
         check_memory(f"quantizing {out}/unet with ONNX Runtime ({human_bytes(size)} of FP32 weights)",
                      ORT_QUANTIZE_MEMORY_PEAK * size, f"its peak was {ORT_QUANTIZE_MEMORY_PEAK:g} times the weights "
                      "for SD 1.5 calibrated at 512 px: quantize on a machine with more memory", share=1.0)

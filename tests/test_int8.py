@@ -362,10 +362,11 @@ def test_ort_quantizer_scales_equal_stock_quantize_static(export_fp32, calib, tm
     calibrator takes every Conv/MatMul/Gemm input and output: 19.6 against 9.7 GiB for one 512 px batch of SD
     1.5), batch by batch, and quantize_static's own pass sees one image at the smallest size: every activation
     scale equals stock quantize_static's over the same batches, where one scale from that small pass would not."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import quantize_static
 
     from sdexport.calibration import load_calibration
-    from sdexport.quantize import QUANTIZABLE_OPS, _Reader, _run_ort, exclude_patterns, select_nodes
+    from sdexport.quantize import (QUANTIZABLE_OPS, _ort_qdq_settings, _Reader, _run_ort, exclude_patterns,
+                                   select_nodes)
 
     src = export_fp32 / "unet" / "model.onnx"
     batches = load_calibration(calib).batches(8)
@@ -381,20 +382,12 @@ def test_ort_quantizer_scales_equal_stock_quantize_static(export_fp32, calib, tm
     weights = {i.name for i in graph.initializer}
     every = {t for n in graph.node if n.op_type in QUANTIZABLE_OPS for t in [*n.input, *n.output]} - weights - {""}
     assert calibrated and calibrated < every and len(calibrated) < 0.6 * len(every)
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "DedicatedQDQPair": False,
-             "OpTypesToExcludeOutputQuantization": list(QUANTIZABLE_OPS), "CalibTensorRangeSymmetric": True,
-             "QDQOpTypePerChannelSupportToAxis": {"Conv": 0}}
-    quantize_static(str(src), str(tmp_path / "stock.onnx"), _Reader(batches), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=to_quantize,
-                    nodes_to_exclude=list(excluded), per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+    settings = _ort_qdq_settings(to_quantize, excluded, False)  # sdexport's settings, without its overrides
+    quantize_static(str(src), str(tmp_path / "stock.onnx"), _Reader(batches), **settings)
     ours, stock = activation_scales(tmp_path / "ours" / "qdq.onnx"), activation_scales(tmp_path / "stock.onnx")
     assert len(stock) >= 60 and ours.keys() == stock.keys()
     assert all(ours[k] == pytest.approx(stock[k], rel=1e-6) for k in stock)
-    quantize_static(str(src), str(tmp_path / "small.onnx"), _Reader([small]), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZABLE_OPS), nodes_to_quantize=to_quantize,
-                    nodes_to_exclude=list(excluded), per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+    quantize_static(str(src), str(tmp_path / "small.onnx"), _Reader([small]), **settings)
     alone = activation_scales(tmp_path / "small.onnx")
     assert sum(alone[k] != pytest.approx(stock[k], rel=1e-3) for k in stock) > len(stock) // 2
 
