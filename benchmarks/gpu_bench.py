@@ -18,6 +18,8 @@ Stages (each writes OUT/<stage>.json, and can be re-run alone on a warm machine)
   sdxl-trt  the FP16 export of sdxl-random and TensorRT builds of every component (build time, plan size)
   sdxl-sweep  SDXL images/s at batch 1, 2, 4, 8 (1024 px): torch.compile + CUDA graph vs the dynamic-batch
            Inductor engine with step graphs
+  sdxl-static  SDXL images/s where one batch size is served (--batches, one per process): static Inductor
+           packages for that size with step graphs vs torch.compile + CUDA graph compiled first at that size
 
 usage: python benchmarks/gpu_bench.py STAGE [--work /tmp/sdx] [--out DIR]
 """
@@ -386,6 +388,65 @@ def stage_sdxl_sweep(work: Path, out: Path) -> None:
     _sweep_dynamic(out, "sdxl-sweep", result, e32s, e32s, batches)
 
 
+def stage_sdxl_static(work: Path, out: Path) -> None:
+    """SDXL images/s where one batch size is served (1024 px, 30 Euler steps, guidance 5.0): for each of
+    --batches, the static Inductor packages (UNet FP16, VAE FP32 as ``force_upcast`` asks) for exactly that many
+    images, with step graphs, against torch.compile + CUDA graph compiled first at that size (so it specializes
+    on it, as the packages do; torch._dynamo is reset before it). The engine row runs before and after the
+    peer's, so drift on the machine shows as a gap between the two. Run one batch size per process for the
+    committed numbers. Writes its own export (``sdxl-e32b``: text encoders and VAE) beside the preset."""
+    from sdexport.export import export
+    from sdexport.inductor import build as build_inductor
+
+    model, _ = _sdxl_dirs(work)
+    e32b = work / "sdxl-e32b"
+    result = {**header(), "steps": {}, "batch": [], "static_vs_compile_images_per_second": {}}
+    size = SDXL_SIZE // 2 if OPTS.quick else SDXL_SIZE  # run_config's --quick quarters it: 128 px on sdxl-tiny
+    compiled = SDXL_SIZE // 8 if OPTS.quick else SDXL_SIZE
+
+    def timed(step, fn):
+        return timed_step(result, out, "sdxl-static", step, fn)
+
+    _sdxl_preset(model, timed)
+    timed("export fp32", lambda: export(str(model), e32b, components=[p for p in SDXL_PARTS if p != "unet"],
+                                        max_images=max(OPTS.batches), say=log))
+    base = dict(prompt=PROMPT, negative_prompt=None, steps=30, guidance_scale=5.0, seed=0, scheduler="euler",
+                height=size, width=size)
+    result["settings"] = {k: v for k, v in base.items() if k != "prompt"}
+    engine = "FP16 engine: Inductor AOT static batch + step graph"
+    peer = "FP16 torch.compile + CUDA graph (compiled first at this batch)"
+    for b in OPTS.batches:
+        timed(f"inductor static batch {b}", lambda: build_inductor(
+            e32b, f"{compiled}x{compiled}", batch=b, components=["unet", "vae_decoder"],
+            precision=_inductor_precision(), device=OPTS.device, say=log))
+        settings = {**base, "batch_size": b}
+        rows = {}
+        gpu = OPTS.device != "cpu"  # a CPU dry run checks the code paths: no graphs, FP32
+        engine_options = {"step_graph": True} if gpu else {}
+        peer_options = {"dtype": "fp16", "compile": True, "cuda_graph": True} if gpu else {"compile": True}
+        for key, label, backend, options in (
+                ("engine", engine, "inductor", engine_options),
+                ("peer", peer, "torch", peer_options),
+                ("engine_again", engine + " (again, after the peer)", "inductor", engine_options)):
+            if backend == "torch":
+                import torch
+
+                torch._dynamo.reset()
+            row = run_config(label, e32b, backend, options, {}, [settings], runs=3, warmup=1)[0]
+            rows[key] = row
+        images = {k: r.pop("image", None) for k, r in rows.items()}
+        for key, row in rows.items():
+            if key != "peer" and images.get(key) is not None and images.get("peer") is not None:
+                row["psnr_vs_peer"] = _psnr(images[key], images["peer"])
+            result["batch"].append({"batch": b, **row})
+        ips = {k: r.get("images_per_second") for k, r in rows.items()}
+        if ips["peer"] and ips["engine"]:
+            result["static_vs_compile_images_per_second"][b] = {
+                "engine": round(ips["engine"] / ips["peer"], 4),
+                **({"engine_again": round(ips["engine_again"] / ips["peer"], 4)} if ips["engine_again"] else {})}
+        save(out, "sdxl-static", result)
+
+
 def stage_trt(work: Path, out: Path) -> None:
     result = {**header()}
     try:
@@ -744,7 +805,8 @@ def stage_sdxl(work: Path, out: Path, only: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["prepare", "serve-prepare", "ortprep", "fourway", "sweep", "trt", "profile", "int8",
-                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "sdxl-trt", "sdxl-sweep", "lora"])
+                                          "sdxl-prepare", "sdxl-ortprep", "sdxl", "sdxl-trt", "sdxl-sweep", "sdxl-static",
+                                          "lora"])
     parser.add_argument("--work", default="/tmp/sdx")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/raw"))
     parser.add_argument("--only", default=None, help="fourway: run only configs whose label contains one of these (comma-separated)")
@@ -776,7 +838,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     {"prepare": stage_prepare, "serve-prepare": stage_serve_prepare, "ortprep": stage_ortprep, "sweep": stage_sweep, "trt": stage_trt,
      "profile": stage_profile, "int8": stage_int8, "sdxl-prepare": stage_sdxl_prepare,
-     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl-trt": stage_sdxl_trt, "sdxl-sweep": stage_sdxl_sweep, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
+     "sdxl-ortprep": stage_sdxl_ortprep, "sdxl-trt": stage_sdxl_trt, "sdxl-sweep": stage_sdxl_sweep,
+     "sdxl-static": stage_sdxl_static, "lora": stage_lora, "sdxl": lambda w, o: stage_sdxl(w, o, args.only)}.get(
         args.stage, lambda w, o: stage_fourway(w, o, args.only, [int(x) for x in args.steps.split(",")]))(work, out)
 
 
