@@ -408,8 +408,9 @@ def stage_sdxl_static(work: Path, out: Path) -> None:
         return timed_step(result, out, "sdxl-static", step, fn)
 
     _sdxl_preset(model, timed)
+    # up to 8 images whatever --batches is, so that a process per batch size reuses the first one's export
     timed("export fp32", lambda: export(str(model), e32b, components=[p for p in SDXL_PARTS if p != "unet"],
-                                        max_images=max(OPTS.batches), say=log))
+                                        max_images=max(8, *OPTS.batches), say=log))
     base = dict(prompt=PROMPT, negative_prompt=None, steps=30, guidance_scale=5.0, seed=0, scheduler="euler",
                 height=size, width=size)
     result["settings"] = {k: v for k, v in base.items() if k != "prompt"}
