@@ -1,7 +1,8 @@
 """Turn the JSON of benchmarks/gpu.sh into the committed Markdown report and chart.
 
-usage: python benchmarks/report.py RESULTS_DIR      (writes RESULTS_DIR/README.md and fourway.png;
-                                                     the chart needs matplotlib: pip install matplotlib)
+usage: python benchmarks/report.py RESULTS_DIR      (writes RESULTS_DIR/README.md, and fourway.png or
+                                                     sdxl-throughput.png; the charts need matplotlib:
+                                                     pip install matplotlib)
 """
 
 from __future__ import annotations
@@ -202,6 +203,72 @@ def int8_section(int8) -> list[str]:
     return md
 
 
+def load_static(d: Path) -> list[dict]:
+    """The sdxl-static stage's JSON, one per process (one batch size each): DIR/sdxl-static.json and
+    DIR/*/sdxl-static.json, merged (each row keeps its own commit, command and date)."""
+    found = [d / "sdxl-static.json"] + sorted(d.glob("*/sdxl-static.json"))
+    return [json.loads(p.read_text()) for p in found if p.is_file()]
+
+
+def static_section(runs: list[dict], path: Path) -> list[str]:
+    """Issue 14's throughput where one batch size is served: the static packages vs torch.compile compiled first
+    at that size, per batch, with the engine measured before and after the peer (the drift check)."""
+    md = ["## SDXL images/s where one batch size is served (sdxl-static)", "",
+          "Each batch size ran in its own process: the static Inductor packages for exactly that many images "
+          "(UNet FP16, VAE FP32) with step graphs, then torch.compile + CUDA graph compiled first at that size, "
+          "then the engine again. 1024x1024, 30 Euler steps, guidance 5.0, 3 timed runs after one warm-up each.", "",
+          "| batch | sdexport images/s (before / after the peer) | torch.compile images/s | ratio | UNet ms/step "
+          "(sdexport / torch.compile) | VAE ms | text encoders ms | PSNR sdexport vs torch.compile | commit |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    bars = []
+    for run in sorted(runs, key=lambda r: min((row["batch"] for row in r.get("batch", [])), default=0)):
+        rows = [r for r in run.get("batch", []) if "error" not in r]
+        for b in sorted({r["batch"] for r in rows}):
+            at = [r for r in rows if r["batch"] == b]
+            peer = next((r for r in at if "torch.compile" in r["label"]), None)
+            engines = [r for r in at if "engine" in r["label"]]
+            if not peer or not engines:
+                continue
+            first = engines[0]
+            ratio = first["images_per_second"] / peer["images_per_second"]
+            again = engines[1]["images_per_second"] if len(engines) > 1 else None
+            md.append(
+                f"| {b} | {first['images_per_second']:.3f} / {fmt(again, 3)} | {peer['images_per_second']:.3f} | "
+                f"**{ratio:.3f}x** ({'met' if ratio >= 1 else 'MISSED'}) | {first['unet_step_ms']['median_ms']:.2f} / "
+                f"{peer['unet_step_ms']['median_ms']:.2f} | {first['stages_ms']['vae_decoder']:.0f} / "
+                f"{peer['stages_ms']['vae_decoder']:.0f} | {first['stages_ms']['text_encoder']:.1f} / "
+                f"{peer['stages_ms']['text_encoder']:.1f} | {first.get('psnr_vs_peer', '-')} dB | "
+                f"{str(run.get('commit'))[:8]} |")
+            bars.append((b, first["images_per_second"], peer["images_per_second"]))
+    md.append("")
+    if bars and throughput_chart(bars, path):
+        md += [f"![SDXL images/s per batch size]({path.name})", ""]
+    return md
+
+
+def throughput_chart(bars, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(bars))
+    ax.bar([i - 0.2 for i in x], [b[1] for b in bars], width=0.4, label="sdexport: Inductor AOT static + step graph")
+    ax.bar([i + 0.2 for i in x], [b[2] for b in bars], width=0.4, label="torch.compile + CUDA graph")
+    for i, (_, engine, peer) in enumerate(bars):
+        ax.text(i, max(engine, peer) * 1.01, f"{engine / peer:.3f}x", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(list(x), [f"batch {b[0]}" for b in bars])
+    ax.set_ylabel("images/s (SDXL, 1024 px, 30 steps)")
+    ax.set_ylim(0, max(max(b[1], b[2]) for b in bars) * 1.15)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def chart(rows, path: Path) -> bool:
     try:
         import matplotlib
@@ -229,7 +296,8 @@ def chart(rows, path: Path) -> bool:
 def main(d: Path) -> None:
     prep, four, sweep, trt, prof, int8, sdxl = (load(d, n) for n in ("prepare", "fourway", "sweep", "trt", "profile",
                                                                      "int8", "sdxl"))
-    head = four or prep or sdxl
+    static = load_static(d)
+    head = four or prep or sdxl or (static[0] if static else None)
     m, v = head["machine"], head["versions"]
     md = [f"# GPU results: {m.get('gpu')} ({d.name})", "",
           f"- device: {m.get('gpu')}, compute capability {m.get('compute_capability')}, driver {m.get('driver')}, "
@@ -270,6 +338,8 @@ def main(d: Path) -> None:
         md.append("")
     if sdxl:
         md += sdxl_section(sdxl)
+    if static:
+        md += static_section(static, d / "sdxl-throughput.png")
     if prof:
         md += ["## Where the time goes (one UNet step, batch 2, 64x64 latent)", "", prof.get("note", ""), ""]
         for label, err in (prof.get("vs_fp32") or {}).items():
