@@ -411,6 +411,14 @@ def _journal_apply(root: Path, journal: dict[str, Any]) -> None:
             if dst.exists() or dst.is_symlink():
                 (trash / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(dst, trash / rel)
+        for rel in journal["removals"]:  # a folder the removals emptied goes too (ort_cuda/unet/, ort_cuda/)
+            folder = (root / rel).parent
+            while folder != root and root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or already gone): it and its parents stay
+                    break
+                folder = folder.parent
         write_json(root / MANIFEST_NAME, journal["manifest"])
         (root / JOURNAL_NAME).unlink()
     for folder in (staging, trash):
