@@ -34,8 +34,16 @@ def record(signum: int) -> None:
     _received = signum
 
 
+_deferring = 0  # depth of ``deferred`` sections on the main thread
+_held: int | None = None  # a signal that arrived inside one, raised when the outermost ends
+
+
 def _handler(signum, frame):
+    global _held
     record(signum)
+    if _deferring:
+        _held = signum
+        return
     raise Interrupted(signum)
 
 
@@ -50,8 +58,8 @@ def _unraisable(unraisable) -> None:
 def install() -> None:
     """Route SIGINT and SIGTERM to ``Interrupted`` (main thread only, as Python requires); a command
     starts with no signal recorded."""
-    global _received
-    _received = None
+    global _received, _held
+    _received = _held = None
     sys.unraisablehook = _unraisable
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
@@ -64,21 +72,32 @@ def received() -> int | None:
 
 
 def check() -> None:
-    """Raise ``Interrupted`` if a signal arrived, even if its exception was swallowed somewhere."""
-    if _received is not None:
+    """Raise ``Interrupted`` if a signal arrived, even if its exception was swallowed somewhere (inside a
+    ``deferred`` section: when it ends)."""
+    if _received is not None and not _deferring:
         raise Interrupted(_received)
 
 
 @contextlib.contextmanager
 def deferred():
-    """Hold SIGINT/SIGTERM back for a short critical section (applying a committed transaction);
-    a signal that arrives meanwhile is delivered when the section ends."""
+    """Hold SIGINT/SIGTERM back for a short critical section (committing a transaction); a signal that
+    arrives meanwhile is delivered (``Interrupted``) when the outermost section ends. The handler holds
+    it: blocking the signal in this thread alone does not, since the kernel then hands a signal sent to
+    the process to another thread (torch's, ONNX Runtime's) and Python runs the handler here all the same."""
+    global _deferring, _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     blocked = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    _deferring += 1
     try:
         yield
     finally:
+        _deferring -= 1
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        held = None if _deferring else _held
+        if not _deferring:
+            _held = None
+    if held is not None:  # (after an exception, the recorded signal still sets the exit status)
+        raise Interrupted(held)

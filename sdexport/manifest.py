@@ -524,9 +524,14 @@ class Transaction:
         shutil.rmtree(self.staging / ".scratch", ignore_errors=True)
         journal = {"id": self.id, "command": self.what, "moves": self.moves, "removals": self.removals,
                    "manifest": self.manifest.data}
-        write_json(self.root / JOURNAL_NAME, journal)
-        self.journaled = True
-        _journal_apply(self.root, journal)
+        # The commit point (the journal's rename), the flag that keeps abandon() off the staging area it names,
+        # and its application, with SIGINT/SIGTERM held back: one that came between the rename and the flag
+        # deleted the staging area the journal moves from; one after the rename is delivered once the new
+        # state is in place.
+        with interrupts.deferred():
+            write_json(self.root / JOURNAL_NAME, journal)
+            self.journaled = True
+            _journal_apply(self.root, journal)
 
     def abandon(self) -> None:
         """Drop what was staged, unless the transaction was committed (a journal then finishes it)."""

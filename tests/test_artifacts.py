@@ -257,6 +257,26 @@ def test_interrupt_swallowed_inside_a_library_still_exits_130(export_fp32, tiny_
     assert snapshot(out) == before
 
 
+def test_a_signal_at_the_commit_point_is_delivered_after_it(fresh_export, tiny_model, monkeypatch):
+    """A real SIGINT right after the journal's rename (the commit point), before the transaction marked itself
+    committed: it ran as the signal came, so abandon() deleted the staging area the journal moves from, and the
+    next command applied a journal whose new files were gone. The commit now holds signals back until the new
+    export is in place: none is pending after exit 130, and the export is whole."""
+    real = mf.write_json
+
+    def write_json(path, data):
+        real(path, data)
+        if Path(path).name == mf.JOURNAL_NAME:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(mf, "write_json", write_json)
+    result = run_cli("export", tiny_model, "-o", fresh_export, "--components", "vae_decoder", "--force")
+    assert result.exit_code == 130, result.stderr
+    names = {p.name for p in fresh_export.iterdir()}
+    assert mf.JOURNAL_NAME not in names and not any(_leftover(Path(n)) for n in names), names
+    verify_whole(fresh_export)
+
+
 @pytest.mark.parametrize("damage", ["empty", "missing", "foreign"])
 def test_a_model_without_its_tokenizer_is_refused(tiny_model, tmp_path, damage):
     """Without its tokenizer every prompt would give the same image: refused before anything is written."""
