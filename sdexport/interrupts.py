@@ -5,7 +5,8 @@ libraries treat it as one and every ``with`` block unwinds: temporary files go, 
 released). An exception raised inside a ``__del__`` or a callback from C is swallowed by
 Python; the recorded signal is not: ``Transaction.commit`` refuses to commit after it, and
 the CLI exits 128 + signal (130 for Ctrl-C, 143 for SIGTERM) even if the command body went on
-to return normally.
+to return normally. A signal that arrives after a transaction's commit point cannot undo it: the
+transaction notes itself (``committed``) and the CLI's line says what was written whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import threading
 
 _received: int | None = None
+_committed: list[str] = []  # what this command has committed (Transaction.commit), for the interrupt's line
 
 
 class Interrupted(KeyboardInterrupt):
@@ -60,6 +62,7 @@ def install() -> None:
     starts with no signal recorded."""
     global _received, _held
     _received = _held = None
+    _committed.clear()
     sys.unraisablehook = _unraisable
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
@@ -69,6 +72,16 @@ def install() -> None:
 def received() -> int | None:
     """The signal number received so far in this process, if any."""
     return _received
+
+
+def committed(what: str) -> None:
+    """Note that ``what`` (e.g. "sdexport export had written OUT") is committed: an interrupt after this point
+    leaves it complete, and the CLI says so instead of 'nothing partial was left'."""
+    _committed.append(what)
+
+
+def committed_so_far() -> list[str]:
+    return list(_committed)
 
 
 def check() -> None:

@@ -527,10 +527,11 @@ class Transaction:
         # The commit point (the journal's rename), the flag that keeps abandon() off the staging area it names,
         # and its application, with SIGINT/SIGTERM held back: one that came between the rename and the flag
         # deleted the staging area the journal moves from; one after the rename is delivered once the new
-        # state is in place.
+        # state is in place, and the CLI's line says it was written (interrupts.committed).
         with interrupts.deferred():
             write_json(self.root / JOURNAL_NAME, journal)
             self.journaled = True
+            interrupts.committed(f"sdexport {self.what} had written {self.root}")
             _journal_apply(self.root, journal)
 
     def abandon(self) -> None:
