@@ -27,6 +27,7 @@ Slices, Gelu and Mul ran as separate kernels, about 1 ms of a 7.6 ms UNet step).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import shutil
@@ -163,6 +164,29 @@ def _fuse_geglu(model) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """ONNX Runtime's UNet/VAE optimizer (onnx_model_unet.UnetOnnxModel.optimize) draws a tqdm bar ("fusion",
+    18 steps) between sdexport's own progress lines: its bars are created disabled while it runs. Only the
+    bars: its log records, warnings and exceptions come through as before."""
+    try:
+        import tqdm
+    except ImportError:  # the optimizer then runs without a bar by itself
+        yield
+        return
+    bar = tqdm.tqdm
+
+    class Disabled(bar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    tqdm.tqdm = Disabled
+    try:
+        yield
+    finally:
+        tqdm.tqdm = bar
+
+
 def _optimize(fp32_path: Path, out_path: Path, model_type: str, fp32_node_patterns: tuple[str, ...] = ()) -> None:
     """ONNX Runtime's optimizer fusions, then its FP16 conversion (what its SD demo's
     OrtStableDiffusionOptimizer does, minus its size check, which raises on >2 GB protos). Nodes matching the
@@ -175,8 +199,9 @@ def _optimize(fp32_path: Path, out_path: Path, model_type: str, fp32_node_patter
 
     from .export import TWO_GB
 
-    model = optimize_model(str(fp32_path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                           optimization_options=FusionOptions(model_type), use_gpu=True)
+    with _no_progress_bars():
+        model = optimize_model(str(fp32_path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                               optimization_options=FusionOptions(model_type), use_gpu=True)
     if model_type == "unet":
         _fuse_geglu(model)
     keep = [n.name for n in model.model.graph.node if any(re.match(p, n.name) for p in fp32_node_patterns)]

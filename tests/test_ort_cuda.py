@@ -47,6 +47,24 @@ def test_second_prepare_is_up_to_date(prepared):
     assert sorted(manifest["ort_cuda"]) == ["unet", "vae_decoder"]
 
 
+def test_build_prints_only_its_own_progress_lines(export):
+    """build --backend ort printed ONNX Runtime's optimizer's tqdm bars ("fusion: 11%|█ | 2/18 ...") between its
+    own lines. Now stderr holds sdexport's lines only, the fusions are the same, and tqdm is left as it was."""
+    import tqdm
+
+    from conftest import run_cli
+
+    bar = tqdm.tqdm
+    result = run_cli("build", export, "--backend", "ort", "--components", "vae_decoder")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("ort-cuda vae_decoder: ") for line in lines), lines
+    assert "fusion:" not in result.stderr and "it/s" not in result.stderr and "\r" not in result.stderr
+    fused = json.loads((export / "manifest.json").read_text())["ort_cuda"]["vae_decoder"]["fused_ops"]
+    assert fused.get("GroupNorm", 0) + fused.get("SkipGroupNorm", 0) >= 10  # the optimizer ran as before
+    assert tqdm.tqdm is bar
+
+
 def test_cpu_engines_keep_the_portable_graph(prepared):
     engine = load_engines(prepared, "ort", components=["unet"])["unet"]
     assert engine.variant == "plain"
