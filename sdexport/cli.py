@@ -59,8 +59,15 @@ def _fail(exc: SdexportError):
 def _interrupted(signum: int | None) -> None:
     import signal
 
+    from . import interrupts
+
     name = signal.Signals(signum).name if signum else "SIGINT"
-    click.echo(f"interrupted ({name}); nothing partial was left under a final name", err=True)
+    done = interrupts.committed_so_far()
+    if done:  # the interrupt came after the commit point: the result is whole, the exit status still says 130/143
+        click.echo(f"interrupted ({name}) after {'; '.join(done)} (committed before the interrupt: complete)",
+                   err=True)
+    else:
+        click.echo(f"interrupted ({name}); nothing partial was left under a final name", err=True)
     sys.exit(128 + (signum or signal.SIGINT))
 
 

@@ -213,8 +213,10 @@ def stage_pipeline_files(info: ModelInfo, txn: Transaction, components: list[str
 
 
 def _describe(model: dict[str, Any], ranges: dict[str, Any], dtype: str | None) -> str:
+    loras = ", ".join(f"{Path(str(lora.get('file'))).name}:{lora.get('scale'):g}" for lora in model.get("loras") or [])
     return (f"{model.get('preset') or model.get('path')} ({dtype or '?'}, images "
-            f"{ranges.get('min_size')}-{ranges.get('max_size')} px, up to {ranges.get('max_images')} per call)")
+            f"{ranges.get('min_size')}-{ranges.get('max_size')} px, up to {ranges.get('max_images')} per call"
+            f"{', LoRA ' + loras if loras else ''})")
 
 
 def check_export_output(model: str, out: Path, max_images: int) -> None:
@@ -315,29 +317,40 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         previous = manifest.data.get("model")
         same = (previous and previous.get("weights_sha256") == info.weights_sha256
                 and manifest.data.get("ranges") == ranges.to_json() and manifest.data.get("dtype") == dtype
-                and previous.get("family") == info.family_name and previous.get("loras", []) == lora_record)
-        others = [c for c in manifest.components if c not in components]
+                and previous.get("family") == info.family_name)
+        # Another LoRA set is another input of the components a LoRA applies to (UNet, text encoders) only: those
+        # are replaced (their export keys hold the LoRAs), the VAE and what was built from it stay.
+        other_loras = previous and previous.get("loras", []) != lora_record
+
+        def replaced(name: str) -> bool:
+            spec = specs.get(VARIANT_OF.get(name, name))
+            return not same or spec is None or spec.source in parts
+
+        others = [c for c in manifest.components if c not in components and replaced(c)]
         # components of this model that --components leaves out (one the model lacks cannot be named)
         left_out = [c for c in others if c in known]
-        if previous and not same:
+        if previous and (not same or other_loras):
             if force and left_out:  # --force replaces what it is asked to, never a component it was not given
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; replacing it with {_describe(model_record, ranges.to_json(), dtype)} would delete "
                     f"{', '.join(left_out)}, which --components leaves out: name them too "
                     f"(--components {','.join(list(components) + left_out)}), or choose another -o")
-            built = [f"{section}/{name}" for section in BUILT_SECTIONS for name in manifest.data.get(section, {})]
+            built = [f"{section}/{name}" for section in BUILT_SECTIONS for name in manifest.data.get(section, {})
+                     if replaced(name)]
             if not force and (others or built):
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; exporting {_describe(model_record, ranges.to_json(), dtype)} into it would mix the two "
                     f"({', '.join(others + built)} would stay from the old one): "
                     "re-export every component with --force to replace it, or choose another -o")
-            for name in list(manifest.components):  # a different export: nothing of the old one is reusable
-                _drop_component(txn, name)
+            for name in list(manifest.components):  # a different export: nothing of what it replaces is reusable
+                if replaced(name):
+                    _drop_component(txn, name)
             for section in BUILT_SECTIONS:
                 for name in list(manifest.data.get(section, {})):
-                    _drop_artifact(txn, section, name)
+                    if replaced(name):
+                        _drop_artifact(txn, section, name)
         manifest.data["manifest_version"] = 2
         manifest.data["model"] = model_record
         manifest.data["ranges"] = ranges.to_json()

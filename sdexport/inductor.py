@@ -153,7 +153,7 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
                 dims = spec.dims_for(Geometry(2, h, w, guidance=cfg))
             key = json.loads(json.dumps({
                 "weights_sha256": export.manifest.data["model"]["weights_sha256"],
-                "loras": export.manifest.data["model"].get("loras", []), "precision": precision,
+                "loras": export.loras_of(component), "precision": precision,
                 "device": kind, "compute_capability": cc, "dims": dims, "batch_range": batch_range,
                 "torch": torch.__version__,
                 "configs": INDUCTOR_CONFIGS, "changes": graph_changes(component, precision), "sdexport": __version__}))
@@ -215,7 +215,8 @@ def check_package(export: ExportDir, component: str, device: str) -> tuple[Path,
     model = export.manifest.data["model"]
     if entry.get("key", {}).get("weights_sha256") != model["weights_sha256"]:
         raise IntegrityError(f"{path}: compiled from other weights than the export's; rebuild with --force")
-    if entry.get("key", {}).get("loras", []) != model.get("loras", []):  # packages are compiled with them fused
+    # packages are compiled with the LoRAs fused into the components they apply to
+    if export.lora_applies(component) and entry.get("key", {}).get("loras", []) != model.get("loras", []):
         raise IntegrityError(f"{path}: compiled with other fused LoRAs than the export's (sdexport export --lora); "
                              f"rebuild: sdexport build {export.root} --backend inductor --force")
     if entry["torch"] != torch.__version__:

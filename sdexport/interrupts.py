@@ -5,7 +5,8 @@ libraries treat it as one and every ``with`` block unwinds: temporary files go, 
 released). An exception raised inside a ``__del__`` or a callback from C is swallowed by
 Python; the recorded signal is not: ``Transaction.commit`` refuses to commit after it, and
 the CLI exits 128 + signal (130 for Ctrl-C, 143 for SIGTERM) even if the command body went on
-to return normally.
+to return normally. A signal that arrives after a transaction's commit point cannot undo it: the
+transaction notes itself (``committed``) and the CLI's line says what was written whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import threading
 
 _received: int | None = None
+_committed: list[str] = []  # what this command has committed (Transaction.commit), for the interrupt's line
 
 
 class Interrupted(KeyboardInterrupt):
@@ -34,8 +36,16 @@ def record(signum: int) -> None:
     _received = signum
 
 
+_deferring = 0  # depth of ``deferred`` sections on the main thread
+_held: int | None = None  # a signal that arrived inside one, raised when the outermost ends
+
+
 def _handler(signum, frame):
+    global _held
     record(signum)
+    if _deferring:
+        _held = signum
+        return
     raise Interrupted(signum)
 
 
@@ -50,8 +60,9 @@ def _unraisable(unraisable) -> None:
 def install() -> None:
     """Route SIGINT and SIGTERM to ``Interrupted`` (main thread only, as Python requires); a command
     starts with no signal recorded."""
-    global _received
-    _received = None
+    global _received, _held
+    _received = _held = None
+    _committed.clear()
     sys.unraisablehook = _unraisable
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
@@ -63,22 +74,43 @@ def received() -> int | None:
     return _received
 
 
+def committed(what: str) -> None:
+    """Note that ``what`` (e.g. "sdexport export had written OUT") is committed: an interrupt after this point
+    leaves it complete, and the CLI says so instead of 'nothing partial was left'."""
+    _committed.append(what)
+
+
+def committed_so_far() -> list[str]:
+    return list(_committed)
+
+
 def check() -> None:
-    """Raise ``Interrupted`` if a signal arrived, even if its exception was swallowed somewhere."""
-    if _received is not None:
+    """Raise ``Interrupted`` if a signal arrived, even if its exception was swallowed somewhere (inside a
+    ``deferred`` section: when it ends)."""
+    if _received is not None and not _deferring:
         raise Interrupted(_received)
 
 
 @contextlib.contextmanager
 def deferred():
-    """Hold SIGINT/SIGTERM back for a short critical section (applying a committed transaction);
-    a signal that arrives meanwhile is delivered when the section ends."""
+    """Hold SIGINT/SIGTERM back for a short critical section (committing a transaction); a signal that
+    arrives meanwhile is delivered (``Interrupted``) when the outermost section ends. The handler holds
+    it: blocking the signal in this thread alone does not, since the kernel then hands a signal sent to
+    the process to another thread (torch's, ONNX Runtime's) and Python runs the handler here all the same."""
+    global _deferring, _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     blocked = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    _deferring += 1
     try:
         yield
     finally:
+        _deferring -= 1
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        held = None if _deferring else _held
+        if not _deferring:
+            _held = None
+    if held is not None:  # (after an exception, the recorded signal still sets the exit status)
+        raise Interrupted(held)

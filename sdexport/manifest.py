@@ -411,6 +411,14 @@ def _journal_apply(root: Path, journal: dict[str, Any]) -> None:
             if dst.exists() or dst.is_symlink():
                 (trash / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(dst, trash / rel)
+        for rel in journal["removals"]:  # a folder the removals emptied goes too (ort_cuda/unet/, ort_cuda/)
+            folder = (root / rel).parent
+            while folder != root and root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or already gone): it and its parents stay
+                    break
+                folder = folder.parent
         write_json(root / MANIFEST_NAME, journal["manifest"])
         (root / JOURNAL_NAME).unlink()
     for folder in (staging, trash):
@@ -516,9 +524,15 @@ class Transaction:
         shutil.rmtree(self.staging / ".scratch", ignore_errors=True)
         journal = {"id": self.id, "command": self.what, "moves": self.moves, "removals": self.removals,
                    "manifest": self.manifest.data}
-        write_json(self.root / JOURNAL_NAME, journal)
-        self.journaled = True
-        _journal_apply(self.root, journal)
+        # The commit point (the journal's rename), the flag that keeps abandon() off the staging area it names,
+        # and its application, with SIGINT/SIGTERM held back: one that came between the rename and the flag
+        # deleted the staging area the journal moves from; one after the rename is delivered once the new
+        # state is in place, and the CLI's line says it was written (interrupts.committed).
+        with interrupts.deferred():
+            write_json(self.root / JOURNAL_NAME, journal)
+            self.journaled = True
+            interrupts.committed(f"sdexport {self.what} had written {self.root}")
+            _journal_apply(self.root, journal)
 
     def abandon(self) -> None:
         """Drop what was staged, unless the transaction was committed (a journal then finishes it)."""

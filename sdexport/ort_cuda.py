@@ -27,6 +27,7 @@ Slices, Gelu and Mul ran as separate kernels, about 1 ms of a 7.6 ms UNet step).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import shutil
@@ -163,6 +164,29 @@ def _fuse_geglu(model) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """ONNX Runtime's UNet/VAE optimizer (onnx_model_unet.UnetOnnxModel.optimize) draws a tqdm bar ("fusion",
+    18 steps) between sdexport's own progress lines: its bars are created disabled while it runs. Only the
+    bars: its log records, warnings and exceptions come through as before."""
+    try:
+        import tqdm
+    except ImportError:  # the optimizer then runs without a bar by itself
+        yield
+        return
+    bar = tqdm.tqdm
+
+    class Disabled(bar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    tqdm.tqdm = Disabled
+    try:
+        yield
+    finally:
+        tqdm.tqdm = bar
+
+
 def _optimize(fp32_path: Path, out_path: Path, model_type: str, fp32_node_patterns: tuple[str, ...] = ()) -> None:
     """ONNX Runtime's optimizer fusions, then its FP16 conversion (what its SD demo's
     OrtStableDiffusionOptimizer does, minus its size check, which raises on >2 GB protos). Nodes matching the
@@ -175,8 +199,9 @@ def _optimize(fp32_path: Path, out_path: Path, model_type: str, fp32_node_patter
 
     from .export import TWO_GB
 
-    model = optimize_model(str(fp32_path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                           optimization_options=FusionOptions(model_type), use_gpu=True)
+    with _no_progress_bars():
+        model = optimize_model(str(fp32_path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                               optimization_options=FusionOptions(model_type), use_gpu=True)
     if model_type == "unet":
         _fuse_geglu(model)
     keep = [n.name for n in model.model.graph.node if any(re.match(p, n.name) for p in fp32_node_patterns)]
@@ -224,11 +249,12 @@ def _check_space(export: ExportDir, info, names: list[str]) -> None:
     limits.check_disk(export.root, max(need, made), f"build --backend ort ({', '.join(names)})")
 
 
-def _key(export: ExportDir, opset: int) -> dict[str, Any]:
+def _key(export: ExportDir, opset: int, component: str) -> dict[str, Any]:
     """What a prepared component is made from (its rebuild key): the source model is exported with the LoRAs
-    fused into the export (ExportDir.source_model), so they are part of it as the weights are."""
+    fused into the export (ExportDir.source_model), so they are part of it as the weights are, for the components
+    a LoRA applies to (ExportDir.loras_of: not the VAE)."""
     model = export.manifest.data["model"]
-    return json.loads(json.dumps({"weights_sha256": model["weights_sha256"], "loras": model.get("loras", []),
+    return json.loads(json.dumps({"weights_sha256": model["weights_sha256"], "loras": export.loras_of(component),
                                   "opset": opset, "recipe": RECIPE, "ranges": export.ranges.to_json(),
                                   "versions": versions()}))
 
@@ -242,7 +268,7 @@ def check_variant(export: ExportDir, component: str) -> dict[str, Any] | None:
         remedy = f"rebuild: sdexport build {export.root} --backend ort"
         if key.get("weights_sha256") != model["weights_sha256"]:
             raise IntegrityError(f"{export.root / entry['file']}: made from other weights than the export's; {remedy}")
-        if key.get("loras", []) != model.get("loras", []):
+        if export.lora_applies(component) and key.get("loras", []) != model.get("loras", []):
             raise IntegrityError(f"{export.root / entry['file']}: made with other fused LoRAs than the export's "
                                  f"(sdexport export --lora); {remedy}")
     return entry
@@ -274,11 +300,11 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
         for name in components:
             if name not in MODEL_TYPES:
                 raise UsageError(f"ort-cuda variant: unsupported component {name} (choose {', '.join(MODEL_TYPES)})")
-        key = _key(export, opset)
+        keys = {n: _key(export, opset, n) for n in components}
         # the up-to-date test hashes the variant's files (5 GB for the SDXL UNet): once, for the disk check and
         # the loop
         stale = [n for n in components if not export.spec(n).keep_fp32
-                 and not _up_to_date(export, variants.get(n), key)]
+                 and not _up_to_date(export, variants.get(n), keys[n])]
         _check_space(export, info, stale)
         changed = False
         for name in components:
@@ -313,7 +339,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
             entry = {"file": f"{vkey}/{name}/model.onnx", "sha256": sha256_file(out / "model.onnx"),
                      "external_data": [{"file": f"{vkey}/{name}/{n}", "sha256": sha256_file(out / n)} for n in extra],
                      "fused_ops": _fused_counts(out / "model.onnx"),
-                     "seconds": round(time.perf_counter() - t0, 1), "key": key}
+                     "seconds": round(time.perf_counter() - t0, 1), "key": keys[name]}
             variants[name] = entry
             changed = True
             say(f"ort-cuda {name}: {entry['fused_ops']} ({entry['seconds']} s)")

@@ -121,6 +121,18 @@ class ExportDir:
             raise IntegrityError(f"{self.root}: component '{name}' is not part of a {self.family.description} export")
         return self.specs[name]
 
+    def lora_applies(self, component: str) -> bool:
+        """Whether a LoRA can change ``component`` (lora.lora_parts: the UNet and text encoders, not the VAE)."""
+        from .lora import lora_parts
+
+        return self.spec(component).source in lora_parts(self.info)
+
+    def loras_of(self, component: str) -> list[dict[str, Any]]:
+        """The LoRAs fused into ``component`` (as the manifest records them): the export's where a LoRA applies,
+        none elsewhere. Part of the rebuild key of what is made from the source model (ORT CUDA variant, Inductor
+        package), so another LoRA set rebuilds those of the UNet and text encoders only."""
+        return self.manifest.data["model"].get("loras", []) if self.lora_applies(component) else []
+
     @property
     def dtype(self) -> str:
         """The precision the export was made in (``export --dtype``)."""

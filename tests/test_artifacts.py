@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -255,6 +256,61 @@ def test_interrupt_swallowed_inside_a_library_still_exits_130(export_fp32, tiny_
     result = run_cli("export", tiny_model, "-o", out, "--components", "unet", "--force")  # refused at the commit
     assert result.exit_code == 130, result.stderr
     assert snapshot(out) == before
+
+
+def test_interrupt_after_the_commit_says_the_export_was_written(tiny_model, tmp_path):
+    """A real SIGINT that reaches a real export after its commit point: the new export is whole, and the one
+    line said 'nothing partial was left' as if it had been stopped before (exit 130 and no word that it was
+    written). The exit status still says the command was interrupted (130: a script stops); the line says the
+    export was written, complete."""
+    out, mark = tmp_path / "e", tmp_path / "committed"
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from sdexport import manifest\n"
+              "commit = manifest.Transaction.commit\n"
+              "def committed_then_wait(self):\n"
+              "    commit(self)\n"
+              "    Path(sys.argv[1]).write_text('')\n"
+              "    time.sleep(120)\n"
+              "manifest.Transaction.commit = committed_then_wait\n"
+              "from sdexport.cli import cli\n"
+              "cli(sys.argv[2:], prog_name='sdexport')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(mark), "export", str(tiny_model), "-o", str(out),
+                             "--components", "vae_decoder"], env=sdexport_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not mark.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=60)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == (f"interrupted (SIGINT) after sdexport export had written {out} (committed before the "
+                    "interrupt: complete)"), last
+    assert set(verify_whole(out)["components"]) == {"vae_decoder"}
+
+
+def test_a_signal_at_the_commit_point_is_delivered_after_it(fresh_export, tiny_model, monkeypatch):
+    """A real SIGINT right after the journal's rename (the commit point), before the transaction marked itself
+    committed: it ran as the signal came, so abandon() deleted the staging area the journal moves from, and the
+    next command applied a journal whose new files were gone. The commit now holds signals back until the new
+    export is in place: none is pending after exit 130, and the export is whole."""
+    real = mf.write_json
+
+    def write_json(path, data):
+        real(path, data)
+        if Path(path).name == mf.JOURNAL_NAME:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(mf, "write_json", write_json)
+    result = run_cli("export", tiny_model, "-o", fresh_export, "--components", "vae_decoder", "--force")
+    assert result.exit_code == 130, result.stderr
+    assert "committed before the interrupt" in result.stderr.strip().splitlines()[-1], result.stderr
+    names = {p.name for p in fresh_export.iterdir()}
+    assert mf.JOURNAL_NAME not in names and not any(_leftover(Path(n)) for n in names), names
+    verify_whole(fresh_export)
 
 
 @pytest.mark.parametrize("damage", ["empty", "missing", "foreign"])

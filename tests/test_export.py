@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import numpy as np
 import onnx
@@ -361,6 +362,29 @@ def test_another_export_is_refused_where_any_built_engine_would_stay(tiny_model,
     manifest = load_manifest(out)
     assert not manifest["engines"] and not manifest.get("ort_cuda")
     assert not list((out / "engines").glob("*.plan")) and not list((out / "ort_cuda").rglob("*.onnx"))
+    assert not _empty_dirs(out)
+
+
+def _empty_dirs(root) -> list[str]:
+    return [str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_dir() and not any(p.iterdir())]
+
+
+def test_reexport_removes_a_dropped_ort_cuda_variant_whole(tiny_model, export_fp32, tmp_path):
+    """A re-export of a component drops the ONNX Runtime CUDA variant built from it: its files went, and the
+    empty ort_cuda/vae_decoder/ and ort_cuda/ folders stayed behind. Now what is dropped goes whole, in the
+    export's transaction: no empty folder, and the manifest names no variant."""
+    from conftest import run_cli
+
+    from sdexport.ort_cuda import prepare
+
+    out = shutil.copytree(export_fp32, tmp_path / "e")
+    prepare(out, components=("vae_decoder",))
+    assert (out / "ort_cuda" / "vae_decoder" / "model.onnx").is_file() and not _empty_dirs(out)
+    result = run_cli("export", tiny_model, "-o", out, "--components", "vae_decoder", "--force")
+    assert result.exit_code == 0, result.stderr
+    assert not load_manifest(out).get("ort_cuda")
+    assert not (out / "ort_cuda").exists()
+    assert not _empty_dirs(out), _empty_dirs(out)
 
 
 def test_force_replaces_an_export_of_a_model_with_other_components(tiny_model, sdxl_tiny_model, tmp_path):

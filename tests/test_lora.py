@@ -174,6 +174,39 @@ def test_changed_lora_means_reexport(tiny_model, loras, tmp_path):
     assert any("text_encoder: exporting" in m for m in messages), messages
 
 
+def test_another_lora_scale_reexports_only_what_the_lora_applies_to(fused_export, tiny_model, loras, tmp_path):
+    """A LoRA changes the UNet and text encoders, never the VAE: a re-export with another scale re-exported the
+    VAE too (another LoRA set counted as another export). Now the VAE's files stay as they were (same inode,
+    mtime and manifest entry) and the UNet and text encoder are re-exported with the new scale."""
+    from sdexport.export import export
+    from sdexport.manifest import sha256_file
+
+    out = shutil.copytree(fused_export, tmp_path / "e")
+    before = load_manifest(out)
+
+    def files(name):
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / name).iterdir()}
+
+    was = {name: files(name) for name in before["components"]}
+    messages: list[str] = []
+    new = [f"{loras['a']}:0.3", f"{loras['kohya']}:0.5"]
+    export(str(tiny_model), out, loras=new, max_images=2, say=messages.append)
+    after = load_manifest(out)
+    for name in ("vae_decoder", "vae_encoder"):
+        assert any(f"{name}: up to date" in m for m in messages), messages
+        assert files(name) == was[name], name
+        assert after["components"][name] == before["components"][name]
+        assert sha256_file(out / name / "model.onnx") == before["components"][name]["sha256"]
+    want = [lora.to_json() for lora in open_loras(new)]
+    assert after["model"]["loras"] == want
+    for name in ("unet", "text_encoder"):
+        assert set(files(name).values()).isdisjoint(was[name].values()), name  # written anew
+        assert after["components"][name]["key"]["loras"] == want
+        assert after["components"][name]["sha256"] != before["components"][name]["sha256"]
+        assert sha256_file(out / name / "model.onnx") == after["components"][name]["sha256"]
+    ExportDir.open(out).check_components(list(after["components"]))  # one export: the runtime opens it all
+
+
 # --- the weights map ----------------------------------------------------------------------------------
 
 def test_weights_map_against_the_onnx_file(export_fp32, tiny_model):

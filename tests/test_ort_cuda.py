@@ -47,6 +47,24 @@ def test_second_prepare_is_up_to_date(prepared):
     assert sorted(manifest["ort_cuda"]) == ["unet", "vae_decoder"]
 
 
+def test_build_prints_only_its_own_progress_lines(export):
+    """build --backend ort printed ONNX Runtime's optimizer's tqdm bars ("fusion: 11%|█ | 2/18 ...") between its
+    own lines. Now stderr holds sdexport's lines only, the fusions are the same, and tqdm is left as it was."""
+    import tqdm
+
+    from conftest import run_cli
+
+    bar = tqdm.tqdm
+    result = run_cli("build", export, "--backend", "ort", "--components", "vae_decoder")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("ort-cuda vae_decoder: ") for line in lines), lines
+    assert "fusion:" not in result.stderr and "it/s" not in result.stderr and "\r" not in result.stderr
+    fused = json.loads((export / "manifest.json").read_text())["ort_cuda"]["vae_decoder"]["fused_ops"]
+    assert fused.get("GroupNorm", 0) + fused.get("SkipGroupNorm", 0) >= 10  # the optimizer ran as before
+    assert tqdm.tqdm is bar
+
+
 def test_cpu_engines_keep_the_portable_graph(prepared):
     engine = load_engines(prepared, "ort", components=["unet"])["unet"]
     assert engine.variant == "plain"
@@ -156,13 +174,14 @@ def test_variant_follows_the_exports_loras(prepared, tiny_model, tmp_path):
     """The variant is exported from the source model with the export's fused LoRAs (source_model): its
     rebuild key held the weights but not the LoRAs, so a variant made with other LoRAs (or none) was 'up to
     date' and the CUDA engine ran it. Now: prepare rebuilds it, and an engine refuses a variant whose LoRAs
-    are not the export's."""
+    are not the export's. A LoRA never changes the VAE: its variant stays up to date and opens (it used to be
+    rebuilt for every other LoRA set)."""
     from test_lora import _peft_lora
 
     from sdexport.backends.ort import OrtEngine
     from sdexport.errors import IntegrityError
     from sdexport.lora import open_loras
-    from sdexport.ort_cuda import check_variant
+    from sdexport.ort_cuda import _key, check_variant
     from sdexport.runtime import ExportDir
 
     out = shutil.copytree(prepared, tmp_path / "e")
@@ -173,16 +192,14 @@ def test_variant_follows_the_exports_loras(prepared, tiny_model, tmp_path):
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(IntegrityError, match="other fused LoRAs"):
         OrtEngine(ExportDir.open(out), "unet", variant="ort_cuda")
+    assert _key(ExportDir.open(out), 17, "unet")["loras"] == data["model"]["loras"]  # prepare rebuilds it
     OrtEngine(ExportDir.open(out), "text_encoder", variant="ort_cuda")  # not in the variant: the plain export
+    vae = data["ort_cuda"]["vae_decoder"]
+    assert check_variant(ExportDir.open(out), "vae_decoder") == vae  # what the CUDA engine opens
     messages = []
-    prepare(out, components=("vae_decoder",), say=messages.append)  # no LoRA part: a rebuild all the same
-    assert not any("up to date" in m for m in messages), messages
-    rebuilt = json.loads((out / "manifest.json").read_text())["ort_cuda"]["vae_decoder"]
-    assert rebuilt["key"]["loras"] == data["model"]["loras"]
-    assert check_variant(ExportDir.open(out), "vae_decoder") == rebuilt  # what the CUDA engine opens
-    messages = []
-    prepare(out, components=("vae_decoder",), say=messages.append)
+    prepare(out, components=("vae_decoder",), say=messages.append)  # no LoRA part: no rebuild
     assert any("vae_decoder: up to date" in m for m in messages), messages
+    assert json.loads((out / "manifest.json").read_text())["ort_cuda"]["vae_decoder"] == vae
 
 
 def test_shape_switch_probe_counts_its_first_call_as_a_change(monkeypatch, tmp_path):
