@@ -202,7 +202,8 @@ def preset(name, out):
 @click.option("--max-size", type=int, default=None, callback=checked(limits.count, 1),
               help=f"Largest image side in pixels (default: twice native, 1.5x for SDXL; at most "
                    f"{limits.MAX_SIDE_FACTOR}x native).")
-@click.option("--force", is_flag=True, help="Re-export even if nothing changed.")
+@click.option("--force", is_flag=True, help="Re-export even if nothing changed; needed to replace another "
+              "export, or to drop the engines built from a component this re-export rewrites.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse this LoRA (diffusers/PEFT or kohya/A1111 file) into the exported weights; repeatable.")
 @handled

@@ -9,7 +9,9 @@ file so models over 2 GB work), and move the component directory into place.
 Models over 2 GB keep their weights in one ``model.onnx_data`` file beside them.
 
 An unchanged input (same weights hash, dtype, opset, ranges, sdexport version)
-is not exported again. Everything one export command writes is one transaction
+is not exported again; a changed one that would drop what was built or quantized
+from a component (BUILT_SECTIONS, VARIANT_OF) is refused without ``--force``,
+whichever input changed (one rule, in ``export``). Everything one export command writes is one transaction
 (manifest.Transaction): an interrupted export leaves the previous export whole.
 """
 
@@ -303,10 +305,10 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
     for part in family.tokenizer_parts:  # an empty or foreign tokenizer would give every prompt the same image
         if part in info.tokenizer_max_lengths:
             info.load_tokenizer(part)
+    keys = {name: _export_key(info, dtype, opset, ranges, specs[name],
+                              lora_record if specs[name].source in parts else None) for name in components}
     check_export_space(info, specs, components, dtype, out, Manifest.load_or_new(out) if out.is_dir() else Manifest(out),
-                       {name: _export_key(info, dtype, opset, ranges, specs[name],
-                                          lora_record if specs[name].source in parts else None)
-                        for name in components})
+                       keys)
     model_record = {"path": str(info.root), "preset": info.preset, "weights_sha256": info.weights_sha256,
                     "family": info.family_name, "pipeline_class": info.pipeline_class,
                     "vae_scale_factor": info.vae_scale_factor, "vae_scaling_factor": info.vae_scaling_factor,
@@ -329,20 +331,32 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         others = [c for c in manifest.components if c not in components and replaced(c)]
         # components of this model that --components leaves out (one the model lacks cannot be named)
         left_out = [c for c in others if c in known]
-        if previous and (not same or other_loras):
+        mixed = bool(previous and (not same or other_loras))
+        # what this command writes anew: every component it names with --force, else those whose inputs changed
+        # (another opset or sdexport too, not only another model, dtype, range or LoRA set) or whose files no
+        # longer match the manifest
+        stale = {} if force else {c: _why_stale(manifest.components.get(c), keys[c], manifest) for c in components}
+        todo = [c for c in components if force or stale[c]]
+        # the old components that go: those another export replaces, and those written anew
+        going = {c for c in manifest.components if (mixed and replaced(c)) or c in todo}
+        going |= {v for v, of in VARIANT_OF.items() if of in going and v in manifest.components}
+        # what was built or quantized from them goes with them: never without --force
+        built = [f"{section}/{name}" for section in BUILT_SECTIONS for name in manifest.data.get(section, {})
+                 if name in going]
+        variants = [v for v, of in VARIANT_OF.items()  # (a mixed export names them among the others)
+                    if of in going and v in manifest.components and not (mixed and v in others)]
+        if mixed:
             if force and left_out:  # --force replaces what it is asked to, never a component it was not given
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; replacing it with {_describe(model_record, ranges.to_json(), dtype)} would delete "
                     f"{', '.join(left_out)}, which --components leaves out: name them too "
                     f"(--components {','.join(list(components) + left_out)}), or choose another -o")
-            built = [f"{section}/{name}" for section in BUILT_SECTIONS for name in manifest.data.get(section, {})
-                     if replaced(name)]
-            if not force and (others or built):
+            if not force and (others or built or variants):
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; exporting {_describe(model_record, ranges.to_json(), dtype)} into it would mix the two "
-                    f"({', '.join(others + built)} would stay from the old one): "
+                    f"({', '.join(others + variants + built)} would stay from the old one): "
                     "re-export every component with --force to replace it, or choose another -o")
             for name in list(manifest.components):  # a different export: nothing of what it replaces is reusable
                 if replaced(name):
@@ -351,6 +365,18 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
                 for name in list(manifest.data.get(section, {})):
                     if replaced(name):
                         _drop_artifact(txn, section, name)
+        elif not force and (built or variants):
+            # the same export, but some components are written anew: what was built from them would go unasked
+            made = variants + [d.split("/", 1)[1] for d in built]  # the components they were made from
+            names = [c for c in todo if any(m == c or VARIANT_OF.get(m) == c for m in made)]
+            reasons = list(dict.fromkeys(stale[c] for c in names))
+            old_opsets = {(manifest.components[c].get("key") or {}).get("opset") for c in names}
+            keep = (f", keep --opset {old_opsets.pop()}" if len(old_opsets) == 1 and None not in old_opsets
+                    and any(r.startswith("opset ") for r in reasons) else "")
+            raise UsageError(
+                f"{out}: re-exporting {', '.join(names)} ({'; '.join(reasons)}) would drop "
+                f"{', '.join(variants + built)}, made from the current one{'s' if len(names) > 1 else ''}: "
+                f"re-export with --force to replace and drop them{keep}, or choose another -o")
         manifest.data["manifest_version"] = 2
         manifest.data["model"] = model_record
         manifest.data["ranges"] = ranges.to_json()
@@ -358,10 +384,10 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
         loaded: dict[str, Any] = {}
         for i, name in enumerate(components, 1):
             spec = specs[name]
-            key = _export_key(info, dtype, opset, ranges, spec, lora_record if spec.source in parts else None)
+            key = keys[name]
             old = manifest.components.get(name)
             label = f"[{i}/{len(components)}]"
-            if not force and old and old.get("key") == key and manifest.intact(old):
+            if name not in todo and old is not None:
                 say(f"{label} {name}: up to date ({old['file']}), not re-exported")
                 continue
             say(f"{label} {name}: exporting {dtype}")
@@ -378,19 +404,42 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
             entry["key"] = key
             entry["source"] = {"path": str(info.root), "weights_sha256": info.weights_sha256, "preset": info.preset}
             entry["versions"] = versions()
-            for section in BUILT_SECTIONS:  # built from the component this replaces
-                if name in manifest.data.get(section, {}):
-                    _drop_artifact(txn, section, name)
             for variant, of in VARIANT_OF.items():
                 if of == name and variant in manifest.components:
                     say(f"{label} {variant}: removed (made from the previous {name}; re-run 'sdexport quantize')")
                     _drop_component(txn, variant)
+            for built_from in [name] + [v for v, of in VARIANT_OF.items() if of == name]:
+                for section in BUILT_SECTIONS:  # built from the component this replaces
+                    if built_from in manifest.data.get(section, {}):
+                        say(f"{label} {section}/{built_from}: removed (built from the previous {name}; "
+                            "build it again)")
+                        _drop_artifact(txn, section, built_from)
             manifest.components[name] = entry
             say(f"{label} {name}: wrote {entry['file']} ({entry['size_bytes'] / 2**20:.1f} MiB, "
                 f"{entry['export_seconds']} s)")
         stage_pipeline_files(info, txn, components)
         txn.commit()
     return txn.manifest
+
+
+def _why_stale(old: dict[str, Any] | None, key: dict[str, Any], manifest: Manifest) -> str | None:
+    """Why the exported component ``old`` is not the one ``key`` describes (None: it is, up to date): what
+    differs, in words, for the line that refuses to drop what was built from it."""
+    if not old:
+        return "new"
+    was = old.get("key")
+    if not was:
+        return "no export key (an older sdexport)"
+    if was != key:
+        said = {"opset": "opset", "sdexport": "sdexport", "dtype": "dtype", "family": "model family"}
+        words = [f"{said[k]} {was.get(k)} -> {key.get(k)}" for k in said if was.get(k) != key.get(k)]
+        words += [{"weights_sha256": "other weights", "ranges": "other shape ranges", "loras": "other LoRAs",
+                   "spec": "another component declaration"}[k]
+                  for k in ("weights_sha256", "ranges", "loras", "spec") if was.get(k) != key.get(k)]
+        return ", ".join(words) or "another export key"
+    if not manifest.intact(old):
+        return "its files differ from the manifest"
+    return None
 
 
 def _drop_component(txn: Transaction, name: str) -> None:

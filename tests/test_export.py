@@ -365,6 +365,91 @@ def test_another_export_is_refused_where_any_built_engine_would_stay(tiny_model,
     assert not _empty_dirs(out)
 
 
+@pytest.fixture(scope="module")
+def export_with_engines(export_fp32, trt, tmp_path_factory):
+    """The tiny FP32 export with a TensorRT plan of its text encoder and the ONNX Runtime CUDA variant of its VAE
+    decoder (both made without a GPU). Read-only: copy it."""
+    from conftest import run_cli
+
+    out = shutil.copytree(export_fp32, tmp_path_factory.mktemp("built") / "e")
+    assert run_cli("build", out, "--precision", "fp32", "--components", "text_encoder").exit_code == 0
+    assert run_cli("build", out, "--backend", "ort", "--components", "vae_decoder").exit_code == 0
+    return out
+
+
+BUILT = ("engines/text_encoder", "ort_cuda/vae_decoder")
+
+
+def _built_files(out) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in list((out / "engines").glob("*.plan"))
+                  + list((out / "ort_cuda").rglob("*.onnx")) if p.is_file()) if out.is_dir() else []
+
+
+@pytest.mark.parametrize("change", ["opset", "sdexport version", "damaged file", "max-batch", "dtype", "model"])
+def test_every_reexport_that_would_drop_built_engines_asks_for_force(export_with_engines, tiny_model, other_model,
+                                                                      tmp_path, monkeypatch, change):
+    """Whatever makes export write a component anew (another opset, another sdexport, a component whose files
+    no longer match the manifest, other ranges, dtype or model), the engines built from the old one would go: a
+    re-export with only another --opset used to drop the TensorRT plan and the ORT CUDA variant silently (exit
+    0). Each is refused without --force in one line that names what would be dropped and --force, changing
+    nothing; with --force the engines go, files and manifest entries alike."""
+    from conftest import assert_error, run_cli
+
+    import sdexport.export as export_module
+
+    out = shutil.copytree(export_with_engines, tmp_path / "e")
+    model, args, why = tiny_model, [], []
+    if change == "opset":
+        args, why = ["--opset", "18"], ["opset 17 -> 18", "--opset 17"]
+    elif change == "sdexport version":
+        monkeypatch.setattr(export_module, "__version__", "99.0")
+        why = ["-> 99.0"]
+    elif change == "damaged file":
+        for name in ("text_encoder", "vae_decoder"):
+            with open(out / name / "model.onnx", "ab") as f:
+                f.write(b"\0")
+        why = ["files differ from the manifest"]
+    elif change == "max-batch":
+        args, why = ["--max-batch", "2"], ["would mix the two"]
+    elif change == "dtype":
+        args, why = ["--dtype", "fp16"], ["would mix the two"]
+    else:
+        model, args, why = other_model, ["--max-batch", "2"], ["would mix the two"]
+    before = _tree(out)
+    assert_error(run_cli("export", model, "-o", out, *args), 2, *BUILT, "--force", *why, only_line=True)
+    assert _tree(out) == before
+    result = run_cli("export", model, "-o", out, *args, "--force")
+    assert result.exit_code == 0, result.stderr
+    manifest = load_manifest(out)
+    assert not any(manifest.get(section) for section in ("engines", "ort_cuda", "inductor")), manifest
+    assert _built_files(out) == [] and not _empty_dirs(out), (_built_files(out), _empty_dirs(out))
+    if change == "opset":
+        assert {c["opset"] for c in manifest["components"].values()} == {18}
+
+
+def test_a_reexport_that_drops_nothing_built_is_not_refused(export_with_engines, tiny_model, tmp_path):
+    """The neighbours of the rule: an unchanged re-export is a no-op that keeps every engine; one with another
+    --opset for a component nothing was built from re-exports that one alone, without --force, and keeps the
+    engines of the others."""
+    from conftest import run_cli
+
+    out = shutil.copytree(export_with_engines, tmp_path / "e")
+    before = _tree(out)
+    result = run_cli("export", tiny_model, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("up to date") == 4, result.stderr
+    assert _tree(out) == before
+    result = run_cli("export", tiny_model, "-o", out, "--opset", "18", "--components", "unet")
+    assert result.exit_code == 0, result.stderr
+    manifest = load_manifest(out)
+    assert manifest["components"]["unet"]["opset"] == 18 and manifest["components"]["text_encoder"]["opset"] == 17
+    assert sorted(manifest["engines"]) == ["text_encoder"] and sorted(manifest["ort_cuda"]) == ["vae_decoder"]
+    after = _tree(out)
+    assert {k: v for k, v in after.items() if not k.startswith(("unet/", "manifest.json"))} == \
+        {k: v for k, v in before.items() if not k.startswith(("unet/", "manifest.json"))}
+    assert len(_built_files(out)) == 2
+
+
 def _empty_dirs(root) -> list[str]:
     return [str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_dir() and not any(p.iterdir())]
 

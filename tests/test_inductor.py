@@ -132,3 +132,21 @@ def test_packages_follow_the_exports_loras(inductor_export, tiny_model, tmp_path
     assert not list(out.glob("inductor/*.pt2"))
     assert_error(run_cli("infer", out, "--backend", "inductor", "--prompt", "x", "--height", 64, "--width", 64,
                          "--steps", 1, "-o", tmp_path / "x.png"), 5, "no Inductor engine")
+
+
+def test_packages_are_not_dropped_by_another_opset_without_force(inductor_export, tiny_model, tmp_path):
+    """A re-export with only another --opset rewrites every component: it dropped the packages compiled from
+    them with exit 0, unasked, while another range or LoRA set was refused over them. Now it is refused the
+    same way, naming each package and --force and changing nothing; --force drops them, files and entries."""
+    out = shutil.copytree(inductor_export, tmp_path / "e")
+    before = json.loads((out / "manifest.json").read_text())
+    files = sorted(p.name for p in out.glob("inductor/*.pt2"))
+    assert len(files) == 2
+    result = run_cli("export", tiny_model, "-o", out, "--opset", "18")
+    assert_error(result, 2, "opset 17 -> 18", "inductor/unet", "inductor/vae_decoder", "--force", only_line=True)
+    assert json.loads((out / "manifest.json").read_text()) == before
+    assert sorted(p.name for p in out.glob("inductor/*.pt2")) == files
+    result = run_cli("export", tiny_model, "-o", out, "--opset", "18", "--force")
+    assert result.exit_code == 0, result.stderr
+    assert not json.loads((out / "manifest.json").read_text()).get("inductor")
+    assert not (out / "inductor").exists()

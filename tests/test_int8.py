@@ -540,6 +540,31 @@ def test_tensorrt_rtx_builds_the_int8_unet(int8_export, tmp_path):
     assert entry["fused_attention_nodes"] == 3 * len(softmax)
 
 
+def test_a_reexport_of_the_unet_asks_for_force_before_dropping_its_quantized_variant(int8_export, tiny_model,
+                                                                                     tmp_path):
+    """unet_int8 is made from the exported UNet (calibrated, quantized): a re-export of the UNet with another
+    --opset dropped it with a progress line and exit 0, while an export of another model was refused over it.
+    Now any re-export that would drop it is refused without --force, naming it and changing nothing; --force
+    drops it (the directory and its manifest entry) and says so."""
+    from conftest import LOCK_NAMES
+
+    out = shutil.copytree(int8_export, tmp_path / "e")
+
+    def files():
+        return {p: sha256_file(p) for p in out.rglob("*") if p.is_file() and p.name not in LOCK_NAMES}
+
+    before = files()
+    assert_one_line_error(run("export", tiny_model, "-o", out, "--components", "unet", "--opset", "18"), 2,
+                          "re-exporting unet (opset 17 -> 18) would drop unet_int8", "--force", "--opset 17")
+    assert files() == before
+    result = run("export", tiny_model, "-o", out, "--components", "unet", "--opset", "18", "--force")
+    assert result.exit_code == 0, result.stderr
+    assert "unet_int8: removed (made from the previous unet" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "unet_int8" not in manifest["components"] and manifest["components"]["unet"]["opset"] == 18
+    assert not (out / "unet_int8").exists()
+
+
 # --- bad input -----------------------------------------------------------------------------------
 def test_calibration_from_another_model_is_refused(other_model, int8_export, tmp_path):
     path = tmp_path / "other.npz"
