@@ -52,6 +52,9 @@ def checked(check, *args):
 
 
 def _fail(exc: SdexportError):
+    from . import interrupts
+
+    interrupts.done()  # the command ends here, with this line and code (a later Ctrl-C changes nothing)
     click.echo(f"error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
@@ -61,6 +64,7 @@ def _interrupted(signum: int | None) -> None:
 
     from . import interrupts
 
+    interrupts.done()  # one line and 130/143, also when Ctrl-C is pressed again while the process shuts down
     name = signal.Signals(signum).name if signum else "SIGINT"
     done = interrupts.committed_so_far()
     if done:  # the interrupt came after the commit point: the result is whole, the exit status still says 130/143
@@ -102,6 +106,7 @@ def handled(func):
             _fail(limits.DiskFull(message))
         if interrupts.received():
             _interrupted(interrupts.received())
+        interrupts.done()  # the result is printed: a signal while the process shuts down leaves its exit status
         return result
     return wrapper
 
@@ -138,10 +143,14 @@ class OneLineErrors(click.Group):
                 stream.reconfigure(errors="surrogateescape")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except click.exceptions.Abort:  # a KeyboardInterrupt outside a command body (e.g. right after it returned)
+            from . import interrupts
+
+            _interrupted(interrupts.received())
         except click.ClickException as exc:
+            from . import interrupts
+
+            interrupts.done()
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         except SdexportError as exc:
@@ -745,6 +754,9 @@ def env(as_json):
 
 
 def main() -> None:
+    from . import interrupts
+
+    interrupts.process_ends_with_command()
     cli.main(prog_name="sdexport")
 
 
