@@ -52,6 +52,9 @@ def checked(check, *args):
 
 
 def _fail(exc: SdexportError):
+    from . import interrupts
+
+    interrupts.done()  # the command ends here, with this line and code (a later Ctrl-C changes nothing)
     click.echo(f"error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
@@ -61,6 +64,7 @@ def _interrupted(signum: int | None) -> None:
 
     from . import interrupts
 
+    interrupts.done()  # one line and 130/143, also when Ctrl-C is pressed again while the process shuts down
     name = signal.Signals(signum).name if signum else "SIGINT"
     done = interrupts.committed_so_far()
     if done:  # the interrupt came after the commit point: the result is whole, the exit status still says 130/143
@@ -102,6 +106,7 @@ def handled(func):
             _fail(limits.DiskFull(message))
         if interrupts.received():
             _interrupted(interrupts.received())
+        interrupts.done()  # the result is printed: a signal while the process shuts down leaves its exit status
         return result
     return wrapper
 
@@ -138,10 +143,14 @@ class OneLineErrors(click.Group):
                 stream.reconfigure(errors="surrogateescape")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except click.exceptions.Abort:  # a KeyboardInterrupt outside a command body (e.g. right after it returned)
+            from . import interrupts
+
+            _interrupted(interrupts.received())
         except click.ClickException as exc:
+            from . import interrupts
+
+            interrupts.done()
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         except SdexportError as exc:
@@ -243,22 +252,25 @@ def _check_backend_options(ctx, backend: str) -> None:
 @click.argument("export_dir", type=click.Path())
 @click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16", show_default=True,
               help="Which export to build; must match the graph (fp16: an export made with --dtype fp16; "
-                   "int8: the quantized UNet + fp16 rest).")
+                   "int8: the quantized UNet + fp16 rest). inductor: the packages' precision, fp16 or fp32 "
+                   "(fp32 on the CPU), whatever the export's.")
 @click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True,
               help="auto: tensorrt where a GPU is visible, else TensorRT-RTX.")
 @click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
 @click.option("--compute-capability", "ccs", default=None,
               help="TensorRT-RTX targets, e.g. 8.0,8.6 (default 8.0,8.6,8.9,12.0; T4 needs 7.5).")
-@click.option("--static", default=None, metavar="HxW", help="One static shape (for CUDA graphs and peak speed).")
+@click.option("--static", default=None, metavar="HxW",
+              help="One static image size (for CUDA graphs and peak speed); inductor: required.")
 @click.option("--batch", type=int, default=None, callback=checked(limits.count, 1),
-              help="Images per call of a --static engine (default 1).")
+              help="Images per call of a --static engine or Inductor package (default 1).")
 @click.option("--min-size", default=None, metavar="HxW", help="Profile min image size (default: the export's).")
 @click.option("--opt-size", default=None, metavar="HxW", help="Profile opt image size (default: native).")
 @click.option("--max-size", default=None, metavar="HxW", help="Profile max image size (default: the export's).")
 @click.option("--opt-batch", type=int, default=None, callback=checked(limits.count, 1),
               help="Profile opt images per call (default 1).")
 @click.option("--max-batch", type=int, default=None, callback=checked(limits.count, 1),
-              help="Profile max images per call (default: the export's).")
+              help="Profile max images per call (default: the export's); inductor: with --static, one "
+                   "package for any batch of 1..N images (a dynamic batch axis) instead of --batch N.")
 @click.option("--opt-level", type=int, default=3, show_default=True, callback=checked(limits.count, 0, 5),
               help="Builder optimization level, 0-5.")
 @click.option("--workspace", type=int, default=None, callback=checked(limits.count, 1, 2**22),
@@ -280,7 +292,8 @@ def _check_backend_options(ctx, backend: str) -> None:
 @handled
 def build(export_dir, precision, flavour, components, ccs, static, batch, min_size, opt_size, max_size, opt_batch,
           max_batch, opt_level, workspace, timing_cache, engine_backend, device, force, refittable):
-    """Build one TensorRT engine per component of EXPORT_DIR into EXPORT_DIR/engines/."""
+    """Build engines for EXPORT_DIR: TensorRT (default; EXPORT_DIR/engines/), the ONNX Runtime CUDA variant
+    (--backend ort; ort_cuda/) or AOTInductor packages (--backend inductor; inductor/)."""
     from .build import build as run
 
     _check_backend_options(click.get_current_context(), engine_backend)
@@ -746,6 +759,9 @@ def env(as_json):
 
 
 def main() -> None:
+    from . import interrupts
+
+    interrupts.process_ends_with_command()
     cli.main(prog_name="sdexport")
 
 

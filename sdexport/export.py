@@ -353,11 +353,18 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = 17,
                     f"{', '.join(left_out)}, which --components leaves out: name them too "
                     f"(--components {','.join(list(components) + left_out)}), or choose another -o")
             if not force and (others or built or variants):
+                way_out = "re-export every component with --force to replace it"
+                if same:  # only the LoRA set differs: --force on every component would also re-export the VAE
+                    # and delete what was built from it, which the new LoRAs leave as it is
+                    applies = [c for c in known if specs[c].source in parts
+                               and (c in components or c in manifest.components)]
+                    way_out = (f"re-export what the LoRAs apply to with --force (--components {','.join(applies)} "
+                               "--force; the VAE and what was built from it stay)")
                 raise UsageError(
                     f"{out} holds an export of {_describe(previous, manifest.data.get('ranges', {}), manifest.data.get('dtype'))}"
                     f"; exporting {_describe(model_record, ranges.to_json(), dtype)} into it would mix the two "
-                    f"({', '.join(others + variants + built)} would stay from the old one): "
-                    "re-export every component with --force to replace it, or choose another -o")
+                    f"({', '.join(others + variants + built)} would stay from the old one): {way_out}, or choose "
+                    "another -o")
             for name in list(manifest.components):  # a different export: nothing of what it replaces is reusable
                 if replaced(name):
                     _drop_component(txn, name)

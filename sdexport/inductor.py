@@ -111,13 +111,19 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     from .build import parse_hw
 
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision}: Inductor engines take {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision {precision}: Inductor engines take fp16 or fp32 (fp32 on the CPU)"
+                         + ("; bf16 through the Python API" if "bf16" in PRECISIONS else ""))
     if static is None:
-        raise UsageError("--backend inductor compiles one request shape: give --static HxW (and --batch N)")
+        raise UsageError("--backend inductor compiles for one image size: give --static HxW (with --batch N for N "
+                         "images per call, or --max-batch N for any number from 1 to N)")
     if batch is not None and batch < 1:
         raise UsageError(f"--batch {batch}: must be at least 1")
-    if max_batch is not None and (max_batch < 2 or (batch or 1) != 1):
-        raise UsageError("--max-batch N (N >= 2) compiles a dynamic batch of 1..N images; leave out --batch")
+    if max_batch is not None and (batch or 1) != 1:
+        raise UsageError(f"--batch {batch} and --max-batch {max_batch}: give one (--batch N: N images per call; "
+                         "--max-batch N: one package for 1..N)")
+    if max_batch is not None and max_batch < 2:
+        raise UsageError(f"--max-batch {max_batch}: a dynamic batch is 1..N images with N >= 2; for one image per "
+                         "call leave it out (--batch 1 is the default)")
     kind, cc = device_tag(device)
     if kind == "cpu" and precision != "fp32":
         raise UsageError(f"--precision {precision}: Inductor engines for the CPU are fp32 (--precision fp32)")

@@ -17,7 +17,8 @@ import sys
 import threading
 
 _received: int | None = None
-_committed: list[str] = []  # what this command has committed (Transaction.commit), for the interrupt's line
+_committed: list[str] = []
+_process_ends_with_command = False  # set by the CLI's entry point (cli.main), not where the CLI runs in-process  # what this command has committed (Transaction.commit), for the interrupt's line
 
 
 class Interrupted(KeyboardInterrupt):
@@ -67,6 +68,24 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)
+
+
+def process_ends_with_command() -> None:
+    """The CLI's entry point says this process ends when its command does (``done`` may then ignore signals);
+    tests that call the CLI in their own process keep their signal handling."""
+    global _process_ends_with_command
+    _process_ends_with_command = True
+
+
+def done() -> None:
+    """The command has decided how it ends (its result, its error line or its interrupt line is printed next). In
+    the sdexport process SIGINT and SIGTERM are ignored from here on: after the command the process needs about a
+    second to shut down (interpreter and library teardown once torch and ONNX Runtime are loaded), and there Python
+    runs no signal handler and then restores the default action, so a Ctrl-C after the result line killed the
+    process without a word (exit status 130 by signal, the export whole). Now the exit status is the command's."""
+    if _process_ends_with_command and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def received() -> int | None:

@@ -360,6 +360,33 @@ class Served:
     error: Exception | None = None
 
 
+def served_components(export, backend: str) -> list[str]:
+    """The components a served model loads: the VAE encoder too (image inputs) where the export has it for this
+    backend."""
+    manifest = export.manifest
+    image = "vae_encoder" in manifest.components and (backend != "trt" or "vae_encoder" in manifest.engines)
+    return export.components_for(image)
+
+
+def check_engines(export, options: "ServeOptions") -> None:
+    """What the model's load inside Triton would refuse about the backend's engines, said before Triton starts
+    (one line and the command's exit code, not Triton's log with the model's traceback): no TensorRT engine or
+    Inductor package, another TensorRT installed, TensorRT engines on a host whose GPUs cannot run them."""
+    if options.backend == "inductor":
+        from .backends.inductor import check_has_packages
+
+        check_has_packages(export)
+    elif options.backend == "trt":
+        from .backends.trt import check_gpu, check_installed, engine_entry
+
+        entries = {c: engine_entry(export, c) for c in served_components(export, "trt")}
+        for component, entry in entries.items():
+            check_installed(entry, component, export.root)
+        for component, entry in entries.items():
+            for device in [f"cuda:{g}" for g in options.gpus] or [options.device]:
+                check_gpu(entry, component, device, export.root)
+
+
 class ImageService:
     """Requests in, images out, for one model instance: validation, grouping, pipeline calls, the cache.
     No Triton here (TritonPythonModel adapts it), so it runs in tests as it runs in the server."""
@@ -379,14 +406,12 @@ class ImageService:
         self.export = ExportDir.open(export_dir)
         loras = open_loras(loras)
         manifest = self.export.manifest
-        # the VAE encoder for image inputs, where the export has it for this backend
-        image = "vae_encoder" in manifest.components and (backend != "trt" or "vae_encoder" in manifest.engines)
         if threads:
             from .bench import set_threads
 
             set_threads(threads)
         self.label = label or device
-        engines = load_engines(self.export, backend, components=self.export.components_for(image), device=device,
+        engines = load_engines(self.export, backend, components=served_components(self.export, backend), device=device,
                                **(engine_options(backend) if loras else {}),
                                **({"threads": threads} if threads and backend in ("ort", "inductor") else {}),
                                # dynamic batching: ONNX Runtime CUDA convolutions choose cuDNN algorithms by
@@ -676,6 +701,8 @@ class ServeOptions:
         if not math.isfinite(self.max_queue_delay_ms) or self.max_queue_delay_ms < 0 or self.max_queue_size < 1:
             raise UsageError(f"--max-queue-delay-ms {self.max_queue_delay_ms}, --max-queue-size {self.max_queue_size}: "
                              "the delay must be a finite number >= 0 and the size >= 1")
+        if self.step_graph and self.device != "cuda":  # as infer and bench say it, before Triton loads the model
+            raise UsageError("--step-graph needs a CUDA device (--device cuda)")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise UsageError(f"--scheduler {self.scheduler}: unknown (choose from {', '.join(SCHEDULERS)})")
         warmup_steps = self.warmup_steps if self.warmup_steps is not None else (None if self.step_graph else 2)
@@ -1056,6 +1083,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
             from .errors import CannotRunHere
 
             raise CannotRunHere(f"--gpus {','.join(map(str, options.gpus))}: this host has {count} CUDA GPU(s)")
+    check_engines(export, options)
     host = "127.0.0.1" if options.address in ("0.0.0.0", "::") else options.address
     token = secrets.token_urlsafe(24)
     shm_prefix = f"sdexport_{os.getpid()}_{secrets.token_hex(4)}_"

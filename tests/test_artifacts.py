@@ -292,6 +292,36 @@ def test_interrupt_after_the_commit_says_the_export_was_written(tiny_model, tmp_
     assert set(verify_whole(out)["components"]) == {"vae_decoder"}
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_command_printed_its_result_changes_nothing(tiny_model, tmp_path, sig):
+    """Ctrl-C once the export has printed its result: the process still needs about a second to shut down (torch
+    and ONNX Runtime loaded), during which Python runs no signal handler and then restores the default action, so
+    the signal killed it without a line (exit status 130/143 by signal) or left a bare 'interrupted'. Signals from
+    the result line on, sent until the process is gone: the exit status is the export's own (0, no
+    'interrupted' line) or, for one that came before the command had finished, 130/143 with the line that says the
+    export was written; the export is whole either way."""
+    out = tmp_path / "e"
+    proc = _start("export", tiny_model, "-o", out, "--components", "vae_decoder")
+    line = proc.stdout.readline()
+    assert line.strip() == f"{out}/manifest.json", (line, proc.communicate(timeout=60))
+    sent = 0
+    while proc.poll() is None:
+        proc.send_signal(sig)
+        sent += 1
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=60)
+    assert sent, "the process had ended before the first signal: the test checks nothing"
+    if proc.returncode == 0:
+        assert "interrupted" not in err, err
+    else:
+        assert proc.returncode == 128 + sig, (proc.returncode, err)
+        name = signal.Signals(sig).name
+        assert err.strip().splitlines()[-1] == (f"interrupted ({name}) after sdexport export had written {out} "
+                                                "(committed before the interrupt: complete)"), err
+    assert "Traceback" not in err
+    assert set(verify_whole(out)["components"]) == {"vae_decoder"}
+
+
 def test_a_signal_at_the_commit_point_is_delivered_after_it(fresh_export, tiny_model, monkeypatch):
     """A real SIGINT right after the journal's rename (the commit point), before the transaction marked itself
     committed: it ran as the signal came, so abandon() deleted the staging area the journal moves from, and the

@@ -86,6 +86,27 @@ def test_bad_requests(inductor_export, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_batch_options_say_what_they_build(export_fp32):
+    """`--static HxW --batch N` (one batch size) or `--static HxW --max-batch N` (any of 1..N), as the README's
+    "Which to build" says: the help described --max-batch as a TensorRT profile bound only, the error without
+    --static named --batch alone, and `--max-batch 1` was told to "leave out --batch", which it had not given."""
+    import re
+
+    base = ("build", export_fp32, "--backend", "inductor", "--device", "cpu", "--precision", "fp32")
+    assert_error(run_cli(*base), 2, "--static HxW", "--batch N", "--max-batch N")
+    result = run_cli(*base, "--static", "64x64", "--max-batch", 1)
+    assert_error(result, 2, "--max-batch 1", "N >= 2", "--batch 1 is the default")
+    assert "leave out --batch" not in result.stderr
+    assert_error(run_cli(*base, "--static", "64x64", "--batch", 2, "--max-batch", 4), 2,
+                 "--batch 2 and --max-batch 4: give one")
+    assert_error(run_cli(*base[:-2], "--static", "64x64", "--precision", "int8"), 2, "fp16 or fp32")
+    entries = re.split(r"\n  (?=-)", run_cli("build", "--help").stdout)  # one per option, wrapped lines and all
+    options = {e.split()[0]: " ".join(e.split()[1:]) for e in entries[1:]}
+    assert "inductor" in options["--max-batch"] and "1..N" in options["--max-batch"], options["--max-batch"]
+    assert "Inductor package" in options["--batch"], options["--batch"]
+    assert "inductor: required" in options["--static"], options["--static"]
+
+
 def test_foreign_packages_are_refused(inductor_export, tmp_path):
     out = tmp_path / "e"
     shutil.copytree(inductor_export, out)

@@ -207,6 +207,37 @@ def test_another_lora_scale_reexports_only_what_the_lora_applies_to(fused_export
     ExportDir.open(out).check_components(list(after["components"]))  # one export: the runtime opens it all
 
 
+def test_another_lora_scale_over_built_engines_names_the_way_that_keeps_the_vae(fused_export, tiny_model, loras,
+                                                                              tmp_path):
+    """With an engine built from the UNet (here the ORT CUDA variant), another LoRA scale is refused without --force.
+    The line said "re-export every component with --force", which re-exports the VAE too and deletes what was built
+    from it (the VAE's ORT variant). It now names the components the LoRAs apply to; that command keeps the VAE,
+    its variant and their manifest entries, and replaces the UNet's variant."""
+    import re
+
+    out = shutil.copytree(fused_export, tmp_path / "e")
+    assert run_cli("build", out, "--backend", "ort").exit_code == 0
+    before = load_manifest(out)
+    assert set(before["ort_cuda"]) == {"unet", "vae_decoder"}
+    vae_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "vae" in str(p.relative_to(out))}
+    new = [f"--lora={loras['a']}:0.3", f"--lora={loras['kohya']}:0.5"]
+    result = run_cli("export", tiny_model, "-o", out, "--max-batch", 2, *new)
+    assert_error(result, 2, "ort_cuda/unet would stay", "--components text_encoder,unet --force",
+                 "the VAE and what was built from it stay")
+    advised = re.search(r"\((--components \S+ --force);", result.stderr).group(1).split()
+    assert advised[:2] == ["--components", "text_encoder,unet"] and advised[2] == "--force"
+    result = run_cli("export", tiny_model, "-o", out, "--max-batch", 2, *new, *advised)
+    assert result.exit_code == 0, result.stderr
+    after = load_manifest(out)
+    assert {p: p.read_bytes() for p in vae_files} == vae_files  # the VAE and its ORT variant, byte for byte
+    for name in ("vae_decoder", "vae_encoder"):
+        assert after["components"][name] == before["components"][name]
+    assert after["ort_cuda"] == {"vae_decoder": before["ort_cuda"]["vae_decoder"]}  # the UNet's went with the UNet
+    assert after["model"]["loras"] == [lora.to_json() for lora in open_loras([f"{loras['a']}:0.3",
+                                                                             f"{loras['kohya']}:0.5"])]
+    ExportDir.open(out).check_components(list(after["components"]))
+
+
 # --- the weights map ----------------------------------------------------------------------------------
 
 def test_weights_map_against_the_onnx_file(export_fp32, tiny_model):

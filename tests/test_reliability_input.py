@@ -90,6 +90,7 @@ def test_lora_path_that_is_not_utf8(export_fp32, tmp_path):
     (["--runs", "0"], "--runs 0"), (["--runs", "1001"], "at most 1000"), (["--warmup", "-1"], "--warmup -1"),
     (["--threads", "0"], "--threads 0"), (["--guidance-scale", "nan"], "finite"), (["--height", "0"], "--height 0"),
     (["--steps", "0"], "--steps 0"), (["--batch-size", "-2"], "--batch-size -2"),
+    (["--torch-compile"], "--backend ort runs its own engines"),  # was ignored: the table timed no torch.compile
 ])
 def test_bench_options(export_fp32, tmp_path, args, needle):
     assert_refused(cli("bench", export_fp32, "--json", tmp_path / "b.json", *args), 2, needle)

@@ -460,6 +460,13 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
 
     if not torch.cuda.is_available():  # the line every command gives, not one about a --gpus nobody passed
         assert_error(run_cli("serve", export_fp32, "--device", "cuda"), 8, "--device cuda: no CUDA GPU is visible")
+        # as infer and bench refuse it; it used to start Triton, whose log and the model's traceback came first
+        assert_error(run_cli("serve", export_fp32, "--step-graph"), 2, "--step-graph needs a CUDA device",
+                     only_line=True)
+    # engines the backend needs and the export lacks: one line before Triton starts, not Triton's failed load
+    assert_error(run_cli("serve", export_fp32, "--backend", "trt"), 5, "no TensorRT engine for text_encoder",
+                 only_line=True)
+    assert_error(run_cli("serve", export_fp32, "--backend", "inductor"), 5, "no Inductor engines", only_line=True)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -91,8 +91,18 @@ def load_all(export, components: list[str], device: str, **options) -> dict[str,
 
         engines["unet"] = CudaGraphed(engines["unet"])
     if not any(isinstance(getattr(e, "inner", e), InductorEngine) for e in engines.values()):
-        from ..errors import IntegrityError
-
-        raise IntegrityError(f"{export.root}: no Inductor engines; run 'sdexport build {export.root} --backend "
-                             "inductor --static HxW'")
+        raise no_packages(export)
     return engines
+
+
+def no_packages(export) -> Exception:
+    from ..errors import IntegrityError
+
+    return IntegrityError(f"{export.root}: no Inductor engines; run 'sdexport build {export.root} --backend "
+                          "inductor --static HxW'")
+
+
+def check_has_packages(export) -> None:
+    """IntegrityError (exit 5) where the export has no Inductor package at all."""
+    if not export.manifest.data.get("inductor"):
+        raise no_packages(export)
