@@ -17,8 +17,8 @@ import sys
 import threading
 
 _received: int | None = None
-_committed: list[str] = []
-_process_ends_with_command = False  # set by the CLI's entry point (cli.main), not where the CLI runs in-process  # what this command has committed (Transaction.commit), for the interrupt's line
+_committed: list[str] = []  # what this command has committed (Transaction.commit), for the interrupt's line
+_process_ends_with_command = False  # set by the CLI's entry point (cli.main), not where the CLI runs in-process
 
 
 class Interrupted(KeyboardInterrupt):
