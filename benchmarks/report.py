@@ -246,13 +246,21 @@ def static_section(runs: list[dict], path: Path) -> list[str]:
     return md
 
 
-def throughput_chart(bars, path: Path) -> bool:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (no chart then)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def throughput_chart(bars, path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = range(len(bars))
@@ -270,12 +278,8 @@ def throughput_chart(bars, path: Path) -> bool:
 
 
 def chart(rows, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     ok = [r for r in rows if "error" not in r]
     labels = [r["label"] for r in ok]

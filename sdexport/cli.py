@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import click  # noqa: E402
 
 from . import __version__  # noqa: E402
-from . import limits  # noqa: E402
+from . import interrupts, limits  # noqa: E402
 from .errors import SdexportError  # noqa: E402
 
 from .families import all_options, default_strengths  # noqa: E402
@@ -52,8 +52,6 @@ def checked(check, *args):
 
 
 def _fail(exc: SdexportError):
-    from . import interrupts
-
     interrupts.done()  # the command ends here, with this line and code (a later Ctrl-C changes nothing)
     click.echo(f"error: {exc}", err=True)
     sys.exit(exc.exit_code)
@@ -61,8 +59,6 @@ def _fail(exc: SdexportError):
 
 def _interrupted(signum: int | None) -> None:
     import signal
-
-    from . import interrupts
 
     interrupts.done()  # one line and 130/143, also when Ctrl-C is pressed again while the process shuts down
     name = signal.Signals(signum).name if signum else "SIGINT"
@@ -83,7 +79,6 @@ def handled(func):
     def wrapper(*args, **kwargs):
         import warnings
 
-        from . import interrupts
         from .paths import OUTPUTS
 
         interrupts.install()
@@ -144,12 +139,8 @@ class OneLineErrors(click.Group):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:  # a KeyboardInterrupt outside a command body (e.g. right after it returned)
-            from . import interrupts
-
             _interrupted(interrupts.received())
         except click.ClickException as exc:
-            from . import interrupts
-
             interrupts.done()
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
@@ -759,8 +750,6 @@ def env(as_json):
 
 
 def main() -> None:
-    from . import interrupts
-
     interrupts.process_ends_with_command()
     cli.main(prog_name="sdexport")
 

@@ -279,13 +279,18 @@ class GenerationResult:
         }
 
 
+def check_step_graph(step_graph: bool, device: str) -> None:
+    """Step graphs are CUDA graphs: refused on any other device (infer, bench and serve say it alike)."""
+    if step_graph and not device.startswith("cuda"):
+        raise UsageError("--step-graph needs a CUDA device (--device cuda)")
+
+
 class Pipeline:
     """Text to image over an export's engines, generic over model families (the family encodes prompts)."""
 
     def __init__(self, engines: dict[str, Any], export, device: str = "cpu",
                  warn: Callable[[str], None] | None = None, step_graph: bool = False):
-        if step_graph and not device.startswith("cuda"):
-            raise UsageError("--step-graph needs a CUDA device (--device cuda)")
+        check_step_graph(step_graph, device)
         self.engines = engines
         self.step_graph = step_graph
         self.step_graph_kinds = MAX_STEP_GRAPH_KINDS

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import BackendUnavailable, SdexportError, ServeFailed, UsageError
-from .pipeline import SCHEDULERS
+from .pipeline import SCHEDULERS, check_step_graph
 
 MODEL_NAME = "sdexport"
 # Header that unlocks Triton's model-repository API (model reload) for the supervisor only.
@@ -701,8 +701,7 @@ class ServeOptions:
         if not math.isfinite(self.max_queue_delay_ms) or self.max_queue_delay_ms < 0 or self.max_queue_size < 1:
             raise UsageError(f"--max-queue-delay-ms {self.max_queue_delay_ms}, --max-queue-size {self.max_queue_size}: "
                              "the delay must be a finite number >= 0 and the size >= 1")
-        if self.step_graph and self.device != "cuda":  # as infer and bench say it, before Triton loads the model
-            raise UsageError("--step-graph needs a CUDA device (--device cuda)")
+        check_step_graph(self.step_graph, self.device)  # before Triton loads the model, as infer and bench say it
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise UsageError(f"--scheduler {self.scheduler}: unknown (choose from {', '.join(SCHEDULERS)})")
         warmup_steps = self.warmup_steps if self.warmup_steps is not None else (None if self.step_graph else 2)
