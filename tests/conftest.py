@@ -445,3 +445,17 @@ def _no_signal_left_over():
     from sdexport import interrupts
 
     interrupts._received = None
+
+
+def request_tensors(**values) -> dict:
+    """A serve request as the Triton model receives it: every input of sdexport.serve.INPUTS, each value one
+    (batch, 1) object array (strings as bytes), None for the inputs not given."""
+    import numpy as np
+
+    from sdexport.serve import INPUTS
+
+    out = {f.name: None for f in INPUTS}
+    for name, value in values.items():
+        out[name] = np.array([[v.encode() if isinstance(v, str) else v] for v in
+                              (value if isinstance(value, list) else [value])], dtype=object)
+    return out

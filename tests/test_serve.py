@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
 from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
 from sdexport.errors import SdexportError  # noqa: E402
-from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, INPUTS, TRITONSERVER_EXAMPLE,  # noqa: E402
+from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, TRITONSERVER_EXAMPLE,  # noqa: E402
                             CachedTextEncoder, ImageService, batch_groups, client_inputs, parse_request,
                             request_defaults)
 
@@ -144,12 +144,7 @@ def service(export_fp32):
     service.close()
 
 
-def tensors(**values) -> dict:
-    out = {f.name: None for f in INPUTS}
-    for name, value in values.items():
-        out[name] = np.array([[v.encode() if isinstance(v, str) else v] for v in
-                              (value if isinstance(value, list) else [value])], dtype=object)
-    return out
+tensors = conftest.request_tensors
 
 
 @pytest.mark.parametrize("values,field", [
@@ -1162,35 +1157,3 @@ def test_client_inputs_take_a_pair_for_every_image_or_one_per_image():
     for value, n in (((256, 192), 1), ([256, 192], 1), ([(256, 192), (128, 64)], 2), ([[1, 2], [3, 4]], 2)):
         shapes = {i.name(): i.shape() for i in client_inputs(http, prompt="x", original_size=value)}
         assert shapes == {"prompt": [n, 1], "original_size": [n, 2]}, (value, shapes)
-
-
-def _cuda_ort() -> bool:
-    import onnxruntime
-    import torch
-
-    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_ort(), reason="needs a CUDA GPU and onnxruntime-gpu")
-def test_vae_slicing_on_cuda_keeps_each_image_its_own(export_fp32):
-    """On ONNX Runtime CUDA the VAE reports the switch cost, serve slices, and each sliced image is its own: the
-    engine hands back the same bound buffer for every one-image call, so an output not copied out would make
-    every image the last one. The sliced images match the batched decode (PSNR >= 40 dB; kernels may differ)."""
-    service = ImageService(export_fp32, device="cuda")
-    try:
-        assert service.pipe.engines["vae_decoder"].fixed_batch_preferred and service.pipe.vae_slicing
-        for name in ("unet", "vae_decoder"):  # the option reached the CUDA execution provider
-            options = service.pipe.engines[name].session.get_provider_options()["CUDAExecutionProvider"]
-            assert options["cudnn_conv_algo_search"] == "HEURISTIC", (name, options)
-        request = tensors(prompt=["a boat", "a cat", "a dog"], seed=[1, 2, 3], steps=[2] * 3, height=[64] * 3,
-                          width=[96] * 3, scheduler=["euler"] * 3)
-        sliced = service.run([service.parse(request)])[0].images
-        service.pipe.vae_slicing = False
-        batched = service.run([service.parse(request)])[0].images
-        assert not np.array_equal(sliced[0], sliced[1]) and not np.array_equal(sliced[1], sliced[2])
-        for a, b in zip(sliced, batched):
-            mse = np.mean((a.astype(np.float64) - b) ** 2)
-            assert mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 40.0
-    finally:
-        service.close()
