@@ -193,15 +193,29 @@ def _start(*args, **env):
 
 
 def test_two_writers_on_one_export_both_land(tiny_model, tmp_path):
-    """export --components unet and --components vae_decoder at the same time: one waits for the other
-    (saying so), both exit 0 and the manifest has both."""
+    """export --components unet and --components vae_decoder at the same time: each waits (saying so) while
+    the export is held, then one writes after the other; both exit 0 and the manifest has both. The test
+    holds the export's lock until both have said they wait, so the two really overlap on any machine (on a
+    16-core host a tiny export finished before the other process had imported torch)."""
     out = tmp_path / "e"
-    a = _start("export", tiny_model, "-o", out, "--components", "unet")
-    time.sleep(0.5)
-    b = _start("export", tiny_model, "-o", out, "--components", "vae_decoder")
-    (_, ea), (_, eb) = a.communicate(timeout=600), b.communicate(timeout=600)
-    assert a.returncode == 0 and b.returncode == 0, (ea, eb)
-    assert "waiting for another sdexport" in ea + eb
+    out.mkdir()
+    logs = [tmp_path / "a.err", tmp_path / "b.err"]
+    with mf.ExportLock(out, exclusive=True, what="test holding the export"):
+        procs = []
+        for component, log in zip(("unet", "vae_decoder"), logs):
+            with log.open("w") as err:
+                procs.append(subprocess.Popen(sdexport_cmd("export", tiny_model, "-o", out, "--components", component),
+                                              env=sdexport_env(), stdout=subprocess.DEVNULL, stderr=err, text=True))
+        deadline = time.monotonic() + 300
+        while not all("waiting for another sdexport" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [l.read_text() for l in logs]
+            time.sleep(0.2)
+        assert not (out / "manifest.json").exists()  # nobody wrote while the lock was held
+    for p in procs:
+        p.wait(timeout=600)
+    errs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert all(e.count("waiting for another sdexport") == 1 for e in errs), errs
     data = verify_whole(out)
     assert set(data["components"]) == {"unet", "vae_decoder"}
 

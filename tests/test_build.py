@@ -201,8 +201,9 @@ def test_build_warns_when_the_targets_exclude_this_gpu(built, cc, gpu, needles, 
             assert needle in warnings[0], warnings[0]
 
 
-def test_status_on_a_t4_points_at_nvidias_tensorrt():
-    """sdexport env on a T4 with only TensorRT-RTX installed: it builds, but not the engines this GPU can run."""
+def test_status_on_a_t4_points_at_nvidias_tensorrt(trt):
+    """sdexport env on a T4 with only TensorRT-RTX installed: it builds, but not the engines this GPU can run.
+    (``trt``: TensorRT-RTX must be installed, as the T4 host here has it; CI fails without it.)"""
     from sdexport.backends.trt import trt_status
 
     status = trt_status((7, 5), flavour="rtx")

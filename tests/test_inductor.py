@@ -67,7 +67,7 @@ def test_validate_and_same_image_as_onnx_runtime(inductor_export, tmp_path):
     for backend in ("inductor", "ort"):
         out = tmp_path / f"{backend}.png"
         result = run_cli("infer", inductor_export, "--backend", backend, "--prompt", "a kite", "--height", 64,
-                         "--width", 64, "--steps", 2, "--seed", 3, "-o", out)
+                         "--width", 64, "--steps", 2, "--seed", 3, "-o", out, "--device", "cpu")
         assert result.exit_code == 0, result.stderr
         from PIL import Image
 
@@ -81,7 +81,7 @@ def test_bad_requests(inductor_export, tmp_path):
     assert_error(run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64"),
                  2, "fp32")  # the CPU compiles fp32 only (default precision fp16)
     result = run_cli("infer", inductor_export, "--backend", "inductor", "--prompt", "p", "--height", 128,
-                     "--width", 128, "--steps", 1, "-o", tmp_path / "x.png")
+                     "--width", 128, "--steps", 1, "-o", tmp_path / "x.png", "--device", "cpu")
     assert_error(result, 4, "compiled for")
     assert not (tmp_path / "x.png").exists()
 

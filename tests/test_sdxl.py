@@ -397,7 +397,7 @@ def test_lcm_is_served_with_its_defaults_and_guidance_embedding(export_lcm_sd, t
                 out = tmp_path / f"{seed}-{len(given)}.png"
                 args = [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", v)]
                 result = run_cli("infer", export_lcm_sd, "-o", out, "--prompt", prompt, "--seed", seed,
-                                 "--height", 64, "--width", 96, *args)
+                                 "--height", 64, "--width", 96, "--device", "cpu", *args)  # the service's device
                 assert result.exit_code == 0, result.stderr
                 want = np.asarray(Image.open(out))
                 assert np.array_equal(got, want), f"{prompt} {given}: {(got != want).sum()} pixels differ"
