@@ -145,6 +145,18 @@ def test_img2img_size_the_export_cannot_take_is_refused(tiny_pipes):
     assert pipe("x", steps=2, image=noise_image(64, 135), strength=0.5).images.shape == (1, 64, 128, 3)
 
 
+def test_img2img_side_given_is_taken_as_given_never_rounded(tiny_pipes):
+    """A side the request names is checked as text-to-image checks it: --height 72 alone was rounded down to 64
+    silently (while --height 72 --width 64, or text-to-image, refused it); the other side keeps the image's."""
+    pipe = tiny_pipes["ort"]
+    with pytest.raises(ShapeError, match="height 72 is not a multiple of 16"):
+        pipe("x", steps=2, image=noise_image(64, 64), strength=0.5, height=72)
+    with pytest.raises(ShapeError, match="width 72 is not a multiple of 16"):
+        pipe("x", steps=2, image=noise_image(64, 64), strength=0.5, width=72)
+    out = pipe("x", steps=2, image=noise_image(64, 135), strength=0.5, height=96)  # 135 -> 128: the image's side
+    assert out.images.shape == (1, 96, 128, 3)
+
+
 @pytest.mark.parametrize("strength", [0.0, -0.1, 1.0001, float("nan"), float("inf")])
 def test_strength_outside_0_1_is_refused(tiny_pipes, strength):
     with pytest.raises(UsageError, match=r"must be in \(0, 1\]"):
