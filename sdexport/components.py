@@ -123,6 +123,14 @@ class ShapeRanges:
         opt = min(max(native, lo), hi)
         return cls(max_images=max_images, min_size=lo, max_size=hi, opt_size=opt, pixel_multiple=mult)
 
+    def consistent(self) -> bool:
+        """What ``for_model`` makes: sides and counts positive, min and max multiples of the pixel multiple,
+        min <= opt <= max (a manifest's ranges that are not were edited or damaged)."""
+        values = dataclasses.astuple(self)
+        return (all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+                and not self.min_size % self.pixel_multiple and not self.max_size % self.pixel_multiple
+                and self.min_size <= self.opt_size <= self.max_size)
+
     def to_json(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 

@@ -102,7 +102,10 @@ def open_loras(specs: list[str] | tuple[str, ...] | None) -> list[LoraFile]:
             continue
         path, scale = parse_lora(str(spec))
         if not path.is_file():
-            raise UsageError(f"--lora {spec}: no such file")
+            head, _, tail = str(spec).rpartition(":")  # FILE:0,8 or FILE:x: a scale that is not a number
+            hint = (f" ({head} is one: '{tail}' after it is not a number, the SCALE of FILE[:SCALE])"
+                    if head and Path(head).is_file() else "")
+            raise UsageError(f"--lora {spec}: no such file{hint}")
         try:  # safetensors (Rust) opens only UTF-8 paths: the file would be called "not a LoRA" (exit 5)
             str(path.resolve()).encode("utf-8")
         except UnicodeEncodeError:

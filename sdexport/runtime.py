@@ -59,8 +59,7 @@ class ExportDir:
         if not isinstance(model, dict) or not isinstance(ranges, dict):
             raise IntegrityError(f"{where}: incomplete (no model or ranges); {remedy}")
         try:
-            ShapeRanges.from_json(ranges)
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ranges.values()):
+            if not ShapeRanges.from_json(ranges).consistent():
                 raise TypeError
             for key, kind in (("family", str), ("pipeline_class", str), ("weights_sha256", str), ("path", str),
                               ("configs", dict), ("tokenizer_max_lengths", dict)):
@@ -227,4 +226,5 @@ class ExportDir:
 def _ranges_text(ranges: Any) -> str:
     if not isinstance(ranges, dict):
         return "?"
-    return f"{ranges.get('min_size')}-{ranges.get('max_size')} px x{ranges.get('max_images')}"
+    return (f"{ranges.get('min_size')}-{ranges.get('max_size')} px in steps of {ranges.get('pixel_multiple')}, "
+            f"x{ranges.get('max_images')}")

@@ -170,6 +170,17 @@ def test_consumers_refuse_components_that_do_not_belong_together(fresh_export, t
     assert_error(result, 5, "vae_decoder", "shape ranges", "re-export")
 
 
+def test_a_range_mismatch_names_what_differs(fresh_export, tmp_path):
+    """Only the pixel multiple differs: the line showed the same range on both sides ('64-256 px x4 vs 64-256 px x4')."""
+    data = json.loads((fresh_export / "manifest.json").read_text())
+    ranges = data["ranges"]
+    data["components"]["vae_decoder"]["key"]["ranges"]["pixel_multiple"] = ranges["pixel_multiple"] // 2
+    (fresh_export / "manifest.json").write_text(json.dumps(data))
+    result = run_cli("infer", fresh_export, "--prompt", "p", "-o", tmp_path / "x.png", "--steps", 1)
+    assert_error(result, 5, "vae_decoder", f"in steps of {ranges['pixel_multiple'] // 2}, x{ranges['max_images']} vs "
+                 f"{ranges['min_size']}-{ranges['max_size']} px in steps of {ranges['pixel_multiple']}")
+
+
 def test_leftovers_of_killed_runs_are_swept_by_the_next_writer(fresh_export, tiny_model):
     dead_pid = 2**22 - 7  # above the default pid_max: no such process
     leftovers = [fresh_export / ".txn-123-deadbeef" / "unet", fresh_export / ".unet.old-4242",

@@ -108,8 +108,12 @@ def test_parse_lora(tmp_path):
     for bad in ("x:nan", "x:inf", "x:-inf"):
         with pytest.raises(UsageError, match="not a finite number"):
             parse_lora(bad)
-    with pytest.raises(UsageError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file$"):
         open_loras([str(tmp_path / "none.safetensors")])
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    for tail in ("0,8", "abc"):  # the file exists: the line says the scale is what is wrong
+        with pytest.raises(UsageError, match=f"no such file .*a.safetensors is one: '{tail}' after it is not a number"):
+            open_loras([f"{tmp_path / 'a.safetensors'}:{tail}"])
     assert parse_lora("x:100")[1] == 100.0 and parse_lora("x:-100")[1] == -100.0
     for bad in ("x:100.5", "x:-101", "x:1e30"):  # finite, but the fused weights overflow into NaN images
         with pytest.raises(UsageError, match=r"outside \[-100, 100\]"):

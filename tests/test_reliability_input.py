@@ -240,6 +240,12 @@ def _manifest_case(data, case):
         data["ranges"]["min_size"] = "64"
     elif case == "ranges-extra":
         data["ranges"]["colour"] = 3
+    elif case == "ranges-min-above-max":  # was "height 128 is outside the exported range [512, 256]": the request blamed
+        data["ranges"]["min_size"] = data["ranges"]["max_size"] * 2
+    elif case == "ranges-opt-outside":  # was "height 8 is not a multiple of 16" for an infer given no --height
+        data["ranges"]["opt_size"] = 8
+    elif case == "ranges-off-the-multiple":
+        data["ranges"]["max_size"] += data["ranges"]["pixel_multiple"] // 2
     elif case == "configs-four":
         data["model"]["configs"]["unet"]["in_channels"] = "four"
     elif case == "no-dtype":
@@ -251,6 +257,7 @@ def _manifest_case(data, case):
 
 @pytest.mark.parametrize("case", ["array", "not-utf8", "truncated", "nan", "no-version", "components-list",
                                   "file-number", "sha-short", "no-model", "ranges-string", "ranges-extra",
+                                  "ranges-min-above-max", "ranges-opt-outside", "ranges-off-the-multiple",
                                   "configs-four", "no-dtype", "external-data-string"])
 def test_malformed_manifest(export, tmp_path, case):
     data = json.loads((export / "manifest.json").read_text())

@@ -344,6 +344,14 @@ def export_lcm_sd(lcm_sd, tmp_path_factory):
                    components=["text_encoder", "unet", "vae_decoder"], max_images=2)
 
 
+def test_a_first_lcm_request_times_no_import(export_lcm_sd):
+    """The guidance embedding's diffusers pipeline module is imported before the clock (it took about a second of
+    infer's reported total: 1.5 s against 50 ms without it)."""
+    from test_img2img import imports_while_timed
+
+    assert imports_while_timed(export_lcm_sd) == []
+
+
 def test_lcm_sd_matches_latent_consistency_pipeline(lcm_sd, export_lcm_sd):
     from diffusers import LatentConsistencyModelPipeline
 
