@@ -197,7 +197,7 @@ def stage_ortprep(work: Path, out: Path) -> None:
     t0 = time.perf_counter()
     result = {**header()}
     try:
-        variants = ort_cuda.prepare(work / "e32", say=log)
+        variants = ort_cuda.prepare(work / "e32", say=log)["variants"]
         result["ort_cuda"] = {k: {"fused_ops": v["fused_ops"], "seconds": v["seconds"]} for k, v in variants.items()}
         if (work / "e32i" / "manifest.json").is_file():
             ort_cuda.prepare(work / "e32i", components=("vae_decoder",), say=log)

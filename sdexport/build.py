@@ -49,27 +49,11 @@ class BuildFailed(SdexportError):
 
 # --- requests and profiles ------------------------------------------------------------
 
-def parse_hw(text: str | int | None, what: str) -> tuple[int, int] | None:
-    """'512', '512x768' (height x width) or an int -> (height, width)."""
-    if text is None:
-        return None
-    if isinstance(text, int):
-        return text, text
-    parts = str(text).lower().replace("*", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise UsageError(f"{what} {text!r}: expected pixels as N or HxW (e.g. 512 or 512x768)")
-    return (values[0], values[-1])
-
-
 def profile_request(ranges, static: str | None = None, batch: int | None = None, opt_size: str | None = None,
                     opt_batch: int | None = None, min_size: str | None = None, max_size: str | None = None,
                     max_batch: int | None = None) -> tuple[str, dict[str, Geometry]]:
     """(kind, {min, opt, max} geometries) of the engines' profile, checked against the export's range."""
-    from .limits import count
+    from .limits import count, image_size
 
     for option, value in (("--batch", batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
         if value is not None:
@@ -78,16 +62,16 @@ def profile_request(ranges, static: str | None = None, batch: int | None = None,
         if any(v is not None for v in (opt_size, opt_batch, min_size, max_size, max_batch)):
             raise UsageError("--static fixes one shape: leave out --min-size/--opt-size/--max-size/--opt-batch/"
                              "--max-batch")
-        h, w = parse_hw(static, "--static")
+        h, w = image_size("--static", static)
         geo = Geometry(batch or 1, h, w, guidance=True)
         ranges.check(geo)
         return "static", {"min": geo, "opt": geo, "max": geo}
     if batch is not None:
         raise UsageError("--batch goes with --static; a dynamic profile takes --opt-batch and --max-batch")
-    lo = parse_hw(min_size, "--min-size") or (ranges.min_size, ranges.min_size)
-    hi = parse_hw(max_size, "--max-size") or (ranges.max_size, ranges.max_size)
-    opt = parse_hw(opt_size, "--opt-size") or (min(max(ranges.opt_size, lo[0]), hi[0]),
-                                               min(max(ranges.opt_size, lo[1]), hi[1]))
+    lo = image_size("--min-size", min_size) if min_size is not None else (ranges.min_size, ranges.min_size)
+    hi = image_size("--max-size", max_size) if max_size is not None else (ranges.max_size, ranges.max_size)
+    opt = image_size("--opt-size", opt_size) if opt_size is not None else (min(max(ranges.opt_size, lo[0]), hi[0]),
+                                                                           min(max(ranges.opt_size, lo[1]), hi[1]))
     request = {"min": Geometry(1, *lo, guidance=False),  # one image without guidance: one row
                "opt": Geometry(opt_batch or 1, *opt, guidance=True),
                "max": Geometry(max_batch or ranges.max_images, *hi, guidance=True)}
@@ -147,13 +131,13 @@ def parse_ccs(text: str | None) -> list[str] | None:
 
 
 def resolve_targets(trt, flavour: str, requested: list[str] | None, gpu_cc) -> list[str]:
-    from .backends.trt import RTX_DEFAULT_TARGETS, cc_text, rtx_targets, version_of
+    from .backends.trt import RTX_DEFAULT_TARGETS, RTX_INSTALL, cc_text, rtx_targets, version_of
 
     if flavour == "tensorrt":
         if gpu_cc is None:
             raise CannotRunHere(f"TensorRT {version_of(trt)} builds engines for the GPU it runs on, and no CUDA GPU "
                                 "is visible here; build on the target machine, or ahead of time with TensorRT-RTX "
-                                "(pip install tensorrt-rtx-cu13==1.7.1.116; --trt rtx)")
+                                f"({RTX_INSTALL}; --trt rtx)")
         here = cc_text(gpu_cc)
         if requested and requested != [here]:
             raise UsageError(f"--compute-capability {','.join(requested)}: TensorRT builds for this GPU ({here}) "
@@ -628,7 +612,8 @@ def _build(export, txn, precision, flavour, components, static, batch, opt_size,
     else:
         say(f"nothing to build: {len(current)} engine(s) up to date")
     return {"built": built, "up_to_date": current, "flavour": name, "version": version, "targets": targets,
-            "engines": {c: manifest.engines[c] for c in components}, "attention_nodes": attention}
+            "engines": {c: manifest.engines[c] for c in components}, "held": sorted(manifest.engines),
+            "attention_nodes": attention}
 
 
 def _warn_about_this_gpu(gpu_cc, targets: list[str], device: str | None, root, say) -> None:

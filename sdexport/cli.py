@@ -294,16 +294,15 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
         parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
         report = compile_packages(export_dir, static, batch=batch, components=parts, precision=precision,
                                   device=_device(device or "auto"), force=force, max_batch=max_batch, say=say)
-        click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} Inductor engine(s), "
-                   f"{len(report['built'])} compiled")
+        click.echo(_build_summary(export_dir, report, "Inductor package(s)"))
         return
 
     if engine_backend == "ort":
         from .ort_cuda import prepare
 
         parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
-        variants = prepare(export_dir, **({"components": parts} if parts else {}), say=say)
-        click.echo(f"{export_dir}/manifest.json: ort_cuda variant of {', '.join(variants)}")
+        report = prepare(export_dir, **({"components": parts} if parts else {}), say=say)
+        click.echo(_build_summary(export_dir, report, "ONNX Runtime CUDA variant(s)"))
         return
 
     report = run(export_dir, precision=precision, flavour=flavour,
@@ -312,9 +311,15 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
                  max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
                  workspace_mib=workspace, timing_cache=timing_cache, force=force, device=device,
                  refittable=refittable, say=say)
-    click.echo(f"{export_dir}/manifest.json: {len(report['engines'])} engine(s), {len(report['built'])} built, "
-               f"{len(report['up_to_date'])} up to date ({report['flavour']} {report['version']}, "
-               f"compute capability {', '.join(report['targets'])})")
+    click.echo(_build_summary(export_dir, report, "TensorRT engine(s)", f" ({report['flavour']} {report['version']}, "
+                              f"compute capability {', '.join(report['targets'])})"))
+
+
+def _build_summary(export_dir, report, what: str, detail: str = "") -> str:
+    """build's last line, the same for every backend: what this command built, and what the export holds."""
+    held = report["held"]
+    return (f"{export_dir}/manifest.json: {len(report['built'])} built, {len(report['up_to_date'])} up to date"
+            f"{detail}; the export holds {len(held)} {what}{': ' + ', '.join(held) if held else ''}")
 
 
 @cli.command()

@@ -108,7 +108,7 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     from 1 to ``max_batch`` (a dynamic batch axis, one package for every batch size); returns the entries."""
     import torch
 
-    from .build import parse_hw
+    from .limits import image_size
 
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: Inductor engines take fp16 or fp32 (fp32 on the CPU)"
@@ -127,7 +127,7 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     kind, cc = device_tag(device)
     if kind == "cpu" and precision != "fp32":
         raise UsageError(f"--precision {precision}: Inductor engines for the CPU are fp32 (--precision fp32)")
-    h, w = parse_hw(static, "--static")
+    h, w = image_size("--static", static)
     from .paths import check_export_writable
 
     # an export (not a missing path, nor a model directory that would get a lock file) that takes new files
@@ -144,7 +144,7 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
                              f"{export.family.description} model ({', '.join(export.specs)})")
         section = export.manifest.data.setdefault(SECTION, {})
         info = None
-        built = []
+        built, current = [], []
         for i, component in enumerate(names, 1):
             spec = export.specs[component]
             # N images with the family's default guidance (two UNet rows per image under CFG, one for LCM)
@@ -167,6 +167,7 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
             label = f"[{i}/{len(names)}] {component}"
             if not force and old and old.get("key") == key and export.manifest.intact(old):
                 say(f"{label}: up to date ({old['file']}), not recompiled")
+                current.append(component)
                 continue
             if info is None:
                 info = export.source_model()
@@ -205,7 +206,8 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
             del module, program
         if built:
             txn.commit()
-        return {"built": built, "engines": {c: section[c] for c in names}}
+        return {"built": built, "up_to_date": current, "engines": {c: section[c] for c in names},
+                "held": sorted(section)}
 
 
 def check_package(export: ExportDir, component: str, device: str) -> tuple[Path, dict[str, Any]]:

@@ -107,6 +107,19 @@ def device(option: str, value: str) -> str:
     return text_value
 
 
+def image_size(option: str, value: str, images: bool = False) -> tuple:
+    """The one parser of image sizes: HEIGHTxWIDTH in pixels (build --static/--min-size/--opt-size/--max-size)
+    -> (height, width); with ``images`` also HEIGHTxWIDTHxIMAGES (serve --warmup) -> (height, width, images or
+    None). A lone number is refused, never taken as a square: it does not say which side it is."""
+    parts = str(value).strip().lower().replace("*", "x").split("x")
+    values = [int(p) for p in parts if p.isascii() and p.isdigit()]
+    if len(values) != len(parts) or len(values) not in ((2, 3) if images else (2,)) or min(values) < 1:
+        form = "HEIGHTxWIDTH in pixels" + (" or HEIGHTxWIDTHxIMAGES, e.g. 1024x1024 or 1024x1024x4" if images
+                                           else ", e.g. 1024x1024")
+        raise UsageError(f"{option} takes {form} (got {value!r})")
+    return tuple(values) if not images else (values[0], values[1], values[2] if len(values) == 3 else None)
+
+
 def max_image_side(native_px: int) -> int:
     return MAX_SIDE_FACTOR * native_px
 

@@ -366,6 +366,25 @@ def resolve_model(model: str | os.PathLike, progress=None) -> "ModelInfo":
     raise ModelError(f"{model}: no such directory, and not a preset name (presets: {', '.join(PRESETS)})")
 
 
+def _export_not_model(root: Path, no_index: bool) -> str | None:
+    """Where ``root`` is an sdexport export given for a diffusers model directory: the line that says so and
+    names the model it was exported from (its manifest records it). None for anything else, e.g. a diffusers
+    directory that happens to hold a manifest.json of its own."""
+    try:
+        data = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):  # none, or not JSON
+        data = None
+    model = data.get("model") if isinstance(data, dict) and "manifest_version" in data else None
+    if not isinstance(model, dict):
+        if not (no_index and (root / "manifest.json").is_file()):
+            return None
+        model = {}  # a damaged export: no name to give
+    recorded = f": {model['path']}" if model.get("path") else ""
+    source = (f"the preset it was exported from: {model['preset']}" if model.get("preset")
+              else f"the diffusers model directory it was exported from{recorded}")
+    return f"{root}: an sdexport export, not a diffusers model directory; give {source}"
+
+
 def _read_config(path: Path, what: str = "") -> dict[str, Any]:
     """A JSON object from a model directory (schema.read_json_object); anything else is one ModelError."""
     from .schema import read_json_object
@@ -407,10 +426,11 @@ class ModelInfo:
         if not root.is_dir():
             raise ModelError(f"{root}: not a directory")
         index_path = root / "model_index.json"
-        if not index_path.exists() and not index_path.is_symlink():
-            if (root / "manifest.json").is_file():
-                raise ModelError(f"{root}: an sdexport export, not a diffusers model; commands that take MODEL "
-                                 "need the diffusers directory it was exported from")
+        no_index = not index_path.exists() and not index_path.is_symlink()
+        refusal = _export_not_model(root, no_index)  # an export holds a model_index.json too (Optimum's layout)
+        if refusal:
+            raise ModelError(refusal)
+        if no_index:
             raise ModelError(f"{root}: no model_index.json; not a diffusers pipeline directory")
         from .schema import check_config, check_regular_files
 

@@ -276,7 +276,8 @@ def check_variant(export: ExportDir, component: str) -> dict[str, Any] | None:
 
 def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 17,
             say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Write the ORT CUDA variant of ``components`` under ``OUT/ort_cuda``.
+    """Write the ORT CUDA variant of ``components`` under ``OUT/ort_cuda``; returns the components built and
+    up to date, and the variants the export holds (``variants``: their manifest entries; ``held``: their names).
 
     The graphs keep the export's named dynamic axes; a static engine (for CUDA graphs) is
     the same file opened with ONNX Runtime's free-dimension overrides (backends/ort.py).
@@ -307,6 +308,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
                  and not _up_to_date(export, variants.get(n), keys[n])]
         _check_space(export, info, stale)
         changed = False
+        built, current = [], []
         for name in components:
             spec = export.spec(name)
             if spec.keep_fp32:  # this variant is FP16 throughout; such a component runs the plain FP32 export
@@ -317,6 +319,7 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
                 continue
             if name not in stale:
                 say(f"{vkey} {name}: up to date")
+                current.append(name)
                 continue
             t0 = time.perf_counter()
             feed = spec.sample_inputs(spec.opt_dims())
@@ -342,7 +345,8 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
                      "seconds": round(time.perf_counter() - t0, 1), "key": keys[name]}
             variants[name] = entry
             changed = True
+            built.append(name)
             say(f"ort-cuda {name}: {entry['fused_ops']} ({entry['seconds']} s)")
         if changed:
             txn.commit()
-        return variants
+        return {"built": built, "up_to_date": current, "variants": variants, "held": sorted(variants)}

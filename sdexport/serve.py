@@ -645,14 +645,9 @@ from sdexport.serve import TritonPythonModel  # noqa: E402,F401
 def parse_warmup(spec: str) -> tuple[int, int, int | None]:
     """``HxW`` or ``HxWxN`` (N images in one call) -> (height, width, images); images None for ``HxW`` (one
     image, or with step graphs every batch size up to --max-batch: ServeOptions.resolved)."""
-    parts = spec.lower().strip().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (2, 3) or min(values) < 1:
-        raise UsageError(f"--warmup {spec}: expected HxW or HxWxN (pixels, images), e.g. 512x512x4")
-    return (values[0], values[1], values[2] if len(values) == 3 else None)
+    from .limits import image_size
+
+    return image_size("--warmup", spec, images=True)
 
 
 @dataclasses.dataclass(frozen=True)

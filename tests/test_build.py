@@ -138,6 +138,10 @@ def test_second_build_rebuilds_nothing(built):
     result = _run("build", out)  # the command says so too
     assert result.exit_code == 0, result.stderr
     assert "0 built, 4 up to date" in result.stdout and "nothing to build" in result.stderr
+    result = _run("build", out, "--components", "unet")  # what it built, and all the export holds
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"{out}/manifest.json: 0 built, 1 up to date (TensorRT-RTX ")
+    assert result.stdout.rstrip().endswith("; the export holds 4 TensorRT engine(s): " + ", ".join(COMPONENTS))
 
 
 def test_changed_inputs_rebuild_only_that_engine(built, tmp_path):
@@ -324,20 +328,24 @@ def test_profile_requests_in_user_terms(export_fp16):
     for name, spec in export.specs.items():
         profile, _ = component_profile(spec, req)
         assert profile == spec.to_json()["profile"], name
-    kind, req = profile_request(export.ranges, opt_size="192x128", opt_batch=2, max_batch=2, min_size="96")
+    kind, req = profile_request(export.ranges, opt_size="192x128", opt_batch=2, max_batch=2, min_size="96x96")
     profile, axes = component_profile(export.specs["unet"], req)
     assert kind == "custom"
     assert profile["sample"] == [[1, 4, 12, 12], [4, 4, 24, 16], [4, 4, 32, 32]]
     assert axes == {"batch": [1, 4, 4], "latent_height": [12, 24, 32], "latent_width": [12, 16, 32]}
     assert component_profile(export.specs["vae_decoder"], req)[1]["batch"] == [1, 2, 2]
     with pytest.raises(ShapeError, match="min <= opt <= max"):
-        profile_request(export.ranges, min_size="192", opt_size="128")
+        profile_request(export.ranges, min_size="192x192", opt_size="128x128")
     with pytest.raises(ShapeError, match="multiple of 16"):
-        profile_request(export.ranges, opt_size="100")
+        profile_request(export.ranges, opt_size="100x100")
     with pytest.raises(UsageError, match="--batch goes with --static"):
         profile_request(export.ranges, batch=2)
-    with pytest.raises(UsageError, match="HxW"):
-        profile_request(export.ranges, static="big")
+    for option, value in (("static", "big"), ("static", "128"), ("min_size", "96"), ("opt_size", "128x"),
+                          ("max_size", "128x128x2"), ("static", "0x64")):
+        # a lone number was taken as a square (128 -> 128x128): every size option takes height x width
+        with pytest.raises(UsageError, match=rf"^--{option.replace('_', '-')} takes HEIGHTxWIDTH in pixels, "
+                                             rf"e\.g\. 1024x1024 \(got '{value}'\)$"):
+            profile_request(export.ranges, **{option: value})
 
 
 # --- bad input at build time ------------------------------------------------------------------
@@ -392,7 +400,9 @@ def test_bad_targets_and_flavours(trt, export_fp16):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        _one_line(_run("build", export_fp16, "--trt", "tensorrt"), 7, "pip install tensorrt-rtx-cu13==1.7.1.116")
+        # TensorRT-RTX is here (the trt fixture): the line names the package that is missing, and --trt rtx
+        _one_line(_run("build", export_fp16, "--trt", "tensorrt"), 7, "'tensorrt') is not importable here",
+                  "pip install tensorrt-cu13", f"TensorRT-RTX {trt.__version__} is installed here: --trt rtx")
 
 
 def test_failed_build_leaves_nothing(trt, export_fp16, tmp_path):

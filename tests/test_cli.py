@@ -82,6 +82,22 @@ def test_bad_models(tmp_path, tiny_model):
     assert_one_line_error(run("preset", "sd99", "-o", tmp_path / "p"), 3, "unknown preset")
 
 
+def test_an_export_given_for_the_model(export_fp32, tiny_model, tmp_path):
+    """An export holds a model_index.json (Optimum's layout), so `calibrate EXPORT` and `export EXPORT` said
+    "missing vae/; not a complete Stable Diffusion 1.x/2.x directory". They say what it is, and which model
+    directory to give: the one its manifest records."""
+    recorded = json.loads((export_fp32 / "manifest.json").read_text())["model"]["path"]
+    assert recorded == str(tiny_model.resolve())
+    line = (f"{export_fp32}: an sdexport export, not a diffusers model directory; give the diffusers model "
+            f"directory it was exported from: {recorded}")
+    for command in (("calibrate", export_fp32, "-o", tmp_path / "c.npz"),
+                    ("export", export_fp32, "-o", tmp_path / "e")):
+        result = run(*command)
+        assert_one_line_error(result, 3, line)
+        assert "missing vae/" not in result.stderr
+    assert not (tmp_path / "c.npz").exists() and not (tmp_path / "e").exists()
+
+
 def test_tampered_onnx_is_refused(export_fp32, tmp_path):
     bad = tmp_path / "tampered"
     shutil.copytree(export_fp32, bad)

@@ -41,7 +41,7 @@ def test_dynamic_batch_package(inductor_export):
         feed = engine.spec.sample_inputs({"batch": batch, "latent_height": 8, "latent_width": 8}, seed=batch)
         got, want = engine(feed)["sample"], reference(feed)["sample"]
         assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-4
-    with pytest.raises(ShapeError, match="compiled for"):
+    with pytest.raises(ShapeError, match="takes 1 to 2 images per call; this request is 3 images per call"):
         engine(engine.spec.sample_inputs({"batch": 3, "latent_height": 8, "latent_width": 8}))
 
 
@@ -55,6 +55,19 @@ def test_package_in_manifest_and_up_to_date(inductor_export):
                      "--components", "unet", "--precision", "fp32")
     assert result.exit_code == 0 and "up to date" in result.stderr
     assert (inductor_export / entry["file"]).read_bytes() == before
+
+
+def test_build_says_what_it_built_and_what_the_export_holds(inductor_export):
+    """`build --backend inductor --components unet` on an export with packages for other components printed
+    "1 Inductor engine(s)", the count of the components it was asked for, not of the packages the export holds.
+    The line now has build's form for every backend: built, up to date, and the packages the export holds."""
+    held = sorted(json.loads((inductor_export / "manifest.json").read_text())["inductor"])
+    assert held == ["unet", "vae_decoder"]  # the fixture's two builds, one component each
+    result = run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64",
+                     "--components", "unet", "--precision", "fp32")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == (f"{inductor_export}/manifest.json: 0 built, 1 up to date; the export holds "
+                                     "2 Inductor package(s): unet, vae_decoder")
 
 
 def test_validate_and_same_image_as_onnx_runtime(inductor_export, tmp_path):
@@ -82,7 +95,11 @@ def test_bad_requests(inductor_export, tmp_path):
                  2, "fp32")  # the CPU compiles fp32 only (default precision fp16)
     result = run_cli("infer", inductor_export, "--backend", "inductor", "--prompt", "p", "--height", 128,
                      "--width", 128, "--steps", 1, "-o", tmp_path / "x.png", "--device", "cpu")
-    assert_error(result, 4, "compiled for")
+    # in pixels, as the request was made (it spoke latent dims: {'latent_height': 8, ...}), with the way out
+    assert_error(result, 4, "unet: the Inductor package inductor/unet.cpu.b1-64x64.pt2 was built for 64x64 images "
+                 "(height x width, pixels); this request is 128x128:",
+                 f"sdexport build {inductor_export} --backend inductor --static 128x128", "--backend ort")
+    assert "latent" not in result.stderr
     assert not (tmp_path / "x.png").exists()
 
 

@@ -98,6 +98,10 @@ def test_bad_model_directories(tmp_path, tiny_model):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ModelError, match="missing vae/"):
         ModelInfo.open(broken)
+    own = tmp_path / "own-manifest"  # a diffusers directory with a manifest.json that is not sdexport's
+    shutil.copytree(tiny_model, own)
+    (own / "manifest.json").write_text('{"files": []}')
+    assert ModelInfo.open(own).family_name == "sd"
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
     index = json.loads((other / "model_index.json").read_text())

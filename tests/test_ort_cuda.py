@@ -41,10 +41,20 @@ def test_fusions_are_applied(prepared):
 
 def test_second_prepare_is_up_to_date(prepared):
     messages = []
-    prepare(prepared, say=messages.append)
+    report = prepare(prepared, say=messages.append)
     assert sum("up to date" in m for m in messages) == 2  # UNet and VAE; the text encoder is not fused by default
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert sorted(manifest["ort_cuda"]) == ["unet", "vae_decoder"]
+    assert (report["built"], report["up_to_date"], report["held"]) == ([], ["unet", "vae_decoder"],
+                                                                       ["unet", "vae_decoder"])
+    from conftest import run_cli
+
+    # build's line: what this command built and what the export holds ("ort_cuda variant of unet, vae_decoder"
+    # named every variant held, as if this command had made them)
+    result = run_cli("build", prepared, "--backend", "ort", "--components", "vae_decoder")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == (f"{prepared}/manifest.json: 0 built, 1 up to date; the export holds 2 ONNX "
+                                     "Runtime CUDA variant(s): unet, vae_decoder")
 
 
 def test_build_prints_only_its_own_progress_lines(export):

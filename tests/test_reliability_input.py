@@ -137,6 +137,21 @@ def test_build_options(export_fp32, args, needle):
     assert tree_digest(export_fp32) == unchanged
 
 
+@pytest.mark.parametrize("args", [
+    ["--precision", "fp32", "--static", "128"], ["--precision", "fp32", "--min-size", "64"],
+    ["--precision", "fp32", "--opt-size", "64"], ["--precision", "fp32", "--max-size", "128"],
+    ["--backend", "inductor", "--device", "cpu", "--precision", "fp32", "--static", "128"],
+])
+def test_build_sizes_take_height_x_width(export_fp32, args):
+    """`--static 128` was built as 128x128 (any lone number was a square); every option that takes an image size
+    takes HEIGHTxWIDTH, through one parser, and says so in one line."""
+    option, value = args[-2:]
+    unchanged = tree_digest(export_fp32)
+    assert_refused(cli("build", export_fp32, *args), 2, f"{option} takes HEIGHTxWIDTH in pixels, e.g. 1024x1024 "
+                   f"(got '{value}')")
+    assert tree_digest(export_fp32) == unchanged
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--max-batch", "0"], "--max-batch 0"), (["--max-batch", "65"], "at most 64"), (["--opset", "13"], "--opset 13"),
     (["--min-size", "0"], "--min-size 0"), (["--max-size", "100000"], "at most 512 px"),

@@ -721,7 +721,7 @@ def test_ort_cuda_variant_of_the_sdxl_unet(export_sdxl, tmp_path):
     out = tmp_path / "exp"
     shutil.copytree(export_sdxl, out)
     messages = []
-    variants = prepare(out, say=messages.append)
+    variants = prepare(out, say=messages.append)["variants"]
     assert sorted(variants) == ["unet"] and any("vae_decoder: left out" in m and "force_upcast" in m for m in messages)
     fused = variants["unet"]["fused_ops"]
     assert fused["MultiHeadAttention"] >= 10 and fused["NhwcConv"] >= 10 and fused.get("SkipLayerNormalization", 0) > 0

@@ -442,7 +442,8 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", export_fp32, "--max-batch", 5), 2, "--max-batch 5", "1 to 4")
     assert_error(run_cli("serve", export_fp32, "--max-batch", 0), 2, "--max-batch 0")
     assert_error(run_cli("serve", export_fp32, "--warmup", "72x64"), 4, "height 72")
-    assert_error(run_cli("serve", export_fp32, "--warmup", "64"), 2, "--warmup 64", "HxW")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "64"), 2, "--warmup takes HEIGHTxWIDTH in pixels or "
+                 "HEIGHTxWIDTHxIMAGES, e.g. 1024x1024 or 1024x1024x4 (got '64')")
     assert_error(run_cli("serve", export_fp32, "--warmup", "64x64x3", "--max-batch", 2), 2, "more images")
     assert_error(run_cli("serve", export_fp32, "--device", "cpu", "--gpus", "0"), 2, "--gpus needs --device cuda")
     assert_error(run_cli("serve", export_fp32, "--gpus", "0,x"), 2, "--gpus 0,x")

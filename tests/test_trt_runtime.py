@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fake_trt
-from conftest import copy_export
+from conftest import assert_error, copy_export, run_cli
 from sdexport.errors import BackendUnavailable, CannotRunHere, IntegrityError, ShapeError
 from sdexport.runtime import ExportDir
 
@@ -303,6 +303,31 @@ def test_tensorrt_before_10_is_refused(monkeypatch):
         import_trt("tensorrt")
     old.__version__ = "10.0.1"
     assert import_trt("tensorrt") == (old, "tensorrt")
+
+
+def test_trt_flavour_that_is_missing_names_the_one_installed(export_fp32, monkeypatch):
+    """`build --trt tensorrt` without NVIDIA's tensorrt, TensorRT-RTX installed, said "no TensorRT found (tensorrt);
+    install TensorRT: 'pip install tensorrt-rtx-cu13...'", an install hint for what was there. The line says which
+    package does not import, how to install it, and the other flavour where that one is here."""
+    rtx = fake_trt.fake_tensorrt(name="tensorrt_rtx", version="1.7.1.116")
+    nvidia = fake_trt.fake_tensorrt(name="tensorrt", version="10.13.3.9")
+    rtx.Builder = nvidia.Builder = object
+    build = ("build", export_fp32, "--precision", "fp32", "--trt")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", rtx)
+    result = run_cli(*build, "tensorrt")
+    assert_error(result, 7, "NVIDIA's TensorRT (the Python package 'tensorrt') is not importable here",
+                 "pip install tensorrt-cu13", "TensorRT-RTX 1.7.1.116 is installed here: --trt rtx")
+    assert "tensorrt-rtx-cu13" not in result.stderr
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # the neighbour: --trt rtx without tensorrt_rtx
+    monkeypatch.setitem(sys.modules, "tensorrt", nvidia)
+    assert_error(run_cli(*build, "rtx"), 7, "TensorRT-RTX (the Python package 'tensorrt_rtx') is not importable here",
+                 "to install it: pip install tensorrt-rtx-cu13==1.7.1.116", "TensorRT 10.13.3.9 is installed here: "
+                 "--trt tensorrt")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # neither: the install hint alone
+    result = run_cli(*build, "rtx")
+    assert_error(result, 7, "'tensorrt_rtx') is not importable here; to install it: pip install tensorrt-rtx-cu13")
+    assert "installed here" not in result.stderr
 
 
 def test_validate_trt_runs_trtengine_without_polygraphys_tensorrt_or_cudart(fake, monkeypatch):

@@ -42,6 +42,8 @@ class InductorEngine(Engine):
                                                        device_index=index if index is not None else 0)
         self.static_dims = dict(self.entry["dims"])
         self.batch_range = self.entry.get("batch_range")  # [lo, hi] rows for a dynamic batch axis
+        self.root, self.scale = export.root, export.info.vae_scale_factor  # latent side * scale = pixels
+        self.onnx = component in export.manifest.components  # --backend ort can run it at other sizes
 
     def fits(self, dims: dict[str, int]) -> bool:
         if self.batch_range:
@@ -50,16 +52,43 @@ class InductorEngine(Engine):
             return lo <= dims["batch"] <= hi and rest == {k: v for k, v in self.static_dims.items() if k != "batch"}
         return dims == self.static_dims
 
+    def pixels(self, dims: dict[str, int]) -> tuple[int, int] | None:
+        """The image size (height, width) in pixels of a call's axes (None: a text encoder's have none)."""
+        if "latent_height" in dims:
+            return dims["latent_height"] * self.scale, dims["latent_width"] * self.scale
+        if "image_height" in dims:
+            return dims["image_height"], dims["image_width"]
+        return None
+
+    def mismatch(self, dims: dict[str, int]) -> ShapeError:
+        """A call the package was not compiled for, in the user's terms: image size in pixels, images per call."""
+        geo = self.entry["geometry"]
+        built = f"{geo['height']}x{geo['width']}"
+        pixels = self.pixels(dims)
+        asked = f"{pixels[0]}x{pixels[1]}" if pixels else None  # a text encoder's call has no image size
+        lo, hi = self.batch_range or (self.static_dims["batch"],) * 2
+        per_image = hi // geo["images"]  # rows per image: two through the text encoder and UNet under guidance
+        was, request = [], []
+        if asked not in (None, built):
+            was.append(f"was built for {built} images (height x width, pixels)")
+            request.append(asked)
+        if not lo <= dims["batch"] <= hi:
+            images = f"1 to {geo['images']} images" if self.batch_range else _count(geo["images"], "image")
+            rows = f"{lo} to {hi} rows" if self.batch_range else _count(hi, "row")
+            guided = f" with classifier-free guidance ({rows})" if per_image > 1 else ""
+            was.append(f"takes {images} per call{guided}")
+            request.append(f"{_count(dims['batch'], 'image' if per_image == 1 else 'row')} per call")
+        other = "; or run it with --backend ort, whose ONNX graphs take every size of the export" if self.onnx else ""
+        return ShapeError(f"{self.spec.name}: the Inductor package {self.entry['file']} {' and '.join(was)}; this "
+                          f"request is {', '.join(request)}: build packages for it with 'sdexport build {self.root} "
+                          f"--backend inductor --static {asked or 'HxW'} [--batch N | --max-batch N]'{other}")
+
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         dims = self.dims(feed)
         if not self.fits(dims):
-            built = dict(self.static_dims, **({"batch": f"{self.batch_range[0]}-{self.batch_range[1]}"}
-                                              if self.batch_range else {}))
-            raise ShapeError(f"{self.spec.name}: the Inductor engine {self.entry['file']} was compiled for "
-                             f"{built}; this request needs {dims} (build one for it with "
-                             f"'sdexport build --backend inductor --static HxW [--batch N | --max-batch N]')")
+            raise self.mismatch(dims)
         args = [feed[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
                 for t in self.spec.inputs]
         with torch.inference_mode():
@@ -69,6 +98,10 @@ class InductorEngine(Engine):
 
     def close(self) -> None:
         self.model = None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def load_all(export, components: list[str], device: str, **options) -> dict[str, Engine]:

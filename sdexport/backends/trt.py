@@ -27,12 +27,13 @@ from typing import Any
 from ..errors import BackendUnavailable, CannotRunHere, IntegrityError, ShapeError, UsageError
 from .base import Engine
 
-TRT_INSTALL = ("install TensorRT: 'pip install tensorrt-rtx-cu13==1.7.1.116' (TensorRT-RTX; builds without a GPU) "
-               "or NVIDIA's 'tensorrt' 10.x/11.x")
+RTX_INSTALL = "pip install tensorrt-rtx-cu13==1.7.1.116"
+TRT_INSTALL = f"install TensorRT: '{RTX_INSTALL}' (TensorRT-RTX; builds without a GPU) or NVIDIA's 'tensorrt' 10.x/11.x"
 FLAVOUR_NAMES = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
 MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
 # NVIDIA's TensorRT for GPUs that TensorRT-RTX cannot serve (Turing's FP32 GEMMs, Hopper); CUDA 13 like torch 2.13.
 NVIDIA_TRT_INSTALL = "pip install tensorrt-cu13"
+INSTALLS = {"tensorrt": NVIDIA_TRT_INSTALL, "rtx": RTX_INSTALL}
 # Strongly typed networks (the precision is in the graph) arrived in TensorRT 10.0; 8.x would blame the ONNX.
 MIN_TENSORRT = (10, 0)
 
@@ -57,25 +58,41 @@ TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8":
 # --- flavours -----------------------------------------------------------------------
 
 def import_trt(flavour: str = "auto"):
-    """Return (module, flavour) for ``tensorrt`` or ``tensorrt_rtx``; ``auto`` prefers ``tensorrt``."""
-    import importlib
-
-    order = {"auto": ("tensorrt", "tensorrt_rtx"), "tensorrt": ("tensorrt",), "rtx": ("tensorrt_rtx",)}
+    """Return (module, flavour) for ``tensorrt`` or ``tensorrt_rtx``; ``auto`` prefers ``tensorrt``. One flavour
+    asked for and missing: the error says so, how to install it, and the other flavour where that one is here."""
+    order = {"auto": ("tensorrt", "rtx"), "tensorrt": ("tensorrt",), "rtx": ("rtx",)}
     if flavour not in order:
         raise BackendUnavailable(f"unknown TensorRT flavour '{flavour}' (choose auto, tensorrt or rtx)")
     for name in order[flavour]:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if getattr(module, "Builder", None) is None:  # the PyPI 'tensorrt' stub without libraries
+        module = _importable(name)
+        if module is None:
             continue
         if name == "tensorrt" and _version_tuple(version_of(module)) < MIN_TENSORRT:
             raise BackendUnavailable(f"TensorRT {version_of(module)} is installed; sdexport needs TensorRT 10 or newer "
                                      f"(strongly typed networks): {NVIDIA_TRT_INSTALL}, or TensorRT-RTX "
-                                     "(pip install tensorrt-rtx-cu13==1.7.1.116)")
-        return module, ("rtx" if name == "tensorrt_rtx" else "tensorrt")
-    raise BackendUnavailable(f"no TensorRT found ({'/'.join(order[flavour])}); {TRT_INSTALL}")
+                                     f"({RTX_INSTALL})")
+        return module, name
+    if flavour == "auto":
+        raise BackendUnavailable(f"no TensorRT found (tensorrt/tensorrt_rtx); {TRT_INSTALL}")
+    other = "rtx" if flavour == "tensorrt" else "tensorrt"
+    here = _importable(other)
+    instead = (f"; {FLAVOUR_NAMES[other]} {version_of(here)} is installed here: --trt {other}" if here is not None
+               else "")
+    who = "NVIDIA's TensorRT" if flavour == "tensorrt" else "TensorRT-RTX"
+    raise BackendUnavailable(f"{who} (the Python package '{MODULES[flavour]}') is not importable here; to install it: "
+                             f"{INSTALLS[flavour]}{instead}")
+
+
+def _importable(flavour: str):
+    """The module of one flavour, or None where it does not import (or is the PyPI 'tensorrt' stub without
+    libraries)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(MODULES[flavour])
+    except ImportError:
+        return None
+    return module if getattr(module, "Builder", None) is not None else None
 
 
 def select_flavour(requested: str, gpu_cc: tuple[int, int] | None):
@@ -179,7 +196,7 @@ def trt_status(gpu_cc: tuple[int, int] | None, flavour: str = "auto") -> dict[st
         if flavour == "tensorrt":
             status["can_build"] = False
             status["why"] = ("no CUDA GPU visible: TensorRT builds for the GPU it runs on "
-                             "(TensorRT-RTX builds without one: pip install tensorrt-rtx-cu13==1.7.1.116)")
+                             f"(TensorRT-RTX builds without one: {RTX_INSTALL})")
         else:
             status["why"] = "no CUDA GPU visible; engines can be built (ahead of time) but not run here"
     elif gpu_advice(flavour, gpu_cc) is not None:
