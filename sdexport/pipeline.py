@@ -49,7 +49,13 @@ SCHEDULERS = {
 
 
 def make_scheduler(name: str | None, config: dict[str, Any]):
-    """A diffusers scheduler of kind ``name`` (None: the model's own), configured from the model's config."""
+    """A diffusers scheduler of kind ``name`` (None: the model's own), configured from the model's config.
+    A class other than the model's own gets the keys it takes only: the others were written for another class
+    (PNDM's skip_prk_steps in SDXL's Euler config), and diffusers, which ignores them, warned of them each time
+    (three times a command for ``--scheduler lcm``). The model's own class gets its whole config, so that
+    diffusers still warns of a key that class does not take."""
+    import inspect
+
     import diffusers
 
     if name is None:
@@ -57,7 +63,12 @@ def make_scheduler(name: str | None, config: dict[str, Any]):
     if name not in SCHEDULERS:
         raise UsageError(f"unknown scheduler '{name}' (choose from {', '.join(SCHEDULERS)})")
     cls_name, overrides = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config({**config, **overrides})
+    cls = getattr(diffusers, cls_name)
+    if cls_name != config.get("_class_name"):
+        takes = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+            config = {k: v for k, v in config.items() if k in takes or k.startswith("_")}
+    return cls.from_config({**config, **overrides})
 
 
 def _noise_unused(sched, eta: float = 0.0) -> bool:
