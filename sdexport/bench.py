@@ -169,7 +169,8 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
                 "loop": "/".join(sorted(loops)), "warnings": sorted(set(warnings)),
                 "load_seconds": round(load_s, 2),
                 "stages_ms": {
-                    **({"vae_encoder": round(med["vae_encoder_ms"], 3)} if image_input else {}),
+                    **({"image_preprocess": round(med["image_preprocess_ms"], 3),
+                        "vae_encoder": round(med["vae_encoder_ms"], 3)} if image_input else {}),
                     "text_encoder": round(med["text_encoder_ms"], 3),
                     "unet_total": round(med["unet_total_ms"], 3),
                     "vae_decoder": round(med["vae_decoder_ms"], 3),
@@ -349,6 +350,8 @@ def format_table(report: dict[str, Any]) -> str:
             ("VAE decode", "vae_decoder"), ("Pipeline total", "pipeline_total")]
     if "vae_encoder" in results[0]["stages_ms"]:  # image-to-image / inpainting
         rows.insert(0, ("VAE encode (image)", "vae_encoder"))
+    if "image_preprocess" in results[0]["stages_ms"]:  # the image (and mask) resized and scaled (not in older reports)
+        rows.insert(0, ("Image preprocessing", "image_preprocess"))
     width = max(22, *(len(c) + 2 for c in cols))
     lines = [head, "", f"{'stage':<22}" + "".join(f"{c:>{width}}" for c in cols)]
     for title, key in rows:

@@ -497,7 +497,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
                if image is not None else {}),
             "timings_ms": {k: round(v, 3) for k, v in summary.items()}}
     names = save_images(result, out, meta)
-    encode = f"VAE encode {summary['vae_encoder_ms']:.1f}, " if summary["vae_encoder_ms"] else ""
+    encode = (f"image preprocessing {summary['image_preprocess_ms']:.1f}, VAE encode {summary['vae_encoder_ms']:.1f}, "
+              if summary["vae_encoder_ms"] else "")
     say(f"{backend} on {device}: total {summary['total_ms']:.1f} ms ({encode}text {summary['text_encoder_ms']:.1f}, "
         f"UNet x{summary['unet_steps']} {summary['unet_total_ms']:.1f}, VAE {summary['vae_decoder_ms']:.1f}, "
         f"loop overhead {summary['loop_overhead_ms']:.1f})")

@@ -340,18 +340,41 @@ def preset_cache_path(name: str) -> Path:
     return cache_dir() / "presets" / f"{name}-{__version__}"
 
 
+def _open_path(model: str | os.PathLike) -> "ModelInfo":
+    """The directory ``model`` names. A path wins over a preset of the same name (it is what the user named),
+    but one that hides a preset and is no diffusers model (e.g. ``export tiny -o tiny`` run before) says so."""
+    path = Path(model)
+    try:
+        return ModelInfo.open(path)
+    except ModelError as exc:
+        if str(model) not in PRESETS:
+            raise
+        from .paths import is_export_dir
+
+        what = ("an sdexport export, not a diffusers model" if is_export_dir(path)
+                else f"not a diffusers model: {str(exc).removeprefix(f'{path}: ')}")
+        raise ModelError(f"{model}: is the {'directory' if path.is_dir() else 'file'} ./{model} here ({what}), "
+                         f"not the built-in preset {model} (a path wins over a preset name); for the preset, run "
+                         f"from another directory, or write it with 'sdexport preset {model} -o DIR' and give "
+                         "DIR") from None
+
+
 def model_path(model: str | os.PathLike) -> Path | None:
-    """Where ``resolve_model`` finds ``model`` (a directory, or a preset's cache), without writing anything."""
+    """Where ``resolve_model`` finds ``model`` (a directory, or a preset's cache), without writing anything.
+    A path named like a preset that is no model is resolve_model's error here (not "-o would overwrite it")."""
     if Path(model).exists():
+        if str(model) in PRESETS:
+            _open_path(model)
         return Path(model)
     return preset_cache_path(str(model)) if str(model) in PRESETS else None
 
 
-def resolve_model(model: str | os.PathLike, progress=None) -> "ModelInfo":
-    """A directory path, or a preset name (written once into the cache, then reused)."""
+def resolve_model(model: str | os.PathLike, progress=None, preset_only: bool = False) -> "ModelInfo":
+    """A directory path, or a preset name (written once into the cache, then reused). ``preset_only``: the
+    preset even where a path of its name exists (an export's recorded preset is no user's directory)."""
     path = Path(model)
-    if path.exists():
-        return ModelInfo.open(path)
+    if path.exists() and not preset_only:
+        return _open_path(model)
     if str(model) in PRESETS:
         from .manifest import ExportLock
 

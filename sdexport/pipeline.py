@@ -49,7 +49,13 @@ SCHEDULERS = {
 
 
 def make_scheduler(name: str | None, config: dict[str, Any]):
-    """A diffusers scheduler of kind ``name`` (None: the model's own), configured from the model's config."""
+    """A diffusers scheduler of kind ``name`` (None: the model's own), configured from the model's config.
+    A class other than the model's own gets the keys it takes only: the others were written for another class
+    (PNDM's skip_prk_steps in SDXL's Euler config), and diffusers, which ignores them, warned of them each time
+    (three times a command for ``--scheduler lcm``). The model's own class gets its whole config, so that
+    diffusers still warns of a key that class does not take."""
+    import inspect
+
     import diffusers
 
     if name is None:
@@ -57,7 +63,12 @@ def make_scheduler(name: str | None, config: dict[str, Any]):
     if name not in SCHEDULERS:
         raise UsageError(f"unknown scheduler '{name}' (choose from {', '.join(SCHEDULERS)})")
     cls_name, overrides = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config({**config, **overrides})
+    cls = getattr(diffusers, cls_name)
+    if cls_name != config.get("_class_name"):
+        takes = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+            config = {k: v for k, v in config.items() if k in takes or k.startswith("_")}
+    return cls.from_config({**config, **overrides})
 
 
 def _noise_unused(sched, eta: float = 0.0) -> bool:
@@ -215,8 +226,9 @@ class InitImage:
         dev = pipe.device
         batch, f = shape[0], pipe.info.vae_scale_factor
         height, width = shape[2] * f, shape[3] * f
-        pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(self.image, height=height, width=width)
-        pixels = pixels.to(dtype=torch.float32, device=dev)
+        with pipe.stage("image_preprocess"):
+            pixels = VaeImageProcessor(vae_scale_factor=f).preprocess(self.image, height=height, width=width)
+            pixels = pixels.to(dtype=torch.float32, device=dev)
         first = timesteps[:1].repeat(batch)
         if self.mode == "image-to-image":
             if isinstance(generator, list):  # one encoder draw per image, each from its own generator
@@ -230,10 +242,11 @@ class InitImage:
             init = pipe.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
         noise = pipe.noise(shape, generator).to(dev)
         latents = noise * sched.init_noise_sigma if full else sched.add_noise(init, noise, first)
-        mask = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True,
-                                 do_convert_grayscale=True).preprocess(self.mask, height=height, width=width)
-        masked = pixels * (mask.to(dev) < 0.5)
-        mask = torch.nn.functional.interpolate(mask, size=(shape[2], shape[3])).to(dev)
+        with pipe.stage("image_preprocess"):
+            mask = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True,
+                                     do_convert_grayscale=True).preprocess(self.mask, height=height, width=width)
+            masked = pixels * (mask.to(dev) < 0.5)
+            mask = torch.nn.functional.interpolate(mask, size=(shape[2], shape[3])).to(dev)
         masked_latents = pipe.encode_image(masked, generator).repeat(batch, 1, 1, 1)
         concat = torch.cat([mask.repeat(batch, 1, 1, 1), masked_latents], dim=1)
         return latents, torch.cat([concat] * 2) if cfg else concat
@@ -258,7 +271,8 @@ class GenerationResult:
     def stage_summary(self) -> dict[str, float]:
         """Stage times; ``loop_overhead`` is the denoising loop's own time (scheduler, guidance,
         casts and any gap between UNet calls), ``other`` what the pipeline spends outside the
-        engines and the loop (tokenizing, drawing the initial noise, post-processing)."""
+        engines and the loop (tokenizing, drawing the initial noise, post-processing, and the image and
+        mask preprocessing of an image request, which ``image_preprocess`` times alone)."""
         t = self.timings_ms
         total = sum(t["total"])
         unet = sum(t.get("unet", []))
@@ -269,6 +283,7 @@ class GenerationResult:
         return {
             "text_encoder_ms": text,
             "vae_encoder_ms": encode,
+            "image_preprocess_ms": sum(t.get("image_preprocess", [])),
             "unet_total_ms": unet,
             "unet_steps": len(t.get("unet", [])),
             "vae_decoder_ms": sum(t.get("vae_decoder", [])),
@@ -414,9 +429,13 @@ class Pipeline:
             self.warn(f"{which} longer than {limit} tokens was truncated; dropped: {dropped!r}")
         return ids.to(torch.int32).to(self.device)
 
+    def stage(self, name: str):
+        """The current request's clock's stage ``name`` (nothing outside a request)."""
+        return self.clock.stage(name) if self.clock else contextlib.nullcontext()
+
     def encode_text(self, part: str, ids):
         """Run one text encoder engine (timed as the text stage)."""
-        with (self.clock.stage("text_encoder") if self.clock else contextlib.nullcontext()):
+        with self.stage("text_encoder"):
             return self.engines[part]({"input_ids": ids})
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -550,7 +569,7 @@ class Pipeline:
         if "vae_encoder" not in self.engines:
             raise UsageError(f"{self.export.root}: image input needs the vae_encoder engine (export it: "
                              f"sdexport export MODEL -o {self.export.root} --components ...,vae_encoder)")
-        with self.clock.stage("vae_encoder") if self.clock else contextlib.nullcontext():
+        with self.stage("vae_encoder"):
             if isinstance(generator, list):
                 params = [self.engines["vae_encoder"]({"sample": pixels[i:i + 1]})["latent_parameters"].clone()
                           for i in range(pixels.shape[0])]

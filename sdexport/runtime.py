@@ -203,7 +203,7 @@ class ExportDir:
             if model.get("preset") and not self.model_path:
                 from .models import resolve_model
 
-                info = resolve_model(model["preset"])  # a preset is rebuilt identically from its seed
+                info = resolve_model(model["preset"], preset_only=True)  # rebuilt identically from its seed
             else:
                 raise ModelError(f"the source model of {self.root} is not available ({exc}); point at a copy of it "
                                  "with --model DIR") from None

@@ -109,3 +109,52 @@ def test_bad_model_directories(tmp_path, tiny_model):
     (other / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError, match="StableDiffusion3Pipeline' is not supported"):
         ModelInfo.open(other)
+
+
+def test_a_path_named_like_a_preset(tiny_model, export_fp32, tmp_path, monkeypatch):
+    """A path wins over a preset of its name (it is what the user named), but one that is no diffusers model
+    says that it hid the preset and how to get the preset (``export tiny -o tiny`` run twice said "-o tiny:
+    would overwrite the model directory tiny", an export named tiny "tiny: missing vae/")."""
+    from sdexport.models import model_path
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copytree(export_fp32, here / "tiny")
+    (here / "sdxl-tiny").mkdir()
+    shutil.copytree(export_fp32, here / "mine")
+    monkeypatch.chdir(here)
+    for find in (resolve_model, model_path):  # model_path: export's -o check, before any work
+        with pytest.raises(ModelError) as caught:
+            find("tiny")
+        assert str(caught.value) == (
+            "tiny: is the directory ./tiny here (an sdexport export, not a diffusers model), not the built-in "
+            "preset tiny (a path wins over a preset name); for the preset, run from another directory, or write "
+            "it with 'sdexport preset tiny -o DIR' and give DIR")
+    with pytest.raises(ModelError, match=r"^sdxl-tiny: is the directory ./sdxl-tiny here \(not a diffusers "
+                                         r"model: no model_index.json; .*not the built-in preset sdxl-tiny"):
+        resolve_model("sdxl-tiny")
+    with pytest.raises(ModelError) as caught:  # a name that is no preset: the directory's own error, as before
+        resolve_model("mine")
+    assert str(caught.value).startswith("mine: ") and "preset" not in str(caught.value)
+    elsewhere = tmp_path / "elsewhere"  # a diffusers model named like a preset is used, silently
+    elsewhere.mkdir()
+    shutil.copytree(tiny_model, elsewhere / "tiny")
+    monkeypatch.chdir(elsewhere)
+    info = resolve_model("tiny")
+    assert info.root.samefile(elsewhere / "tiny") and model_path("tiny") == Path("tiny") and info.preset is None
+
+
+def test_an_exports_preset_is_not_a_path_of_its_name(export_fp32, tmp_path, monkeypatch):
+    """An export of a preset whose cache is gone rebuilds the preset for its PyTorch reference, even run from
+    a directory that holds a path of the preset's name (it took that path: 'tiny: missing vae/')."""
+    from sdexport.runtime import ExportDir
+
+    export = shutil.copytree(export_fp32, tmp_path / "export")
+    data = json.loads((export / "manifest.json").read_text())
+    data["model"].update(path=str(tmp_path / "gone"), preset="tiny")
+    (export / "manifest.json").write_text(json.dumps(data))
+    shutil.copytree(export_fp32, tmp_path / "tiny")
+    monkeypatch.setenv("SDEXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    info = ExportDir.open(export).source_model()
+    assert info.root.parent == tmp_path / "cache" / "presets" and info.preset == "tiny"

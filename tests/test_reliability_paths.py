@@ -77,6 +77,19 @@ def test_export_of_a_preset_into_its_own_cache(tmp_path):
     assert not out.exists()
 
 
+def test_export_of_a_preset_name_that_a_directory_here_hides(export_fp32, tmp_path):
+    """``export tiny -o tiny`` run twice: ./tiny, the first run's export, is what ``tiny`` names now (a path
+    wins); the one error line says so and how to get the preset, not "-o tiny: would overwrite the model
+    directory tiny" (nor, with another -o, "tiny: missing vae/")."""
+    shutil.copytree(export_fp32, tmp_path / "tiny")
+    unchanged = _untouched(tmp_path / "tiny")
+    for out in ("tiny", "other"):
+        assert_refused(cli("export", "tiny", "-o", out, cwd=tmp_path), 3, "is the directory ./tiny here (an "
+                       "sdexport export, not a diffusers model), not the built-in preset tiny",
+                       "'sdexport preset tiny -o DIR'")
+    assert unchanged() and not (tmp_path / "other").exists()
+
+
 # --- preset ----------------------------------------------------------------------------------------
 def test_preset_never_replaces_what_a_directory_holds(model, tmp_path):
     notes = tmp_path / "notes"

@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_error, run_cli
+from conftest import assert_error, cli, run_cli
 from conftest import small_sdxl_text_encoders as _text_encoders
 from conftest import small_sdxl_unet as _small_unet
 from conftest import small_vae as _small_vae
@@ -456,6 +456,43 @@ def test_lcm_warns_only_of_a_negative_prompt_given(export_lcm_sd, tmp_path):
                          "--height", 64, "--width", 64, "--negative-prompt", negative)
         assert result.exit_code == 0, result.stderr
         assert ("negative prompt is not used" in result.stderr) == warned, (negative, result.stderr)
+
+
+def test_another_scheduler_takes_no_warning_of_the_models_config(export_sdxl, tmp_path, monkeypatch):
+    """sdxl-tiny's Euler config holds PNDM's skip_prk_steps, as SDXL base's does: ``--scheduler lcm`` printed
+    diffusers' "config attributes {'skip_prk_steps': True} were passed to LCMScheduler, but are not expected"
+    three times a command. Another class gets the keys it takes, which is what diffusers used of the whole config:
+    the image is the one of the scheduler diffusers made of it. The model's own class still hears of a key
+    it does not take."""
+    import logging
+
+    import diffusers
+
+    import sdexport.pipeline
+
+    export = ExportDir.open(export_sdxl)
+    config = export.info.scheduler_config
+    assert config["_class_name"] == "EulerDiscreteScheduler" and config["skip_prk_steps"] is True
+    size = ("--height", 64, "--width", 64, "--steps", 2, "--scheduler", "lcm")
+    for args in (("infer", "--prompt", "a kite", "-o", tmp_path / "a.png"), ("bench", "--runs", 1, "--warmup", 0,
+                                                                            "--no-eager")):
+        proc = cli(args[0], export_sdxl, *args[1:], *size)
+        assert proc.returncode == 0 and "not expected" not in proc.stderr + proc.stdout, proc.stderr
+    pipe = Pipeline(load_engines(export_sdxl, "ort"), export)
+    kw = dict(prompt="a kite", steps=2, guidance_scale=5.0, seed=3, height=64, width=64, scheduler="lcm")
+    ours = pipe(**kw).images
+    monkeypatch.setattr(sdexport.pipeline, "make_scheduler",
+                        lambda name, config: diffusers.LCMScheduler.from_config(config))
+    assert np.array_equal(ours, pipe(**kw).images)
+    heard = logging.Handler()
+    heard.emit = lambda record: said.append(record.getMessage())
+    said: list[str] = []
+    logging.getLogger("diffusers").addHandler(heard)
+    try:
+        make_scheduler(None, {**config, "bogus_key": 1})
+    finally:
+        logging.getLogger("diffusers").removeHandler(heard)
+    assert any("{'bogus_key': 1} were passed to EulerDiscreteScheduler, but are not expected" in m for m in said)
 
 
 @pytest.mark.parametrize("export_fixture, guidance", [("export_fp32", 7.5), ("export_sdxl", 5.0),
