@@ -823,6 +823,26 @@ def test_refittable_build_without_a_gpu(rtx, export_fp16, tmp_path, monkeypatch)
     assert entry["refittable"] is False and not entry["file"].endswith(".refit.plan")
 
 
+def test_refittable_build_without_a_gpu_whatever_myelin_logs_first(rtx, export_fp16, tmp_path, monkeypatch):
+    """Where no CUDA runs, a refittable TensorRT-RTX build cannot succeed, so it is exit 8 whichever error its
+    compiler logs first. Under load on 2 cores it once logged graph_jit.cpp:179 "CHECK(status == myelinSuccess)"
+    instead of the usual :278 "CHECK(status == CUDA_SUCCESS)", and the build said exit 9, "could not build"."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the refittable build runs (test_refit_on_the_gpu)")
+    from sdexport.backends.trt import capture_logger
+
+    out = tmp_path / "e"
+    shutil.copytree(export_fp16, out, ignore=shutil.ignore_patterns("engines"))
+    manifest = (out / "manifest.json").read_text()
+    under_load = ("IBuilder::buildSerializedNetwork: Error Code 1: Myelin ([myelin_graph.h:1295: attachExceptionMsgToGraph] "
+                  "MyelinCheckException: graph_jit.cpp:179: CHECK(status == myelinSuccess) failed. In compileGraph at "
+                  "/_src/optimizer/myelin/codeGenerator.cpp:2012)")
+    monkeypatch.setattr(capture_logger(rtx), "summary", lambda default="": under_load)
+    result = run_cli("build", out, "--refittable", "--components", "text_encoder", "--compute-capability", "8.6")
+    assert_error(result, 8, "only where CUDA runs", "graph_jit.cpp:179")
+    assert (out / "manifest.json").read_text() == manifest and not (out / "engines").exists()
+
+
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
