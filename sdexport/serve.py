@@ -1105,9 +1105,8 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
         stopping: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _: stopping.append(signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-        drained = False
+        drained = ready = False
         try:
-            ready = False
             while proc.poll() is None and not stopping:
                 if not ready:
                     ready = _http(f"{supervisor.base}/v2/health/ready") == 200
@@ -1122,7 +1121,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
                     proc.wait(timeout=0.5)
                 except subprocess.TimeoutExpired:
                     pass
-            if stopping and proc.poll() is None:
+            if stopping and proc.poll() is None and ready:
                 say(f"{signal.Signals(stopping[0]).name}: answering in-flight requests "
                     f"(up to {options.drain_timeout_s} s), accepting no new connections")
                 drained = supervisor.drain()
@@ -1134,6 +1133,11 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
                 proc.wait()
             for region in Path("/dev/shm").glob(f"{shm_prefix}*"):  # left behind when Triton was stopped hard
                 region.unlink(missing_ok=True)
+        if stopping and not ready:  # before 'ready:' there is nothing to drain: an interrupted start (130, 143)
+            from . import interrupts
+
+            interrupts.record(stopping[0])
+            raise interrupts.Interrupted(stopping[0])
         if stopping:
             if drained:
                 say("stopped: in-flight requests answered")

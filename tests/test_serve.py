@@ -770,6 +770,27 @@ def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tm
 
 
 @pytest.mark.slow
+def test_ctrl_c_before_ready_is_an_interrupt_not_a_drain_timeout(export_fp32, tmp_path):
+    """Ctrl-C while the model still loads (a warm-up of 1000 steps: minutes) stops Triton and is exit 130 with
+    the interrupt's line: there is nothing in flight to drain (it said 'in-flight requests were not answered
+    within --drain-timeout-s', exit 11)."""
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen(conftest.sdexport_cmd("serve", export_fp32, "--warmup", "128x128x4", "--warmup-steps",
+                                                  "1000", "--http-port", http, "--grpc-port", grpc,
+                                                  "--metrics-port", metrics),
+                            env=conftest.sdexport_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("starting tritonserver"):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted (SIGINT); nothing partial was left under a final name" in err.splitlines()
+    assert "ready:" not in out and "in-flight" not in err
+
+
+@pytest.mark.slow
 def test_serve_with_a_lora_that_does_not_fit_is_exit_5(export_fp32, serve_lora, tmp_path):
     """The LoRA is switched while the model loads: one that does not fit is serve's exit 5, never 'ready'."""
     broken = tmp_path / "broken.safetensors"
