@@ -220,7 +220,7 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     from .errors import ModelError
     from .manifest import atomic_path, sha256_file, versions
     from .models import model_path, resolve_model
-    from .paths import Guarded, check_output, model_inputs
+    from .paths import Guarded, check_output, enclosing_export, model_inputs
     from .schema import check_loadable
 
     limits.count("--steps", steps, 1, limits.MAX_STEPS)
@@ -237,7 +237,7 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     source = model_path(model)
     if source is not None:
         guard = guard | model_inputs(source, f"the model {source}")
-    check_output("-o", out, guard)
+    check_output("-o", out, guard | enclosing_export(out))
     reservoir = Reservoir(max_samples, seed)
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)

@@ -124,6 +124,15 @@ def export_artifacts(root: str | os.PathLike, data: dict | None = None) -> Guard
     return guard
 
 
+def enclosing_export(path: str | os.PathLike) -> Guarded:
+    """The artifacts of an export directory that holds ``path`` (none where no parent has a manifest), for an
+    output that belongs to no export: it may be a new file there, never one of the export's own files."""
+    for parent in resolved(path).parents:
+        if is_export_dir(parent):
+            return export_artifacts(parent)
+    return Guarded()
+
+
 def model_inputs(root: str | os.PathLike, what: str = "the source model") -> Guarded:
     """A diffusers model directory: its files and every subdirectory (new files in its root are allowed)."""
     root = resolved(root)

@@ -339,6 +339,16 @@ def test_calibrate_output_onto_its_inputs(model, tmp_path):
     assert unchanged()
 
 
+def test_calibrate_output_onto_an_export(model, export):
+    """A calibration file may be a new file in an export's root (quantize's --calib there), never one of the
+    export's own files: -o OUT/unet/model.onnx overwrote the UNet the manifest lists (exit 0)."""
+    unchanged = _untouched(export)
+    for out, needle in ((export / "unet" / "model.onnx", "listed in"), (export / "manifest.json", "manifest.json"),
+                        (export / "unet" / "c.npz", "would write inside")):
+        assert_refused(cli("calibrate", model, "--num-prompts", "1", "--steps", "1", "-o", out), 2, needle)
+    assert unchanged()
+
+
 def test_quantize_calibration_file_inside_what_it_replaces(export, tmp_path):
     (export / "unet_int8").mkdir(exist_ok=True)
     calib = export / "unet_int8" / "calib.npz"
