@@ -748,7 +748,8 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @handled
 def env(as_json):
-    """What this host has: torch, CUDA, GPU, ONNX Runtime, TensorRT; what can build and run here."""
+    """What this host has: torch, CUDA, GPU, ONNX Runtime, TensorRT, Inductor's toolchain, Triton serving; what can
+    build, run and serve here."""
     from .envinfo import describe, format_env
 
     report = describe()

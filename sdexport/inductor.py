@@ -25,6 +25,8 @@ before loading (exit 8 on another GPU, 5 on another torch) and rebuilt when an i
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +56,100 @@ def device_tag(device: str) -> tuple[str, str | None]:
     if device != "cpu":
         raise UsageError(f"--device {device}: choose cpu or cuda[:N]")
     return "cpu", None
+
+
+CXX_INSTALL = "apt-get install g++, or set CXX to a C++ compiler"
+CUDA_TOOLKIT_INSTALL = "install the CUDA toolkit (e.g. apt-get install cuda-toolkit-13-0) or set CUDA_HOME to one"
+
+
+def cxx_compiler() -> tuple[str, str | None]:
+    """The C++ compiler AOTInductor compiles and links every package with, found as torch finds it, without
+    importing Inductor: ``torch._inductor.config.cpp.cxx`` is ``$CXX``, else ``g++`` (``cpp_builder.
+    get_cpp_compiler`` runs it, a name on PATH or a path). Returns (what is asked for, its path or None)."""
+    name = os.environ.get("CXX", "g++")
+    return name, shutil.which(name) if name else None
+
+
+def cuda_headers() -> tuple[str | None, str | None]:
+    """The CUDA toolkit whose headers a CUDA package's C++ includes (``cuda.h``, ``cuda_runtime.h``), found as
+    ``torch.utils.cpp_extension`` finds CUDA_HOME (Inductor's ``cpp_builder`` asks it for the include paths):
+    ``$CUDA_HOME`` or ``$CUDA_PATH``, else the directory above ``nvcc`` on PATH, else ``/usr/local/cuda``.
+    Returns (the toolkit directory or None, the directory holding ``cuda_runtime.h`` or None)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home is None:
+        nvcc = shutil.which("nvcc")
+        home = os.path.dirname(os.path.dirname(nvcc)) if nvcc else "/usr/local/cuda"
+        if not os.path.exists(home):
+            home = None
+    if home is None:
+        return None, None
+    for include in (os.path.join(home, "include"), os.environ.get("CUDA_INC_PATH")):
+        if include and os.path.isfile(os.path.join(include, "cuda_runtime.h")):
+            return home, include
+    return home, None
+
+
+def triton_requirement() -> str:
+    """What to install for triton: the version this torch's wheel pins (its metadata), else any."""
+    from importlib import metadata
+
+    try:
+        pins = [r.split(";")[0].strip() for r in metadata.requires("torch") or [] if r.startswith("triton")]
+    except metadata.PackageNotFoundError:
+        pins = []
+    return f"pip install '{pins[0]}'" if pins else "pip install triton (the version your torch's CUDA wheel pins)"
+
+
+def host_status(torch_version: str | None, cuda_available: bool) -> dict[str, Any]:
+    """Whether ``build --backend inductor`` can compile here, for which devices, and what is missing; whether
+    packages can run. Import-free (``sdexport env`` stays fast): triton is looked up, not imported."""
+    import importlib.util
+
+    cxx, cxx_path = cxx_compiler()
+    status: dict[str, Any] = {"torch": torch_version, "cxx": cxx, "cxx_path": cxx_path, "triton": None,
+                              "cuda_home": None, "cuda_include": None, "devices": [], "device": None,
+                              "can_build": False, "can_run": torch_version is not None, "why": None}
+    if torch_version is None:
+        status["why"] = "torch is not installed"
+        return status
+    if importlib.util.find_spec("triton") is not None:
+        status["triton"] = next((v for v in (_dist_version(d) for d in ("triton", "pytorch-triton")) if v),
+                                "installed")
+    status["cuda_home"], status["cuda_include"] = cuda_headers()
+    missing = []
+    if cxx_path is None:
+        asked = f"$CXX ({cxx!r})" if "CXX" in os.environ else "g++ (torch's default; $CXX overrides it)"
+        missing.append(f"no C++ compiler: AOTInductor compiles every package with {asked}, which is not on "
+                       f"PATH ({CXX_INSTALL})")
+    cuda_missing = []
+    if cuda_available:
+        if status["triton"] is None:
+            cuda_missing.append(f"triton is not installed (Inductor's GPU kernels; {triton_requirement()})")
+        if status["cuda_include"] is None:
+            where = (f"{status['cuda_home']}/include has no cuda_runtime.h" if status["cuda_home"] else
+                     "no CUDA toolkit found ($CUDA_HOME, nvcc on PATH, /usr/local/cuda)")
+            cuda_missing.append(f"{where}, which a CUDA package's C++ includes ({CUDA_TOOLKIT_INSTALL})")
+    if cxx_path is not None:
+        status["devices"] = ["cuda", "cpu"] if cuda_available and not cuda_missing else ["cpu"]
+        status["can_build"] = True
+        status["device"] = status["devices"][0]
+    if cuda_missing:
+        missing.append(f"--device cuda cannot build: {'; '.join(cuda_missing)}")
+    if not cuda_available:
+        missing.append("no CUDA GPU visible to torch: CPU packages only (--device cpu --precision fp32)")
+    elif cuda_missing and cxx_path is not None:
+        missing.append("builds CPU packages only (--device cpu --precision fp32)")
+    status["why"] = "; ".join(missing) or None
+    return status
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def graph_changes(component: str, precision: str) -> list[str]:

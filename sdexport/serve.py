@@ -879,11 +879,25 @@ class TritonInstall:
         if not found.stub.is_file():
             raise BackendUnavailable(f"nvidia-pytriton has no Python-backend stub for Python {version} "
                                      f"(it ships 3.8 to 3.13)")
-        libpython = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("INSTSONAME") or "")
+        libpython = cls.libpython()
         if not libpython.is_file() or not sysconfig.get_config_var("Py_ENABLE_SHARED"):
             raise BackendUnavailable(f"this Python ({sys.executable}) has no shared libpython ({libpython}); the "
                                      "Triton Python backend stub embeds one: use a Python built with --enable-shared")
         return found
+
+    @staticmethod
+    def libdir() -> str:
+        """``sysconfig``'s LIBDIR: the directory ``environment`` puts first on ``LD_LIBRARY_PATH``."""
+        import sysconfig
+
+        return sysconfig.get_config_var("LIBDIR") or ""
+
+    @classmethod
+    def libpython(cls) -> Path:
+        """This interpreter's shared libpython, which the stub must load (from ``libdir``)."""
+        import sysconfig
+
+        return Path(cls.libdir()) / (sysconfig.get_config_var("INSTSONAME") or "")
 
     def backend_directory(self, work: Path) -> Path:
         """A ``--backend-directory`` with the Python backend and the stub for this Python (links, no copies)."""
@@ -917,14 +931,38 @@ class TritonInstall:
     def environment(self, work: Path, **extra: str) -> dict[str, str]:
         """Environment of tritonserver and so of the stubs: this interpreter's libpython first on the library
         path (see the module docstring), then the wheel's libraries; the stub prefix's ``bin`` first on PATH."""
-        import sysconfig
-
         env = dict(os.environ)
-        libdirs = [sysconfig.get_config_var("LIBDIR"), str(self.libs), env.get("LD_LIBRARY_PATH", "")]
+        libdirs = [self.libdir(), str(self.libs), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs if p)
         env["PATH"] = os.pathsep.join([str(self.python_prefix(work) / "bin"), env.get("PATH", "")])
         env.update(extra)
         return env
+
+
+def host_status() -> dict[str, Any]:
+    """Whether ``sdexport serve`` can start Triton here (what ``TritonInstall.find`` checks, nothing imported),
+    where its files are, and what serve does about the stub's libpython."""
+    from importlib import metadata
+
+    libdir = TritonInstall.libdir()
+    status: dict[str, Any] = {"can_run": False, "why": None, "nvidia_pytriton": None, "tritonserver": None,
+                              "stub": None, "libpython": str(TritonInstall.libpython()),
+                              "ld_library_path_first": libdir,
+                              # whether this shell's LD_LIBRARY_PATH already starts with it (for running the
+                              # wheel's tritonserver by hand; serve sets it itself)
+                              "ld_library_path_has_it": os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)[0]
+                              == libdir}
+    try:
+        status["nvidia_pytriton"] = metadata.version("nvidia-pytriton")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        found = TritonInstall.find()
+    except BackendUnavailable as exc:
+        status["why"] = str(exc)
+        return status
+    status.update(can_run=True, tritonserver=str(found.binary), stub=str(found.stub))
+    return status
 
 
 def _set_parent_death_signal() -> None:
