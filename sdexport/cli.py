@@ -714,10 +714,12 @@ def _ints(text: str | None) -> tuple[int, ...]:
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Serve with this LoRA switched onto the engines (no re-export or rebuild; repeatable). Every "
                    "request gets it; requests cannot switch LoRAs.")
+@click.option("--unet", type=click.Choice(["default", "int8"]), default="default", show_default=True,
+              help="int8: serve the INT8 UNet written by 'sdexport quantize' (as infer --unet int8).")
 @handled
 def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metrics_port, max_batch,
           max_queue_delay_ms, max_queue_size, warmup, warmup_steps, default_scheduler, text_cache_size, step_graph,
-          model_name, drain_timeout_s, write_repository, loras):
+          model_name, drain_timeout_s, write_repository, loras, unet):
     """Serve EXPORT_DIR on NVIDIA Triton Inference Server (HTTP/gRPC, dynamic batching, metrics).
 
     Runs the tritonserver shipped in nvidia-pytriton until SIGTERM or Ctrl-C, which drain in-flight requests
@@ -734,7 +736,7 @@ def serve(export_dir, backend, device, gpus, address, http_port, grpc_port, metr
                            warmup_steps=warmup_steps, scheduler=default_scheduler, text_cache_size=text_cache_size,
                            step_graph=step_graph,
                            model_name=model_name, address=address, http_port=http_port, grpc_port=grpc_port,
-                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras))
+                           metrics_port=metrics_port, drain_timeout_s=drain_timeout_s, loras=tuple(loras), unet=unet)
     with reading(export_dir):  # the export does not change under a running server (writers wait)
         if write_repository:
             export = ExportDir.open(export_dir)

@@ -393,11 +393,13 @@ class ImageService:
 
     def __init__(self, export_dir: str | Path, backend: str = "ort", device: str = "cpu", step_graph: bool = False,
                  text_cache_size: int = 256, warn: Callable[[str], None] | None = None, loras=(),
-                 scheduler: str | None = None, threads: int | None = None, label: str | None = None):
+                 scheduler: str | None = None, threads: int | None = None, label: str | None = None,
+                 unet: str = "default"):
         """``loras``: ``FILE[:SCALE]`` strings or lora.LoraFile, switched onto the engines for every request;
         ``scheduler``: the one of requests that name none (default: the model's own); ``threads``: this
         instance's CPU threads (torch and ONNX Runtime; default theirs); ``label``: the device as the
-        timings name it (a GPU instance that sees only its GPU runs on cuda:0 of its own)."""
+        timings name it (a GPU instance that sees only its GPU runs on cuda:0 of its own); ``unet``: infer's
+        ``--unet`` (int8: the export's INT8 UNet in the UNet slot, refused as infer refuses it)."""
         from .backends import load_engines
         from .lora import engine_options, open_loras
         from .pipeline import Pipeline
@@ -411,7 +413,9 @@ class ImageService:
 
             set_threads(threads)
         self.label = label or device
+        self.unet = unet
         engines = load_engines(self.export, backend, components=served_components(self.export, backend), device=device,
+                               unet=unet,
                                **(engine_options(backend) if loras else {}),
                                **({"threads": threads} if threads and backend in ("ort", "inductor") else {}),
                                # dynamic batching: ONNX Runtime CUDA convolutions choose cuDNN algorithms by
@@ -493,7 +497,7 @@ class ImageService:
             call = {**{k: round(v, 3) for k, v in result.stage_summary().items()}, "images_in_call": len(images),
                     "text_cache_hits": self.text_cache.hits - hits,
                     "text_cache_misses": self.text_cache.misses - misses, "loop": result.loop,
-                    "device": self.label}
+                    "device": self.label, "unet": self.unet}
             for (r, i), pixels in zip(group, result.uint8()):
                 done[r, i] = (pixels, call)
         for r, s in enumerate(served):
@@ -519,8 +523,9 @@ class TritonPythonModel:
     ``config.pbtxt`` parameters: ``export_dir`` (absolute, or relative to the model's directory), ``backend``,
     ``device`` (``cpu`` or ``cuda``: a KIND_GPU instance runs on its own GPU), ``step_graph``,
     ``text_cache_size``, ``warmup`` (``HxWxN,...``), ``warmup_steps`` (empty: the default request's),
-    ``scheduler`` (of requests that name none; empty: the model's) and ``loras`` (JSON: the LoRAs switched
-    onto the engines, each file checked against its recorded sha256)."""
+    ``scheduler`` (of requests that name none; empty: the model's), ``unet`` (infer's ``--unet``; absent:
+    default) and ``loras`` (JSON: the LoRAs switched onto the engines, each file checked against its recorded
+    sha256)."""
 
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -546,7 +551,7 @@ class TritonPythonModel:
                                         text_cache_size=int(_param(config, "text_cache_size", "256")),
                                         warn=self.log.log_warn, loras=loras,
                                         scheduler=_param(config, "scheduler", "") or None, threads=threads,
-                                        label=label)
+                                        label=label, unet=_param(config, "unet", "default"))
             self.fields = inputs_for(self.service.export)
             t0 = time.perf_counter()
             shapes = [parse_warmup(s) for s in _param(config, "warmup").split(",") if s]
@@ -559,7 +564,8 @@ class TritonPythonModel:
             raise
         from .lora import describe
 
-        self.log.log_info(f"{self.instance}: {export_dir} on {device}, LoRA {describe(loras)}, warm-up "
+        self.log.log_info(f"{self.instance}: {export_dir} on {device}, {self.service.unet} UNet, LoRA "
+                          f"{describe(loras)}, warm-up "
                           f"{', '.join('x'.join(map(str, s)) for s in shapes) or 'none'} in "
                           f"{time.perf_counter() - t0:.1f} s")
         labels = {"model": args["model_name"], "instance": self.instance}
@@ -672,10 +678,12 @@ class ServeOptions:
     metrics_port: int = 8002
     drain_timeout_s: int = 30
     loras: tuple = ()  # FILE[:SCALE] strings; resolved: lora.LoraFile (path, scale, sha256)
+    unet: str = "default"  # infer's --unet: int8 serves the export's INT8 UNet (sdexport quantize)
 
     def resolved(self, export) -> "ServeOptions":
         """Defaults filled in from the export, every value checked (UsageError/ShapeError before Triton starts)."""
         from .backends import BACKENDS
+        from .backends.base import unet_slot
         from .components import Geometry
         from .lora import open_loras
 
@@ -685,6 +693,7 @@ class ServeOptions:
             raise UsageError(f"--backend {self.backend}: choose from {', '.join(BACKENDS)}")
         if self.device not in ("cpu", "cuda"):
             raise UsageError(f"--device {self.device}: cpu or cuda (list GPUs with --gpus)")
+        unet_slot(export, self.backend, self.unet, served_components(export, self.backend))  # infer's refusals
         if self.gpus and self.device != "cuda":
             raise UsageError("--gpus needs --device cuda")
         if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
@@ -782,7 +791,7 @@ def model_config(options: ServeOptions) -> str:
               "step_graph": "true" if options.step_graph else "false", "text_cache_size": str(options.text_cache_size),
               "warmup": ",".join("x".join(map(str, s)) for s in options.warmup or ()),
               "warmup_steps": "" if options.warmup_steps is None else str(options.warmup_steps),
-              "scheduler": options.scheduler or "",
+              "scheduler": options.scheduler or "", "unet": options.unet,
               "loras": json.dumps([lora.to_json() for lora in options.loras])}
     lines = [
         f"{REPOSITORY_MARK} (sdexport {_version()}). Inputs and outputs: README 'Serving'.",
@@ -1135,6 +1144,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
                f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
         say(f"starting tritonserver: {options.model_name} from {options.export_dir} ({options.backend} on "
             f"{'GPU ' + ','.join(map(str, options.gpus)) if options.gpus else 'CPU'}, max batch {options.max_batch}"
+            f"{', ' + options.unet.upper() + ' UNet' if options.unet != 'default' else ''}"
             f"{', LoRA ' + describe(options.loras) if options.loras else ''})")
         env = triton.environment(work, SDEXPORT_SERVE_STATUS=str(status))
         proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=subprocess.STDOUT, start_new_session=True,

@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
 from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
+from test_int8 import calib, int8_export  # noqa: E402,F401  (fixtures: an export with its INT8 UNet)
 from sdexport.errors import SdexportError  # noqa: E402
 from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, TRITONSERVER_EXAMPLE,  # noqa: E402
                             CachedTextEncoder, ImageService, batch_groups, client_inputs, parse_request,
@@ -331,6 +332,20 @@ def test_service_with_a_lora_equals_infer_with_it(export_fp32, serve_lora, tmp_p
     assert np.array_equal(served.images[0], want) and not np.array_equal(want, plain)
 
 
+def test_service_with_the_int8_unet_equals_infer_unet_int8(int8_export, tmp_path):
+    """In process: ImageService(unet="int8") gives `infer --unet int8`'s pixels, not the FP32 UNet's."""
+    request = dict(prompt="a teapot", seed=2, steps=3, height=64, width=64)
+    service = ImageService(int8_export, unet="int8")
+    try:
+        (served,) = service.run([service.parse(tensors(**request))])
+    finally:
+        service.close()
+    want = infer_image(int8_export, tmp_path, "int8", unet="int8", **request)
+    plain = infer_image(int8_export, tmp_path, "plain", **request)
+    assert np.array_equal(served.images[0], want) and not np.array_equal(want, plain)
+    assert served.timings[0]["unet"] == "int8"
+
+
 def test_a_lora_switched_later_is_not_served_from_the_text_cache(export_fp32, serve_lora, tmp_path):
     """Text-encoder rows cached before a switch were encoded with the old weights: after set_loras the same
     prompt gives infer's image with the LoRA, not a blend of cached old rows and the new UNet."""
@@ -470,6 +485,27 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
         http, grpc = free_ports(2)
         assert_error(run_cli("serve", export_fp32, "--http-port", http, "--grpc-port", grpc, "--metrics-port", port),
                      2, f"--metrics-port {port}", "cannot listen on 127.0.0.1")
+
+
+def test_serve_unet_int8_is_refused_as_infer_refuses_it(export_fp32, tmp_path):
+    """--unet int8 takes infer's rule, and its line: on an export without unet_int8, exit 5 in one line before
+    Triton starts (and before --write-repository writes anything); with --backend torch, exit 2; on TensorRT with
+    a UNet engine that is not INT8, exit 2."""
+    trt_fp16 = conftest.copy_export(export_fp32, tmp_path / "trt", with_engines=False)
+    data = json.loads((trt_fp16 / "manifest.json").read_text())
+    data["engines"]["unet"] = {"file": "engines/unet.fp16.plan", "sha256": "0" * 64, "precision": "fp16"}
+    (trt_fp16 / "manifest.json").write_text(json.dumps(data))
+    for export, args, code, needle in ((export_fp32, [], 5, "no unet_int8 (--unet int8)"),
+                                       (export_fp32, ["--backend", "torch"], 2, "torch backend"),
+                                       (trt_fp16, ["--backend", "trt"], 2, "UNet engine in")):
+        served = run_cli("serve", export, "--unet", "int8", *args)
+        assert_error(served, code, needle, only_line=True)
+        inferred = run_cli("infer", export, "--prompt", "x", "-o", tmp_path / "x.png", "--unet", "int8", *args)
+        assert_error(inferred, code, needle)
+        assert served.stderr.strip() == inferred.stderr.strip().splitlines()[-1]
+    assert_error(run_cli("serve", export_fp32, "--unet", "int8", "--write-repository", tmp_path / "repo"), 5,
+                 "no unet_int8", only_line=True)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_write_repository(export_fp32, tmp_path):
@@ -1008,6 +1044,28 @@ def test_server_with_a_lora_answers_image_requests_as_infer(export_fp32, serve_l
             request(server, tritonclient_http, prompt="x", image=b"no image")
         assert exc.value.status() == "400" and "image: not an image" in exc.value.message(), exc.value.message()
         assert "LoRA style.safetensors:0.8" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_server_with_the_int8_unet_answers_as_infer_unet_int8(int8_export, tmp_path):
+    """`serve --unet int8` on an export made by `sdexport quantize`: over HTTP and gRPC the image is `infer
+    --unet int8`'s for the same seed (and not the FP32 UNet's); the start line, the model's config and each
+    image's timings say which UNet is served."""
+    server = Server(int8_export, tmp_path / "server.log", "--unet", "int8", "--warmup", "64x64")
+    try:
+        kw = dict(prompt="a teapot", seed=2, steps=3, height=64, width=64)
+        want = infer_image(int8_export, tmp_path, "want", unet="int8", **kw)
+        assert not np.array_equal(want, infer_image(int8_export, tmp_path, "fp32", **kw))
+        for module in (tritonclient_http, tritonclient_grpc):
+            result = request(server, module, **kw)
+            got = result.as_numpy("image")
+            assert got.shape == (1, 64, 64, 3) and np.array_equal(got[0], want), module.__name__
+            assert timings(result)[0]["unet"] == "int8"
+        config = server.http_client().get_model_config(MODEL)
+        assert config["parameters"]["unet"] == {"string_value": "int8"}, config["parameters"]
+        assert "INT8 UNet" in server.log.read_text().split("starting tritonserver:", 1)[1].splitlines()[0]
     finally:
         server.stop()
 

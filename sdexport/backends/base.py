@@ -158,15 +158,45 @@ class CudaGraphed(Engine):
         return static_out
 
 
+def unet_slot(export, backend: str, unet: str = "default", components: list[str] | None = None) -> str:
+    """The component that runs in the UNet slot for ``--unet unet`` on ``backend``, or the refusal: the one
+    rule of infer, bench and serve (``load_engines`` asks here; serve asks before Triton starts).
+
+    "unet" for the default choice, where ``components`` has no UNet, and on TensorRT (whose "unet" engine
+    must then have been built with --precision int8); else the artifact (artifacts.UNET_CHOICES, e.g.
+    ``unet_int8``), which the export must hold. The torch backend runs the source model: no artifact."""
+    from ..artifacts import UNET_CHOICES
+    from ..errors import IntegrityError
+
+    if unet not in UNET_CHOICES:
+        raise UsageError(f"--unet {unet}: choose {', '.join(UNET_CHOICES)}")
+    variant = UNET_CHOICES[unet]
+    if not variant or "unet" not in (export.pipeline_components if components is None else components):
+        return "unet"
+    if backend == "trt":  # the "unet" engine built from the artifact: sdexport build --precision int8
+        from .trt import engine_entry
+
+        precision = engine_entry(export, "unet")["precision"]
+        if precision != unet:
+            raise UsageError(f"--unet {unet}: the UNet engine in {export.root} is {precision}; "
+                             f"build the INT8 one: sdexport build {export.root} --precision {unet}")
+        return "unet"
+    if backend == "torch":
+        raise UsageError(f"--unet {unet} runs the {variant} ONNX graph; the torch backend runs the source "
+                         "model (use --backend ort or trt)")
+    if variant not in export.manifest.components:
+        raise IntegrityError(f"{export.root}: no {variant} (--unet {unet}); run 'sdexport calibrate' and "
+                             f"'sdexport quantize {export.root} --calib FILE' first")
+    return variant
+
+
 def load_engines(export_dir, backend: str, components: list[str] | None = None,
                  device: str = "cpu", dtype: str | None = None, **options) -> dict[str, Engine]:
     """Engines for ``components`` of an export directory (default: what the sampler loop runs), on ``backend``.
 
     ``export_dir`` is a path or an open ``ExportDir``. ``unet="int8"`` runs another artifact of the
-    export in the UNet slot (artifacts.UNET_CHOICES), under the name "unet".
+    export in the UNet slot (``unet_slot``), under the name "unet".
     """
-    from ..artifacts import UNET_CHOICES
-    from ..errors import IntegrityError
     from ..runtime import ExportDir
 
     if backend not in BACKENDS:
@@ -174,19 +204,9 @@ def load_engines(export_dir, backend: str, components: list[str] | None = None,
     export = export_dir if isinstance(export_dir, ExportDir) else ExportDir.open(export_dir)
     components = list(components or export.pipeline_components)
     unet = options.pop("unet", None) or "default"
-    if unet not in UNET_CHOICES:
-        raise UsageError(f"--unet {unet}: choose {', '.join(UNET_CHOICES)}")
-    variant = UNET_CHOICES[unet]
-    if variant and "unet" in components and backend == "trt":
-        options["unet"] = unet  # TensorRT: the "unet" engine built with --precision int8 (TrtEngine checks)
-    elif variant and "unet" in components:
+    variant = unet_slot(export, backend, unet, components)
+    if variant != "unet":
         # The UNet slot runs another artifact of the export (e.g. unet_int8), under the name "unet".
-        if backend == "torch":
-            raise UsageError(f"--unet {unet} runs the {variant} ONNX graph; the torch backend runs the source "
-                             "model (use --backend ort or trt)")
-        if variant not in export.manifest.components:
-            raise IntegrityError(f"{export.root}: no {variant} (--unet {unet}); run 'sdexport calibrate' and "
-                                 f"'sdexport quantize {export.root} --calib FILE' first")
         if options.get("cuda_graph_components") is not None:
             options["cuda_graph_components"] = [variant if c == "unet" else c for c in options["cuda_graph_components"]]
         elif options.get("cuda_graph"):

@@ -629,11 +629,6 @@ class TrtEngine(Engine):
 
         if os.environ.get("SDEXPORT_TRT_CUDA_GRAPH") == "0":
             cuda_graph = False
-        if options.get("unet") == "int8" and "unet" in components:  # infer/bench --unet int8
-            entry = engine_entry(export, "unet")
-            if entry["precision"] != "int8":
-                raise UsageError(f"--unet int8: the UNet engine in {export.root} is {entry['precision']}; "
-                                 f"build the INT8 one: sdexport build {export.root} --precision int8")
         graph_parts = options.get("cuda_graph_components") or components
         checked = preflight(export, components, device)  # every check before any load
         runtimes: dict[str, Any] = {}
