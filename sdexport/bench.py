@@ -259,6 +259,12 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
 
         raise UsageError(f"--torch-compile compiles the modules of --backend torch; --backend {backend} runs its own "
                          "engines, and the eager comparison stays eager (time torch.compile with --backend torch)")
+    if not compare_eager and backend != "torch" and eager_dtype != "fp32":  # ignored too: a table without it
+        from .errors import UsageError
+
+        raise UsageError(f"--eager-dtype {eager_dtype} is the precision of the PyTorch eager comparison, which "
+                         f"--no-eager leaves out; give one of them (or time torch in {eager_dtype} with --backend "
+                         "torch)")
     export = ExportDir.open(export_dir, model=model_dir)
     if guidance_scale is None:
         guidance_scale = export.family.request_defaults(export.info)["guidance_scale"]

@@ -101,6 +101,11 @@ def open_loras(specs: list[str] | tuple[str, ...] | None) -> list[LoraFile]:
             out.append(spec)
             continue
         path, scale = parse_lora(str(spec))
+        if path.is_dir():  # a LoRA as the Hub ships it: a folder holding pytorch_lora_weights.safetensors
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+            found = (f"; it holds {', '.join(str(path / n) for n in inside[:3])}{', ...' if len(inside) > 3 else ''}"
+                     if inside else "; it holds no .safetensors or .bin file")
+            raise UsageError(f"--lora {spec}: a directory, not a LoRA file: give the weights file in it{found}")
         if not path.is_file():
             head, _, tail = str(spec).rpartition(":")  # FILE:0,8 or FILE:x: a scale that is not a number
             hint = (f" ({head} is one: '{tail}' after it is not a number, the SCALE of FILE[:SCALE])"

@@ -294,6 +294,7 @@ def write_preset(name: str, out: str | os.PathLike, progress=None, option: str =
     from .families import by_name
 
     family = by_name(preset.family)
+    _check_preset_fits(name, preset, family, out)
     say = progress or (lambda msg: None)
     torch.manual_seed(preset.seed)  # one seed, modules built in a fixed order: the same weights everywhere
     say(f"building {name}: unet")
@@ -328,6 +329,25 @@ def write_preset(name: str, out: str | os.PathLike, progress=None, option: str =
         os.replace(target, out)
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _check_preset_fits(name: str, preset: "Preset", family, out: Path) -> None:
+    """Before building: the preset's FP32 weights fit this machine's memory (the modules hold them all) and
+    the disk that ``out`` is on (saved as FP32 safetensors). Counted on PyTorch's meta device (no memory).
+    Without it, a preset too large for its disk was built for minutes and then failed writing; written into
+    the cache by ``export``, that failure named the export's -o, not the cache's disk that was full."""
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .limits import check_disk, check_memory
+    from .schema import parameter_count
+
+    params = parameter_count(UNet2DConditionModel, preset.unet) + parameter_count(AutoencoderKL, preset.vae)
+    params += sum(parameter_count(getattr(transformers, family.preset_text_classes[part]), config)
+                  for part, config in preset.text_encoders.items())
+    what = f"the '{name}' preset ({params:,} parameters in FP32)"
+    check_memory(f"building {what}", 4 * params, error=ModelError)
+    check_disk(out, 4 * params, f"writing {what}")
 
 
 def cache_dir() -> Path:

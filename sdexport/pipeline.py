@@ -48,18 +48,31 @@ SCHEDULERS = {
 }
 
 
+_OWN_CONFIGS_MADE: set[str] = set()  # scheduler configs make_scheduler made the model's own class of
+
+
 def make_scheduler(name: str | None, config: dict[str, Any]):
     """A diffusers scheduler of kind ``name`` (None: the model's own), configured from the model's config.
     A class other than the model's own gets the keys it takes only: the others were written for another class
     (PNDM's skip_prk_steps in SDXL's Euler config), and diffusers, which ignores them, warned of them each time
     (three times a command for ``--scheduler lcm``). The model's own class gets its whole config, so that
-    diffusers still warns of a key that class does not take."""
+    diffusers still warns of a key that class does not take: once a process, as diffusers' own pipeline does
+    when it loads the model (a command makes the scheduler three times: twice for the schedule's dry run, once
+    to run; an LCM model saved from SDXL's Euler config printed diffusers' warning three times a command)."""
     import inspect
 
     import diffusers
 
     if name is None:
-        return getattr(diffusers, config["_class_name"]).from_config(config)
+        cls = getattr(diffusers, config["_class_name"])
+        seen = json.dumps(config, sort_keys=True, default=str)
+        if seen not in _OWN_CONFIGS_MADE:
+            _OWN_CONFIGS_MADE.add(seen)
+            return cls.from_config(config)
+        from .models import _quiet_loading
+
+        with _quiet_loading():  # diffusers said what it ignores of this config the first time
+            return cls.from_config(config)
     if name not in SCHEDULERS:
         raise UsageError(f"unknown scheduler '{name}' (choose from {', '.join(SCHEDULERS)})")
     cls_name, overrides = SCHEDULERS[name]

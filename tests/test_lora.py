@@ -633,6 +633,27 @@ def test_cli_lora_errors_write_nothing(export_fp32, tiny_model, loras, tmp_path)
         assert not (tmp_path / "exp").exists()  # checked before the output folder is made and locked
 
 
+def test_cli_lora_directory_names_the_file_to_give(export_fp32, tiny_model, loras, tmp_path):
+    """A LoRA as the Hub ships it is a folder holding pytorch_lora_weights.safetensors. `--lora FOLDER` said
+    "no such file" about a folder that exists; the line now says it is a directory and names the file in it."""
+    folder = tmp_path / "my-lora"
+    folder.mkdir()
+    shutil.copy(loras["a"], folder / "pytorch_lora_weights.safetensors")
+    weights = folder / "pytorch_lora_weights.safetensors"
+    for spec in (str(folder), f"{folder}:0.8"):
+        proc = cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--steps", 1, "--lora", spec)
+        line = assert_refused(proc, 2, "a directory, not a LoRA file", str(weights))
+        assert "no such file" not in line and not (tmp_path / "o.png").exists()
+        proc = cli("export", tiny_model, "-o", tmp_path / "exp", "--lora", spec)
+        assert_refused(proc, 2, "a directory, not a LoRA file", str(weights))
+        assert not (tmp_path / "exp").exists()
+    assert_refused(cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--lora", tmp_path / "exp2"),
+                   2, "no such file")  # a path that is not there stays "no such file"
+    (tmp_path / "empty").mkdir()
+    assert_refused(cli("infer", export_fp32, "--prompt", "x", "-o", tmp_path / "o.png", "--lora", tmp_path / "empty"),
+                   2, "a directory", "no .safetensors or .bin file")
+
+
 def test_cli_lora_that_does_not_fit_is_the_only_line(export_fp32, tiny_model, loras, tmp_path):
     """PEFT's warnings about the layers it could not place (printed before our line) stay off stderr, and an
     export into an earlier export leaves it as it was."""

@@ -28,6 +28,24 @@ def test_export_refused_before_the_work_when_it_cannot_fit(tiny_model, mount_tmp
     assert not (disk / "out").exists() and not list(disk.iterdir())
 
 
+def test_a_preset_is_refused_before_it_is_built_when_it_cannot_fit(mount_tmpfs, tmp_path):
+    """The 'tiny' preset (16 MB of FP32 weights) onto a 4 MB disk: refused before building (exit 10, the space
+    needed named), both by `preset -o` and when `export` writes it into the cache. The cache's disk is the full
+    one: the line names the cache, not the export's -o (on another disk, with room), which it used to name after
+    building the preset and failing to write it."""
+    disk = mount_tmpfs("4m")
+    proc = cli("preset", "tiny", "-o", disk / "p")
+    line = assert_refused(proc, 10, "'tiny' preset", "needs about", "MiB of disk space", "free there")
+    assert str(disk / "p") in line and "building tiny" not in proc.stderr
+    cache = disk / "cache"
+    proc = cli("export", "tiny", "-o", tmp_path / "out", env={"SDEXPORT_CACHE": cache})
+    line = assert_refused(proc, 10, "'tiny' preset", "needs about", "free there")
+    assert str(cache / "presets") in line and str(tmp_path / "out") not in line, line
+    assert "building tiny" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (disk / "p").exists()
+    assert not [p for p in disk.rglob("*") if p.name != ".sdexport.lock" and p.is_file()]
+
+
 @pytest.mark.slow
 def test_export_when_the_disk_fills_during_the_work(tiny_model, mount_tmpfs):
     disk = mount_tmpfs("200m", nr_inodes=8)  # room for the first component's files, then ENOSPC

@@ -91,6 +91,7 @@ def test_lora_path_that_is_not_utf8(export_fp32, tmp_path):
     (["--threads", "0"], "--threads 0"), (["--guidance-scale", "nan"], "finite"), (["--height", "0"], "--height 0"),
     (["--steps", "0"], "--steps 0"), (["--batch-size", "-2"], "--batch-size -2"),
     (["--torch-compile"], "--backend ort runs its own engines"),  # was ignored: the table timed no torch.compile
+    (["--no-eager", "--eager-dtype", "fp16"], "--eager-dtype fp16"),  # was ignored: no eager row at all, exit 0
 ])
 def test_bench_options(export_fp32, tmp_path, args, needle):
     assert_refused(cli("bench", export_fp32, "--json", tmp_path / "b.json", *args), 2, needle)

@@ -495,6 +495,39 @@ def test_another_scheduler_takes_no_warning_of_the_models_config(export_sdxl, tm
     assert any("{'bogus_key': 1} were passed to EulerDiscreteScheduler, but are not expected" in m for m in said)
 
 
+def test_the_models_own_scheduler_warns_of_keys_it_ignores_once(lcm_sd, tmp_path):
+    """An LCM model saved the way diffusers' LCM docs make one (``LCMScheduler.from_config(pipe.scheduler.config)``
+    then ``save_pretrained``) keeps the Euler/PNDM keys LCMScheduler does not take. diffusers warns of them once,
+    when its pipeline loads the model; infer printed that warning three times (the schedule's dry run makes the
+    scheduler twice, the run once) and bench once more per timed run. Now once a command."""
+    import logging
+
+    from diffusers import LatentConsistencyModelPipeline
+
+    model = shutil.copytree(lcm_sd, tmp_path / "model")
+    sched = model / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "skip_prk_steps": True, "use_karras_sigmas": False}))
+    said: list[str] = []
+    heard = logging.Handler()
+    heard.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(heard)
+    try:  # the reference: diffusers' own pipeline loading this model
+        LatentConsistencyModelPipeline.from_pretrained(model, safety_checker=None)
+    finally:
+        logging.getLogger("diffusers").removeHandler(heard)
+    expected = sum("were passed to LCMScheduler, but are not expected" in m for m in said)
+    assert expected == 1, said
+    out = tmp_path / "e"
+    proc = cli("export", model, "-o", out, "--components", "text_encoder,unet,vae_decoder")
+    assert proc.returncode == 0, proc.stderr
+    for args in (("infer", out, "--prompt", "a kite", "-o", tmp_path / "a.png"),
+                 ("bench", out, "--runs", 2, "--warmup", 1, "--no-eager")):
+        proc = cli(*args, "--steps", 2, "--height", 64, "--width", 64)
+        assert proc.returncode == 0, proc.stderr
+        assert (proc.stderr + proc.stdout).count("were passed to LCMScheduler, but are not expected") == expected, \
+            proc.stderr
+
+
 @pytest.mark.parametrize("export_fixture, guidance", [("export_fp32", 7.5), ("export_sdxl", 5.0),
                                                      ("export_lcm_sd", 8.5)])
 def test_bench_and_calibrate_take_infers_default_guidance(request, export_fixture, guidance, tmp_path):
