@@ -9,6 +9,9 @@ guidance), each variant captured as one CUDA graph and timed by CUDA events over
   compile+qkv+cl     the same with fused QKV projections and channels-last
   compile+qkv+cl+cudnn-attn / +flash-attn   the same with attention pinned to cuDNN's / flash attention
                      (not in the default list; for SDXL, the next lever to measure: issue 14's SDXL target)
+  compile+qkv+cl+fa4 the same with torch's flash kernels replaced by FlashAttention-4 (the flash-attn-4
+                     package; torch.nn.attention.activate_flash_attention_impl("FA4"), process-wide: name it
+                     last). benchmarks/attention_probe.py times the kernels alone first.
   autotune           torch.compile max-autotune (no Inductor cudagraphs; ours) + fused QKV + channels-last,
                      Inductor's conv 1x1-as-matmul and coordinate-descent tuning
   aoti               the autotune variant compiled ahead of time (AOTInductor package), loaded and graphed
@@ -312,6 +315,19 @@ def main() -> None:
 
     run("compile+qkv+cl+cudnn-attn", lambda: with_attention("CUDNN_ATTENTION"))
     run("compile+qkv+cl+flash-attn", lambda: with_attention("FLASH_ATTENTION"))
+
+    def fa4():
+        """compile+qkv+cl with SDPA's flash kernels replaced by FlashAttention-4 (flash-attn-4's CuTe DSL kernels,
+        compute capability 9.0/10.0) through torch's registry. Activation is process-wide: name it last."""
+        from benchmarks.attention_probe import fa4_status
+
+        why = fa4_status()
+        if why:
+            raise RuntimeError(f"FA4 cannot be activated here: {why}")
+        fn, extra = with_attention("FLASH_ATTENTION")
+        return fn, {**extra, "sdpa_backend": "FA4 (flash-attn-4 through activate_flash_attention_impl)"}
+
+    run("compile+qkv+cl+fa4", fa4)
 
     def fp8():
         """nn.Linear layers in FP8 on Hopper (torchao): the transformer blocks' projections and feed-forward."""
