@@ -514,8 +514,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
               help=BACKEND_HELP + "; PyTorch eager is timed after it unless --no-eager.")
 @click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
-@click.option("--steps", type=int, default=20, show_default=True, callback=checked(limits.count, 1, limits.MAX_STEPS),
-              help="Denoising steps per run.")
+@click.option("--steps", type=int, default=None, callback=checked(limits.count, 1, limits.MAX_STEPS),
+              help="Denoising steps per run (default: infer's for the model: 30; 4 for LCM models).")
 @click.option("--height", type=int, default=None, callback=checked(limits.count, 1),
               help="Pixels (default: the model's native size).")
 @click.option("--width", type=int, default=None, callback=checked(limits.count, 1),
