@@ -236,7 +236,7 @@ def noise_warnings(results: list[dict[str, Any]], threads: dict[str, Any]) -> li
     return out
 
 
-def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20, height: int | None = None,
+def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int | None = None, height: int | None = None,
           width: int | None = None, batch_size: int = 1, guidance_scale: float | None = None,
           scheduler: str | None = None,
           runs: int = 3, warmup: int = 1, eager_dtype: str = "fp32", compare_eager: bool = True,
@@ -246,7 +246,8 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
           mask=None, strength: float | None = None, loras=(), inputs=None) -> dict[str, Any]:
     """``image`` (and ``mask``): time image-to-image (inpainting) requests; the table then has a VAE-encode row.
     ``inputs``: the request's files (paths.request_inputs), which ``json_path`` must not overwrite.
-    ``guidance_scale`` None: the model family's default, as infer takes it."""
+    ``steps``/``guidance_scale`` None: the model family's defaults, as infer takes them
+    (``Family.request_defaults``: e.g. 30 steps, 4 for an LCM model)."""
     from . import limits
     from .paths import check_report_output
 
@@ -266,8 +267,9 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int = 20
                          f"--no-eager leaves out; give one of them (or time torch in {eager_dtype} with --backend "
                          "torch)")
     export = ExportDir.open(export_dir, model=model_dir)
-    if guidance_scale is None:
-        guidance_scale = export.family.request_defaults(export.info)["guidance_scale"]
+    defaults = export.family.request_defaults(export.info)  # infer's, so bench times the model as it is run
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if image is not None and mask is None and (height is None or width is None):
         f = export.info.vae_scale_factor  # image-to-image keeps the image's size (rounded as diffusers does)
         height, width = height or image.size[1] // f * f, width or image.size[0] // f * f

@@ -241,10 +241,11 @@ def _check_backend_options(ctx, backend: str) -> None:
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default=None,
               help="Which export to build; must match the graph (fp16: an export made with --dtype fp16; "
-                   "int8: the quantized UNet + fp16 rest). inductor: the packages' precision, fp16 or fp32 "
-                   "(fp32 on the CPU), whatever the export's.")
+                   "int8: the quantized UNet + fp16 rest). Default: fp16. inductor: the packages' precision, "
+                   "fp16 or fp32 (fp32 on the CPU), whatever the export's; default: the --device's, fp16 on cuda, "
+                   "fp32 on cpu.")
 @click.option("--trt", "flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto", show_default=True,
               help="auto: tensorrt where a GPU is visible, else TensorRT-RTX.")
 @click.option("--components", default=None, help="Comma-separated subset (default: all exported).")
@@ -294,7 +295,9 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
         parts = [c.strip() for c in components.split(",") if c.strip()] if components else None
         report = compile_packages(export_dir, static, batch=batch, components=parts, precision=precision,
                                   device=_device(device or "auto"), force=force, max_batch=max_batch, say=say)
-        click.echo(_build_summary(export_dir, report, "Inductor package(s)"))
+        cc = f" sm{report['compute_capability']}" if report["compute_capability"] else ""
+        click.echo(_build_summary(export_dir, report, "Inductor package(s)",
+                                  f" ({report['precision']}, {report['device']}{cc})"))
         return
 
     if engine_backend == "ort":
@@ -305,7 +308,7 @@ def build(export_dir, precision, flavour, components, ccs, static, batch, min_si
         click.echo(_build_summary(export_dir, report, "ONNX Runtime CUDA variant(s)"))
         return
 
-    report = run(export_dir, precision=precision, flavour=flavour,
+    report = run(export_dir, precision=precision or "fp16", flavour=flavour,
                  components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
                  compute_capabilities=ccs, static=static, batch=batch, min_size=min_size, opt_size=opt_size,
                  max_size=max_size, opt_batch=opt_batch, max_batch=max_batch, opt_level=opt_level,
@@ -511,8 +514,8 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt", "inductor"]), default="ort", show_default=True,
               help=BACKEND_HELP + "; PyTorch eager is timed after it unless --no-eager.")
 @click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
-@click.option("--steps", type=int, default=20, show_default=True, callback=checked(limits.count, 1, limits.MAX_STEPS),
-              help="Denoising steps per run.")
+@click.option("--steps", type=int, default=None, callback=checked(limits.count, 1, limits.MAX_STEPS),
+              help="Denoising steps per run (default: infer's for the model: 30; 4 for LCM models).")
 @click.option("--height", type=int, default=None, callback=checked(limits.count, 1),
               help="Pixels (default: the model's native size).")
 @click.option("--width", type=int, default=None, callback=checked(limits.count, 1),

@@ -197,16 +197,23 @@ def package_rel(component: str, device: str, cc: str | None, geo: Geometry, max_
     return f"{SECTION}/{component}.{where}.{batch}-{geo.height}x{geo.width}.pt2"
 
 
+def default_precision(kind: str) -> str:
+    """The precision a package is compiled in when none is asked for: fp16 on a GPU, fp32 on the CPU (the one
+    the CPU compiles)."""
+    return "fp32" if kind == "cpu" else "fp16"
+
+
 def build(export_dir: str | Path, static: str, batch: int | None = 1, components: list[str] | None = None,
-          precision: str = "fp16", device: str = "cuda", force: bool = False, max_batch: int | None = None,
+          precision: str | None = None, device: str = "cuda", force: bool = False, max_batch: int | None = None,
           say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Compile AOTInductor packages for one image size: ``batch`` images per call (static), or any number
-    from 1 to ``max_batch`` (a dynamic batch axis, one package for every batch size); returns the entries."""
+    from 1 to ``max_batch`` (a dynamic batch axis, one package for every batch size); returns the entries.
+    ``precision`` None: the device's (``default_precision``: fp16 on cuda, fp32 on the CPU)."""
     import torch
 
     from .limits import image_size
 
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: Inductor engines take fp16 or fp32 (fp32 on the CPU)"
                          + ("; bf16 through the Python API" if "bf16" in PRECISIONS else ""))
     if static is None:
@@ -221,8 +228,10 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
         raise UsageError(f"--max-batch {max_batch}: a dynamic batch is 1..N images with N >= 2; for one image per "
                          "call leave it out (--batch 1 is the default)")
     kind, cc = device_tag(device)
+    precision = precision or default_precision(kind)
     if kind == "cpu" and precision != "fp32":
-        raise UsageError(f"--precision {precision}: Inductor engines for the CPU are fp32 (--precision fp32)")
+        raise UsageError(f"--precision {precision}: Inductor engines for the CPU are fp32 "
+                         "(--precision fp32, the CPU's default)")
     h, w = image_size("--static", static)
     from .paths import check_export_writable
 
@@ -303,7 +312,7 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
         if built:
             txn.commit()
         return {"built": built, "up_to_date": current, "engines": {c: section[c] for c in names},
-                "held": sorted(section)}
+                "held": sorted(section), "precision": precision, "device": kind, "compute_capability": cc}
 
 
 def check_package(export: ExportDir, component: str, device: str) -> tuple[Path, dict[str, Any]]:

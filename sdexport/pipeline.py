@@ -485,6 +485,10 @@ class Pipeline:
             self._noted.add("lcm-negative")
             self.warn("the negative prompt is not used: an LCM UNet runs without classifier-free guidance "
                       "(diffusers' LCM pipelines take none)")
+        elif not guidance.embedding_dim and not guidance.cfg and any(negatives) and "cfg-negative" not in self._noted:
+            self._noted.add("cfg-negative")  # infer/serve: one line, as the LCM one above (diffusers ignores it too)
+            self.warn(f"the negative prompt is not used: guidance scale {guidance_scale:g} (at most 1) runs without "
+                      "classifier-free guidance, as diffusers' pipelines do (a scale above 1 uses it)")
         seeds = _as_list(seed, batch_size, "seed") if isinstance(seed, (list, tuple)) else None
         sched = make_scheduler(scheduler, self.info.scheduler_config)
         clock = self.clock = StageClock(self.device)

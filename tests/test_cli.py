@@ -67,6 +67,30 @@ def test_long_prompt_warns(export_fp32, tmp_path):
     assert json.loads((tmp_path / "l.json").read_text())["prompt_truncated"] is True
 
 
+def test_negative_prompt_without_guidance_warns_once(export_fp32, tmp_path):
+    """`infer --guidance-scale 0 --negative-prompt blurry` (any scale <= 1: no classifier-free guidance) dropped
+    the negative prompt without a word (an LCM UNet already warned). One warning line now, exit 0; none with
+    guidance 7.5 (it is used) or without a negative prompt. The warning is true: the image is the one without
+    the negative prompt, as diffusers' pipelines ignore it below guidance 1."""
+    import numpy as np
+    from PIL import Image
+
+    said = "negative prompt is not used"
+    pixels = {}
+    for name, guidance, negative, warned in (("g0", 0, "blurry", True), ("g1", 1, "blurry", True),
+                                             ("g7", 7.5, "blurry", False), ("g0-none", 0, None, False)):
+        out = tmp_path / f"{name}.png"
+        result = run("infer", export_fp32, "--prompt", "a kite", "-o", out, "--steps", 1, "--height", 64,
+                     "--width", 64, "--guidance-scale", guidance, *(("--negative-prompt", negative) if negative else ()))
+        assert result.exit_code == 0, result.stderr
+        lines = [line for line in result.stderr.splitlines() if said in line]
+        assert len(lines) == (1 if warned else 0), result.stderr
+        if warned:
+            assert lines[0].startswith("warning: ") and f"guidance scale {guidance:g}" in lines[0], lines[0]
+        pixels[name] = np.asarray(Image.open(out))
+    assert np.array_equal(pixels["g0"], pixels["g0-none"])
+
+
 def test_bad_models(tmp_path, tiny_model):
     assert_one_line_error(run("export", tmp_path / "missing", "-o", tmp_path / "o1"), 3, "no such directory")
     (tmp_path / "plain").mkdir()

@@ -66,8 +66,25 @@ def test_build_says_what_it_built_and_what_the_export_holds(inductor_export):
     result = run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64",
                      "--components", "unet", "--precision", "fp32")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip() == (f"{inductor_export}/manifest.json: 0 built, 1 up to date; the export holds "
-                                     "2 Inductor package(s): unet, vae_decoder")
+    assert result.stdout.strip() == (f"{inductor_export}/manifest.json: 0 built, 1 up to date (fp32, cpu); the "
+                                     "export holds 2 Inductor package(s): unet, vae_decoder")
+
+
+def test_default_precision_is_the_devices(inductor_export):
+    """`sdexport build E --backend inductor --static HxW`, as the README writes it, failed on a CPU-only host
+    ("--precision fp16: Inductor engines for the CPU are fp32", exit 2): the default was fp16 whatever the
+    device. It is now the device's: fp32 on the CPU (here the fixture's fp32 package, up to date: the same
+    key), fp16 on cuda; an explicit --precision fp16 for the CPU is still refused (test_bad_requests)."""
+    for device in ([], ["--device", "cpu"], ["--device", "auto"]):  # auto: the CPU on this host (no GPU)
+        result = run_cli("build", inductor_export, "--backend", "inductor", "--static", "64x64",
+                         "--components", "unet", *device)
+        assert result.exit_code == 0, result.stderr
+        assert "unet: up to date" in result.stderr and "(fp32, cpu)" in result.stdout
+    assert json.loads((inductor_export / "manifest.json").read_text())["inductor"]["unet"]["precision"] == "fp32"
+    from sdexport.inductor import default_precision
+
+    assert (default_precision("cpu"), default_precision("cuda")) == ("fp32", "fp16")
+    assert "fp16 on cuda, fp32 on cpu" in " ".join(run_cli("build", "--help").stdout.split())
 
 
 def test_validate_and_same_image_as_onnx_runtime(inductor_export, tmp_path):
@@ -91,8 +108,10 @@ def test_validate_and_same_image_as_onnx_runtime(inductor_export, tmp_path):
 
 def test_bad_requests(inductor_export, tmp_path):
     assert_error(run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu"), 2, "--static")
-    assert_error(run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64"),
-                 2, "fp32")  # the CPU compiles fp32 only (default precision fp16)
+    # the CPU compiles fp32 only: an fp16 asked for is refused (the default is fp32 there)
+    assert_error(run_cli("build", inductor_export, "--backend", "inductor", "--device", "cpu", "--static", "64x64",
+                         "--precision", "fp16"), 2, "--precision fp16: Inductor engines for the CPU are fp32",
+                 only_line=True)
     result = run_cli("infer", inductor_export, "--backend", "inductor", "--prompt", "p", "--height", 128,
                      "--width", 128, "--steps", 1, "-o", tmp_path / "x.png", "--device", "cpu")
     # in pixels, as the request was made (it spoke latent dims: {'latent_height': 8, ...}), with the way out

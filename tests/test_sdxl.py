@@ -546,6 +546,30 @@ def test_bench_and_calibrate_take_infers_default_guidance(request, export_fixtur
     assert f"guidance {guidance})" in result.stderr
 
 
+@pytest.mark.parametrize("export_fixture", ["export_fp32", "export_lcm_sd"])
+def test_bench_takes_infers_default_steps(request, export_fixture, tmp_path):
+    """Left out, bench's --steps was 20 for every model while infer takes the family's default (30; 4 for an
+    LCM UNet, diffusers' LatentConsistencyModelPipeline default): bench timed an LCM model at five times the
+    steps it is run at. Both now take Family.request_defaults; an explicit --steps still wins."""
+    import inspect
+
+    from diffusers import LatentConsistencyModelPipeline
+
+    export = request.getfixturevalue(export_fixture)
+    size = ("--height", 64, "--width", 64)
+    result = run_cli("infer", export, "--prompt", "a kite", "-o", tmp_path / "a.png", *size)
+    assert result.exit_code == 0, result.stderr
+    infers = json.loads((tmp_path / "a.json").read_text())["steps"]
+    if export_fixture == "export_lcm_sd":
+        assert infers == inspect.signature(LatentConsistencyModelPipeline.__call__).parameters[
+            "num_inference_steps"].default == 4
+    for steps in ((), ("--steps", 2)):
+        result = run_cli("bench", export, "--runs", 1, "--warmup", 0, "--no-eager", *size, *steps,
+                         "--json", tmp_path / "b.json")
+        assert result.exit_code == 0, result.stderr
+        assert json.loads((tmp_path / "b.json").read_text())["settings"]["steps"] == (steps[1] if steps else infers)
+
+
 @pytest.mark.parametrize("model, components", [
     ("sdxl_tiny_model", ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]),
     ("refiner", ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"])])

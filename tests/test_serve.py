@@ -181,6 +181,21 @@ def test_parse_fills_the_infer_defaults_and_accepts_the_edges(service):
     assert [e.scheduler for e in edges] == [None, "euler-a"] and edges[1].seed == 2**63 - 1
 
 
+def test_negative_prompt_without_guidance_warns_once_a_process(export_fp32):
+    """serve's requests run Pipeline.__call__ as infer's does: a negative prompt at guidance <= 1 (not used)
+    is one warning through the model's logger (warn=), once a process, not once a request; none at 7.5."""
+    said: list[str] = []
+    service = ImageService(export_fp32, warn=said.append)
+    try:
+        for guidance in (7.5, 0.0, 1.0):
+            (served,) = service.run([service.parse(tensors(prompt="a kite", negative_prompt="blurry", steps=1,
+                                                           guidance_scale=guidance, height=64, width=64))])
+            assert served.error is None, served.error
+            assert sum("negative prompt is not used" in m for m in said) == (0 if guidance > 1 else 1), said
+    finally:
+        service.close()
+
+
 def test_groups_share_shape_steps_scheduler_and_guidance():
     from sdexport.serve import ImageRequest
 
