@@ -238,6 +238,9 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     if source is not None:
         guard = guard | model_inputs(source, f"the model {source}")
     check_output("-o", out, guard | enclosing_export(out))
+    if Path(out).suffix.lower() != ".npz" or Path(out).name.startswith("."):
+        # numpy's savez would name it OUT.npz (quantize --calib reads any name): the name written is the one given
+        raise UsageError(f"-o {out}: the calibration file must be a .npz file")
     reservoir = Reservoir(max_samples, seed)
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)

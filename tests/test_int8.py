@@ -582,6 +582,17 @@ def test_calibration_from_another_model_is_refused(other_model, int8_export, tmp
                           "takes ['batch', 4,")
 
 
+@pytest.mark.parametrize("name", ["z.png", "z", "z.npz.json", ".npz"])
+def test_calibrate_output_must_be_an_npz(tiny_model, tmp_path, name):
+    """-o z.png wrote an NPZ under a .png name (exit 0); numpy's savez would have written z.png.npz. One line,
+    exit 2, before any work; nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run("calibrate", tiny_model, "--num-prompts", 1, "--steps", 1, "-o", out / name)
+    assert_one_line_error(result, 2, f"-o {out / name}: the calibration file must be a .npz file", only_line=True)
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("change, code, needle", [
     ("float64", 5, "is float64; the UNet takes float32"),
     ("hidden", 4, "has size 48 in dimension 2"),
