@@ -646,7 +646,7 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         high = "fp16"
         try:
             say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export)")
-            model = _fp16(confined, spec, work_dir=work, say=say)
+            model = _fp16(confined, spec, work_dir=work, say=say, graph=QDQ_GRAPH)
         except BackendUnavailable as exc:
             high = "fp32"
             say(f"warning: {exc}; the non-quantized part of the INT8 UNet stays FP32")
@@ -713,7 +713,14 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     return entry
 
 
-def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None):
+# How the FP16 conversion's lines name the two graphs it converts for INT8: they are not the same graph (the
+# quantizer's pre-processing drops no-op nodes such as SDXL's float-to-float Cast of time_ids), so the count of
+# nodes kept FP32 on the same reference inputs may differ by such a node.
+QDQ_GRAPH = f"{COMPONENT} (the Q/DQ graph)"
+FP16_COMPARISON_GRAPH = "unet (the export's FP32 UNet, made FP16 for the comparison)"
+
+
+def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None, graph: str | None = None):
     """The FP16 export's conversion (precision.convert_fp16: AutoCast with the same FP32 op types and node
     patterns, FP32 I/O, and nodes whose values leave the FP16-safe range on sdexport's reference run, one image
     at the smallest size of the range, kept FP32) applied to ``path``: the Q/DQ graph, or an FP32 UNet. The
@@ -732,7 +739,7 @@ def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None):
             say(msg)
 
     with _quiet():
-        return precision.convert_fp16(path, spec, work_dir=work_dir, say=through)
+        return precision.convert_fp16(path, spec, work_dir=work_dir, say=through, graph=graph)
 
 
 def _upgrade_opset(model):
@@ -961,7 +968,7 @@ def _fp16_unet(export, spec, device: str, say):
     entry = export.manifest.component("unet")
     path = export.manifest.verified_path(entry)
     say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
-    model = _fp16(path, spec, say=say)
+    model = _fp16(path, spec, say=say, graph=FP16_COMPARISON_GRAPH)
     tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
     try:
         _save(model, tmp / "model.onnx")

@@ -59,6 +59,7 @@ def int8_export(export_fp32, calib, tmp_path_factory):
     shutil.copytree(export_fp32, out)
     result = run("quantize", out, "--calib", calib, "--precision", "int8")
     assert result.exit_code == 0, result.stderr
+    (out.parent / "quantize.stderr").write_text(result.stderr)  # test_fp16_lines_name_the_graph_they_convert
     return out
 
 
@@ -486,6 +487,21 @@ def test_validate_reports_int8(int8_export):
         assert INT8_REPORT_THRESHOLDS["image_ssim"] <= m["image_ssim"] <= 1.0
     assert sum(line.startswith("PASS int8 unet") for line in result.stderr.splitlines()) == 3
     assert "not image quality" in result.stderr
+    # The FP16 comparison UNet is converted from the FP32 UNet, not from the Q/DQ graph quantize converted:
+    # its 'kept FP32' line names that graph (quantize's names the Q/DQ graph: test_quantize_output_names_...).
+    runs = [line for line in result.stderr.splitlines() if "reference run (" in line]
+    assert len(runs) == 1 and runs[0].startswith(
+        "unet (the export's FP32 UNet, made FP16 for the comparison): reference run (sample 1x4x"), runs
+    assert re.search(r": \d+ node\(s\) above \|512\| kept FP32; converting", runs[0]), runs
+
+
+def test_quantize_output_names_the_graph_its_fp16_step_converts(int8_export):
+    """make int8 MODEL=sdxl-tiny printed 'unet: reference run ...: 5 node(s) above |512| kept FP32' in quantize and
+    the same line with 6 in validate: two graphs (the Q/DQ graph, whose quantizer dropped a no-op Cast, and the
+    FP32 UNet made FP16 for the comparison), both named 'unet'. Each line now names its graph."""
+    err = (int8_export.parent / "quantize.stderr").read_text()
+    runs = [line for line in err.splitlines() if "reference run (" in line]
+    assert len(runs) == 1 and runs[0].startswith("unet_int8 (the Q/DQ graph): reference run (sample 1x4x"), runs
 
 
 def test_validate_fails_on_a_bad_int8_unet(int8_export, tmp_path, monkeypatch):
