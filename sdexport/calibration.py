@@ -238,6 +238,9 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     if source is not None:
         guard = guard | model_inputs(source, f"the model {source}")
     check_output("-o", out, guard | enclosing_export(out))
+    if Path(out).suffix.lower() != ".npz" or Path(out).name.startswith("."):
+        # numpy's savez would name it OUT.npz (quantize --calib reads any name): the name written is the one given
+        raise UsageError(f"-o {out}: the calibration file must be a .npz file")
     reservoir = Reservoir(max_samples, seed)
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)
@@ -395,9 +398,10 @@ def check_headers(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype
     return count
 
 
-def load_calibration(path: str | Path) -> Calibration:
+def load_calibration(path: str | Path, check: Callable[[dict[str, Any], dict], None] | None = None) -> Calibration:
     """Read a calibration file written by ``calibrate``; corrupt, foreign or oversized files are refused,
-    from the arrays' headers, before any array is read."""
+    from the arrays' headers, before any array is read. ``check(meta, headers)``: the caller's own check of
+    the file's ``meta`` record and .npy headers (e.g. the model it was captured from), also before any array."""
     import zipfile
 
     from .manifest import check_regular, sha256_file
@@ -414,16 +418,24 @@ def load_calibration(path: str | Path) -> Calibration:
     check_headers(path, headers)
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            record = str(data["meta"])  # the meta record alone (np.load reads a member when it is asked for)
+            meta = _parse_meta(path, record)
+            if check is not None:
+                check(meta, headers)
+            arrays = {k: data[k] for k in data.files if k != "meta"}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise IntegrityError(f"{path}: not a calibration file written by 'sdexport calibrate' "
                              f"({str(exc).splitlines()[0][:120]})") from None
+    return Calibration(path=path, arrays=arrays, meta=meta, sha256=sha256_file(path))
+
+
+def _parse_meta(path: Path, record: str) -> dict[str, Any]:
     try:
-        meta = json.loads(str(arrays.pop("meta")))
+        meta = json.loads(record)
         if not isinstance(meta["model"]["weights_sha256"], str):
             raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError):
         raise IntegrityError(f"{path}: its 'meta' record is unreadable; re-run 'sdexport calibrate'") from None
     if meta.get("format") != CALIB_FORMAT:
         raise IntegrityError(f"{path}: calibration format {meta.get('format')} (this sdexport reads {CALIB_FORMAT})")
-    return Calibration(path=path, arrays=arrays, meta=meta, sha256=sha256_file(path))
+    return meta

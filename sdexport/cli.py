@@ -614,7 +614,7 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
               help="Negative prompt for every run, as at inference.")
 @click.option("--device", default="auto", show_default=True, callback=checked(limits.device_name), help=DEVICE_HELP)
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
-              help="Calibration file (.npz); never the prompt file or a file of the model.")
+              help="Calibration file, named *.npz; never the prompt file or a file of the model.")
 @handled
 def calibrate(model, prompts_file, num_prompts, steps, max_samples, guidance_scale, scheduler, height, width, seed,
               negative_prompt, device, out):

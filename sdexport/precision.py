@@ -149,7 +149,8 @@ def out_of_range_nodes(onnx_path: Path, feed: dict[str, Any], data_max: float = 
 
 
 def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | None = None,
-                 work_dir: Path | None = None, say: Callable[[str], None] = lambda msg: None):
+                 work_dir: Path | None = None, say: Callable[[str], None] = lambda msg: None,
+                 graph: str | None = None):
     """Return an FP16 mixed-precision ModelProto for the FP32 model at ``onnx_path``.
 
     ``feed`` are the reference inputs run to find overflow-prone nodes; by default one image at the smallest
@@ -160,14 +161,15 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | No
     either way. ``work_dir`` takes the temporary files: AutoCast saves a copy of a graph over 2 GB to check it,
     which belongs in the export's scratch (counted by the disk check, removed with the transaction) rather
     than in /tmp. ``say`` gets the reference run's result and, while AutoCast converts, a line every
-    ``PROGRESS_EVERY_S``.
+    ``PROGRESS_EVERY_S``. ``graph``: what is converted, as the lines name it (default: the component's name);
+    quantize and validate convert other graphs of one component, whose counts may differ.
     """
     convert = _autocast()
     if feed is None:
         feed = spec.sample_inputs(spec.min_dims(), seed=0)
     keep = out_of_range_nodes(Path(onnx_path), feed)
     shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feed.items())
-    say(f"{spec.name}: reference run ({shapes}): {len(keep)} node(s) above |{DATA_MAX:g}| kept FP32; "
+    say(f"{graph or spec.name}: reference run ({shapes}): {len(keep)} node(s) above |{DATA_MAX:g}| kept FP32; "
         "converting (AutoCast)")
     # one anchored alternation: AutoCast tries every pattern on every node (re.match)
     patterns = list(spec.fp32_node_patterns) + ([f"^(?:{'|'.join(re.escape(n) for n in keep)})$"] if keep else [])
@@ -189,7 +191,7 @@ def convert_fp16(onnx_path: Path, spec: ComponentSpec, feed: dict[str, Any] | No
                                                "nodes_to_exclude": list(spec.fp32_node_patterns)}
                 else:  # data_max=inf: AutoCast skips its own reference run; the nodes it would keep are in patterns
                     options = {"data_max": np.inf, "nodes_to_exclude": patterns}
-                with _ticking(say, f"{spec.name}: still converting", PROGRESS_EVERY_S):
+                with _ticking(say, f"{graph or spec.name}: still converting", PROGRESS_EVERY_S):
                     model = convert(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
                                     op_types_to_exclude=list(FP32_OP_TYPES), providers=["cpu"], **options)
                 return canonical_input_casts(model)

@@ -136,14 +136,50 @@ def select_nodes(model, patterns: list[str], user_patterns: tuple[str, ...] | li
 
 
 # --- calibration file against the export --------------------------------------------------
+def _described(model: dict) -> str:
+    """'sdxl model /models/x (weights 0123456789ab…)' from a calibration file's or a manifest's model record."""
+    family = model.get("family") or "?"
+    return f"{family} model {model.get('preset') or model.get('path')} (weights {str(model['weights_sha256'])[:12]}…)"
+
+
+def check_source(path: Path, meta: dict, headers: dict, spec, export) -> None:
+    """Refuse, from its meta record and .npy headers alone, a calibration file captured from another model than
+    the export's: one line naming both models and, where their UNets differ, the first input that does
+    (names the file lacks or has beyond the export's UNet, then a fixed size). Either direction between
+    families, and any other model of one family, are the same refusal."""
+    from .calibration import INDEX_ARRAYS
+
+    want = export.manifest.data["model"]
+    got = meta["model"]
+    if got["weights_sha256"] == want["weights_sha256"]:
+        return
+    names = [k for k in headers if k != "meta" and k not in INDEX_ARRAYS]
+    missing = [n for n in spec.input_names if n not in names]
+    extra = [n for n in names if n not in spec.input_names]
+    differs = ""
+    if missing:
+        differs = f"; it has no {', '.join(missing)}"
+    elif extra:
+        differs = f"; it has {', '.join(extra)}, which the export's UNet does not take"
+    else:
+        for t in spec.inputs:
+            shape = headers[t.name][0][1:]
+            if len(shape) != len(t.dims) - 1 or any(isinstance(d, int) and d != s for s, d in zip(shape, t.dims[1:])):
+                differs = f"; its '{t.name}' is {tuple(shape)} a sample, the export's UNet takes {list(t.dims)}"
+                break
+    source = dict(got, family=meta.get("family"))
+    raise IntegrityError(f"{path} was captured from {_described(source)}, not from the model of {export.root} "
+                         f"({_described(want)}){differs}; run 'sdexport calibrate' on that model")
+
+
 def check_calibration(calib: Calibration, spec, export) -> None:
-    """Refuse a calibration file captured from another model or at shapes the export lacks."""
+    """Refuse a calibration file at shapes the export lacks (``check_source`` has refused those of another model)."""
     where = calib.path
     missing = [t.name for t in spec.inputs if t.name not in calib.arrays]
-    if missing:
-        raise IntegrityError(f"{where}: has no {', '.join(missing)}: captured from a UNet without those inputs "
-                             f"(another model family), not from the model of {export.root}; run 'sdexport calibrate' "
-                             "on that model")
+    extra = [n for n in calib.input_names if n not in spec.input_names]
+    if missing or extra:
+        raise IntegrityError(f"{where}: has {'no ' + ', '.join(missing) if missing else ', '.join(extra)}, unlike "
+                             f"the UNet of {export.root} ({spec.input_names}); run 'sdexport calibrate' on that model")
     for t in spec.inputs:
         arr = calib.arrays[t.name]
         if arr.dtype != np.dtype(t.dtype):
@@ -164,12 +200,6 @@ def check_calibration(calib: Calibration, spec, export) -> None:
             spec.axes[name].check(size, f"{where}: '{t.name}'")
     if len(calib.arrays["sample"]) == 0:
         raise UsageError(f"{where}: holds no samples")
-    want = export.manifest.data["model"]["weights_sha256"]
-    got = calib.meta["model"]["weights_sha256"]
-    if got != want:
-        raise IntegrityError(
-            f"{where} was captured from {calib.meta['model'].get('path')} (weights {got[:12]}…), not from the "
-            f"model of {export.root} (weights {want[:12]}…); run 'sdexport calibrate' on that model")
 
 
 # --- graph edits and checks ---------------------------------------------------------------
@@ -525,10 +555,11 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
                          f"with --dtype fp32 (e.g. 'sdexport export MODEL -o OUT32 --components unet') and quantize that")
     # auto: ModelOpt, but ONNX Runtime for percentile (ModelOpt's INT8 calibration has none)
     planned = "ort" if quantizer == "auto" and method == "percentile" else quantizer
-    src = export.manifest.verified_path(source)
     spec = export.spec("unet")
-    calibration = load_calibration(calib)
+    # the file's source model first, from its meta record and headers: before any array or the UNet is read
+    calibration = load_calibration(calib, lambda meta, headers: check_source(Path(calib), meta, headers, spec, export))
     check_calibration(calibration, spec, export)
+    src = export.manifest.verified_path(source)
     need = MIN_SAMPLES[method]
     if calibration.samples < need:
         raise UsageError(f"--calibration-method {method} needs at least {need} samples; {calibration.path} has "
@@ -615,7 +646,7 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         high = "fp16"
         try:
             say(f"{COMPONENT}: FP16 for everything else (ModelOpt AutoCast; FP32 islands as in the FP16 export)")
-            model = _fp16(confined, spec, work_dir=work, say=say)
+            model = _fp16(confined, spec, work_dir=work, say=say, graph=QDQ_GRAPH)
         except BackendUnavailable as exc:
             high = "fp32"
             say(f"warning: {exc}; the non-quantized part of the INT8 UNet stays FP32")
@@ -682,7 +713,14 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
     return entry
 
 
-def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None):
+# How the FP16 conversion's lines name the two graphs it converts for INT8: they are not the same graph (the
+# quantizer's pre-processing drops no-op nodes such as SDXL's float-to-float Cast of time_ids), so the count of
+# nodes kept FP32 on the same reference inputs may differ by such a node.
+QDQ_GRAPH = f"{COMPONENT} (the Q/DQ graph)"
+FP16_COMPARISON_GRAPH = "unet (the export's FP32 UNet, made FP16 for the comparison)"
+
+
+def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None, graph: str | None = None):
     """The FP16 export's conversion (precision.convert_fp16: AutoCast with the same FP32 op types and node
     patterns, FP32 I/O, and nodes whose values leave the FP16-safe range on sdexport's reference run, one image
     at the smallest size of the range, kept FP32) applied to ``path``: the Q/DQ graph, or an FP32 UNet. The
@@ -701,7 +739,7 @@ def _fp16(path: Path, spec, work_dir: Path | None = None, say=lambda msg: None):
             say(msg)
 
     with _quiet():
-        return precision.convert_fp16(path, spec, work_dir=work_dir, say=through)
+        return precision.convert_fp16(path, spec, work_dir=work_dir, say=through, graph=graph)
 
 
 def _upgrade_opset(model):
@@ -930,7 +968,7 @@ def _fp16_unet(export, spec, device: str, say):
     entry = export.manifest.component("unet")
     path = export.manifest.verified_path(entry)
     say("      int8: making an FP16 UNet for comparison (AutoCast, as 'export --dtype fp16' does)")
-    model = _fp16(path, spec, say=say)
+    model = _fp16(path, spec, say=say, graph=FP16_COMPARISON_GRAPH)
     tmp = Path(tempfile.mkdtemp(prefix="sdexport-fp16-"))
     try:
         _save(model, tmp / "model.onnx")

@@ -59,6 +59,7 @@ def int8_export(export_fp32, calib, tmp_path_factory):
     shutil.copytree(export_fp32, out)
     result = run("quantize", out, "--calib", calib, "--precision", "int8")
     assert result.exit_code == 0, result.stderr
+    (out.parent / "quantize.stderr").write_text(result.stderr)  # test_fp16_lines_name_the_graph_they_convert
     return out
 
 
@@ -486,6 +487,21 @@ def test_validate_reports_int8(int8_export):
         assert INT8_REPORT_THRESHOLDS["image_ssim"] <= m["image_ssim"] <= 1.0
     assert sum(line.startswith("PASS int8 unet") for line in result.stderr.splitlines()) == 3
     assert "not image quality" in result.stderr
+    # The FP16 comparison UNet is converted from the FP32 UNet, not from the Q/DQ graph quantize converted:
+    # its 'kept FP32' line names that graph (quantize's names the Q/DQ graph: test_quantize_output_names_...).
+    runs = [line for line in result.stderr.splitlines() if "reference run (" in line]
+    assert len(runs) == 1 and runs[0].startswith(
+        "unet (the export's FP32 UNet, made FP16 for the comparison): reference run (sample 1x4x"), runs
+    assert re.search(r": \d+ node\(s\) above \|512\| kept FP32; converting", runs[0]), runs
+
+
+def test_quantize_output_names_the_graph_its_fp16_step_converts(int8_export):
+    """make int8 MODEL=sdxl-tiny printed 'unet: reference run ...: 5 node(s) above |512| kept FP32' in quantize and
+    the same line with 6 in validate: two graphs (the Q/DQ graph, whose quantizer dropped a no-op Cast, and the
+    FP32 UNet made FP16 for the comparison), both named 'unet'. Each line now names its graph."""
+    err = (int8_export.parent / "quantize.stderr").read_text()
+    runs = [line for line in err.splitlines() if "reference run (" in line]
+    assert len(runs) == 1 and runs[0].startswith("unet_int8 (the Q/DQ graph): reference run (sample 1x4x"), runs
 
 
 def test_validate_fails_on_a_bad_int8_unet(int8_export, tmp_path, monkeypatch):
@@ -567,11 +583,30 @@ def test_a_reexport_of_the_unet_asks_for_force_before_dropping_its_quantized_var
 
 # --- bad input -----------------------------------------------------------------------------------
 def test_calibration_from_another_model_is_refused(other_model, int8_export, tmp_path):
+    """A file of another model of the same family (6 latent channels) is the same refusal as one of another
+    family (test_sdxl): exit 5 naming both models and the first input that differs. It was exit 4 on the shape."""
     path = tmp_path / "other.npz"
     assert run("calibrate", other_model, "--num-prompts", 1, "--steps", 1, "-o", path).exit_code == 0
+    with np.load(path) as data:
+        shape = data["sample"].shape[1:]
+    assert shape[0] == 6
     out = tmp_path / "x"
     shutil.copytree(int8_export, out, ignore=shutil.ignore_patterns("unet_int8"))
-    assert_one_line_error(run("quantize", out, "--calib", path), 4, "6 channels", "takes 4")
+    result = run("quantize", out, "--calib", path)
+    assert_one_line_error(result, 5, f"{path} was captured from sd model {other_model} (weights",
+                          f"not from the model of {out} (sd model", f"its 'sample' is {shape} a sample",
+                          "takes ['batch', 4,")
+
+
+@pytest.mark.parametrize("name", ["z.png", "z", "z.npz.json", ".npz"])
+def test_calibrate_output_must_be_an_npz(tiny_model, tmp_path, name):
+    """-o z.png wrote an NPZ under a .png name (exit 0); numpy's savez would have written z.png.npz. One line,
+    exit 2, before any work; nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run("calibrate", tiny_model, "--num-prompts", 1, "--steps", 1, "-o", out / name)
+    assert_one_line_error(result, 2, f"-o {out / name}: the calibration file must be a .npz file", only_line=True)
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("change, code, needle", [

@@ -729,16 +729,30 @@ def test_unsupported_or_inconsistent_sdxl_models(sdxl_tiny_model, tmp_path, part
         ModelInfo.open(model)
 
 
-def test_calibration_of_another_family_is_refused(export_sdxl, tiny_model, tmp_path):
-    """An SD calibration file has no text_embeds/time_ids: exit 5 naming them, not a traceback."""
-    result = run_cli("calibrate", tiny_model, "--num-prompts", 1, "--steps", 1, "--max-samples", 4,
-                     "-o", tmp_path / "sd.npz")
+@pytest.mark.parametrize("direction", ["sd-file-for-sdxl-export", "sdxl-file-for-sd-export"])
+def test_calibration_of_another_family_is_refused(request, direction, tmp_path):
+    """A calibration file made by 'sdexport calibrate' from a model of the other family is exit 5 before any work,
+    in both directions, one line naming what the file was made from and what the export is. An SDXL file given to
+    an SD export was exit 4 'encoder_hidden_states has size 80 ... takes 32' (its extra inputs went unnoticed)."""
+    source, export = (("tiny_model", "export_sdxl") if direction.startswith("sd-")
+                      else ("sdxl_tiny_model", "export_fp32"))
+    model, export = request.getfixturevalue(source), request.getfixturevalue(export)
+    small = ["--height", 64, "--width", 64] if source == "sdxl_tiny_model" else []
+    result = run_cli("calibrate", model, "--num-prompts", 1, "--steps", 1, "--max-samples", 4, *small,
+                     "-o", tmp_path / "c.npz")
     assert result.exit_code == 0, result.stderr
+    meta = json.loads(str(np.load(tmp_path / "c.npz")["meta"]))  # what the file records, read here
     out = tmp_path / "exp"
-    shutil.copytree(export_sdxl, out)
-    result = run_cli("quantize", out, "--calib", tmp_path / "sd.npz")
-    assert_error(result, 5, "has no text_embeds, time_ids")
-    assert not (out / "unet_int8").exists()
+    shutil.copytree(export, out)
+    unchanged = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = run_cli("quantize", out, "--calib", tmp_path / "c.npz")
+    file_family, export_family = ("sd", "sdxl") if direction.startswith("sd-") else ("sdxl", "sd")
+    assert meta["family"] == file_family and meta["model"]["path"] == str(model)
+    inputs = ("has no text_embeds, time_ids" if direction.startswith("sd-")
+              else "has text_embeds, time_ids, which the export's UNet does not take")
+    assert_error(result, 5, f"captured from {file_family} model {meta['model']['preset'] or meta['model']['path']}",
+                 f"not from the model of {out} ({export_family} model", inputs)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == unchanged
 
 
 # --- engines and INT8 ----------------------------------------------------------------------------------
