@@ -320,7 +320,10 @@ def test_bench_rows_account_for_the_total(request, mode, tmp_path):
     """The table's stage rows and the loop overhead add up to "Pipeline total" but for what the pipeline spends
     elsewhere (tokenizing, drawing noise, post-processing): at most a quarter of it, text-to-image or not. An
     image request's preprocessing (a 2048 px image and mask resized to 64 px: about two thirds of the total
-    here) is its own row; it was only in bench.json's outside_loop_and_engines_ms, which keeps counting it."""
+    here) is its own row; it was only in bench.json's outside_loop_and_engines_ms, which keeps counting it.
+    Each row is a median over the runs, and medians of the parts need not add up to the median of the total:
+    on a loaded machine (CI's 2 cores, two workers) text-to-image's rows once summed to 74% of it. Hence five
+    runs and a band of 0.6-1.2: without the preprocessing row an image request's rows sum to about a third."""
     import re
 
     export = request.getfixturevalue("export_inpaint" if mode == "inpainting" else "export_fp32")
@@ -328,7 +331,7 @@ def test_bench_rows_account_for_the_total(request, mode, tmp_path):
     box_mask(2048, 2048).save(tmp_path / "mask.png")
     image = {"text-to-image": [], "image-to-image": ["--image", tmp_path / "in.png"],
              "inpainting": ["--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png"]}[mode]
-    result = run_cli("bench", export, "--steps", 2, "--runs", 3, "--warmup", 1, "--no-eager", "--height", 64,
+    result = run_cli("bench", export, "--steps", 2, "--runs", 5, "--warmup", 1, "--no-eager", "--height", 64,
                      "--width", 64, *image, "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.stderr
     rows = dict(re.findall(r"^(\S.{0,21}?) +([0-9.]+) ms$", result.stdout, re.M))
@@ -336,7 +339,7 @@ def test_bench_rows_account_for_the_total(request, mode, tmp_path):
     overhead = float(re.search(r"loop overhead ([0-9.]+) ms", result.stdout)[1])
     assert ("Image preprocessing" in rows) == bool(image), result.stdout
     accounted = sum(map(float, rows.values())) + overhead
-    assert 0.75 * total <= accounted <= total * 1.01, result.stdout
+    assert 0.6 * total <= accounted <= total * 1.2, result.stdout
     figures = json.loads((tmp_path / "b.json").read_text())["results"][0]
     assert figures["stages_ms"]["pipeline_total"] == pytest.approx(total, abs=0.005)
     if image:
