@@ -266,6 +266,11 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     check_loadable(info)
     device = limits.device("--device", device)
     info.weights_sha256  # hashed before the run: the file records which weights it was captured from
+    from .families.base import unused_negative_prompt
+
+    unused = unused_negative_prompt(info.family.guidance(info, guidance_scale)) if negative_prompt else None
+    if unused:  # diffusers' pipeline drops it as infer's does: the same one line
+        say(f"warning: {unused[1]}")
     say(f"calibrate: {len(prompts)} prompts x {steps} steps on {info.name} ({height}x{width}, guidance "
         f"{guidance_scale}); keeping at most {max_samples} UNet input rows")
     pipe = load_pipeline(info, scheduler, device)
