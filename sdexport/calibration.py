@@ -205,13 +205,14 @@ def _cond_flags(rows: int, cfg: bool) -> np.ndarray:
 
 
 def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PROMPTS, num_prompts: int = 64,
-              steps: int = 30, max_samples: int = 512, guidance_scale: float | None = None,
+              steps: int | None = None, max_samples: int = 512, guidance_scale: float | None = None,
               scheduler: str | None = None,
               height: int | None = None, width: int | None = None, seed: int = 0, negative_prompt: str = "",
               device: str = "cpu", say: Callable[[str], None] = lambda msg: None,
               progress_bar: bool = True) -> dict[str, Any]:
     """Capture UNet inputs over ``num_prompts`` prompts x ``steps`` steps into ``out`` (.npz).
-    ``guidance_scale`` None: the model family's default, as infer takes it."""
+    ``steps``/``guidance_scale`` None: the model's defaults, as infer takes them (``Family.request_defaults``:
+    30 steps, 4 for an LCM UNet), so the UNet is calibrated at the timesteps it is run with."""
     import sys
 
     from tqdm import tqdm
@@ -223,7 +224,8 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     from .paths import Guarded, check_output, enclosing_export, model_inputs
     from .schema import check_loadable
 
-    limits.count("--steps", steps, 1, limits.MAX_STEPS)
+    if steps is not None:
+        limits.count("--steps", steps, 1, limits.MAX_STEPS)
     if guidance_scale is not None:
         limits.guidance("--guidance-scale", guidance_scale)
     limits.count("--max-samples", max_samples, 1, limits.MAX_SAMPLES)
@@ -245,8 +247,9 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)
     info.family.check_text_to_image(info)  # the capture runs the family's text-to-image reference pipeline
-    if guidance_scale is None:
-        guidance_scale = info.family.request_defaults(info)["guidance_scale"]
+    defaults = info.family.request_defaults(info)  # infer's, so the UNet is calibrated as it is run
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     height = info.image_size if height is None else height
     width = info.image_size if width is None else width
     for side, value in (("height", height), ("width", width)):
@@ -263,6 +266,11 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     check_loadable(info)
     device = limits.device("--device", device)
     info.weights_sha256  # hashed before the run: the file records which weights it was captured from
+    from .families.base import unused_negative_prompt
+
+    unused = unused_negative_prompt(info.family.guidance(info, guidance_scale)) if negative_prompt else None
+    if unused:  # diffusers' pipeline drops it as infer's does: the same one line
+        say(f"warning: {unused[1]}")
     say(f"calibrate: {len(prompts)} prompts x {steps} steps on {info.name} ({height}x{width}, guidance "
         f"{guidance_scale}); keeping at most {max_samples} UNet input rows")
     pipe = load_pipeline(info, scheduler, device)

@@ -594,8 +594,8 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
 @click.option("--num-prompts", type=int, default=64, show_default=True,
               callback=checked(limits.count, 1, limits.MAX_PROMPT_FILE_LINES),
               help="Distinct prompts drawn from the file.")
-@click.option("--steps", type=int, default=30, show_default=True, callback=checked(limits.count, 1, limits.MAX_STEPS),
-              help="Denoising steps per prompt.")
+@click.option("--steps", type=int, default=None, callback=checked(limits.count, 1, limits.MAX_STEPS),
+              help="Denoising steps per prompt (default: infer's for the model: 30; 4 for LCM models).")
 @click.option("--max-samples", type=int, default=512, show_default=True,
               callback=checked(limits.count, 1, limits.MAX_SAMPLES),
               help="UNet input rows kept (reservoir sampling; two rows per step with guidance).")

@@ -465,6 +465,8 @@ class Pipeline:
         own (SDXL micro-conditioning, ``Family.options``)."""
         import torch
 
+        from .families.base import unused_negative_prompt
+
         defaults = self.family.request_defaults(self.info)
         steps = defaults["steps"] if steps is None else steps
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -481,14 +483,10 @@ class Pipeline:
             init.check_steps(steps)
         prompts = _as_list(prompt, batch_size, "prompt")
         negatives = _as_list(negative_prompt, batch_size, "negative prompt")
-        if guidance.embedding_dim and any(negatives) and "lcm-negative" not in self._noted:  # "" says nothing
-            self._noted.add("lcm-negative")
-            self.warn("the negative prompt is not used: an LCM UNet runs without classifier-free guidance "
-                      "(diffusers' LCM pipelines take none)")
-        elif not guidance.embedding_dim and not guidance.cfg and any(negatives) and "cfg-negative" not in self._noted:
-            self._noted.add("cfg-negative")  # infer/serve: one line, as the LCM one above (diffusers ignores it too)
-            self.warn(f"the negative prompt is not used: guidance scale {guidance_scale:g} (at most 1) runs without "
-                      "classifier-free guidance, as diffusers' pipelines do (a scale above 1 uses it)")
+        unused = unused_negative_prompt(guidance) if any(negatives) else None  # "" says nothing
+        if unused and unused[0] not in self._noted:  # infer/serve: one line a kind (LCM; guidance <= 1) a pipeline
+            self._noted.add(unused[0])
+            self.warn(unused[1])
         seeds = _as_list(seed, batch_size, "seed") if isinstance(seed, (list, tuple)) else None
         sched = make_scheduler(scheduler, self.info.scheduler_config)
         clock = self.clock = StageClock(self.device)

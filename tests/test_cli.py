@@ -91,6 +91,30 @@ def test_negative_prompt_without_guidance_warns_once(export_fp32, tmp_path):
     assert np.array_equal(pixels["g0"], pixels["g0-none"])
 
 
+def test_calibrate_warns_of_a_negative_prompt_it_does_not_use(tiny_model, export_fp32, tmp_path):
+    """`calibrate --guidance-scale 1 --negative-prompt blurry` ran diffusers' pipeline, which drops the negative
+    prompt at guidance <= 1, without a word. Now infer's one warning line, word for word (one rule,
+    families.base.unused_negative_prompt), exit 0; none at 7.5 (used: the capture has its negative rows) or
+    without a negative prompt. The warning is true: at guidance 1 the capture holds one row per UNet call."""
+    from sdexport.calibration import load_calibration
+
+    said = "negative prompt is not used"
+    infer = run("infer", export_fp32, "--prompt", "a kite", "-o", tmp_path / "i.png", "--steps", 1, "--height", 64,
+                "--width", 64, "--guidance-scale", 1, "--negative-prompt", "blurry")
+    assert infer.exit_code == 0, infer.stderr
+    want = [line for line in infer.stderr.splitlines() if said in line]
+    assert len(want) == 1, infer.stderr
+    for name, guidance, negative, warned, rows in (("g1", 1, "blurry", True, 1), ("g7", 7.5, "blurry", False, 2),
+                                                   ("g1-none", 1, None, False, 1)):
+        path = tmp_path / f"{name}.npz"
+        result = run("calibrate", tiny_model, "--num-prompts", 2, "--steps", 2, "--scheduler", "euler", "--height", 64,
+                     "--width", 64, "--guidance-scale", guidance, "-o", path,
+                     *(("--negative-prompt", negative) if negative else ()))
+        assert result.exit_code == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if said in line] == (want if warned else []), result.stderr
+        assert load_calibration(path).meta["rows_seen"] == 2 * 2 * rows  # 2 prompts x 2 Euler steps x rows a call
+
+
 def test_bad_models(tmp_path, tiny_model):
     assert_one_line_error(run("export", tmp_path / "missing", "-o", tmp_path / "o1"), 3, "no such directory")
     (tmp_path / "plain").mkdir()

@@ -444,6 +444,47 @@ def test_lcm_cli_says_how_the_guidance_scale_is_used(export_lcm_sd, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 4
 
 
+def test_lcm_is_calibrated_at_infers_steps_and_guidance(lcm_sd, export_lcm_sd, tiny_model, tmp_path):
+    """calibrate's steps defaulted to 30 for every model, so an LCM UNet (run at 4) was calibrated at timesteps
+    infer never feeds it. Left out, calibrate's steps and guidance are infer's for the model now (LCM: 4 at 8.5,
+    diffusers' LatentConsistencyModelPipeline defaults): the capture sees LCMScheduler's 4 timesteps and the 8.5
+    guidance embedding, one row per call. Given, they win; a plain model keeps 30 steps at 7.5."""
+    import inspect
+
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    from sdexport.calibration import load_calibration
+
+    ran = run_cli("infer", export_lcm_sd, "--prompt", "a kite", "-o", tmp_path / "a.png", "--height", 64, "--width", 64)
+    assert ran.exit_code == 0, ran.stderr
+    ran = json.loads((tmp_path / "a.json").read_text())
+    lcm = inspect.signature(LatentConsistencyModelPipeline.__call__).parameters
+    assert (ran["steps"], ran["guidance_scale"]) == (lcm["num_inference_steps"].default, lcm["guidance_scale"].default)
+
+    def calibrate(model, name, *args):
+        path = tmp_path / f"{name}.npz"
+        result = run_cli("calibrate", model, "--height", 64, "--width", 64, "--device", "cpu", "-o", path, *args)
+        assert result.exit_code == 0, result.stderr
+        return load_calibration(path)
+
+    c = calibrate(lcm_sd, "lcm", "--num-prompts", 2)
+    assert (c.meta["settings"]["steps"], c.meta["settings"]["guidance_scale"]) == (ran["steps"], ran["guidance_scale"])
+    sched = LCMScheduler.from_pretrained(lcm_sd / "scheduler")
+    sched.set_timesteps(ran["steps"])
+    assert sorted(set(c.arrays["timestep"].tolist())) == sorted(sched.timesteps.float().tolist())
+    assert c.meta["unet_calls"] == c.meta["rows_seen"] == 2 * ran["steps"] and c.arrays["cond"].all()  # no CFG rows
+    w = torch.tensor([ran["guidance_scale"] - 1.0])
+    embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=32).numpy()
+    assert np.allclose(c.arrays["timestep_cond"], embedding, atol=1e-6)
+
+    given = calibrate(lcm_sd, "given", "--num-prompts", 1, "--steps", 2, "--guidance-scale", 3)
+    assert (given.meta["settings"]["steps"], given.meta["settings"]["guidance_scale"]) == (2, 3.0)
+    assert given.meta["unet_calls"] == 2
+    plain = calibrate(tiny_model, "plain", "--num-prompts", 1)
+    assert (plain.meta["settings"]["steps"], plain.meta["settings"]["guidance_scale"]) == (30, 7.5)
+    assert plain.meta["unet_calls"] == 31 and plain.meta["rows_seen"] == 62  # PNDM (PLMS): steps + 1 calls, CFG
+
+
 def test_lcm_warns_only_of_a_negative_prompt_given(export_lcm_sd, tmp_path):
     """bench gives no negative prompt of the user's (it runs with ""): no warning that one is not used; infer
     with an empty --negative-prompt neither, with a real one it warns."""

@@ -94,6 +94,21 @@ def guidance_for(info: "ModelInfo", guidance_scale: float) -> Guidance:
     return Guidance(guidance_scale, cfg=guidance_scale > 1.0)
 
 
+def unused_negative_prompt(guidance: Guidance) -> tuple[str, str] | None:
+    """Why a negative prompt goes unused under ``guidance``, as (kind, warning text), or None where classifier-free
+    guidance uses it. diffusers' pipelines drop it without a word in both cases: an LCM UNet (guidance embedding,
+    no negative batch) and a scale of at most 1. One rule and one wording for infer/serve (``Pipeline``, once a
+    pipeline per kind) and calibrate (which runs diffusers' pipeline itself)."""
+    if guidance.embedding_dim:
+        return "lcm-negative", ("the negative prompt is not used: an LCM UNet runs without classifier-free guidance "
+                                "(diffusers' LCM pipelines take none)")
+    if not guidance.cfg:
+        return "cfg-negative", (f"the negative prompt is not used: guidance scale {guidance.scale:g} (at most 1) "
+                                "runs without classifier-free guidance, as diffusers' pipelines do (a scale above 1 "
+                                "uses it)")
+    return None
+
+
 def guidance_embedding(guidance_scale: float, rows: int, dim: int):
     """The LCM guidance-scale embedding, computed as diffusers' pipelines do (w = scale - 1, the Imagen
     CFG convention), so that an LCM UNet sees what it sees under diffusers."""
