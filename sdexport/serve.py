@@ -153,6 +153,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
     """The images of one request (``tensors``: input name -> numpy array of shape [n, 1], or None when absent).
     Raises UsageError/ShapeError whose message starts with the offending input's name."""
     from .components import Geometry
+    from . import limits
     from .errors import ModelError
     from .pipeline import InitImage, check_request, decode_image
 
@@ -198,7 +199,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
                 continue
             if not isinstance(v, str):
                 raise bad(name, f"text expected, got {type(v).__name__}")
-            out.append(v)
+            out.append(limits.text(name, v))  # infer's bound: a 2 MB prompt took the instance 3 s to tokenize
         return out
 
     def encoded(name: str) -> list[bytes | None]:

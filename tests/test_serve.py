@@ -160,6 +160,9 @@ tensors = conftest.request_tensors
     (dict(prompt="x", width=512), "width 512 is outside the exported range [64, 256]"),
     (dict(prompt=b"\xff\xfe"), "prompt: not UTF-8"),
     (dict(prompt=7), "prompt: text expected"),
+    # infer's bound on a prompt (limits.MAX_PROMPT_CHARS): a 2 MB prompt was tokenized for 3 s, then served
+    (dict(prompt="x" * 16385), "prompt: 16,385 characters; at most 16,384"),
+    (dict(prompt="x", negative_prompt="word " * 400_000), "negative_prompt: 2,000,000 characters; at most 16,384"),
     (dict(prompt=["a", "b"], height=[64, 128]), "height: the images of one request must share"),
     (dict(prompt=["a", "b"], seed=[1]), "seed: 1 value(s) for the 2 image(s) of 'prompt'"),
 ])
@@ -179,6 +182,8 @@ def test_parse_fills_the_infer_defaults_and_accepts_the_edges(service):
     edges = service.parse(tensors(prompt=["a", "b"], steps=[1, 1000], guidance_scale=[0.0, 100.0], height=[64, 64],
                                   width=[256, 256], scheduler=["", "euler-a"], seed=[-(2**63), 2**63 - 1]))
     assert [e.scheduler for e in edges] == [None, "euler-a"] and edges[1].seed == 2**63 - 1
+    (longest,) = service.parse(tensors(prompt="x" * 16384, negative_prompt="y" * 16384))  # infer's longest
+    assert (len(longest.prompt), len(longest.negative_prompt)) == (16384, 16384)
 
 
 def test_negative_prompt_without_guidance_warns_once_a_process(export_fp32):
@@ -919,7 +924,8 @@ def test_bad_requests_get_client_errors_and_the_server_keeps_serving(server):
              ([prompt, raw("guidance_scale", "FP32", [[float("nan")]])], "guidance_scale"),
              ([raw("prompt", "INT32", [[5]])], "'prompt'"),  # Triton checks the datatype: names the input
              ([raw("seed", "INT64", [[5]])], "prompt: missing"),
-             ([prompt, raw("seed", "FP32", [[1.0]])], "'seed'")]
+             ([prompt, raw("seed", "FP32", [[1.0]])], "'seed'"),
+             ([raw("prompt", "BYTES", [[b"word " * 400_000]])], "prompt: 2,000,000 characters; at most 16,384")]
     for inputs, needle in cases:
         with pytest.raises(InferenceServerException) as exc:
             http.infer(MODEL, inputs)
