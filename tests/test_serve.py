@@ -152,6 +152,9 @@ tensors = conftest.request_tensors
     (dict(seed=1), "prompt: missing"),
     (dict(prompt="x", steps=0), "steps 0: must be at least 1"),
     (dict(prompt="x", steps=1001), "steps 1001: must be at most 1000"),
+    # steps the scheduler cannot make (infer's dry run): served, they were an HTTP 500 (IndexError) after the work
+    (dict(prompt="x", steps=1000), "steps 1000: scheduler PNDMScheduler cannot run 1000 steps"),
+    (dict(prompt="x", steps=999, scheduler="dpm++2m"), "steps 999: scheduler dpm++2m cannot run 999 steps"),
     (dict(prompt="x", guidance_scale=float("nan")), "guidance_scale nan: must be a finite"),
     (dict(prompt="x", guidance_scale=float("inf")), "guidance_scale inf: must be a finite"),
     (dict(prompt="x", guidance_scale=-0.5), "guidance_scale -0.5: must not be negative"),
@@ -487,6 +490,11 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", export_fp32, "--model-name", "a/b"), 2, "--model-name 'a/b'")
     for option, value, least in (("--warmup-steps", 0, 1), ("--drain-timeout-s", 0, 1), ("--text-cache-size", -1, 0)):
         assert_error(run_cli("serve", export_fp32, option, value), 2, f"{option} {value}: must be at least {least}")
+    # infer's dry run of the schedule: these failed inside Triton's model load ("tritonserver exited with status 1")
+    assert_error(run_cli("serve", export_fp32, "--warmup-steps", 1000), 2,
+                 "--warmup-steps 1000: scheduler PNDMScheduler cannot run 1000 steps", only_line=True)
+    assert_error(run_cli("serve", export_fp32, "--scheduler", "dpm++2m", "--warmup-steps", 999), 2,
+                 "--warmup-steps 999: scheduler dpm++2m cannot run 999 steps", only_line=True)
     import torch
 
     if not torch.cuda.is_available():  # the line every command gives, not one about a --gpus nobody passed
@@ -925,6 +933,7 @@ def test_bad_requests_get_client_errors_and_the_server_keeps_serving(server):
              ([raw("prompt", "INT32", [[5]])], "'prompt'"),  # Triton checks the datatype: names the input
              ([raw("seed", "INT64", [[5]])], "prompt: missing"),
              ([prompt, raw("seed", "FP32", [[1.0]])], "'seed'"),
+             ([prompt, raw("steps", "INT32", [[1000]])], "steps 1000: scheduler PNDMScheduler cannot run"),
              ([raw("prompt", "BYTES", [[b"word " * 400_000]])], "prompt: 2,000,000 characters; at most 16,384")]
     for inputs, needle in cases:
         with pytest.raises(InferenceServerException) as exc:
