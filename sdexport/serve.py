@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -149,10 +150,29 @@ class ImageRequest:
         return key + ((self.seed,) if self.mask is not None else ())
 
 
+def schedule_error(scheduler: str | None, config: Mapping[str, Any], steps: int) -> tuple[type, str] | None:
+    """infer's dry run of a schedule (limits.check_schedule), once per (scheduler, config, steps) in a process:
+    the error's (type, message) where this scheduler cannot make these steps (PNDM or DDIM at 1000, DPM++ 2M,
+    UniPC or LCM at 999 on SD's config), else None. A dry run costs up to half a second; requests repeat."""
+    return _schedule_error(scheduler, json.dumps(config, sort_keys=True), int(steps))
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule_error(scheduler: str | None, config: str, steps: int) -> tuple[type, str] | None:
+    from .limits import check_schedule
+
+    try:
+        check_schedule(scheduler, json.loads(config), steps)
+    except SdexportError as exc:
+        return type(exc), str(exc)
+    return None
+
+
 def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any]) -> list[ImageRequest]:
     """The images of one request (``tensors``: input name -> numpy array of shape [n, 1], or None when absent).
     Raises UsageError/ShapeError whose message starts with the offending input's name."""
     from .components import Geometry
+    from . import limits
     from .errors import ModelError
     from .pipeline import InitImage, check_request, decode_image
 
@@ -198,7 +218,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
                 continue
             if not isinstance(v, str):
                 raise bad(name, f"text expected, got {type(v).__name__}")
-            out.append(v)
+            out.append(limits.text(name, v))  # infer's bound: a 2 MB prompt took the instance 3 s to tokenize
         return out
 
     def encoded(name: str) -> list[bytes | None]:
@@ -253,6 +273,9 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
             height = init.height if init and init.height else (export.ranges.opt_size if height is None else int(height))
             width = init.width if init and init.width else (export.ranges.opt_size if width is None else int(width))
             check_request(export.ranges, steps, guidance, Geometry(1, height, width), export.info.scheduler_config)
+            error = schedule_error(scheduler or defaults.get("scheduler"), export.info.scheduler_config, steps)
+            if error is not None:  # steps this scheduler cannot make (PNDM at 1000): a 400, not a 500 after the work
+                raise error[0](error[1])
             if init is not None:
                 init.check_steps(steps)
         except SdexportError as exc:
@@ -714,6 +737,10 @@ class ServeOptions:
                                      ("--text-cache-size", self.text_cache_size, 0)):
             if value is not None and value < least:
                 raise UsageError(f"{option} {value}: must be at least {least}")
+        if warmup_steps is not None:  # infer's dry run of the schedule: the warm-up would fail inside Triton
+            error = schedule_error(self.scheduler, export.info.scheduler_config, warmup_steps)
+            if error is not None:
+                raise error[0](error[1].replace("--steps", "--warmup-steps", 1))
         # A step graph is captured per request shape, batch size included, on its first use. Dynamic batching makes
         # any size from 1 to max_batch: capture them all before reporting ready, or the first requests of each size
         # pay for a capture while serving (measured on an H100: it hid most of a second GPU's throughput).

@@ -152,6 +152,9 @@ tensors = conftest.request_tensors
     (dict(seed=1), "prompt: missing"),
     (dict(prompt="x", steps=0), "steps 0: must be at least 1"),
     (dict(prompt="x", steps=1001), "steps 1001: must be at most 1000"),
+    # steps the scheduler cannot make (infer's dry run): served, they were an HTTP 500 (IndexError) after the work
+    (dict(prompt="x", steps=1000), "steps 1000: scheduler PNDMScheduler cannot run 1000 steps"),
+    (dict(prompt="x", steps=999, scheduler="dpm++2m"), "steps 999: scheduler dpm++2m cannot run 999 steps"),
     (dict(prompt="x", guidance_scale=float("nan")), "guidance_scale nan: must be a finite"),
     (dict(prompt="x", guidance_scale=float("inf")), "guidance_scale inf: must be a finite"),
     (dict(prompt="x", guidance_scale=-0.5), "guidance_scale -0.5: must not be negative"),
@@ -160,6 +163,9 @@ tensors = conftest.request_tensors
     (dict(prompt="x", width=512), "width 512 is outside the exported range [64, 256]"),
     (dict(prompt=b"\xff\xfe"), "prompt: not UTF-8"),
     (dict(prompt=7), "prompt: text expected"),
+    # infer's bound on a prompt (limits.MAX_PROMPT_CHARS): a 2 MB prompt was tokenized for 3 s, then served
+    (dict(prompt="x" * 16385), "prompt: 16,385 characters; at most 16,384"),
+    (dict(prompt="x", negative_prompt="word " * 400_000), "negative_prompt: 2,000,000 characters; at most 16,384"),
     (dict(prompt=["a", "b"], height=[64, 128]), "height: the images of one request must share"),
     (dict(prompt=["a", "b"], seed=[1]), "seed: 1 value(s) for the 2 image(s) of 'prompt'"),
 ])
@@ -179,6 +185,8 @@ def test_parse_fills_the_infer_defaults_and_accepts_the_edges(service):
     edges = service.parse(tensors(prompt=["a", "b"], steps=[1, 1000], guidance_scale=[0.0, 100.0], height=[64, 64],
                                   width=[256, 256], scheduler=["", "euler-a"], seed=[-(2**63), 2**63 - 1]))
     assert [e.scheduler for e in edges] == [None, "euler-a"] and edges[1].seed == 2**63 - 1
+    (longest,) = service.parse(tensors(prompt="x" * 16384, negative_prompt="y" * 16384))  # infer's longest
+    assert (len(longest.prompt), len(longest.negative_prompt)) == (16384, 16384)
 
 
 def test_negative_prompt_without_guidance_warns_once_a_process(export_fp32):
@@ -482,6 +490,11 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", export_fp32, "--model-name", "a/b"), 2, "--model-name 'a/b'")
     for option, value, least in (("--warmup-steps", 0, 1), ("--drain-timeout-s", 0, 1), ("--text-cache-size", -1, 0)):
         assert_error(run_cli("serve", export_fp32, option, value), 2, f"{option} {value}: must be at least {least}")
+    # infer's dry run of the schedule: these failed inside Triton's model load ("tritonserver exited with status 1")
+    assert_error(run_cli("serve", export_fp32, "--warmup-steps", 1000), 2,
+                 "--warmup-steps 1000: scheduler PNDMScheduler cannot run 1000 steps", only_line=True)
+    assert_error(run_cli("serve", export_fp32, "--scheduler", "dpm++2m", "--warmup-steps", 999), 2,
+                 "--warmup-steps 999: scheduler dpm++2m cannot run 999 steps", only_line=True)
     import torch
 
     if not torch.cuda.is_available():  # the line every command gives, not one about a --gpus nobody passed
@@ -919,7 +932,9 @@ def test_bad_requests_get_client_errors_and_the_server_keeps_serving(server):
              ([prompt, raw("guidance_scale", "FP32", [[float("nan")]])], "guidance_scale"),
              ([raw("prompt", "INT32", [[5]])], "'prompt'"),  # Triton checks the datatype: names the input
              ([raw("seed", "INT64", [[5]])], "prompt: missing"),
-             ([prompt, raw("seed", "FP32", [[1.0]])], "'seed'")]
+             ([prompt, raw("seed", "FP32", [[1.0]])], "'seed'"),
+             ([prompt, raw("steps", "INT32", [[1000]])], "steps 1000: scheduler PNDMScheduler cannot run"),
+             ([raw("prompt", "BYTES", [[b"word " * 400_000]])], "prompt: 2,000,000 characters; at most 16,384")]
     for inputs, needle in cases:
         with pytest.raises(InferenceServerException) as exc:
             http.infer(MODEL, inputs)
