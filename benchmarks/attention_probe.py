@@ -9,7 +9,9 @@ On a CUDA GPU each distinct shape is then timed per SDPA backend:
 - torch's default choice;
 - cuDNN attention, FlashAttention-2 (torch's own flash kernels) and memory-efficient attention, each pinned;
 - FlashAttention-4 (the CuTe DSL kernels of the ``flash-attn-4`` package, which run on compute capability 9.0
-  and 10.0), where this torch can register it (``torch.nn.attention.activate_flash_attention_impl("FA4")``).
+  and 10.0): called directly (``flash_attn.cute.flash_attn_func`` on the (batch, tokens, heads, head_dim)
+  tensors, "FA4-direct"), and as SDPA's flash kernels where this torch can register it
+  (``torch.nn.attention.activate_flash_attention_impl("FA4")``, "FA4": what a compiled UNet would call).
 
 Each is timed as 20 calls captured in one CUDA graph, by CUDA events over the replays, with random FP16
 inputs in diffusers' layout: (batch, tokens, heads * head_dim) viewed as (batch, heads, tokens, head_dim).
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.speed_probe import SD15, SDXL, inputs, log, wrap  # noqa: E402  (one home for the architectures)
 
-BACKENDS = ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "FA4")
+BACKENDS = ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "FA4-direct", "FA4")
 CALLS_PER_GRAPH = 20
 DEVICE = "cuda"  # a smoke test of the code path sets "cpu" (and replaces graph_us)
 
@@ -149,6 +151,16 @@ def main() -> None:
         return one(s["q_len"]), one(s["kv_len"]), one(s["kv_len"])
 
     def measure(backend: str, s, q, k, v, ref) -> dict:
+        if backend == "FA4-direct":
+            from flash_attn.cute import flash_attn_func
+
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (batch, tokens, heads, head_dim), contiguous
+
+            def direct():
+                res = flash_attn_func(qt, kt, vt)
+                return (res[0] if isinstance(res, tuple) else res).transpose(1, 2)
+
+            return timed(direct, s, ref)
         pin = None if backend == "default" else (
             SDPBackend.FLASH_ATTENTION if backend == "FA4" else getattr(SDPBackend, backend))
 
@@ -158,6 +170,9 @@ def main() -> None:
             with sdpa_kernel(pin):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
+        return timed(call, s, ref)
+
+    def timed(call, s, ref) -> dict:
         try:
             got = call().float()
             err = float((got - ref).norm() / ref.norm())
@@ -174,6 +189,13 @@ def main() -> None:
         inputs16.append((s, q.half(), k.half(), v.half(), ref))
     # torch's own kernels first; FA4 replaces the FLASH_ATTENTION kernels once activated
     for backend in BACKENDS:
+        if backend == "FA4-direct":
+            try:
+                import flash_attn.cute  # noqa: F401
+            except Exception as exc:
+                result["backends"][backend] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                log(f"{backend}: {result['backends'][backend]['error']}")
+                continue
         if backend == "FA4":
             why = fa4_status()
             if why:
