@@ -745,13 +745,17 @@ class ServeOptions:
         # any size from 1 to max_batch: capture them all before reporting ready, or the first requests of each size
         # pay for a capture while serving (measured on an H100: it hid most of a second GPU's throughput).
         sizes = range(1, max_batch + 1) if self.step_graph else (1,)
-        warmup = [(h, w, m) for h, w, n in (self.warmup if self.warmup is not None
-                                              else ((ranges.opt_size, ranges.opt_size, None),))
-                  for m in ((n,) if n is not None else sizes)]
-        for h, w, n in warmup:
-            if n > max_batch:
-                raise UsageError(f"--warmup {h}x{w}x{n}: more images than --max-batch {max_batch}")
-            ranges.check(Geometry(n, h, w))
+        warmup = []
+        for h, w, n in (self.warmup if self.warmup is not None else ((ranges.opt_size, ranges.opt_size, None),)):
+            spec = f"--warmup {h}x{w}" + (f"x{n}" if n is not None else "")
+            for m in ((n,) if n is not None else sizes):
+                if m > max_batch:
+                    raise UsageError(f"{spec}: more images than --max-batch {max_batch}")
+                try:  # the export's range; its message names the side, this the option
+                    ranges.check(Geometry(m, h, w))
+                except SdexportError as exc:
+                    raise type(exc)(f"{spec}: {exc}") from None
+                warmup.append((h, w, m))
         if not self.model_name or not all(c.isalnum() or c in "._-" for c in self.model_name):
             raise UsageError(f"--model-name {self.model_name!r}: letters, digits, '.', '_' and '-' only")
         ports = (self.http_port, self.grpc_port, self.metrics_port)

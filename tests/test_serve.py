@@ -479,7 +479,11 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", tmp_path / "nope"), 5, "no such export directory")
     assert_error(run_cli("serve", export_fp32, "--max-batch", 5), 2, "--max-batch 5", "1 to 4")
     assert_error(run_cli("serve", export_fp32, "--max-batch", 0), 2, "--max-batch 0")
-    assert_error(run_cli("serve", export_fp32, "--warmup", "72x64"), 4, "height 72")
+    # the export's range, naming the option as every other option's error does (it said only 'height 72 ...')
+    assert_error(run_cli("serve", export_fp32, "--warmup", "72x64"), 4, "--warmup 72x64: height 72 is not a multiple")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "9999x9999"), 4, "--warmup 9999x9999: height 9999")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "64x64x1", "--warmup", "64x4096x2"), 4, "--warmup 64x4096x2: width 4096 "
+                 "is outside the exported range")
     assert_error(run_cli("serve", export_fp32, "--warmup", "64"), 2, "--warmup takes HEIGHTxWIDTH in pixels or "
                  "HEIGHTxWIDTHxIMAGES, e.g. 1024x1024 or 1024x1024x4 (got '64')")
     assert_error(run_cli("serve", export_fp32, "--warmup", "64x64x3", "--max-batch", 2), 2, "more images")
