@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
 from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
 from test_int8 import calib, int8_export  # noqa: E402,F401  (fixtures: an export with its INT8 UNet)
+from test_img2img import png_header_only  # noqa: E402
 from sdexport.errors import SdexportError  # noqa: E402
 from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, TRITONSERVER_EXAMPLE,  # noqa: E402
                             CachedTextEncoder, ImageService, batch_groups, client_inputs, parse_request,
@@ -271,6 +272,11 @@ def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> byte
     (dict(prompt="x", mask=png_bytes(64, 64, mode="L")), "mask needs image"),
     (dict(prompt="x", image=png_bytes(64, 64), mask=png_bytes(64, 64, mode="L")), "mask: "),
     (dict(prompt="x", image=png_bytes(320, 128)), "image is 128x320 px"),
+    # pixels beyond what the model can use: refused from the header, before decoding (tiny: native 128 px)
+    (dict(prompt="x", image=png_bytes(1000, 1100)), "image: 1100x1000 px is 1,100,000 pixels; at most 1,048,576 "
+     "(1024x1024: 2x the largest side this model makes, 512 px)"),
+    (dict(prompt="x", image=png_header_only(9000, 9000)), "image: 9000x9000 px is 81,000,000 pixels; at most"),
+    (dict(prompt="x", image=png_bytes(64, 64), mask=png_header_only(9000, 9000)), "mask: 9000x9000 px"),
     (dict(prompt="x", image=png_bytes(64, 64), strength=0.3, steps=3), "strength 0.3 with steps 3 leaves no"),
 ])
 def test_bad_image_inputs_are_refused_naming_the_input(service, values, field):
@@ -283,6 +289,8 @@ def test_bad_image_inputs_are_refused_naming_the_input(service, values, field):
 
 
 def test_image_requests_keep_the_image_size_and_batch_by_image(service):
+    (bound,) = service.parse(tensors(prompt="x", image=png_bytes(1024, 1024), height=64, width=64))
+    assert bound.image.size == (1024, 1024)  # the most pixels tiny takes (2x its largest side, squared)
     a, b = png_bytes(96, 128, seed=1), png_bytes(96, 128, seed=2)
     (one,) = service.parse(tensors(prompt="x", image=a))
     assert (one.height, one.width, one.strength) == (96, 128, None)  # infer keeps the image's size
