@@ -124,13 +124,28 @@ def export_artifacts(root: str | os.PathLike, data: dict | None = None) -> Guard
     return guard
 
 
+def export_holding(path: str | os.PathLike) -> Path | None:
+    """The export directory that ``path`` lies inside (its nearest parent with a manifest), or None."""
+    for parent in resolved(path).parents:
+        if is_export_dir(parent):
+            return parent
+    return None
+
+
 def enclosing_export(path: str | os.PathLike) -> Guarded:
     """The artifacts of an export directory that holds ``path`` (none where no parent has a manifest), for an
     output that belongs to no export: it may be a new file there, never one of the export's own files."""
-    for parent in resolved(path).parents:
-        if is_export_dir(parent):
-            return export_artifacts(parent)
-    return Guarded()
+    holder = export_holding(path)
+    return export_artifacts(holder) if holder is not None else Guarded()
+
+
+def not_an_export_inside_one(path: str | os.PathLike) -> str | None:
+    """What a reader says when the directory it was given (or a file, or a missing path) lies inside an export:
+    that export is what to give. None where no parent is an export (the reader's own advice stands)."""
+    holder = export_holding(path)
+    if holder is None:
+        return None
+    return f"{path}: inside the export {holder}, not an export itself; give the export directory: {holder}"
 
 
 def model_inputs(root: str | os.PathLike, what: str = "the source model") -> Guarded:

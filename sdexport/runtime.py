@@ -38,7 +38,13 @@ class ExportDir:
     @classmethod
     def open(cls, root: str | Path, say=lambda msg: None, model: str | Path | None = None) -> "ExportDir":
         """Open and check an export (``model``: a moved copy of the source model, for torch references)."""
+        from .paths import not_an_export_inside_one
+
         root = Path(root)
+        if not (root / "manifest.json").is_file():  # a part of an export (OUT/unet): give OUT, not 'export -o OUT/unet'
+            inside = not_an_export_inside_one(root)
+            if inside:
+                raise IntegrityError(inside)
         if not root.is_dir():
             if root.is_file():
                 raise IntegrityError(f"{root}: a file, not an export directory")

@@ -248,7 +248,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
 
     def picture(name: str, data: bytes | None):
         if data is not None and data not in decoded:
-            decoded[data] = decode_image(data, name)
+            decoded[data] = decode_image(data, name, export.info.image_size)
         return None if data is None else decoded[data]
 
     images = []
@@ -745,13 +745,17 @@ class ServeOptions:
         # any size from 1 to max_batch: capture them all before reporting ready, or the first requests of each size
         # pay for a capture while serving (measured on an H100: it hid most of a second GPU's throughput).
         sizes = range(1, max_batch + 1) if self.step_graph else (1,)
-        warmup = [(h, w, m) for h, w, n in (self.warmup if self.warmup is not None
-                                              else ((ranges.opt_size, ranges.opt_size, None),))
-                  for m in ((n,) if n is not None else sizes)]
-        for h, w, n in warmup:
-            if n > max_batch:
-                raise UsageError(f"--warmup {h}x{w}x{n}: more images than --max-batch {max_batch}")
-            ranges.check(Geometry(n, h, w))
+        warmup = []
+        for h, w, n in (self.warmup if self.warmup is not None else ((ranges.opt_size, ranges.opt_size, None),)):
+            spec = f"--warmup {h}x{w}" + (f"x{n}" if n is not None else "")
+            for m in ((n,) if n is not None else sizes):
+                if m > max_batch:
+                    raise UsageError(f"{spec}: more images than --max-batch {max_batch}")
+                try:  # the export's range; its message names the side, this the option
+                    ranges.check(Geometry(m, h, w))
+                except SdexportError as exc:
+                    raise type(exc)(f"{spec}: {exc}") from None
+                warmup.append((h, w, m))
         if not self.model_name or not all(c.isalnum() or c in "._-" for c in self.model_name):
             raise UsageError(f"--model-name {self.model_name!r}: letters, digits, '.', '_' and '-' only")
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -1110,6 +1114,70 @@ class _Supervisor:
         return drained or self.proc.returncode == 0
 
 
+WORK_PREFIX = "sdexport-serve-"  # serve's work directory in the temporary directory: the repository, stub prefix
+WORK_OWNER = "owner.json"  # in it: the processes that use it (supervisor, tritonserver) and its shm prefix
+_SHM_PREFIX = re.compile(r"sdexport_[0-9]+_[0-9a-f]+_")
+
+
+def _process_identity(pid: int) -> str | None:
+    """``pid``'s start time (jiffies since boot, /proc/PID/stat field 22): with the pid it names one process
+    even after the pid is reused. None where no such process runs (a zombie is gone: it runs nothing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _write_owner(work: Path, shm_prefix: str, *pids: int) -> None:
+    """Record who uses ``work`` (written whole, then renamed: a reader never sees half of it)."""
+    owner = {"processes": [[pid, _process_identity(pid)] for pid in pids], "pid_namespace": _pid_namespace(),
+             "shm_prefix": shm_prefix}
+    tmp = work / f".{WORK_OWNER}.tmp"
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, work / WORK_OWNER)
+
+
+def remove_stale_work_dirs(say: Callable[[str], None], tmp: str | Path | None = None) -> list[Path]:
+    """Remove the work directories (and /dev/shm regions) of ``sdexport serve`` runs whose processes are all gone
+    (a supervisor killed with SIGKILL cannot remove its own). A directory is kept when any process it records
+    still runs, when it records none (being created, or written by an older sdexport), when it was written in
+    another pid namespace (another container sharing /tmp: its pids mean nothing here), or when it is not ours."""
+    import shutil
+    import tempfile
+
+    removed = []
+    namespace = _pid_namespace()
+    for work in sorted(Path(tmp or tempfile.gettempdir()).glob(f"{WORK_PREFIX}*")):
+        try:
+            if work.is_symlink() or not work.is_dir() or work.stat().st_uid != os.getuid():
+                continue
+            owner = json.loads((work / WORK_OWNER).read_text())
+            processes = [(int(pid), start) for pid, start in owner["processes"]]
+            if owner.get("pid_namespace") != namespace or not processes:
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if any(start is None or _process_identity(pid) == start for pid, start in processes):
+            continue  # a live server's (or one whose start time could not be read: kept)
+        prefix = owner.get("shm_prefix")
+        if isinstance(prefix, str) and _SHM_PREFIX.fullmatch(prefix):
+            for region in Path("/dev/shm").glob(f"{prefix}*"):
+                region.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        if not work.exists():
+            removed.append(work)
+            say(f"removed {work}: the work directory of an 'sdexport serve' (pid {processes[0][0]}) that is gone")
+    return removed
+
+
 def _check_ports_free(options: ServeOptions) -> None:
     """Refuse a port in use now rather than after the engines loaded (Triton binds its ports last)."""
     import socket
@@ -1155,8 +1223,10 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
     host = "127.0.0.1" if options.address in ("0.0.0.0", "::") else options.address
     token = secrets.token_urlsafe(24)
     shm_prefix = f"sdexport_{os.getpid()}_{secrets.token_hex(4)}_"
-    with tempfile.TemporaryDirectory(prefix="sdexport-serve-") as work_dir:
+    remove_stale_work_dirs(say)  # left by a server killed with SIGKILL (its own cleanup never ran)
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX) as work_dir:
         work = Path(work_dir)
+        _write_owner(work, shm_prefix, os.getpid())
         repository = write_repository(options, work / "models").parent
         status = work / "status.json"
         restricted = f"model-repository:{ADMIN_HEADER}={token}"
@@ -1176,6 +1246,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
         env = triton.environment(work, SDEXPORT_SERVE_STATUS=str(status))
         proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_set_parent_death_signal)
+        _write_owner(work, shm_prefix, os.getpid(), proc.pid)  # Triton outlives a killed supervisor by its drain
         supervisor = _Supervisor(proc, options, host, token, say)
         stopping: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _: stopping.append(signum))

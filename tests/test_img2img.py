@@ -28,6 +28,19 @@ def noise_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> Im
     return Image.fromarray(pixels.astype("uint8")).convert(mode)
 
 
+def png_header_only(height: int, width: int) -> bytes:
+    """A PNG's signature, header chunk (IHDR: 8-bit RGB of that size) and one data chunk of a few rows (173 bytes
+    at 9000x9000): PIL opens it and reports its size; decoding it allocates every pixel (243 MB at 9000x9000)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(4 * (3 * width + 1)))))
+
+
 def box_mask(height: int, width: int, mode: str = "L") -> Image.Image:
     mask = np.zeros((height, width), "uint8")
     mask[height // 4: 3 * height // 4, width // 5: 4 * width // 5] = 255
@@ -352,9 +365,20 @@ def test_cli_bad_inputs_write_nothing(export_fp32, export_inpaint, tmp_path):
     (tmp_path / "text.png").write_text("not a png")
     Image.new("RGB", (8, 8)).save(tmp_path / "trunc.png")
     (tmp_path / "trunc.png").write_bytes((tmp_path / "trunc.png").read_bytes()[:40])
+    Image.new("RGB", (1100, 1000)).save(tmp_path / "big.png")  # 6 KB of PNG, 1.1 MP; tiny: native 128 px
+    Image.new("L", (1024, 1024)).save(tmp_path / "bound.png")  # the most tiny's bound takes: (2 x 4 x 128)^2
+    (tmp_path / "bomb.png").write_bytes(png_header_only(9000, 9000))  # 81 MP: under PIL's own bound
     out = tmp_path / "o.png"
+    bound = "at most 1,048,576 (1024x1024: 2x the largest side this model makes, 512 px); downscale it first"
     cases = [
         ((export_fp32, "--image", tmp_path / "missing.png"), 2, "no such file"),
+        # pixels beyond what the model can use, refused from the header (the bomb was decoded: 243 MB)
+        ((export_fp32, "--image", tmp_path / "big.png"), 2, f"--image {tmp_path / 'big.png'}: 1100x1000 px is "
+         f"1,100,000 pixels; {bound}"),
+        ((export_fp32, "--image", tmp_path / "bomb.png"), 2, f"--image {tmp_path / 'bomb.png'}: 9000x9000 px is "
+         f"81,000,000 pixels; {bound}"),
+        ((export_inpaint, "--image", tmp_path / "bound.png", "--mask", tmp_path / "bomb.png"), 2,
+         f"--mask {tmp_path / 'bomb.png'}: 9000x9000 px"),
         ((export_fp32, "--image", tmp_path / "text.png"), 2, "not an image"),
         ((export_fp32, "--image", tmp_path / "trunc.png"), 2, "not an image"),
         ((export_fp32, "--image", tmp_path / "in.png", "--mask", tmp_path / "text.png"), 2, "not an image"),
@@ -372,6 +396,12 @@ def test_cli_bad_inputs_write_nothing(export_fp32, export_inpaint, tmp_path):
         result = run_cli("infer", *args, "--prompt", "x", "-o", out, "--steps", 2)
         assert_error(result, code, *needles)
         assert not out.exists() and not out.with_suffix(".json").exists()
+    # bench reads --image by the same rule; at the bound an image is taken (and resized to the request's size)
+    assert_error(run_cli("bench", export_fp32, "--image", tmp_path / "bomb.png", "--steps", 1, "--runs", 1,
+                         "--warmup", 0, "--no-eager"), 2, f"--image {tmp_path / 'bomb.png'}: 9000x9000 px")
+    result = run_cli("infer", export_fp32, "--image", tmp_path / "bound.png", "--height", 64, "--width", 64,
+                     "--prompt", "x", "-o", out, "--steps", 2, "--strength", 0.5)
+    assert result.exit_code == 0, result.stderr
 
 
 def test_unet_channels_inpainting_accepted_others_refused(inpaint_model, tmp_path):

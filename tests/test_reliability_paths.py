@@ -206,6 +206,24 @@ def test_infer_on_a_model_directory_says_to_export_elsewhere(tiny_model, tmp_pat
     assert f"-o {tiny_model} " not in line + " " and f"-o {tiny_model}-onnx" in line
 
 
+@pytest.mark.parametrize("command, inside", [
+    (["infer", *INFER, "-o", "TMP/x.png"], "unet"),
+    (["serve"], "unet"),
+    (["bench", "--steps", "1"], "unet/model.onnx"),  # a file of the export
+    (["validate"], "nowhere"),  # a missing path inside it
+    (["build", "--backend", "ort"], "tokenizer"),
+], ids=lambda c: c[0] if isinstance(c, list) else c)
+def test_readers_on_a_directory_inside_an_export_name_the_export(export, tmp_path, command, inside):
+    """A path inside an export given where the export belongs: every reader (one place: ExportDir.open) names
+    the export to give; it said "run 'sdexport export MODEL -o EXPORT/unet' first", which would export inside it."""
+    unchanged = _untouched(export)
+    args = [str(a).replace("TMP", str(tmp_path / "out")) for a in command]
+    line = assert_refused(cli(args[0], export / inside, *args[1:]), 5, f"{export / inside}: inside the export "
+                          f"{export.resolve()}", f"give the export directory: {export.resolve()}")
+    assert "sdexport export" not in line
+    assert unchanged() and not (tmp_path / "out").exists()
+
+
 def _picture(path, size=64):
     from PIL import Image
 

@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 sys.path.insert(0, str(conftest.REPO_ROOT / "benchmarks"))
 from serve_load import free_ports  # noqa: E402  (one home: the load benchmark starts its servers so too)
 from test_int8 import calib, int8_export  # noqa: E402,F401  (fixtures: an export with its INT8 UNet)
+from test_img2img import png_header_only  # noqa: E402
 from sdexport.errors import SdexportError  # noqa: E402
 from sdexport.serve import (CLIENT_EXAMPLE, CURL_EXAMPLE, TRITONSERVER_EXAMPLE,  # noqa: E402
                             CachedTextEncoder, ImageService, batch_groups, client_inputs, parse_request,
@@ -46,13 +47,13 @@ class Server:
     """`sdexport serve` in a subprocess; ready when it prints its 'ready:' line (it prints it only after
     Triton reports ready, i.e. engines loaded and warm-up done)."""
 
-    def __init__(self, export, log: Path, *args):
+    def __init__(self, export, log: Path, *args, env: dict | None = None):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.log = log
         self.proc = subprocess.Popen(
             conftest.sdexport_cmd("serve", export, "--http-port", self.http, "--grpc-port", self.grpc,
                                   "--metrics-port", self.metrics, *args),
-            env=conftest.sdexport_env(), stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+            env=conftest.sdexport_env(**(env or {})), stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
         self.ready_line = self._read_ready()
 
     def _read_ready(self) -> str:
@@ -271,6 +272,11 @@ def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> byte
     (dict(prompt="x", mask=png_bytes(64, 64, mode="L")), "mask needs image"),
     (dict(prompt="x", image=png_bytes(64, 64), mask=png_bytes(64, 64, mode="L")), "mask: "),
     (dict(prompt="x", image=png_bytes(320, 128)), "image is 128x320 px"),
+    # pixels beyond what the model can use: refused from the header, before decoding (tiny: native 128 px)
+    (dict(prompt="x", image=png_bytes(1000, 1100)), "image: 1100x1000 px is 1,100,000 pixels; at most 1,048,576 "
+     "(1024x1024: 2x the largest side this model makes, 512 px)"),
+    (dict(prompt="x", image=png_header_only(9000, 9000)), "image: 9000x9000 px is 81,000,000 pixels; at most"),
+    (dict(prompt="x", image=png_bytes(64, 64), mask=png_header_only(9000, 9000)), "mask: 9000x9000 px"),
     (dict(prompt="x", image=png_bytes(64, 64), strength=0.3, steps=3), "strength 0.3 with steps 3 leaves no"),
 ])
 def test_bad_image_inputs_are_refused_naming_the_input(service, values, field):
@@ -283,6 +289,8 @@ def test_bad_image_inputs_are_refused_naming_the_input(service, values, field):
 
 
 def test_image_requests_keep_the_image_size_and_batch_by_image(service):
+    (bound,) = service.parse(tensors(prompt="x", image=png_bytes(1024, 1024), height=64, width=64))
+    assert bound.image.size == (1024, 1024)  # the most pixels tiny takes (2x its largest side, squared)
     a, b = png_bytes(96, 128, seed=1), png_bytes(96, 128, seed=2)
     (one,) = service.parse(tensors(prompt="x", image=a))
     assert (one.height, one.width, one.strength) == (96, 128, None)  # infer keeps the image's size
@@ -479,7 +487,11 @@ def test_serve_refuses_bad_options_before_starting(export_fp32, tmp_path):
     assert_error(run_cli("serve", tmp_path / "nope"), 5, "no such export directory")
     assert_error(run_cli("serve", export_fp32, "--max-batch", 5), 2, "--max-batch 5", "1 to 4")
     assert_error(run_cli("serve", export_fp32, "--max-batch", 0), 2, "--max-batch 0")
-    assert_error(run_cli("serve", export_fp32, "--warmup", "72x64"), 4, "height 72")
+    # the export's range, naming the option as every other option's error does (it said only 'height 72 ...')
+    assert_error(run_cli("serve", export_fp32, "--warmup", "72x64"), 4, "--warmup 72x64: height 72 is not a multiple")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "9999x9999"), 4, "--warmup 9999x9999: height 9999")
+    assert_error(run_cli("serve", export_fp32, "--warmup", "64x64x1", "--warmup", "64x4096x2"), 4, "--warmup 64x4096x2: width 4096 "
+                 "is outside the exported range")
     assert_error(run_cli("serve", export_fp32, "--warmup", "64"), 2, "--warmup takes HEIGHTxWIDTH in pixels or "
                  "HEIGHTxWIDTHxIMAGES, e.g. 1024x1024 or 1024x1024x4 (got '64')")
     assert_error(run_cli("serve", export_fp32, "--warmup", "64x64x3", "--max-batch", 2), 2, "more images")
@@ -1055,6 +1067,91 @@ def test_killed_instance_is_reloaded_and_sigterm_answers_in_flight_requests(expo
         assert "stopped: in-flight requests answered" in server.log.read_text()
     finally:
         server.stop()
+
+
+def _start_time(pid: int) -> str:
+    """/proc/PID/stat's starttime (field 22), read here independently of sdexport.serve."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def _fabricated_work_dir(tmp: Path, name: str, processes, namespace: str | None = None, owner: bool = True) -> Path:
+    work = tmp / f"sdexport-serve-{name}"
+    (work / "models").mkdir(parents=True)
+    if owner:
+        (work / "owner.json").write_text(json.dumps({
+            "processes": processes, "shm_prefix": f"sdexport_{processes[0][0]}_0a1b2c3d_",
+            "pid_namespace": namespace if namespace is not None else os.readlink("/proc/self/ns/pid")}))
+    return work
+
+
+def test_stale_work_dirs_are_removed_and_live_ones_kept(tmp_path):
+    """The work directories of serve runs whose processes are all gone are removed (with their /dev/shm
+    regions); any whose recorded process still runs (same pid and start time), that record none, or that were
+    written in another pid namespace are kept."""
+    from sdexport.serve import remove_stale_work_dirs
+
+    gone = subprocess.Popen(["sleep", "60"])
+    gone_start = _start_time(gone.pid)
+    gone.kill()
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        me = [os.getpid(), _start_time(os.getpid())]
+        dead = _fabricated_work_dir(tmp_path, "dead", [[gone.pid, gone_start]])
+        reused = _fabricated_work_dir(tmp_path, "reused", [[os.getpid(), "1"]])  # this pid, another process's start
+        both_dead = _fabricated_work_dir(tmp_path, "both", [[gone.pid, gone_start], [os.getpid(), "1"]])
+        live = _fabricated_work_dir(tmp_path, "live", [[alive.pid, _start_time(alive.pid)]])
+        triton_live = _fabricated_work_dir(tmp_path, "triton", [[gone.pid, gone_start], me])  # Triton still draining
+        no_owner = _fabricated_work_dir(tmp_path, "older", [], owner=False)
+        elsewhere = _fabricated_work_dir(tmp_path, "container", [[gone.pid, gone_start]], namespace="pid:[1]")
+        other = tmp_path / "unrelated"
+        other.mkdir()
+        region = Path(f"/dev/shm/sdexport_{gone.pid}_0a1b2c3d_region")
+        region.write_bytes(b"x")
+        said: list[str] = []
+        removed = remove_stale_work_dirs(said.append, tmp_path)
+        assert sorted(removed) == sorted([dead, reused, both_dead])
+        assert not dead.exists() and not reused.exists() and not both_dead.exists() and not region.exists()
+        assert all(p.is_dir() for p in (live, triton_live, no_owner, elsewhere, other))
+        assert len(said) == 3 and f"removed {dead}" in "\n".join(said)
+    finally:
+        alive.kill()
+        alive.wait()
+        Path(f"/dev/shm/sdexport_{gone.pid}_0a1b2c3d_region").unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_the_work_dir_of_a_server_killed_with_sigkill_is_removed_by_the_next(export_fp32, tmp_path):
+    """`kill -9` of the supervisor leaves its work directory (its own cleanup never runs); the next `sdexport
+    serve` removes it before starting, and keeps a live server's."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    first = Server(export_fp32, tmp_path / "first.log", "--warmup", "64x64", env={"TMPDIR": tmp})
+    try:
+        (work,) = tmp.glob("sdexport-serve-*")
+        triton = [pid for pid, _ in json.loads((work / "owner.json").read_text())["processes"]][1]
+    finally:
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+    deadline = time.monotonic() + 120  # Triton got SIGTERM (parent death signal) and drains by itself
+    while True:
+        try:
+            if Path(f"/proc/{triton}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        assert time.monotonic() < deadline, "tritonserver still running"
+        time.sleep(0.2)
+    assert work.is_dir()
+    live = _fabricated_work_dir(tmp, "live", [[os.getpid(), _start_time(os.getpid())]])
+    second = Server(export_fp32, tmp_path / "second.log", "--warmup", "64x64", env={"TMPDIR": tmp})
+    try:
+        assert not work.exists(), second.log_tail()
+        assert f"removed {work}" in second.log.read_text()
+        assert live.is_dir()
+    finally:
+        second.stop()
+    assert sorted(tmp.glob("sdexport-serve-*")) == [live]
 
 
 @pytest.mark.slow
