@@ -23,7 +23,7 @@ MAX_LORA_SCALE = 100.0  # --lora FILE:SCALE, either sign; LoRAs are used at -2..
 MAX_STEPS = 1000  # besides the scheduler's own num_train_timesteps
 MAX_EXPORT_IMAGES = 64  # export --max-batch: images per call an export can be made for
 MAX_SIDE_FACTOR = 4  # image sides up to 4x the model's native size (2048 px for SD 1.5)
-INPUT_SIDE_FACTOR = 2  # an input image (--image, --mask, serve's image/mask) up to 2x that side, in pixels squared
+MAX_INPUT_PIXELS = 8192 * 8192  # an input image (--image, --mask, serve's image/mask): 67 MP, any model
 MAX_SAMPLES = 65536  # calibrate --max-samples (512 is the default; 32 the least entropy needs)
 MAX_RUNS = 1000  # bench --runs
 MAX_WARMUP = 100  # bench --warmup
@@ -127,20 +127,19 @@ def max_image_side(native_px: int) -> int:
 
 def max_input_pixels(native_px: int) -> int:
     """Pixels an input image (infer/bench --image and --mask, serve's image and mask) may have, checked from its
-    header before it is decoded: the largest image the model makes (``max_image_side`` squared), downscaled 2x a
-    side. More is only thrown away by the resize to the request's size, and a PNG of a few KB can decode to
-    gigabytes (PIL's own bound is ~179 MP for any model): 4096^2 (16.8 MP) for SD 1.5, 8192^2 for SDXL."""
-    return (INPUT_SIDE_FACTOR * max_image_side(native_px)) ** 2
+    header before it is decoded: MAX_INPUT_PIXELS (8192x8192, 67 MP) for every model. That takes any camera's
+    photo (a 48 MP phone photo is resized to the request's size, as diffusers does) while a PNG of a few KB that
+    claims more cannot make a server decode gigabytes (PIL's own bound is ~179 MP). ``native_px`` is the model's
+    native size, for callers that may one day scale it."""
+    return MAX_INPUT_PIXELS
 
 
 def check_input_pixels(what: str, size: tuple[int, int], native_px: int) -> None:
     """Refuse (exit 2 / HTTP 400) an input image of ``size`` (width, height) over ``max_input_pixels``."""
     top = max_input_pixels(native_px)
     if size[0] * size[1] > top:
-        side = INPUT_SIDE_FACTOR * max_image_side(native_px)
         raise UsageError(f"{what}: {size[0]}x{size[1]} px is {size[0] * size[1]:,} pixels; at most {top:,} "
-                         f"({side}x{side}: {INPUT_SIDE_FACTOR}x the largest side this model makes, "
-                         f"{max_image_side(native_px)} px); downscale it first")
+                         f"(8192x8192) are read; downscale it first")
 
 
 def check_side(option: str, value: int, native_px: int) -> None:

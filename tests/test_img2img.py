@@ -365,16 +365,16 @@ def test_cli_bad_inputs_write_nothing(export_fp32, export_inpaint, tmp_path):
     (tmp_path / "text.png").write_text("not a png")
     Image.new("RGB", (8, 8)).save(tmp_path / "trunc.png")
     (tmp_path / "trunc.png").write_bytes((tmp_path / "trunc.png").read_bytes()[:40])
-    Image.new("RGB", (1100, 1000)).save(tmp_path / "big.png")  # 6 KB of PNG, 1.1 MP; tiny: native 128 px
-    Image.new("L", (1024, 1024)).save(tmp_path / "bound.png")  # the most tiny's bound takes: (2 x 4 x 128)^2
+    (tmp_path / "big.png").write_bytes(png_header_only(8192, 8193))  # one column over 8192x8192
+    Image.new("L", (8192, 8192)).save(tmp_path / "bound.png")  # the most any model's bound takes (67 MP, 64 KB)
     (tmp_path / "bomb.png").write_bytes(png_header_only(9000, 9000))  # 81 MP: under PIL's own bound
     out = tmp_path / "o.png"
-    bound = "at most 1,048,576 (1024x1024: 2x the largest side this model makes, 512 px); downscale it first"
+    bound = "at most 67,108,864 (8192x8192) are read; downscale it first"
     cases = [
         ((export_fp32, "--image", tmp_path / "missing.png"), 2, "no such file"),
         # pixels beyond what the model can use, refused from the header (the bomb was decoded: 243 MB)
-        ((export_fp32, "--image", tmp_path / "big.png"), 2, f"--image {tmp_path / 'big.png'}: 1100x1000 px is "
-         f"1,100,000 pixels; {bound}"),
+        ((export_fp32, "--image", tmp_path / "big.png"), 2, f"--image {tmp_path / 'big.png'}: 8193x8192 px is "
+         f"67,117,056 pixels; {bound}"),
         ((export_fp32, "--image", tmp_path / "bomb.png"), 2, f"--image {tmp_path / 'bomb.png'}: 9000x9000 px is "
          f"81,000,000 pixels; {bound}"),
         ((export_inpaint, "--image", tmp_path / "bound.png", "--mask", tmp_path / "bomb.png"), 2,
