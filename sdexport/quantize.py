@@ -860,6 +860,7 @@ def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Call
     from .backends import load_engines
     from .backends.ort import OrtEngine
     from .pipeline import Pipeline
+    from .validate import show_check
 
     t0 = time.perf_counter()
     spec = export.spec("unet")
@@ -916,8 +917,10 @@ def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Call
         row["pass"] = bool(row["int8"]["finite"] and row["int8"]["rel_l2_err"] <= INT8_REPORT_THRESHOLDS["unet_rel_l2"])
         unet_rows.append(row)
         extra = f", fp16 rel_l2 {row['fp16']['rel_l2_err']:.2e}" if "fp16" in row else ""
-        say(f"{'PASS' if row['pass'] else 'FAIL'} int8 unet   t~{target:<4} rel_l2 {row['int8']['rel_l2_err']:.2e}  "
-            f"max_abs {row['int8']['max_abs_err']:.2e}{extra}")
+        say(f"{'PASS' if row['pass'] else 'FAIL'} int8 unet   t~{target:<4} {spec.outputs[0].name}: "
+            + ("non-finite, " if not row["int8"]["finite"] else "")
+            + show_check("rel_l2", row["int8"]["rel_l2_err"], INT8_REPORT_THRESHOLDS["unet_rel_l2"])
+            + f"  (max_abs {row['int8']['max_abs_err']:.2e}{extra})")
 
     pipe_rows = []
     for (prompt, seed), ref in zip(cases, ref_results):
@@ -935,8 +938,13 @@ def int8_report(export, device: str = "cpu", fp16: bool | None = None, say: Call
         pipe_rows.append(row)
         extra = (f"; fp16 latent rel_l2 {row['fp16']['final_latent']['rel_l2_err']:.2e}, "
                  f"PSNR {row['fp16']['image_psnr_db']:.1f} dB") if "fp16" in row else ""
-        say(f"{'PASS' if row['pass'] else 'FAIL'} int8 image  seed {seed:<4} latent rel_l2 "
-            f"{m['final_latent']['rel_l2_err']:.2e}  PSNR {m['image_psnr_db']:.1f} dB  SSIM {m['image_ssim']:.3f}{extra}")
+        say(f"{'PASS' if row['pass'] else 'FAIL'} int8 image  seed {seed:<4} "
+            + ("non-finite latent, " if not m["final_latent"]["finite"] else "")
+            + ", ".join([show_check("latent rel_l2", m["final_latent"]["rel_l2_err"], th["final_latent_rel_l2"]),
+                         show_check("PSNR", m["image_psnr_db"], th["image_psnr_db"], minimum=True, fmt=".1f",
+                                    unit=" dB"),
+                         show_check("SSIM", m["image_ssim"], th["image_ssim"], minimum=True, fmt=".3f")])
+            + extra)
     for engine in list(variants.values()) + list(reference.values()):
         engine.close()
     model = export.manifest.data["model"]

@@ -486,6 +486,7 @@ def test_validate_reports_int8(int8_export):
         assert INT8_REPORT_THRESHOLDS["image_psnr_db"] <= m["image_psnr_db"] < row["fp16"]["image_psnr_db"]
         assert INT8_REPORT_THRESHOLDS["image_ssim"] <= m["image_ssim"] <= 1.0
     assert sum(line.startswith("PASS int8 unet") for line in result.stderr.splitlines()) == 3
+    _check_int8_lines(result.stderr, int8)
     assert "not image quality" in result.stderr
     # The FP16 comparison UNet is converted from the FP32 UNet, not from the Q/DQ graph quantize converted:
     # its 'kept FP32' line names that graph (quantize's names the Q/DQ graph: test_quantize_output_names_...).
@@ -529,6 +530,39 @@ def test_validate_fails_on_a_bad_int8_unet(int8_export, tmp_path, monkeypatch):
     report = json.loads((bad / "validation.json").read_text())
     assert not report["passed"] and not report["int8"]["passed"]
     assert not any(r["pass"] for r in report["int8"]["unet"])
+    _check_int8_lines(result.stderr, report["int8"])
+
+
+INT8_UNET_LINE = re.compile(r"^(PASS|FAIL) int8 unet   t~(\d+) +out_sample: rel_l2 (\S+) (<=|>) (\S+)  \(max_abs ")
+INT8_IMAGE_LINE = re.compile(r"^(PASS|FAIL) int8 image  seed (\d+) +latent rel_l2 (\S+) (<=|>) (\S+), "
+                             r"PSNR (\S+) dB (>=|<) (\S+) dB, SSIM (\S+) (>=|<) ([^\s;]+)")
+
+
+def _check_int8_lines(stderr, int8):
+    """The INT8 report's lines show each checked metric next to its threshold, as validation.json has them."""
+    th = int8["thresholds"]
+    unet = [m for m in map(INT8_UNET_LINE.match, stderr.splitlines()) if m]
+    assert len(unet) == len(int8["unet"]), stderr
+    for m, row in zip(unet, int8["unet"]):
+        status, target, value, sign, limit = m.groups()
+        assert (status == "PASS", int(target)) == (row["pass"], row["target_timestep"]), m[0]
+        assert float(value) == pytest.approx(row["int8"]["rel_l2_err"], rel=1e-2), m[0]
+        assert float(limit) == pytest.approx(th["unet_rel_l2"], rel=1e-2), m[0]
+        assert sign == ("<=" if row["int8"]["rel_l2_err"] <= th["unet_rel_l2"] else ">"), m[0]
+    images = [m for m in map(INT8_IMAGE_LINE.match, stderr.splitlines()) if m]
+    assert len(images) == len(int8["pipeline"]), stderr
+    for m, row in zip(images, int8["pipeline"]):
+        g, got = m.groups(), row["int8"]
+        assert (g[0] == "PASS", int(g[1])) == (row["pass"], row["seed"]), m[0]
+        for (value, sign, limit), want, want_limit, minimum in (
+                (g[2:5], got["final_latent"]["rel_l2_err"], th["final_latent_rel_l2"], False),
+                (g[5:8], got["image_psnr_db"], th["image_psnr_db"], True),
+                (g[8:11], got["image_ssim"], th["image_ssim"], True)):
+            assert float(value) == pytest.approx(want, rel=1e-2, abs=1e-3), m[0]
+            assert float(limit) == pytest.approx(want_limit, rel=1e-2), m[0]
+            ok = want >= want_limit if minimum else want <= want_limit
+            assert sign == {(True, True): ">=", (True, False): "<", (False, True): "<=", (False, False): ">"}[
+                (minimum, ok)], m[0]
 
 
 def test_tensorrt_rtx_builds_the_int8_unet(int8_export, tmp_path):

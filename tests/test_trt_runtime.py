@@ -354,6 +354,11 @@ def test_validate_trt_runs_trtengine_without_polygraphys_tensorrt_or_cudart(fake
         assert r["reference_device"] == "cpu"
     assert set(report["engine_device_memory_bytes"]) == {"text_encoder", "unet"}
     assert any("device_memory_size_v2" in m and "unet" in m for m in messages)
+    lines = [m for m in messages if m.startswith("PASS ")]  # one per result, naming an output with its thresholds
+    assert len(lines) == len(report["results"])
+    for line, r in zip(lines, report["results"]):
+        assert line.split()[1] == r["component"] and f"  {r['reported_output']}: max_abs " in line, line
+        assert r["reported_output"] in r["outputs"] and ", rel_l2 " in line and " > " not in line, line
 
 
 def test_reference_that_does_not_fit_runs_on_the_cpu():
