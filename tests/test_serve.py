@@ -853,12 +853,12 @@ def test_model_load_failure_is_one_error_line_with_its_exit_code(export_fp32, tm
 
 @pytest.mark.slow
 def test_ctrl_c_before_ready_is_an_interrupt_not_a_drain_timeout(export_fp32, tmp_path):
-    """Ctrl-C while the model still loads (a warm-up of 1000 steps: minutes) stops Triton and is exit 130 with
-    the interrupt's line: there is nothing in flight to drain (it said 'in-flight requests were not answered
-    within --drain-timeout-s', exit 11)."""
+    """Ctrl-C while the model still loads (a warm-up of 999 steps, the most tiny's PNDM schedule makes: minutes)
+    stops Triton and is exit 130 with the interrupt's line: there is nothing in flight to drain (it said
+    'in-flight requests were not answered within --drain-timeout-s', exit 11)."""
     http, grpc, metrics = free_ports(3)
     proc = subprocess.Popen(conftest.sdexport_cmd("serve", export_fp32, "--warmup", "128x128x4", "--warmup-steps",
-                                                  "1000", "--http-port", http, "--grpc-port", grpc,
+                                                  "999", "--http-port", http, "--grpc-port", grpc,
                                                   "--metrics-port", metrics),
                             env=conftest.sdexport_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
