@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import traceback
 from collections import Counter
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.speed_probe import SD15, SDXL, inputs, log, wrap  # noqa: E402  (one home for the architectures)
+from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, wrap  # noqa: E402  (one home for the architectures)
 
 BACKENDS = ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "FA4-direct", "FA4")
 CALLS_PER_GRAPH = 20
@@ -80,30 +79,10 @@ def attention_shapes(model: str) -> list[dict]:
 
 
 def graph_us(fn, iters=50) -> float:
-    """Microseconds per call: CALLS_PER_GRAPH calls captured as one CUDA graph, median over replays."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times) * 1000 / CALLS_PER_GRAPH
+    """Microseconds per call: CALLS_PER_GRAPH calls captured as one CUDA graph (speed_probe.graph_time), median
+    over its replays."""
+    median_ms, _, _ = graph_time(lambda: fn(), {}, iters, calls=CALLS_PER_GRAPH)
+    return median_ms * 1000 / CALLS_PER_GRAPH
 
 
 def fa4_status() -> str | None:
