@@ -411,22 +411,18 @@ def infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed,
 
     lora_files = open_loras(loras)
     with reading(export_dir):
-        image, mask = _request_images(export_dir, image_path, mask_path)
+        image, mask = _request_images(image_path, mask_path)
         _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed, height, width, batch_size,
                scheduler, backend, device, unet, cuda_graph, step_graph, model_dir, request_options, image, mask,
                strength, {"image": image_path, "mask": mask_path}, lora_files)
 
 
-def _request_images(export_dir, image_path, mask_path):
-    """infer's and bench's --image and --mask, decoded; one over the pixels the export's model can use
-    (limits.max_input_pixels, serve's rule too) is refused from its header, before decoding."""
-    if not image_path and not mask_path:
-        return None, None
+def _request_images(image_path, mask_path):
+    """infer's and bench's --image and --mask, decoded; one over limits.MAX_INPUT_PIXELS (serve's rule too) is
+    refused from its header, before decoding."""
     from .pipeline import load_image
-    from .runtime import ExportDir
 
-    native = ExportDir.open(export_dir).info.image_size
-    return tuple(load_image(path, flag, native) if path else None
+    return tuple(load_image(path, flag) if path else None
                  for flag, path in (("--image", image_path), ("--mask", mask_path)))
 
 
@@ -581,7 +577,7 @@ def bench(export_dir, backend, device, steps, height, width, batch_size, guidanc
         if on and device == "cpu":
             raise UsageError(f"{flag} needs a CUDA device (--device cuda)")
     with reading(export_dir):
-        image, mask = _request_images(export_dir, image_path, mask_path)
+        image, mask = _request_images(image_path, mask_path)
         report = run(export_dir, backend=backend, device=device, steps=steps, height=height, width=width,
                      batch_size=batch_size, guidance_scale=guidance_scale, scheduler=scheduler, runs=runs,
                      warmup=warmup, eager_dtype=eager_dtype, compare_eager=not no_eager, say=say,

@@ -23,7 +23,8 @@ MAX_LORA_SCALE = 100.0  # --lora FILE:SCALE, either sign; LoRAs are used at -2..
 MAX_STEPS = 1000  # besides the scheduler's own num_train_timesteps
 MAX_EXPORT_IMAGES = 64  # export --max-batch: images per call an export can be made for
 MAX_SIDE_FACTOR = 4  # image sides up to 4x the model's native size (2048 px for SD 1.5)
-MAX_INPUT_PIXELS = 8192 * 8192  # an input image (--image, --mask, serve's image/mask): 67 MP, any model
+MAX_INPUT_SIDE = 8192  # an input image (--image, --mask, serve's image/mask): at most this side squared, any model
+MAX_INPUT_PIXELS = MAX_INPUT_SIDE ** 2  # 67 MP
 MAX_SAMPLES = 65536  # calibrate --max-samples (512 is the default; 32 the least entropy needs)
 MAX_RUNS = 1000  # bench --runs
 MAX_WARMUP = 100  # bench --warmup
@@ -125,21 +126,15 @@ def max_image_side(native_px: int) -> int:
     return MAX_SIDE_FACTOR * native_px
 
 
-def max_input_pixels(native_px: int) -> int:
-    """Pixels an input image (infer/bench --image and --mask, serve's image and mask) may have, checked from its
-    header before it is decoded: MAX_INPUT_PIXELS (8192x8192, 67 MP) for every model. That takes any camera's
-    photo (a 48 MP phone photo is resized to the request's size, as diffusers does) while a PNG of a few KB that
-    claims more cannot make a server decode gigabytes (PIL's own bound is ~179 MP). ``native_px`` is the model's
-    native size, for callers that may one day scale it."""
-    return MAX_INPUT_PIXELS
-
-
-def check_input_pixels(what: str, size: tuple[int, int], native_px: int) -> None:
-    """Refuse (exit 2 / HTTP 400) an input image of ``size`` (width, height) over ``max_input_pixels``."""
-    top = max_input_pixels(native_px)
-    if size[0] * size[1] > top:
-        raise UsageError(f"{what}: {size[0]}x{size[1]} px is {size[0] * size[1]:,} pixels; at most {top:,} "
-                         f"(8192x8192) are read; downscale it first")
+def check_input_pixels(what: str, size: tuple[int, int]) -> None:
+    """Refuse (exit 2 / HTTP 400) an input image (infer/bench --image and --mask, serve's image and mask) of
+    ``size`` (width, height) over MAX_INPUT_PIXELS, checked from its header before it is decoded. The bound is
+    the same for every model: it takes any camera's photo (a 48 MP phone photo is resized to the request's
+    size, as diffusers does) while a PNG of a few KB that claims more cannot make a server decode gigabytes
+    (PIL's own bound is ~179 MP)."""
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise UsageError(f"{what}: {size[0]}x{size[1]} px is {size[0] * size[1]:,} pixels; at most "
+                         f"{MAX_INPUT_PIXELS:,} ({MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}) are read; downscale it first")
 
 
 def check_side(option: str, value: int, native_px: int) -> None:

@@ -728,22 +728,22 @@ class _StepGraphs:
         return self.result.clone()  # the graphs' buffer is overwritten by the next request
 
 
-def load_image(path, flag: str, native_px: int):
+def load_image(path, flag: str):
     """A PIL image from ``path`` for ``flag`` (--image, --mask), fully decoded now: a missing file, one that
-    is not an image PIL can read (or is truncated), or one over ``limits.max_input_pixels(native_px)`` (the
-    model's native size) is one UsageError naming it."""
+    is not an image PIL can read (or is truncated), or one over ``limits.MAX_INPUT_PIXELS`` is one UsageError
+    naming it."""
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
-    return decode_image(path, f"{flag} {path}", native_px)
+    return decode_image(path, f"{flag} {path}")
 
 
-def decode_image(source, what: str, native_px: int):
+def decode_image(source, what: str):
     """A PIL image from a path or encoded bytes (PNG, JPEG, ...), fully decoded now; anything PIL cannot read
-    (or a truncated file) is one UsageError starting with ``what``, as is an image over the pixels a model of
-    native size ``native_px`` can use (limits.check_input_pixels), refused from its header before decoding."""
+    (or a truncated file) is one UsageError starting with ``what``, as is an image over limits.MAX_INPUT_PIXELS
+    (limits.check_input_pixels), refused from its header before decoding."""
     import io
 
     from PIL import Image
@@ -752,7 +752,7 @@ def decode_image(source, what: str, native_px: int):
 
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
-            check_input_pixels(what, img.size, native_px)  # PIL opens lazily: only the header is read so far
+            check_input_pixels(what, img.size)  # PIL opens lazily: only the header is read so far
             img.load()
             return img.copy()
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

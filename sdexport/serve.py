@@ -248,7 +248,7 @@ def parse_request(tensors: Mapping[str, Any], export, defaults: Mapping[str, Any
 
     def picture(name: str, data: bytes | None):
         if data is not None and data not in decoded:
-            decoded[data] = decode_image(data, name, export.info.image_size)
+            decoded[data] = decode_image(data, name)
         return None if data is None else decoded[data]
 
     images = []

@@ -272,7 +272,7 @@ def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> byte
     (dict(prompt="x", mask=png_bytes(64, 64, mode="L")), "mask needs image"),
     (dict(prompt="x", image=png_bytes(64, 64), mask=png_bytes(64, 64, mode="L")), "mask: "),
     (dict(prompt="x", image=png_bytes(320, 128)), "image is 128x320 px"),
-    # pixels beyond limits.max_input_pixels (8192x8192, any model): refused from the header, before decoding
+    # pixels beyond limits.MAX_INPUT_PIXELS (8192x8192, any model): refused from the header, before decoding
     (dict(prompt="x", image=png_header_only(8192, 8193)), "image: 8193x8192 px is 67,117,056 pixels; at most "
      "67,108,864 (8192x8192) are read"),
     (dict(prompt="x", image=png_header_only(9000, 9000)), "image: 9000x9000 px is 81,000,000 pixels; at most"),
@@ -296,7 +296,7 @@ def test_image_requests_keep_the_image_size_and_batch_by_image(service):
     flat = io.BytesIO()
     Image.new("L", (8192, 8192)).save(flat, format="PNG")  # 64 KB of PNG, 67 MP once decoded
     (bound,) = service.parse(tensors(prompt="x", image=flat.getvalue(), height=64, width=64))
-    assert bound.image.size == (8192, 8192)  # the most pixels any model takes (limits.max_input_pixels)
+    assert bound.image.size == (8192, 8192)  # the most pixels any model takes (limits.MAX_INPUT_PIXELS)
     a, b = png_bytes(96, 128, seed=1), png_bytes(96, 128, seed=2)
     (one,) = service.parse(tensors(prompt="x", image=a))
     assert (one.height, one.width, one.strength) == (96, 128, None)  # infer keeps the image's size
