@@ -136,6 +136,12 @@ def select_nodes(model, patterns: list[str], user_patterns: tuple[str, ...] | li
 
 
 # --- calibration file against the export --------------------------------------------------
+def _unlike(names: list[str], spec) -> tuple[list[str], list[str]]:
+    """A calibration file's UNet input ``names`` against the export's UNet: (the inputs it lacks, the names it
+    has beyond them)."""
+    return [n for n in spec.input_names if n not in names], [n for n in names if n not in spec.input_names]
+
+
 def _described(model: dict) -> str:
     """'sdxl model /models/x (weights 0123456789ab…)' from a calibration file's or a manifest's model record."""
     family = model.get("family") or "?"
@@ -153,9 +159,7 @@ def check_source(path: Path, meta: dict, headers: dict, spec, export) -> None:
     got = meta["model"]
     if got["weights_sha256"] == want["weights_sha256"]:
         return
-    names = [k for k in headers if k != "meta" and k not in INDEX_ARRAYS]
-    missing = [n for n in spec.input_names if n not in names]
-    extra = [n for n in names if n not in spec.input_names]
+    missing, extra = _unlike([k for k in headers if k != "meta" and k not in INDEX_ARRAYS], spec)
     differs = ""
     if missing:
         differs = f"; it has no {', '.join(missing)}"
@@ -175,8 +179,7 @@ def check_source(path: Path, meta: dict, headers: dict, spec, export) -> None:
 def check_calibration(calib: Calibration, spec, export) -> None:
     """Refuse a calibration file at shapes the export lacks (``check_source`` has refused those of another model)."""
     where = calib.path
-    missing = [t.name for t in spec.inputs if t.name not in calib.arrays]
-    extra = [n for n in calib.input_names if n not in spec.input_names]
+    missing, extra = _unlike(calib.input_names, spec)
     if missing or extra:
         raise IntegrityError(f"{where}: has {'no ' + ', '.join(missing) if missing else ', '.join(extra)}, unlike "
                              f"the UNet of {export.root} ({spec.input_names}); run 'sdexport calibrate' on that model")
