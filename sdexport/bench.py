@@ -267,9 +267,7 @@ def bench(export_dir, backend: str = "ort", device: str = "cpu", steps: int | No
                          f"--no-eager leaves out; give one of them (or time torch in {eager_dtype} with --backend "
                          "torch)")
     export = ExportDir.open(export_dir, model=model_dir)
-    defaults = export.family.request_defaults(export.info)  # infer's, so bench times the model as it is run
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    steps, guidance_scale = export.family.request_settings(export.info, steps, guidance_scale)  # infer's
     if image is not None and mask is None and (height is None or width is None):
         f = export.info.vae_scale_factor  # image-to-image keeps the image's size (rounded as diffusers does)
         height, width = height or image.size[1] // f * f, width or image.size[0] // f * f

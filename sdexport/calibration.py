@@ -247,9 +247,7 @@ def calibrate(model: str, out: str | Path, prompts_file: str | Path = DEFAULT_PR
     prompts = select_prompts(load_prompts(prompts_file), num_prompts, seed)
     info = resolve_model(model, progress=say)
     info.family.check_text_to_image(info)  # the capture runs the family's text-to-image reference pipeline
-    defaults = info.family.request_defaults(info)  # infer's, so the UNet is calibrated as it is run
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    steps, guidance_scale = info.family.request_settings(info, steps, guidance_scale)  # infer's
     height = info.image_size if height is None else height
     width = info.image_size if width is None else width
     for side, value in (("height", height), ("width", width)):

@@ -446,9 +446,7 @@ def _infer(export_dir, prompt, negative_prompt, out, steps, guidance_scale, seed
     request_options = family.check_options(info, request_options)
     if guidance_scale is not None and family.guidance_note(info, guidance_scale):
         say(f"note: {family.guidance_note(info, guidance_scale)}")
-    defaults = family.request_defaults(info)
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    steps, guidance_scale = family.request_settings(info, steps, guidance_scale)
     if (cuda_graph or step_graph) and not device.startswith(("cuda", "auto")):
         raise UsageError(f"--{'step' if step_graph else 'cuda'}-graph needs a CUDA device (--device cuda)")
     init = InitImage.for_request(export, image, mask, strength, height, width)  # before any engine is loaded

@@ -467,9 +467,7 @@ class Pipeline:
 
         from .families.base import unused_negative_prompt
 
-        defaults = self.family.request_defaults(self.info)
-        steps = defaults["steps"] if steps is None else steps
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        steps, guidance_scale = self.family.request_settings(self.info, steps, guidance_scale)
         init = InitImage.for_request(self.export, image, mask, strength, height, width)
         height = init.height if init and init.height else (self.ranges.opt_size if height is None else height)
         width = init.width if init and init.width else (self.ranges.opt_size if width is None else width)

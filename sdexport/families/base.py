@@ -262,6 +262,14 @@ class Family:
             return dict(LCM_DEFAULTS)
         return {"steps": DEFAULT_STEPS, "guidance_scale": self.default_guidance_scale}
 
+    def request_settings(self, info: "ModelInfo", steps: int | None, guidance_scale: float | None
+                         ) -> tuple[int, float]:
+        """A request's steps and guidance scale, each ``request_defaults``' where not given: the one rule of
+        infer, bench, calibrate and the pipeline (so each times, calibrates or runs the model as it is run)."""
+        defaults = self.request_defaults(info)
+        return (defaults["steps"] if steps is None else steps,
+                defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+
     def guidance_note(self, info: "ModelInfo", guidance_scale: float) -> str | None:
         """What an explicitly given guidance scale does where it is not classifier-free guidance (LCM)."""
         guidance = self.guidance(info, guidance_scale)
