@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, wrap  # noqa: E402  (one home for the architectures)
+from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, tflops, wrap  # noqa: E402  (one home for the architectures)
 
 BACKENDS = ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "FA4-direct", "FA4")
 CALLS_PER_GRAPH = 20
@@ -156,7 +156,7 @@ def main() -> None:
             got = call().float()
             err = float((got - ref).norm() / ref.norm())
             us = graph_us(call)
-            return {"us": round(us, 2), "tflops": round(s["gflop"] / us * 1e-3, 1), "rel_l2_vs_fp32": err}
+            return {"us": round(us, 2), "tflops": tflops(s["gflop"], us), "rel_l2_vs_fp32": err}
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}"[:400]}
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, wrap  # noqa: E402
+from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, tflops, wrap  # noqa: E402
 
 CALLS_PER_GRAPH = 10
 VARIANTS = {
@@ -136,7 +136,7 @@ def main() -> None:
                     median, p90, got = graph_time(lambda **kw: compiled(**kw), half, iters=50, calls=CALLS_PER_GRAPH)
                 us = median * 1000 / CALLS_PER_GRAPH
                 row = {"us": round(us, 2), "p90_us": round(p90 * 1000 / CALLS_PER_GRAPH, 2),
-                       "tflops": round(s["gflop"] / us * 1e-3, 1),
+                       "tflops": tflops(s["gflop"], us),
                        "rel_l2_vs_fp32": float((got.float() - ref).norm() / ref.norm())}
             except Exception as exc:
                 traceback.print_exc()

@@ -95,6 +95,12 @@ def wrap(unet):
     return Step().eval()
 
 
+def tflops(gflop: float, us: float) -> float:
+    """TFLOP/s of a call doing ``gflop`` GFLOP in ``us`` microseconds (GFLOP per microsecond is PFLOP/s). The
+    probes of session 16 first wrote gflop / us * 1e-3, a millionth of this: their JSON was mended from "us"."""
+    return round(gflop / us * 1e3, 1)
+
+
 def graph_time(fn, feed, iters=100, calls=1):
     """Warm up on a side stream, capture fn(feed) (``calls`` times in a row) as one CUDA graph, time its replays
     by events: (median ms, p90 ms, the output). attention_probe.py times 20 short calls a replay this way."""

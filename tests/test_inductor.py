@@ -70,12 +70,17 @@ def test_build_says_what_it_built_and_what_the_export_holds(inductor_export):
                                      "export holds 2 Inductor package(s): unet, vae_decoder")
 
 
-def test_default_precision_is_the_devices(inductor_export):
+def test_default_precision_is_the_devices(inductor_export, monkeypatch):
     """`sdexport build E --backend inductor --static HxW`, as the README writes it, failed on a CPU-only host
     ("--precision fp16: Inductor engines for the CPU are fp32", exit 2): the default was fp16 whatever the
     device. It is now the device's: fp32 on the CPU (here the fixture's fp32 package, up to date: the same
-    key), fp16 on cuda; an explicit --precision fp16 for the CPU is still refused (test_bad_requests)."""
-    for device in ([], ["--device", "cpu"], ["--device", "auto"]):  # auto: the CPU on this host (no GPU)
+    key), fp16 on cuda; an explicit --precision fp16 for the CPU is still refused (test_bad_requests).
+    The host is made CPU-only for the test: on a GPU host, no --device and auto mean cuda, and the first run of
+    this suite on one (session 16) built a CUDA package over the fixture's, failing the two tests after it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ([], ["--device", "cpu"], ["--device", "auto"]):  # auto: the CPU on a host with no GPU
         result = run_cli("build", inductor_export, "--backend", "inductor", "--static", "64x64",
                          "--components", "unet", *device)
         assert result.exit_code == 0, result.stderr
