@@ -112,6 +112,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def engine_label(backend: str, engine_options: dict[str, Any]) -> str:
+    """The name of a row (table header and per-step line, progress, warnings, bench.json's ``label``) from the
+    options its engines load with: the backend, and for torch whether the modules run eager or under
+    ``torch.compile`` (``compile``) and their precision (``dtype``)."""
+    if backend != "torch":
+        return backend
+    mode = "torch.compile" if engine_options.get("compile") else "torch eager"
+    return f"{mode} {engine_options.get('dtype') or 'fp32'}"
+
+
 def run_backend(export: ExportDir, backend: str, device: str, settings: dict[str, Any], runs: int, warmup: int,
                 say: Callable[[str], None], label: str | None = None, loras=(), **engine_options) -> dict[str, Any]:
     """Time the full loop on one backend configuration (engine options go to ``load_engines``)."""
@@ -125,7 +135,7 @@ def run_settings(export: ExportDir, backend: str, device: str, settings_list: li
     """Load one backend configuration once and time the full loop for each request of ``settings_list``;
     returns (figures, last GenerationResult) per request. ``loras``: switched onto the engines first; the
     switch is timed (the first one, which reads the base weights, and then none <-> LoRAs back and forth)."""
-    label = label or (backend if backend != "torch" else f"torch eager {engine_options.get('dtype') or 'fp32'}")
+    label = label or engine_label(backend, engine_options)
     say(f"{label}: loading engines")
     t0 = time.perf_counter()
     step_graph = engine_options.pop("step_graph", False)

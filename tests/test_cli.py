@@ -186,6 +186,52 @@ def test_bench_json(export_fp32, tmp_path):
     assert report["machine"]["cpu_count"] and report["versions"]["torch"] and report["command"]
 
 
+@pytest.mark.parametrize("args, dtypes", [
+    (["--backend", "torch", "--torch-compile", "--no-eager"], ["fp32"]),
+    (["--backend", "torch", "--torch-compile", "--eager-dtype", "bf16"], ["bf16"]),  # torch's own precision
+    (["--backend", "torch", "--no-eager"], ["fp32"]),
+    (["--backend", "ort", "--eager-dtype", "bf16"], [None, "bf16"]),  # the eager half, never compiled
+])
+def test_bench_labels_say_what_ran(export_fp32, tmp_path, monkeypatch, args, dtypes):
+    """A torch row is named for what ran: "torch.compile DTYPE" iff torch.compile wrapped its modules, else
+    "torch eager DTYPE", in the table, the per-step line, the progress lines and bench.json. --torch-compile
+    rows were called "torch eager fp32" (the label ignored the compile option)."""
+    import torch
+
+    compiled = []
+
+    def counting_compile(module, *a, **kw):  # what ran: the modules torch.compile was asked to wrap
+        compiled.append(module)
+        return module  # run them as they are: the label, not Inductor, is under test
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    path = tmp_path / "bench.json"
+    result = run("bench", export_fp32, "--steps", 1, "--runs", 1, "--warmup", 0, "--height", 64, "--width", 64,
+                 "--json", path, *args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(path.read_text())
+    assert [r["options"].get("dtype") for r in report["results"]] == dtypes
+    labels = []
+    for r in report["results"]:
+        if r["backend"] != "torch":
+            assert r["label"] == r["backend"]
+            continue
+        was_compiled = bool(compiled)  # one torch row a run: --torch-compile is refused beside another backend
+        assert (r["options"].get("compile") == "True") == was_compiled
+        expected = f"{'torch.compile' if was_compiled else 'torch eager'} {r['options']['dtype']}"
+        assert r["label"] == expected, (r["label"], len(compiled))
+        labels.append(expected)
+    assert labels and ("--torch-compile" in args) == bool(compiled)
+    table = result.stdout.splitlines()
+    header = next(line for line in table if line.startswith("stage"))
+    for label in labels:
+        assert f" {label}" in header, header
+        assert any(line.startswith(f"{label}: UNet step median") for line in table), result.stdout
+        assert f"{label}: loading engines" in result.stderr
+    wrong = "torch eager" if compiled else "torch.compile"
+    assert wrong not in result.stdout and wrong not in result.stderr
+
+
 def test_console_script_entry_point(tmp_path):
     """The installed entry point itself: exit codes survive outside click's test runner."""
     proc = subprocess.run([sys.executable, "-m", "sdexport.cli", "export", str(tmp_path / "none"), "-o",
