@@ -619,9 +619,12 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
         used, fallback_reason = "modelopt" if planned == "auto" else planned, None
         if quantizer == "auto" and planned == "ort":
             fallback_reason = "ModelOpt's INT8 calibration has no percentile method"
+        # One count for both quantizers' lines: every Conv/MatMul/Gemm of the graph, split as select_nodes split it
+        # (the result line's "N excluded" is the same len(excluded); its INT8 counts are what the quantizer did).
+        counts = (f"{len(to_quantize) + len(excluded)} Conv/MatMul/Gemm nodes, {len(to_quantize)} to quantize, "
+                  f"{len(excluded)} excluded")
         if used == "modelopt":
-            say(f"{COMPONENT}: ModelOpt INT8 PTQ ({method} calibration, {calibration.samples} samples, "
-                f"{len(to_quantize)} Conv/MatMul/Gemm candidates, {len(excluded)} excluded)")
+            say(f"{COMPONENT}: ModelOpt INT8 PTQ ({method} calibration, {calibration.samples} samples, {counts})")
             try:
                 _run_modelopt(linked, raw, batches, method, excluded, large)
             except Exception as exc:
@@ -637,7 +640,7 @@ def _quantize(export, txn, calib, method, quantizer, exclude, default_excludes, 
                 used = "ort"
         if used == "ort":
             say(f"{COMPONENT}: ONNX Runtime quantize_static ({method} calibration, {calibration.samples} samples, "
-                f"{len(to_quantize)} Conv/MatMul/Gemm nodes, {len(excluded)} excluded)")
+                f"{counts})")
             small = {k: v.numpy() for k, v in spec.sample_inputs(spec.min_dims(), seed=0).items()}
             _run_ort(linked, raw, batches, method, to_quantize, excluded, large, small)
         model = onnx.load(str(raw))

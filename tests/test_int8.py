@@ -209,6 +209,44 @@ def test_qdq_structure(int8_export):
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
 
 
+def check_count_lines(stderr, src, int8_path):
+    """quantize's progress line(s) and result line against each other and against the graphs themselves: the
+    Conv/MatMul/Gemm nodes of the FP32 UNet ``src`` (the total) and the DequantizeLinear-fed ones of ``int8_path``.
+    The progress line once said '66 Conv/MatMul/Gemm candidates, 33 excluded' for 99 nodes, 66 of them quantized.
+    Returns the quantizers whose progress lines were printed."""
+    source = onnx.load(src, load_external_data=False)
+    total = sum(n.op_type in COMPUTE for n in source.graph.node)
+    model = onnx.load(int8_path, load_external_data=False)
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    fed = {op: sum(n.op_type == op and any(i in dq_out for i in n.input[:2]) for n in model.graph.node)
+           for op in COMPUTE}
+    lines = stderr.splitlines()
+    (result,) = [re.search(r"INT8 Conv (\d+), MatMul (\d+), Gemm (\d+); (\d+) excluded, (\d+) left out by", line)
+                 for line in lines if line.startswith("unet_int8: wrote ")]
+    conv, matmul, gemm, r_excluded, left_out = map(int, result.groups())
+    assert {"Conv": conv, "MatMul": matmul, "Gemm": gemm} == fed
+    progress = [line for line in lines if re.match(r"unet_int8: (ModelOpt INT8 PTQ|ONNX Runtime quantize_static) \(",
+                                                   line)]
+    assert progress
+    for line in progress:
+        # lenient on the wording, so a line that counts something else fails on its numbers
+        m = re.search(r", (\d+) Conv/MatMul/Gemm [a-z]+, (?:(\d+) to quantize, )?(\d+) excluded\)$", line)
+        assert m, line
+        printed_total, to_quantize, excluded = (int(g) if g else None for g in m.groups())
+        assert printed_total == total, (line, total)
+        assert to_quantize is not None and to_quantize + excluded == total, line
+        assert excluded == r_excluded and conv + matmul + gemm + left_out == to_quantize, (line, result.group(0))
+    return [line.split(" (")[0].removeprefix("unet_int8: ") for line in progress]
+
+
+def test_quantize_lines_count_every_node_once(int8_export):
+    """The tiny UNet: 99 Conv/MatMul/Gemm (README: 33 + 56 + 10), 66 quantized, 33 excluded, all on one line."""
+    err = (int8_export.parent / "quantize.stderr").read_text()
+    src, int8_path = int8_export / "unet" / "model.onnx", int8_export / "unet_int8" / "model.onnx"
+    assert check_count_lines(err, src, int8_path) == ["ModelOpt INT8 PTQ"]
+    assert "99 Conv/MatMul/Gemm nodes, 66 to quantize, 33 excluded)" in err and "; 33 excluded, 0 left out" in err
+
+
 def _torch_unet(export_dir):
     export = ExportDir.open(export_dir)
     spec = export.spec("unet")
@@ -408,6 +446,8 @@ def test_without_modelopt_falls_back_to_onnxruntime(int8_export, calib, tmp_path
     result = run("quantize", out, "--calib", calib, "--force")
     assert result.exit_code == 0, result.stderr
     assert "falling back to ONNX Runtime" in result.stderr
+    assert check_count_lines(result.stderr, out / "unet" / "model.onnx", out / "unet_int8" / "model.onnx") == [
+        "ModelOpt INT8 PTQ", "ONNX Runtime quantize_static"]
     p = json.loads((out / "manifest.json").read_text())["components"]["unet_int8"]["precision"]
     assert p["quantizer"].startswith("onnxruntime") and p["high_precision_dtype"] == "fp32"
     assert p["quantized_nodes"] == {"Conv": 26, "MatMul": 40, "Gemm": 0}
