@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .backends.base import serving
 from .components import Geometry
 from .errors import ShapeError, UsageError
 from .timing import StageClock
@@ -504,7 +505,7 @@ class Pipeline:
         if guidance.embedding_dim:
             from diffusers import LatentConsistencyModelPipeline  # noqa: F401  (guidance_embedding)
 
-        with self._on_own_stream():
+        with self._on_own_stream(), serving(geo):  # engine errors speak of this request's images per call
             with clock.stage("total"):
                 cond = self.family.encode(self, prompts, negatives, guidance, geo, options)
                 if guidance.embedding_dim:  # LCM: the guidance scale as an embedding, one row per image

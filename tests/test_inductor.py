@@ -125,6 +125,39 @@ def test_bad_requests(inductor_export, tmp_path):
                  f"sdexport build {inductor_export} --backend inductor --static 128x128", "--backend ort")
     assert "latent" not in result.stderr
     assert not (tmp_path / "x.png").exists()
+    # Another batch, in images per call on both sides: the package (1 image, 2 rows under classifier-free guidance)
+    # was compared with the request's rows ("this request is 6 rows per call" for --batch-size 3). Guidance is on
+    # above a scale of 1 (diffusers' rule): 3 images are 6 UNet rows with it, 1 image is 1 row without it.
+    for images, scale, request in ((3, 7.5, "3 images per call (6 rows)"),
+                                   (1, 1.0, "1 image per call without classifier-free guidance (1 row)")):
+        result = run_cli("infer", inductor_export, "--backend", "inductor", "--prompt", "p", "--height", 64,
+                         "--width", 64, "--steps", 1, "--batch-size", images, "--guidance-scale", scale,
+                         "-o", tmp_path / "x.png", "--device", "cpu")
+        assert_error(result, 4, "unet: the Inductor package inductor/unet.cpu.b1-64x64.pt2 takes 1 image per call "
+                     f"with classifier-free guidance (2 rows); this request is {request}: build packages for it with "
+                     f"'sdexport build {inductor_export} --backend inductor --static 64x64 "
+                     "[--batch N | --max-batch N]'",
+                     "--backend ort")
+        assert "rows per call" not in result.stderr and "row per call" not in result.stderr
+        # without guidance no package runs 1 image (builds compile with it): the message says how to turn it on
+        assert ("a guidance scale above 1" in result.stderr) == (scale <= 1), result.stderr
+        assert not (tmp_path / "x.png").exists()
+    # the VAE decoder's rows are images, with or without guidance: the --max-batch 2 package's range and the
+    # request in images only
+    from sdexport.backends.base import serving
+    from sdexport.backends.inductor import InductorEngine
+    from sdexport.components import Geometry
+    from sdexport.errors import ShapeError
+    from sdexport.runtime import ExportDir
+
+    engine = InductorEngine(ExportDir.open(inductor_export), "vae_decoder", "cpu")
+    feed = engine.spec.sample_inputs({"batch": 3, "latent_height": 8, "latent_width": 8})
+    for guidance in (True, False):
+        with serving(Geometry(3, 64, 64, guidance=guidance)), pytest.raises(ShapeError) as info:
+            engine(feed)
+        assert ("vae_decoder: the Inductor package inductor/vae_decoder.cpu.b1-2-64x64.pt2 takes 1 to 2 images per "
+                "call; this request is 3 images per call: build") in str(info.value)
+        assert "row" not in str(info.value) and "guidance" not in str(info.value)
 
 
 def test_the_batch_options_say_what_they_build(export_fp32):

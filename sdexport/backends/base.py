@@ -9,12 +9,34 @@ and the stream: backends run on ``torch.cuda.current_stream()``.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 from typing import Any
 
-from ..components import ComponentSpec
+from ..components import ComponentSpec, Geometry
 from ..errors import UsageError
 
 BACKENDS = ("ort", "torch", "trt", "inductor")
+
+# The request (images per call, pixels, guidance on/off) the engine calls in progress serve, set by the pipeline
+# for the length of a request: an engine sees only rows, and how many rows an image takes depends on the request
+# (two through the text encoders and UNet under classifier-free guidance, one without), so an error that speaks
+# of images per call reads them here (InductorEngine.mismatch). None outside a request (an engine called alone).
+_REQUEST: contextvars.ContextVar[Geometry | None] = contextvars.ContextVar("sdexport_request", default=None)
+
+
+@contextlib.contextmanager
+def serving(geo: Geometry):
+    """Engine calls inside are for the request ``geo`` (``current_request``)."""
+    token = _REQUEST.set(geo)
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
+
+
+def current_request() -> Geometry | None:
+    return _REQUEST.get()
 
 
 class Engine(abc.ABC):

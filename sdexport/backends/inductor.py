@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ShapeError
-from .base import Engine
+from .base import Engine, current_request
 
 
 def _import_onnxruntime_first() -> None:
@@ -68,7 +68,9 @@ class InductorEngine(Engine):
         asked = f"{pixels[0]}x{pixels[1]}" if pixels else None  # a text encoder's call has no image size
         lo, hi = self.batch_range or (self.static_dims["batch"],) * 2
         per_image = hi // geo["images"]  # rows per image: two through the text encoder and UNet under guidance
-        was, request = [], []
+        req = current_request()  # the request's images per call (None: the engine was called on its own)
+        size = f"{req.height}x{req.width}" if req is not None else "HxW"  # a text encoder's call has none of its own
+        was, request, hint = [], [], ""
         if asked not in (None, built):
             was.append(f"was built for {built} images (height x width, pixels)")
             request.append(asked)
@@ -77,11 +79,25 @@ class InductorEngine(Engine):
             rows = f"{lo} to {hi} rows" if self.batch_range else _count(hi, "row")
             guided = f" with classifier-free guidance ({rows})" if per_image > 1 else ""
             was.append(f"takes {images} per call{guided}")
-            request.append(f"{_count(dims['batch'], 'image' if per_image == 1 else 'row')} per call")
+            request.append(self._request_images(dims["batch"], per_image, req))
+            if req is not None and not req.guidance and per_image > 1:
+                hint = "; packages are compiled with classifier-free guidance, which a guidance scale above 1 turns on"
         other = "; or run it with --backend ort, whose ONNX graphs take every size of the export" if self.onnx else ""
         return ShapeError(f"{self.spec.name}: the Inductor package {self.entry['file']} {' and '.join(was)}; this "
                           f"request is {', '.join(request)}: build packages for it with 'sdexport build {self.root} "
-                          f"--backend inductor --static {asked or 'HxW'} [--batch N | --max-batch N]'{other}")
+                          f"--backend inductor --static {asked or size} [--batch N | --max-batch N]'{hint}{other}")
+
+    @staticmethod
+    def _request_images(rows: int, per_image: int, req) -> str:
+        """A call of ``rows`` rows in the package's terms, images per call (its rows where they are not the
+        images): "3 images per call (6 rows)". The images are the request's; without one (an engine called on
+        its own) the rows are read at the package's rows per image."""
+        images = req.images if req is not None else (rows // per_image if rows % per_image == 0 else None)
+        if images is None:
+            return f"{_count(rows, 'row')} per call"
+        unguided = " without classifier-free guidance" if req is not None and not req.guidance and per_image > 1 else ""
+        shown = f" ({_count(rows, 'row')})" if per_image > 1 or rows != images else ""
+        return f"{_count(images, 'image')} per call{unguided}{shown}"
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         import torch
