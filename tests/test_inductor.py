@@ -127,9 +127,10 @@ def test_bad_requests(inductor_export, tmp_path):
     assert not (tmp_path / "x.png").exists()
     # Another batch, in images per call on both sides: the package (1 image, 2 rows under classifier-free guidance)
     # was compared with the request's rows ("this request is 6 rows per call" for --batch-size 3). Guidance is on
-    # above a scale of 1 (diffusers' rule): 3 images are 6 UNet rows with it, 1 image is 1 row without it.
+    # above a scale of 1 (diffusers' rule): 3 images are 6 UNet rows with it, 3 rows without it (1 image without it
+    # runs: its row is padded to the package's 2, test_fewer_rows_than_the_package_are_padded).
     for images, scale, request in ((3, 7.5, "3 images per call (6 rows)"),
-                                   (1, 1.0, "1 image per call without classifier-free guidance (1 row)")):
+                                   (3, 1.0, "3 images per call without classifier-free guidance (3 rows)")):
         result = run_cli("infer", inductor_export, "--backend", "inductor", "--prompt", "p", "--height", 64,
                          "--width", 64, "--steps", 1, "--batch-size", images, "--guidance-scale", scale,
                          "-o", tmp_path / "x.png", "--device", "cpu")
@@ -139,7 +140,7 @@ def test_bad_requests(inductor_export, tmp_path):
                      "[--batch N | --max-batch N]'",
                      "--backend ort")
         assert "rows per call" not in result.stderr and "row per call" not in result.stderr
-        # without guidance no package runs 1 image (builds compile with it): the message says how to turn it on
+        # without guidance the rows are the images (builds compile with it): the message says how to turn it on
         assert ("a guidance scale above 1" in result.stderr) == (scale <= 1), result.stderr
         assert not (tmp_path / "x.png").exists()
     # the VAE decoder's rows are images, with or without guidance: the --max-batch 2 package's range and the
@@ -158,6 +159,49 @@ def test_bad_requests(inductor_export, tmp_path):
         assert ("vae_decoder: the Inductor package inductor/vae_decoder.cpu.b1-2-64x64.pt2 takes 1 to 2 images per "
                 "call; this request is 3 images per call: build") in str(info.value)
         assert "row" not in str(info.value) and "guidance" not in str(info.value)
+
+
+def test_fewer_rows_than_the_package_are_padded(inductor_export, export_sdxl, tmp_path):
+    """A call with fewer rows than the package was compiled for is padded up to them (the last row repeated) and
+    the caller's rows kept, as the TensorRT engine's static profiles do (Engine.fit_static_batch). Before,
+    `sdexport build E --backend inductor --static 128x128` then `infer E --backend inductor --prompt P` on any
+    SDXL export was exit 4: with no negative prompt SDXL zeroes the negative context (force_zeros_for_empty_prompt)
+    and runs its text encoders on the prompts alone, 1 row for a package compiled for 2. Also: an SD 1.x image
+    without guidance (1 UNet row) on a package compiled with it. Reference: the same request on ONNX Runtime."""
+    from PIL import Image
+
+    def same_image(export, *request):
+        images = []
+        for backend in ("inductor", "ort"):
+            out = tmp_path / f"{backend}.png"
+            result = run_cli("infer", export, "--backend", backend, *request, "--steps", 2, "--seed", 5, "-o", out,
+                             "--device", "cpu")
+            assert result.exit_code == 0, result.stderr
+            images.append(np.asarray(Image.open(out)).astype(np.float64))
+            out.unlink()
+        mse = np.mean((images[0] - images[1]) ** 2)
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > 40, mse
+
+    same_image(inductor_export, "--prompt", "a kite", "--height", 64, "--width", 64, "--guidance-scale", 1.0)
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(export_sdxl, sdxl)
+    result = run_cli("build", sdxl, "--backend", "inductor", "--device", "cpu", "--static", "128x128",
+                     "--components", "text_encoder,text_encoder_2")
+    assert result.exit_code == 0, result.stderr
+    for negative in ([], ["--negative-prompt", "blurry"]):  # 1 row (zeroed negatives), then the package's 2
+        same_image(sdxl, "--prompt", "a kite", "--height", 128, "--width", 128, *negative)
+    # the engine itself: one row alone is the same as that row of a full call
+    from sdexport.backends.inductor import InductorEngine
+    from sdexport.runtime import ExportDir
+
+    engine = InductorEngine(ExportDir.open(sdxl), "text_encoder_2", "cpu")
+    full = engine.spec.sample_inputs({"batch": 2}, seed=1)
+    both = {k: v.clone() for k, v in engine(full).items()}
+    one = engine({k: v[1:] for k, v in full.items()})
+    for name in engine.spec.output_names:
+        if both[name].shape[0] == 2:
+            assert one[name].shape[0] == 1
+            np.testing.assert_allclose(one[name].numpy(), both[name][1:].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_the_batch_options_say_what_they_build(export_fp32):

@@ -103,14 +103,19 @@ class InductorEngine(Engine):
         import torch
 
         dims = self.dims(feed)
-        if not self.fits(dims):
-            raise self.mismatch(dims)
+        rows = None
+        if not self.fits(dims):  # fewer rows than the package takes (SDXL's text encoders): padded, then sliced
+            least = {**self.static_dims, **({"batch": self.batch_range[0]} if self.batch_range else {})}
+            padded, padded_dims, rows = self.fit_static_batch(feed, dims, least)
+            if rows is None or not self.fits(padded_dims):
+                raise self.mismatch(dims)
+            feed = padded
         args = [feed[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
                 for t in self.spec.inputs]
         with torch.inference_mode():
             outs = self.model(*args)
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        return dict(zip(self.spec.output_names, outs))
+        return self.keep_rows(dict(zip(self.spec.output_names, outs)), rows)
 
     def close(self) -> None:
         self.model = None
