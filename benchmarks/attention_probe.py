@@ -189,14 +189,19 @@ def main() -> None:
             log(f"{backend} {s['kind']} {s['batch']}x{s['heads']}x{s['q_len']}x{s['kv_len']}x{s['head_dim']} "
                 f"(x{s['count']}): {row}")
         result["backends"][backend] = rows
-        if all("us" in r for r in rows):
-            result["step_ms"][backend] = round(sum(s["count"] * r["us"] for s, r in zip(shapes, rows)) / 1000, 3)
+        step_totals(result, shapes, backend, rows)
         save(path, result)
+    log(json.dumps({"step_ms": result["step_ms"], "saving_vs_default_ms": result.get("saving_vs_default_ms")}))
+
+
+def step_totals(result: dict, shapes: list[dict], name: str, rows: list[dict]) -> None:
+    """The step's time of one variant (sum over shapes of count x microseconds per call) into result["step_ms"],
+    where every shape was measured, and each variant's saving against "default" (ffn_probe.py uses it too)."""
+    if all("us" in r for r in rows):
+        result["step_ms"][name] = round(sum(s["count"] * r["us"] for s, r in zip(shapes, rows)) / 1000, 3)
     base = result["step_ms"].get("default")
     if base:
         result["saving_vs_default_ms"] = {b: round(base - ms, 3) for b, ms in result["step_ms"].items()}
-    save(path, result)
-    log(json.dumps({"step_ms": result["step_ms"], "saving_vs_default_ms": result.get("saving_vs_default_ms")}))
 
 
 def save(path: Path, result: dict) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.attention_probe import save, step_totals  # noqa: E402
 from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, tflops, wrap  # noqa: E402
 
 CALLS_PER_GRAPH = 10
@@ -145,19 +146,9 @@ def main() -> None:
             log(f"{name} rows={s['rows']} dim={s['dim']} (x{s['count']}): {row}")
         result["variants"][name] = {"config": VARIANTS[name], "rows": rows,
                                     "build_and_time_s": round(time.perf_counter() - t0, 1)}
-        if all("us" in r for r in rows):
-            result["step_ms"][name] = round(sum(s["count"] * r["us"] for s, r in zip(shapes, rows)) / 1000, 3)
-        base = result["step_ms"].get("default")
-        if base:
-            result["saving_vs_default_ms"] = {b: round(base - ms, 3) for b, ms in result["step_ms"].items()}
+        step_totals(result, shapes, name, rows)
         save(path, result)
     log(json.dumps({"step_ms": result["step_ms"], "saving_vs_default_ms": result.get("saving_vs_default_ms")}))
-
-
-def save(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
