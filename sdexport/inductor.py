@@ -236,7 +236,9 @@ def build(export_dir: str | Path, static: str, batch: int | None = 1, components
     from .paths import check_export_writable
 
     # an export (not a missing path, nor a model directory that would get a lock file) that takes new files
-    check_export_writable(ExportDir.open(export_dir), "build --backend inductor writes inductor/ there")
+    export = ExportDir.open(export_dir)
+    export.verify_components()  # nothing is built on (nor written into) a damaged export
+    check_export_writable(export, "build --backend inductor writes inductor/ there")
     with writing(export_dir, "build --backend inductor", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest

@@ -284,8 +284,13 @@ class Manifest:
             raise IntegrityError(f"{self.root}/{MANIFEST_NAME}: '{rel}' points outside the export; a manifest lists "
                                  "files inside its own directory only (re-export)")
         path = self.root / pure
-        root = self.root.resolve()
-        resolved = path.resolve()
+        from .paths import resolved as resolve, symlink_loop
+
+        if symlink_loop(path):
+            raise IntegrityError(f"{path}: a symbolic link loop (it never reaches a file), listed in "
+                                 f"{MANIFEST_NAME}; re-export")
+        root = resolve(self.root)
+        resolved = resolve(path)
         if resolved != root and root not in resolved.parents:
             raise IntegrityError(f"{path}: a link that leaves the export ({resolved}); re-export")
         return path

@@ -291,7 +291,9 @@ def prepare(export_dir: str | Path, components=DEFAULT_COMPONENTS, opset: int = 
     from .paths import check_export_writable
 
     # an export (not a missing path, nor a model directory that would get a lock file) that takes new files
-    check_export_writable(ExportDir.open(export_dir), "build --backend ort writes ort_cuda/ there")
+    export = ExportDir.open(export_dir)
+    export.verify_components()  # nothing is built on (nor written into) a damaged export
+    check_export_writable(export, "build --backend ort writes ort_cuda/ there")
     with writing(export_dir, "build --backend ort", say, create=False) as txn:
         export = ExportDir.open(export_dir)
         export.manifest = txn.manifest

@@ -17,6 +17,7 @@ under temporary names first and renamed into place only when every one was writt
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import stat
@@ -36,8 +37,19 @@ EXPORT_FIXED_DIRS = ("scheduler", "tokenizer", "ort_cuda")  # besides components
 
 
 def resolved(path: str | os.PathLike) -> Path:
-    """Absolute, with every existing symbolic link resolved (the path need not exist)."""
-    return Path(os.path.abspath(os.fspath(path))).resolve()
+    """Absolute, with every existing symbolic link resolved (the path need not exist). A symbolic link loop
+    stays as it is, unresolved (``Path.resolve`` raises RuntimeError there): whoever opens it is told
+    (``symlink_loop``), as for any path that cannot be read or written."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def symlink_loop(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (or a link on the way to it) is a symbolic link loop: it never reaches a file."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 @dataclasses.dataclass

@@ -38,9 +38,12 @@ class ExportDir:
     @classmethod
     def open(cls, root: str | Path, say=lambda msg: None, model: str | Path | None = None) -> "ExportDir":
         """Open and check an export (``model``: a moved copy of the source model, for torch references)."""
-        from .paths import not_an_export_inside_one
+        from .paths import not_an_export_inside_one, symlink_loop
 
         root = Path(root)
+        if symlink_loop(root):
+            raise IntegrityError(f"{root}: a symbolic link loop (it never reaches a directory), not an export "
+                                 "directory; give the export directory itself")
         if not (root / "manifest.json").is_file():  # a part of an export (OUT/unet): give OUT, not 'export -o OUT/unet'
             inside = not_an_export_inside_one(root)
             if inside:
@@ -78,6 +81,13 @@ class ExportDir:
         if not data.get("files"):
             raise IntegrityError(f"{where}: lists no pipeline files (scheduler, tokenizer); {remedy}")
         self.manifest.verify_files(remedy)
+
+    def verify_components(self) -> None:
+        """Every file of every exported component against its sha256 in the manifest (Manifest.check_file: exit 5
+        with the line the reading commands give), for a command that builds on the export or writes from it
+        (build --backend ort/inductor, serve --write-repository): a damaged export gets nothing made from it."""
+        for name in self.manifest.components:
+            self.manifest.verified_path(self.manifest.component(name))
 
     # --- what the export is ---------------------------------------------------------------
     def _read_json(self, rel: str) -> dict[str, Any]:

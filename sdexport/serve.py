@@ -856,6 +856,7 @@ def write_repository(options: ServeOptions, directory: str | Path, export=None) 
     if export is not None:
         from .lora import check_loras_fit
 
+        export.verify_components()  # nothing is written from a damaged export
         check_repository_output(directory, options.model_name, export, options.loras)
         check_loras_fit(export.info, list(options.loras))  # the server loads them at start: found now instead
     directory = Path(directory)

@@ -389,3 +389,82 @@ def test_validate_on_a_read_only_export_is_refused_before_running(export_fp32, m
     subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
     assert_refused(cli("validate", copy, "--components", "vae_decoder"), 2, "validation.json",
                    "Read-only file system")
+
+
+# --- symbolic link loops and damaged exports (bad-input audit) -------------------------------------
+LOOP_COMMANDS = [["infer", "--prompt", "a", "-o", "OUT/x.png"], ["validate"], ["bench"],
+                 ["serve", "--write-repository", "OUT/repo"], ["build", *BUILD_OTHER_BACKENDS[0]],
+                 ["build", *BUILD_OTHER_BACKENDS[1]], ["quantize", "--calib", "OUT/c.npz"]]
+
+
+@pytest.mark.parametrize("command", LOOP_COMMANDS, ids=lambda c: " ".join(c[:3]))
+def test_a_symlink_loop_given_as_the_export(tmp_path, command):
+    """A link to itself where the export belongs: a RuntimeError traceback from paths.resolved (Path.resolve
+    raises 'Symlink loop'); now exit 5 naming the path, and nothing written beside it."""
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    args = [str(a).replace("OUT", str(tmp_path)) for a in command]
+    assert_refused(cli(args[0], loop, *args[1:]), 5, str(loop), "symbolic link loop")
+    assert os.listdir(tmp_path) == ["loop"]
+
+
+def test_a_symlink_loop_as_an_output(export, tmp_path):
+    """A loop as the output of export and serve --write-repository: exit 2, 'cannot be written' (a traceback)."""
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    unchanged = _untouched(export)
+    assert_refused(cli("export", "tiny", "-o", loop), 2, str(loop), "cannot be written")
+    assert_refused(cli("serve", export, "--write-repository", loop), 2, str(loop), "cannot be written")
+    assert unchanged() and sorted(os.listdir(tmp_path)) == ["export", "loop"]
+
+
+@pytest.mark.parametrize("command", [["infer", "--prompt", "a", "-o", "OUT/x.png"], ["validate"],
+                                     ["serve", "--write-repository", "OUT/repo"], ["build", *BUILD_OTHER_BACKENDS[0]],
+                                     ["build", *BUILD_OTHER_BACKENDS[1]]], ids=lambda c: " ".join(c[:3]))
+def test_a_symlink_loop_inside_the_export(export, tmp_path, command):
+    """unet/model.onnx replaced by a link to itself: infer gave a traceback, build --backend ort built on it and
+    serve --write-repository wrote a repository (exit 0). Now exit 5 naming the file, and nothing written."""
+    victim = export / "unet" / "model.onnx"
+    victim.unlink()
+    os.symlink("model.onnx", victim)
+    manifest = (export / "manifest.json").read_bytes()
+    before = sorted(n for n in os.listdir(export) if n != ".sdexport.lock")
+    args = [str(a).replace("OUT", str(tmp_path)) for a in command]
+    assert_refused(cli(args[0], export, *args[1:]), 5, str(victim), "symbolic link loop")
+    assert (export / "manifest.json").read_bytes() == manifest
+    assert sorted(n for n in os.listdir(export) if n != ".sdexport.lock") == before
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+DAMAGES = {"truncated": lambda p: os.truncate(p / "unet" / "model.onnx", 1000),
+           "removed": lambda p: (p / "unet" / "model.onnx").unlink(),
+           "config removed": lambda p: (p / "unet" / "config.json").unlink()}
+DAMAGE_NEEDLES = {"truncated": ("unet/model.onnx", "does not match the manifest"),
+                  "removed": ("unet/model.onnx", "missing"), "config removed": ("unet/config.json", "missing")}
+
+
+@pytest.mark.parametrize("args", BUILD_OTHER_BACKENDS, ids=["inductor", "ort"])
+def test_build_other_backends_refuse_a_damaged_export(export, tiny_model, args):
+    """A truncated unet/model.onnx: build --backend ort/inductor exited 0, wrote engines and rewrote the manifest;
+    the reading commands refused the export (exit 5) and the repair ('export MODEL -o E') was refused as it 'would
+    drop' those engines. Now build refuses with the reading commands' line and writes nothing; the repair works."""
+    DAMAGES["truncated"](export)
+    unchanged = _untouched(export)
+    line = assert_refused(cli("build", export, *args), 5, *DAMAGE_NEEDLES["truncated"])
+    assert line == assert_refused(cli("validate", export), 5)  # one message: Manifest.check_file's
+    assert unchanged() and not (export / "ort_cuda").exists() and not (export / "inductor").exists()
+    repair = cli("export", tiny_model, "-o", export)
+    assert repair.returncode == 0, repair.stderr[-2000:]
+    data = json.loads((export / "manifest.json").read_text())
+    assert tree_digest(export)["unet/model.onnx"] == data["components"]["unet"]["sha256"]
+    assert cli("validate", export, "--components", "unet").returncode in (0, 6)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_serve_write_repository_refuses_a_damaged_export(export, tmp_path, damage):
+    """serve --write-repository exited 0 on an export with its UNet truncated or removed, or its config removed:
+    now exit 5 naming the file, as the reading commands, and DIR is not created."""
+    DAMAGES[damage](export)
+    repo = tmp_path / "repo"
+    assert_refused(cli("serve", export, "--write-repository", repo), 5, *DAMAGE_NEEDLES[damage])
+    assert not repo.exists()
