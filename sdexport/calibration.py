@@ -134,15 +134,19 @@ def load_pipeline(info, scheduler: str | None, device: str = "cpu"):
     import torch
 
     from .errors import ModelError
-    from .models import _quiet_loading
+    from .models import TORCH_CLASSES, _quiet_loading
     from .pipeline import make_scheduler
 
+    # the torch components through models.ModelInfo.load_torch, the loader export and the references use: it
+    # refuses weights files that lack the model's weights (which the pipeline would fill at random) or that
+    # safetensors cannot read, as one ModelError
+    modules = {part: info.load_torch(part) for part in info.configs if part in TORCH_CLASSES}
     with _quiet_loading():
         try:
             cls = getattr(diffusers, info.family.reference_pipeline)
             extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
                 if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
-            pipe = cls.from_pretrained(info.root, torch_dtype=torch.float32, **extra)
+            pipe = cls.from_pretrained(info.root, torch_dtype=torch.float32, **modules, **extra)
         except (OSError, ValueError, TypeError) as exc:
             raise ModelError(f"{info.root}: diffusers cannot load it as a {info.family.reference_pipeline} "
                              f"({str(exc).splitlines()[0][:200]})") from None

@@ -658,12 +658,48 @@ class ModelInfo:
         cls = self.torch_class(part)
         check_loadable(self, (part,))  # before any allocation: a config it cannot build, or too big for here
         dtype = dtype or torch.float32
+        from safetensors import SafetensorError
+
         with _quiet_loading():
             try:
-                module = cls.from_pretrained(self.root, subfolder=part, torch_dtype=dtype, **kwargs)
-            except (OSError, ValueError, EnvironmentError, TypeError, KeyError, RuntimeError) as exc:
-                raise ModelError(f"{self.root / part}: cannot load weights ({str(exc).splitlines()[0][:200]})") from None
+                module, loading = cls.from_pretrained(self.root, subfolder=part, torch_dtype=dtype,
+                                                      output_loading_info=True, **kwargs)
+            # transformers lets safetensors' own error through (a garbled header); diffusers wraps it in OSError
+            except (OSError, ValueError, EnvironmentError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
+                message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise ModelError(f"{self.root / part}: cannot load weights ({message})") from None
+        # before .to(): weights the file lacks are left random (transformers) or on the meta device (diffusers)
+        _check_loading(self.root / part, module, loading)
         return module.to(device).eval().requires_grad_(False)
+
+
+def _check_loading(folder: Path, module, loading: dict[str, Any]) -> None:
+    """Refuse a load that left weights the model needs uninitialised or that the loader could not copy
+    (``output_loading_info``): transformers fills missing weights with random values and diffusers leaves them
+    on the meta device, so another component's file or a partial checkpoint would otherwise export as a model
+    with random weights. Keys the file has and the model does not (``unexpected_keys``) alone are accepted:
+    both libraries already drop the ones they know to be harmless (e.g. old ``position_ids`` buffers)."""
+    missing = sorted(loading.get("missing_keys") or ())
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in loading.get("mismatched_keys") or ()]
+    errors = [str(e).splitlines()[0][:160] for e in loading.get("error_msgs") or () if str(e)]
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) \
+        if folder.is_dir() else []
+    source = ", ".join(files) or "the weights"
+
+    def some(keys) -> str:
+        return ", ".join(list(keys)[:3]) + (", ..." if len(keys) > 3 else "")
+
+    if missing:
+        total = max(len(module.state_dict()), len(missing))
+        extra = len(loading.get("unexpected_keys") or ())
+        extra = f", and has {extra} the model does not" if extra else ""
+        raise ModelError(f"{folder}: {source} lacks {len(missing)} of the model's {total} weights "
+                         f"({some(missing)}){extra}: is it this component's file?")
+    if mismatched:
+        raise ModelError(f"{folder}: {source} has {len(mismatched)} weights of the wrong shape ({some(mismatched)}): "
+                         "is it this component's file?")
+    if errors:
+        raise ModelError(f"{folder}: cannot load weights ({errors[0]})")
 
 
 def _tokenizer_length(folder: Path, encoder_config: dict[str, Any]) -> int:

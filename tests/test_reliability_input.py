@@ -12,7 +12,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import assert_refused, cli, tree_digest
+from conftest import LOCK_NAMES, assert_error, assert_refused, cli, run_cli, tree_digest
 
 BIG_SEED = str(2**64)
 
@@ -302,6 +302,48 @@ def test_weights_that_are_not_regular_files(model, tmp_path, kind):
     proc = cli("export", model, "-o", tmp_path / "out", timeout=120)  # hashing a FIFO would block forever
     assert_refused(proc, 3, "diffusion_pytorch_model.safetensors", "not a regular file")
     assert not (tmp_path / "out").exists()
+
+
+# --- damaged weights: another component's file, a garbled safetensors header (exit 3) ----------------------
+WEIGHT_FILES = {"text_encoder": "model.safetensors", "unet": "diffusion_pytorch_model.safetensors",
+                "vae": "diffusion_pytorch_model.safetensors"}
+
+
+def _damage_weights(model, case: str) -> str:
+    """Damage one component's weights in ``model``; returns that component's name."""
+    if case.startswith("swapped-"):  # another component's weights: none of the names this model needs
+        part = case.removeprefix("swapped-")
+        other = "vae" if part == "unet" else "unet"
+        shutil.copyfile(model / other / WEIGHT_FILES[other], model / part / WEIGHT_FILES[part])
+        return part
+    part = case.removeprefix("garbled-")  # a header whose length is right and whose bytes are not JSON
+    path = model / part / WEIGHT_FILES[part]
+    blob = path.read_bytes()
+    path.write_bytes((64).to_bytes(8, "little") + bytes(range(0x80, 0xc0)) + blob[72:])
+    return part
+
+
+def _written(out) -> list:
+    return [p for p in out.rglob("*") if p.is_file() and p.name not in LOCK_NAMES] if out.exists() else []
+
+
+@pytest.mark.parametrize("case", ["swapped-text_encoder", "swapped-vae", "swapped-unet", "garbled-text_encoder",
+                                  "garbled-unet"])
+def test_damaged_weights_are_refused(tiny_model, tmp_path, case):
+    """Before: another component's weights in text_encoder/ exported random weights (exit 0: transformers
+    initialises what the file lacks); in vae/ or unet/ a traceback (diffusers leaves them on the meta
+    device); a garbled text-encoder header a SafetensorError traceback."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    part = _damage_weights(model, case)
+    result = run_cli("export", model, "-o", tmp_path / "out")
+    assert_error(result, 3, f"{part}", *(["lacks", "is it this component's file?"] if "swapped" in case
+                                          else ["cannot load weights"]))
+    assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1, result.stderr
+    assert _written(tmp_path / "out") == []
+    if case in ("swapped-text_encoder", "garbled-text_encoder"):  # calibrate's PyTorch pipeline: the same loader
+        result = run_cli("calibrate", model, "--num-prompts", 1, "--steps", 1, "-o", tmp_path / "c.npz")
+        assert_error(result, 3, part)
+        assert not (tmp_path / "c.npz").exists()
 
 
 def test_configs_and_tokenizer_files_that_are_fifos(tiny_model, tmp_path):
