@@ -1043,6 +1043,13 @@ def _stub_pids(parent: int) -> list[int]:
     return found
 
 
+def _touch_forward(path: Path) -> None:
+    """Move ``path``'s mtime forward (at least 1 s past its last one): Triton sees the model as changed."""
+    st = path.stat()
+    t = max(time.time_ns(), st.st_mtime_ns + 1_000_000_000)
+    os.utime(path, ns=(t, t))
+
+
 class _Supervisor:
     """Watches a running tritonserver: reloads the model when an instance's process dies, and on SIGTERM drains.
 
@@ -1053,24 +1060,44 @@ class _Supervisor:
     connections), and the model is unloaded over that connection; Triton unloads a model only after its
     in-flight requests (queued or executing) are answered. Then Triton is stopped."""
 
-    def __init__(self, proc, options: ServeOptions, host: str, token: str, say: Callable[[str], None]):
+    def __init__(self, proc, options: ServeOptions, host: str, token: str, say: Callable[[str], None],
+                 model_dir: Path | None = None):
         self.proc, self.options, self.host, self.token, self.say = proc, options, host, token, say
         self.base = f"http://{host}:{options.http_port}"
+        self.model_dir = model_dir  # the model's directory in the repository Triton loads from (ours, temporary)
         self.reloading = False
+        self.missing = False  # an instance process is gone and no reload has brought it back yet
 
     def watch(self) -> None:
-        """Reload the model (new instance processes, warm-up again) when one of its processes has died."""
+        """Reload the model (new instance processes, warm-up again) when one of its processes has died.
+
+        Triton (explicit model control) reloads a model on a load request only when the model's files changed
+        since its last load; otherwise it answers 200 and keeps the dead instance (a config override equal to
+        the running config is no change either: the instance is kept). So the model file's mtime is moved
+        forward before each load. The warning is said once per death, not once per retry."""
         import threading
 
-        if self.reloading or len(_stub_pids(self.proc.pid)) >= max(1, len(self.options.gpus)):
+        if self.reloading:
             return
+        if len(_stub_pids(self.proc.pid)) >= max(1, len(self.options.gpus)):
+            self.missing = False
+            return
+        if not self.missing:
+            self.say("warning: a model instance process died; reloading the model")
+        self.missing = True
         self.reloading = True
-        self.say("warning: a model instance process died; reloading the model")
 
         def reload():
-            _http(f"{self.base}/v2/repository/models/{self.options.model_name}/load", "POST",
-                  {ADMIN_HEADER: self.token}, timeout=24 * 3600)
-            self.reloading = False
+            try:
+                if self.model_dir is not None:
+                    _touch_forward(self.model_dir / "1" / "model.py")
+                status = _http(f"{self.base}/v2/repository/models/{self.options.model_name}/load", "POST",
+                               {ADMIN_HEADER: self.token}, timeout=24 * 3600)
+                if status != 200:
+                    self.say(f"warning: reloading the model failed (HTTP {status}); trying again")
+                    time.sleep(1)
+            finally:
+                self.reloading = False
 
         threading.Thread(target=reload, daemon=True).start()
 
@@ -1248,7 +1275,7 @@ def serve(options: ServeOptions, say: Callable[[str], None], announce: Callable[
         proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_set_parent_death_signal)
         _write_owner(work, shm_prefix, os.getpid(), proc.pid)  # Triton outlives a killed supervisor by its drain
-        supervisor = _Supervisor(proc, options, host, token, say)
+        supervisor = _Supervisor(proc, options, host, token, say, repository / options.model_name)
         stopping: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _: stopping.append(signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
