@@ -79,8 +79,9 @@ class InductorEngine(Engine):
             rows = f"{lo} to {hi} rows" if self.batch_range else _count(hi, "row")
             guided = f" with classifier-free guidance ({rows})" if per_image > 1 else ""
             was.append(f"takes {images} per call{guided}")
-            request.append(self._request_images(dims["batch"], per_image, req))
-            if req is not None and not req.guidance and per_image > 1:
+            unguided = req is not None and not req.guidance and per_image > 1  # a guided package, a request without
+            request.append(self._request_images(dims["batch"], per_image, req, unguided))
+            if unguided:
                 hint = "; packages are compiled with classifier-free guidance, which a guidance scale above 1 turns on"
         other = "; or run it with --backend ort, whose ONNX graphs take every size of the export" if self.onnx else ""
         return ShapeError(f"{self.spec.name}: the Inductor package {self.entry['file']} {' and '.join(was)}; this "
@@ -88,16 +89,17 @@ class InductorEngine(Engine):
                           f"--backend inductor --static {asked or size} [--batch N | --max-batch N]'{hint}{other}")
 
     @staticmethod
-    def _request_images(rows: int, per_image: int, req) -> str:
+    def _request_images(rows: int, per_image: int, req, unguided: bool) -> str:
         """A call of ``rows`` rows in the package's terms, images per call (its rows where they are not the
         images): "3 images per call (6 rows)". The images are the request's; without one (an engine called on
-        its own) the rows are read at the package's rows per image."""
+        its own) the rows are read at the package's rows per image. ``unguided``: the request has no guidance and
+        the package was compiled with it (mismatch decides it once, for this and for its hint)."""
         images = req.images if req is not None else (rows // per_image if rows % per_image == 0 else None)
         if images is None:
             return f"{_count(rows, 'row')} per call"
-        unguided = " without classifier-free guidance" if req is not None and not req.guidance and per_image > 1 else ""
+        without = " without classifier-free guidance" if unguided else ""
         shown = f" ({_count(rows, 'row')})" if per_image > 1 or rows != images else ""
-        return f"{_count(images, 'image')} per call{unguided}{shown}"
+        return f"{_count(images, 'image')} per call{without}{shown}"
 
     def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
         import torch
