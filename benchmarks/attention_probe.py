@@ -110,13 +110,7 @@ def main() -> None:
     if args.shapes_only:
         print(json.dumps(shapes, indent=1))
         return
-    from benchmarks.gpu_bench import header
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"attention_probe-{args.model}.json"
-    result = {**header(), "model": args.model, "calls_per_graph": CALLS_PER_GRAPH, "shapes": shapes,
-              "backends": {}, "step_ms": {}}
+    path, result = open_result(args, "attention_probe", shapes, CALLS_PER_GRAPH, "backends")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = torch.device(DEVICE)
@@ -192,6 +186,18 @@ def main() -> None:
         step_totals(result, shapes, backend, rows)
         save(path, result)
     log(json.dumps({"step_ms": result["step_ms"], "saving_vs_default_ms": result.get("saving_vs_default_ms")}))
+
+
+def open_result(args, probe: str, shapes: list[dict], calls_per_graph: int, rows_key: str) -> tuple[Path, dict]:
+    """OUT/<probe>-<model>.json's path (OUT made) and the result it starts as: the machine, versions, commit and
+    command (gpu_bench.header), the model, the shapes, and empty ``rows_key`` and step_ms (ffn_probe.py's too)."""
+    from benchmarks.gpu_bench import header
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**header(), "model": args.model, "calls_per_graph": calls_per_graph, "shapes": shapes,
+              rows_key: {}, "step_ms": {}}
+    return out / f"{probe}-{args.model}.json", result
 
 
 def step_totals(result: dict, shapes: list[dict], name: str, rows: list[dict]) -> None:

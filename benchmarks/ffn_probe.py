@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention_probe import save, step_totals  # noqa: E402
+from benchmarks.attention_probe import open_result, save, step_totals  # noqa: E402
 from benchmarks.speed_probe import SD15, SDXL, graph_time, inputs, log, tflops, wrap  # noqa: E402
 
 CALLS_PER_GRAPH = 10
@@ -95,13 +95,7 @@ def main() -> None:
     if args.shapes_only:
         print(json.dumps(shapes, indent=1))
         return
-    from benchmarks.gpu_bench import header
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ffn_probe-{args.model}.json"
-    result = {**header(), "model": args.model, "calls_per_graph": CALLS_PER_GRAPH, "shapes": shapes,
-              "variants": {}, "step_ms": {}}
+    path, result = open_result(args, "ffn_probe", shapes, CALLS_PER_GRAPH, "variants")
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     data = []
